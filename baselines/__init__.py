@@ -1,0 +1,4 @@
+"""Encoders under test. Each family registers itself on import; add one line here per new file."""
+from baselines.registry import Encoder, Features, WeightsMissing, build_encoder, register_encoder  # noqa: F401
+
+from baselines import floors  # noqa: F401,E402  (pixels, random-vit)

@@ -1,0 +1,91 @@
+"""Two encoders that need no weights: honest floors every real model must beat.
+
+- ``pixels``: the radiograph itself, downsampled. Global = the 16x16 thumbnail (256 values); patch grid = the
+  raw 8x8 pixel blocks of the 224 px input as 64-channel tokens (28x28), i.e. a patch embedding with identity
+  weights.
+- ``random-vit``: a ViT-S/14 with a fixed seed and random weights. What a linear probe gets from an untrained
+  transformer of the same shape as the real models: the architecture's prior, not learning.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import torch
+import torch.nn.functional as F
+
+from baselines.preprocess import Preprocess
+from baselines.registry import Encoder, EncoderSpec, Features, register_encoder
+
+PIXELS_PREPROCESS = Preprocess(size=224, policy="resize_stretch", interpolation="area", mean=(0.5,), std=(0.25,),
+                               channels=1)
+# Same normalisation as RAD-DINO (peers-datasets-baselines.md §C.1), so the random ViT sees inputs of the scale
+# the real one does.
+RANDOM_VIT_PREPROCESS = Preprocess(size=224, policy="resize_stretch", interpolation="bicubic",
+                                   mean=(0.5307,), std=(0.2583,), channels=3)
+RANDOM_VIT_SEED = 0
+
+
+class PixelsEncoder(Encoder):
+    def __init__(self, preprocess: Preprocess, thumbnail: int = 16, block: int = 8):
+        self.name = "pixels"
+        self.preprocess = preprocess
+        self.thumbnail, self.block = thumbnail, block
+        self.weights_digest = hashlib.sha256(f"pixels:{thumbnail}:{block}".encode()).hexdigest()
+
+    @torch.inference_mode()
+    def encode(self, pixels: torch.Tensor) -> Features:
+        x = pixels[:, :1].float()
+        thumb = F.adaptive_avg_pool2d(x, self.thumbnail).flatten(1)
+        b = self.block
+        h, w = x.shape[-2] // b, x.shape[-1] // b
+        patch = F.pixel_unshuffle(x[..., : h * b, : w * b], b)  # [B, b*b, h, w]: each block's pixels as channels
+        return Features(global_=thumb, patch=patch)
+
+
+class ViTEncoder(Encoder):
+    """Any of our DINOv2-style ViTs (trainer.vit): global = normed CLS token, patch = normed patch tokens as a
+    grid, layers = four evenly spaced blocks (normed), as DINOv2's segmentation evaluations use them."""
+
+    def __init__(self, name: str, model: torch.nn.Module, preprocess: Preprocess, weights_digest: str):
+        self.name = name
+        self.model = model.eval()
+        self.preprocess = preprocess
+        self.weights_digest = weights_digest
+        depth = model.n_blocks
+        self.layer_ids = sorted({max(0, round(depth * f) - 1) for f in (0.25, 0.5, 0.75, 1.0)})
+
+    @torch.inference_mode()
+    def encode(self, pixels: torch.Tensor) -> Features:
+        out = self.model.forward_features(pixels)
+        layers = self.model.get_intermediate_layers(pixels, n=self.layer_ids, reshape=True, norm=True)
+        b, n, d = out["x_norm_patchtokens"].shape
+        h, w = pixels.shape[-2] // self.model.patch_size, pixels.shape[-1] // self.model.patch_size
+        patch = out["x_norm_patchtokens"].transpose(1, 2).reshape(b, d, h, w)
+        return Features(global_=out["x_norm_clstoken"], patch=patch, layers=tuple(layers))
+
+
+def state_dict_digest(model: torch.nn.Module) -> str:
+    """sha256 over parameter names and bytes: identifies the weights actually in memory."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@register_encoder("pixels", description="the downsampled image itself (weight-free floor)")
+def pixels(spec: EncoderSpec) -> Encoder:
+    return PixelsEncoder(spec.apply_policy(PIXELS_PREPROCESS))
+
+
+@register_encoder("random-vit", description="ViT-S/14, fixed seed, random weights (weight-free floor)")
+def random_vit(spec: EncoderSpec) -> Encoder:
+    from trainer.vit import vit_small
+
+    # Seed a private generator state so building this encoder never disturbs the caller's RNG. LayerScale at
+    # 1.0, not the training init of 1e-5: with 1e-5 every block is near-identity and the "random ViT" would be
+    # a random patch projection, a weaker and less honest floor than an untrained transformer.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_VIT_SEED)
+        model = vit_small(patch_size=14, img_size=224, layerscale_init=1.0)
+    return ViTEncoder("random-vit", model, spec.apply_policy(RANDOM_VIT_PREPROCESS), state_dict_digest(model))

@@ -1,0 +1,140 @@
+"""Each encoder's native preprocessing, as data, and the one function that applies it.
+
+Radiographs reach this module decoded once to float in [0, 1], single channel, at their own size. An encoder's
+`Preprocess` says how to turn that into its input tensor: resize policy, target size, interpolation,
+normalisation and channel replication. Keeping it as data (timm-style) means the harness never special-cases a
+model, the cache key can include it, and the geometry can be inverted to map masks and predictions back.
+
+Resize policies:
+- ``resize_shortest_crop``: resize so the shortest edge equals ``size``, then centre-crop ``size`` x ``size``
+  (the Hugging Face / CLIP default; it cuts the lateral chest on portrait radiographs).
+- ``resize_stretch``: resize the whole image to ``size`` x ``size`` without cropping (the "harmonised" policy).
+- ``resize_longest_pad``: resize so the longest edge equals ``size``, then pad with black to a centred square.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+ResizePolicy = Literal["resize_shortest_crop", "resize_stretch", "resize_longest_pad"]
+Interpolation = Literal["bicubic", "bilinear", "nearest", "area"]
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    size: int
+    policy: ResizePolicy = "resize_stretch"
+    interpolation: Interpolation = "bicubic"
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+    channels: int = 3
+    # Pillow-style rescale of the [0, 1] input before normalisation; 1.0 for every model we know (they all
+    # normalise images already scaled to [0, 1]).
+    scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if len(self.mean) not in (1, self.channels) or len(self.std) not in (1, self.channels):
+            raise ValueError(f"mean/std must have 1 or {self.channels} values, got {self.mean} / {self.std}")
+        if self.size <= 0:
+            raise ValueError(f"preprocessing size must be positive, got {self.size}")
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def harmonised(self) -> "Preprocess":
+        """The same encoder input size and normalisation, but the whole radiograph resized without cropping."""
+        return dataclasses.replace(self, policy="resize_stretch")
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where an (H, W) image lands inside the encoder's size x size input: resized to (rh, rw), then the
+    window [top:top+size, left:left+size] of the resized image is taken (negative offsets mean padding)."""
+
+    height: int
+    width: int
+    resized_h: int
+    resized_w: int
+    top: int
+    left: int
+    size: int
+
+
+def geometry(height: int, width: int, pre: Preprocess) -> Geometry:
+    s = pre.size
+    if pre.policy == "resize_stretch":
+        rh, rw = s, s
+    elif pre.policy == "resize_shortest_crop":
+        # Round like torchvision/HF: the short edge is exactly `s`, the long edge scaled and truncated.
+        if height <= width:
+            rh, rw = s, max(s, int(s * width / height))
+        else:
+            rh, rw = max(s, int(s * height / width)), s
+    elif pre.policy == "resize_longest_pad":
+        if height >= width:
+            rh, rw = s, max(1, round(s * width / height))
+        else:
+            rh, rw = max(1, round(s * height / width)), s
+    else:  # pragma: no cover - Literal guards this
+        raise ValueError(f"unknown resize policy {pre.policy!r}")
+    top = (rh - s) // 2 if rh >= s else -((s - rh) // 2)
+    left = (rw - s) // 2 if rw >= s else -((s - rw) // 2)
+    return Geometry(height, width, rh, rw, top, left, s)
+
+
+def _resize(x: torch.Tensor, hw: tuple[int, int], interpolation: str) -> torch.Tensor:
+    if tuple(x.shape[-2:]) == hw:
+        return x
+    kwargs = {} if interpolation in ("nearest", "area") else {"align_corners": False, "antialias": True}
+    return F.interpolate(x, size=hw, mode=interpolation, **kwargs)
+
+
+def place(x: torch.Tensor, geo: Geometry, interpolation: str, fill: float = 0.0) -> torch.Tensor:
+    """Resize a [N, C, H, W] tensor and crop or pad it to [N, C, size, size] following `geo`."""
+    x = _resize(x, (geo.resized_h, geo.resized_w), interpolation)
+    s = geo.size
+    out = x.new_full((*x.shape[:-2], s, s), fill)
+    # Source and destination windows: a positive offset crops the source, a negative one pads the destination.
+    sy, dy = max(geo.top, 0), max(-geo.top, 0)
+    sx, dx = max(geo.left, 0), max(-geo.left, 0)
+    h = min(geo.resized_h - sy, s - dy)
+    w = min(geo.resized_w - sx, s - dx)
+    out[..., dy:dy + h, dx:dx + w] = x[..., sy:sy + h, sx:sx + w]
+    return out
+
+
+def unplace(y: torch.Tensor, geo: Geometry, interpolation: str = "bilinear") -> torch.Tensor:
+    """Inverse of `place` for a [N, C, size, size] map (e.g. segmentation logits): back to [N, C, H, W].
+    Pixels cropped away by the preprocessing get the value 0 (they were never seen by the encoder)."""
+    s = geo.size
+    canvas = y.new_zeros((*y.shape[:-2], geo.resized_h, geo.resized_w))
+    sy, dy = max(geo.top, 0), max(-geo.top, 0)
+    sx, dx = max(geo.left, 0), max(-geo.left, 0)
+    h = min(geo.resized_h - sy, s - dy)
+    w = min(geo.resized_w - sx, s - dx)
+    canvas[..., sy:sy + h, sx:sx + w] = y[..., dy:dy + h, dx:dx + w]
+    return _resize(canvas, (geo.height, geo.width), interpolation)
+
+
+def preprocess_batch(images: list[torch.Tensor], pre: Preprocess) -> torch.Tensor:
+    """List of [1, H, W] float images in [0, 1] (sizes may differ) -> [B, channels, size, size] encoder input."""
+    if not images:
+        raise ValueError("preprocess_batch needs at least one image")
+    mean = torch.tensor(pre.mean, dtype=torch.float32).view(-1, 1, 1)
+    std = torch.tensor(pre.std, dtype=torch.float32).view(-1, 1, 1)
+    out = []
+    for img in images:
+        if img.ndim != 3 or img.shape[0] != 1:
+            raise ValueError(f"expected a [1, H, W] single-channel image, got shape {tuple(img.shape)}")
+        geo = geometry(img.shape[-2], img.shape[-1], pre)
+        x = img.float()[None] * pre.scale
+        # Padding is black (0) before normalisation, so after it the border is the normalised black level.
+        x = place(x, geo, pre.interpolation, fill=0.0)
+        # Bicubic resampling overshoots; keep the input in the range the model was trained on.
+        x = x.clamp(0.0, pre.scale)[0].expand(pre.channels, -1, -1)
+        out.append((x - mean) / std)
+    return torch.stack(out)

@@ -1,0 +1,1 @@
+"""Frozen-feature evaluation harness: tasks, feature cache, probes, statistics and leaderboards."""

@@ -1,0 +1,138 @@
+"""Markdown leaderboards, and the check that a committed leaderboard still matches a fresh run.
+
+A leaderboard is ``<out>/<task>.md``: a header saying exactly what it was computed on (dataset size, split sizes
+and hash, seeds, resamples, input policy, reference model, date), then one section per protocol, each a table
+with models as rows and metrics as columns, cells ``0.873 [0.851, 0.894]``. The best point estimate per column
+is bold; ``†`` marks a paired difference to the reference model that is significant after Holm correction.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tabulate import tabulate
+
+SIGNIFICANT = "†"
+REFRESH_COMMAND = "bash .ci/refresh-leaderboards"
+
+
+@dataclass
+class Cell:
+    point: float | None
+    lo: float | None = None
+    hi: float | None = None
+    significant: bool = False
+    note: str = ""  # shown instead of numbers when point is None (e.g. "n/e: 0 positives in test")
+
+
+@dataclass
+class Section:
+    title: str
+    columns: list[str]
+    rows: dict[str, dict[str, Cell]]      # model -> column -> cell
+    higher_is_better: dict[str, bool] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def fmt_cell(c: Cell, best: bool) -> str:
+    if c.point is None:
+        return c.note or "n/e"
+    point = f"{c.point:.3f}"
+    if best:
+        point = f"**{point}**"
+    ci = f" [{c.lo:.3f}, {c.hi:.3f}]" if c.lo is not None and c.hi is not None else ""
+    return point + ci + (f" {SIGNIFICANT}" if c.significant else "")
+
+
+def render_section(s: Section) -> str:
+    best: dict[str, float] = {}
+    for col in s.columns:
+        vals = [r[col].point for r in s.rows.values() if col in r and r[col].point is not None]
+        if vals:
+            best[col] = max(vals) if s.higher_is_better.get(col, True) else min(vals)
+    table = []
+    for model, row in s.rows.items():
+        cells = []
+        for col in s.columns:
+            c = row.get(col, Cell(None, note="—"))
+            cells.append(fmt_cell(c, c.point is not None and len(s.rows) > 1 and c.point == best.get(col)))
+        table.append([model, *cells])
+    body = tabulate(table, headers=["model", *s.columns], tablefmt="github", disable_numparse=True)
+    notes = "".join(f"\n{n}\n" for n in s.notes)
+    return f"## {s.title}\n\n{body}\n{notes}"
+
+
+def render(title: str, header: list[tuple[str, str]], sections: list[Section]) -> str:
+    lines = [f"# {title}", ""]
+    lines += [f"- **{k}**: {v}" for k, v in header]
+    lines += ["", f"Cells: point estimate [95% patient-clustered bootstrap CI]; **bold** = best in column; "
+              f"{SIGNIFICANT} = paired difference to the reference model significant at 0.05 after Holm correction. "
+              "n/e = not evaluable (one class only), with counts.", ""]
+    return "\n".join(lines) + "\n" + "\n".join(render_section(s) for s in sections)
+
+
+# --- comparing a fresh leaderboard with a committed one -------------------------------------------------------
+
+_NUM = re.compile(r"-?\d+\.\d+|-?\d+")
+
+
+@dataclass
+class Mismatch:
+    file: str
+    where: str
+    committed: str
+    fresh: str
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.where}: committed {self.committed!r}, fresh run {self.fresh!r}"
+
+
+def _tables(md: str) -> dict[tuple[str, str], dict[str, str]]:
+    """(section, model) -> {column: cell text} for every table row under a '## ' heading."""
+    out: dict[tuple[str, str], dict[str, str]] = {}
+    section, headers = "", []
+    for line in md.splitlines():
+        if line.startswith("## "):
+            section, headers = line[3:].strip(), []
+        elif line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if not headers:
+                headers = cells
+            elif not set("".join(cells)) <= set("-: "):
+                out[(section, cells[0])] = dict(zip(headers[1:], cells[1:]))
+        else:
+            headers = [] if not line.strip() else headers
+    return out
+
+
+def compare(committed_md: str, fresh_md: str, file: str, tol: float = 0.002) -> list[Mismatch]:
+    """Every table cell of the committed file must be in the fresh one with the same numbers (within `tol`).
+    Bold and significance marks are ignored (a p-value at the threshold may flip them); text must match."""
+    a, b = _tables(committed_md), _tables(fresh_md)
+    out = []
+    for key in sorted(set(a) | set(b)):
+        where = f"section '{key[0]}', row '{key[1]}'"
+        if key not in a or key not in b:
+            out.append(Mismatch(file, where, "present" if key in a else "absent", "present" if key in b else "absent"))
+            continue
+        for col in sorted(set(a[key]) | set(b[key])):
+            ca = a[key].get(col, "").replace("**", "").replace(SIGNIFICANT, "").strip()
+            cb = b[key].get(col, "").replace("**", "").replace(SIGNIFICANT, "").strip()
+            na, nb = _NUM.findall(ca), _NUM.findall(cb)
+            same_text = _NUM.sub("#", ca) == _NUM.sub("#", cb)
+            if not same_text or len(na) != len(nb) or any(abs(float(x) - float(y)) > tol for x, y in zip(na, nb)):
+                out.append(Mismatch(file, f"{where}, column '{col}'", ca, cb))
+    return out
+
+
+def check_dirs(committed: Path, fresh: Path, tol: float = 0.002) -> list[Mismatch]:
+    """Compare every leaderboard in `fresh` with its committed twin (a missing committed file is a mismatch)."""
+    out = []
+    for f in sorted(Path(fresh).glob("*.md")):
+        c = Path(committed) / f.name
+        if not c.exists():
+            out.append(Mismatch(f.name, "whole file", "absent", "present"))
+            continue
+        out += compare(c.read_text(), f.read_text(), f.name, tol)
+    return out

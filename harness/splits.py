@@ -1,0 +1,85 @@
+"""Patient-level train/test splits: seeded, checked for leakage, written out with a hash.
+
+A leaderboard must say exactly what it was computed on, so the split file lists every image with its split and
+its hash is stored in every results file. Patient ids are written only as pseudonyms (see `pseudonym`).
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+from pathlib import Path
+
+import numpy as np
+
+from harness.io import atomic_write_text
+
+
+class LeakageError(ValueError):
+    """A patient has images in more than one split."""
+
+
+def pseudonym(patient_id: str, task: str) -> str:
+    """A stable, non-identifying key for a patient: used in split files and per-image predictions instead of
+    the dataset's own id. (Deterministic so committed results stay comparable; it is a pseudonym, not
+    anonymisation: small id spaces can be enumerated.)"""
+    return hashlib.sha256(f"raddino-bench|{task}|{patient_id}".encode()).hexdigest()[:12]
+
+
+def check_no_leakage(patient_ids: list[str], split: list[str], image_ids: list[str] | None = None) -> None:
+    """Raise LeakageError naming the first patient found in two splits (and two of its images)."""
+    seen: dict[str, tuple[str, int]] = {}
+    for i, (p, s) in enumerate(zip(patient_ids, split, strict=True)):
+        if p in seen and seen[p][0] != s:
+            j = seen[p][1]
+            where = ""
+            if image_ids is not None:
+                where = f" (image {image_ids[j]!r} in {seen[p][0]}, image {image_ids[i]!r} in {s})"
+            raise LeakageError(f"patient {p!r} is in both the {seen[p][0]} and the {s} split{where}; "
+                               "splits must be by patient: fix the split column or let the harness split")
+        seen.setdefault(p, (s, i))
+
+
+def make_split(patient_ids: list[str], seed: int, test_fraction: float = 0.3,
+               predefined: list[str] | None = None) -> list[str]:
+    """'train'/'test' per image. Rows with a predefined split keep it; every other patient goes to test with
+    probability ~test_fraction, by a seeded permutation of the sorted patient ids (so the split does not depend
+    on row order). A patient with a predefined split drags its other images along with it."""
+    n = len(patient_ids)
+    fixed: dict[str, str] = {}
+    if predefined is not None:
+        check_no_leakage([p for p, s in zip(patient_ids, predefined) if s],
+                         [s for s in predefined if s])
+        fixed = {p: s for p, s in zip(patient_ids, predefined) if s}
+    free = sorted(set(patient_ids) - set(fixed))
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(free))
+    n_test = int(round(test_fraction * len(free)))
+    assignment = dict(fixed)
+    for rank, k in enumerate(order):
+        assignment[free[k]] = "test" if rank < n_test else "train"
+    split = [assignment[p] for p in patient_ids]
+    check_no_leakage(patient_ids, split)
+    if n and ("train" not in split or "test" not in split):
+        raise ValueError(f"the split has an empty {'train' if 'train' not in split else 'test'} set "
+                         f"({len(set(patient_ids))} patients); add data or change --test-fraction")
+    return split
+
+
+def split_hash(image_ids: list[str], split: list[str]) -> str:
+    h = hashlib.sha256()
+    for i, s in sorted(zip(image_ids, split)):
+        h.update(f"{i}\t{s}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def write_split(path: Path, task: str, image_ids: list[str], patient_ids: list[str], split: list[str]) -> str:
+    """Write the split as CSV (image_id, patient_key, split) with its hash in a header comment; returns the hash."""
+    digest = split_hash(image_ids, split)
+    buf = io.StringIO()
+    buf.write(f"# split_hash={digest}\n")
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["image_id", "patient_key", "split"])
+    writer.writerows([i, pseudonym(p, task), s] for i, p, s in zip(image_ids, patient_ids, split))
+    atomic_write_text(path, buf.getvalue())
+    return digest

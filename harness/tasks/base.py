@@ -1,0 +1,164 @@
+"""The task contract and the task registry.
+
+A task knows its images (decoded on demand to float32 in [0, 1], single channel, at their own size), a
+multi-label target per image, optional masks, optional sex and age, and a patient id for every image. Adding a
+dataset is one file in ``harness/tasks/`` with a decorated factory, plus its import line in
+``harness/tasks/__init__.py``:
+
+    @register_task("mydata", description="...")
+    def mydata(ctx: TaskContext) -> Task:
+        return MyDataTask(ctx.root_for("mydata"), skip_bad=ctx.skip_bad)
+"""
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+
+class TaskError(ValueError):
+    """Bad input in a task's files: the message names the file, the row or the label, and the fix."""
+
+
+@dataclass
+class TaskTable:
+    """One row per image. `labels` is [N, L] int8 in {0, 1}; `age` is float with NaN for unknown; `sex` holds
+    'M', 'F' or None; `split` is an optional predefined 'train'/'test' per image (e.g. an official test set);
+    `has_mask` says which images carry a mask (all-False when the task has none)."""
+
+    image_ids: list[str]
+    patient_ids: list[str]
+    label_names: list[str]
+    labels: np.ndarray
+    sex: list[str | None]
+    age: np.ndarray
+    split: list[str] | None = None
+    has_mask: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.image_ids)
+        if self.labels.shape != (n, len(self.label_names)):
+            raise TaskError(f"labels have shape {self.labels.shape}, expected ({n}, {len(self.label_names)})")
+        for name, col in (("patient_ids", self.patient_ids), ("sex", self.sex), ("age", self.age)):
+            if len(col) != n:
+                raise TaskError(f"{name} has {len(col)} rows, expected {n}")
+        if len(set(self.image_ids)) != n:
+            dup = next(i for i in self.image_ids if self.image_ids.count(i) > 1)
+            raise TaskError(f"image {dup!r} is listed more than once")
+        if self.has_mask is None:
+            self.has_mask = np.zeros(n, dtype=bool)
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+
+class Task(ABC):
+    """A labelled set of radiographs. Subclasses set `name`, `table`, and optionally `mask_names`."""
+
+    name: str
+    table: TaskTable
+    #: Names of the mask channels `load_mask` returns (e.g. ("lungs",)); empty when the task has no masks.
+    mask_names: tuple[str, ...] = ()
+    #: Files skipped while reading (path, reason), shown in the dataset summary; nothing is dropped silently.
+    skipped: list[tuple[str, str]]
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    @abstractmethod
+    def load_image(self, i: int) -> np.ndarray:
+        """Image `i` as float32 [H, W] in [0, 1]. Raise TaskError naming the file when it cannot be read."""
+
+    def load_mask(self, i: int) -> np.ndarray | None:
+        """Masks of image `i` as bool [K, H, W] (K = len(mask_names)) at the image's size, or None."""
+        return None
+
+    @abstractmethod
+    def content_digest(self) -> str:
+        """sha256 over the ordered image ids and the bytes that produce the images; the feature-cache key."""
+
+    def summary(self) -> dict:
+        """Counts for the dataset summary printed before evaluation and written into the results."""
+        t = self.table
+        sex = np.array([s or "" for s in t.sex])
+        return {
+            "task": self.name,
+            "images": len(t),
+            "patients": len(set(t.patient_ids)),
+            "positives": {n: int(t.labels[:, j].sum()) for j, n in enumerate(t.label_names)},
+            "sex_known": int((sex != "").sum()),
+            "sex_counts": {s: int((sex == s).sum()) for s in ("M", "F")},
+            "age_known": int(np.isfinite(t.age).sum()),
+            "masks": int(t.has_mask.sum()),
+            "skipped": [{"file": f, "reason": r} for f, r in getattr(self, "skipped", [])],
+        }
+
+
+def digest_files(image_ids: list[str], paths: list[Path]) -> str:
+    """sha256 over (id, file bytes) in order: the image list *and* the bytes, so an edited file changes it."""
+    h = hashlib.sha256()
+    for image_id, path in zip(image_ids, paths, strict=True):
+        h.update(image_id.encode() + b"\0")
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+        h.update(b"\1")
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class TaskContext:
+    """What a task factory gets from the CLI."""
+
+    arg: str | None = None
+    data_root: Path | None = None
+    data_roots: dict[str, Path] = field(default_factory=dict)
+    skip_bad: bool = False
+    seed: int = 0
+
+    def root_for(self, name: str, default_folder: str) -> Path:
+        """``--data-root name=PATH`` wins; else ``<--data-root>/<default_folder>``."""
+        if name in self.data_roots:
+            return self.data_roots[name]
+        if self.data_root is None:
+            raise TaskError(f"task {name!r} needs --data-root DIR (holding {default_folder}/) "
+                            f"or --data-root {name}=PATH")
+        return self.data_root / default_folder
+
+
+@dataclass(frozen=True)
+class _TaskEntry:
+    factory: Callable[[TaskContext], Task]
+    takes_arg: bool
+    description: str
+
+
+_TASKS: dict[str, _TaskEntry] = {}
+
+
+def register_task(name: str, *, takes_arg: bool = False, description: str = ""
+                  ) -> Callable[[Callable[[TaskContext], Task]], Callable[[TaskContext], Task]]:
+    def deco(factory: Callable[[TaskContext], Task]) -> Callable[[TaskContext], Task]:
+        if name in _TASKS:
+            raise ValueError(f"task {name!r} registered twice")
+        _TASKS[name] = _TaskEntry(factory, takes_arg, description)
+        return factory
+
+    return deco
+
+
+def registered_tasks() -> dict[str, _TaskEntry]:
+    return dict(_TASKS)
+
+
+def build_task(name: str, arg: str | None, ctx: TaskContext) -> Task:
+    entry = _TASKS.get(name)
+    if entry is None:
+        raise TaskError(f"unknown task {name!r}; registered: {', '.join(sorted(_TASKS))}")
+    if entry.takes_arg and not arg:
+        raise TaskError(f"task {name!r} needs an argument: {name}:ARG")
+    return entry.factory(replace(ctx, arg=arg))

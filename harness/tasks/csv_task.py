@@ -1,0 +1,168 @@
+"""``csv:PATH`` — any labelled set of radiographs described by one CSV file.
+
+Columns: ``image`` (path relative to the CSV), ``label_*`` (0/1, one column per finding), ``patient_id``, and
+optionally ``mask`` (path of a binary mask, relative to the CSV), ``sex`` (M/F/blank), ``age`` (number/blank)
+and ``split`` (train/test/blank; blank rows go to the harness's seeded patient split). Other columns are ignored.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from harness.tasks.base import Task, TaskContext, TaskError, TaskTable, digest_files, register_task
+from trainer.imaging import ImageDecodeError, load_radiograph
+
+REQUIRED = ("image", "patient_id")
+
+
+def _row(i: int) -> str:
+    return f"row {i + 2}"  # +1 for the header, +1 for 1-based line numbers as a spreadsheet shows them
+
+
+def _unreadable(path: Path) -> str | None:
+    """A cheap up-front check (header and structure, not a full decode) so that --skip-bad can drop a corrupt
+    file before splits are made, rather than fail half-way through feature extraction."""
+    from PIL import Image
+
+    from trainer.imaging import is_dicom
+
+    try:
+        if is_dicom(path):
+            import pydicom
+
+            ds = pydicom.dcmread(path, stop_before_pixels=False, force=True)
+            return None if "PixelData" in ds else "DICOM without PixelData"
+        with Image.open(path) as im:
+            im.verify()
+        return None
+    except Exception as e:
+        return f"unreadable ({type(e).__name__})"
+
+
+class CsvTask(Task):
+    mask_names = ("mask",)
+
+    def __init__(self, csv_path: Path, skip_bad: bool = False, name: str | None = None):
+        csv_path = Path(csv_path)
+        if not csv_path.is_file():
+            raise TaskError(f"{csv_path}: labels CSV not found (csv:PATH needs a file with columns "
+                            f"image, label_*, patient_id[, mask, sex, age, split])")
+        self.csv_path = csv_path
+        self.root = csv_path.parent
+        self.name = name or f"csv-{csv_path.parent.name}"
+        self.skipped = []
+        try:
+            df = pl.read_csv(csv_path, infer_schema=False)  # all strings: we validate each column ourselves
+        except Exception as e:
+            raise TaskError(f"{csv_path}: cannot parse as CSV ({e})") from e
+        missing = [c for c in REQUIRED if c not in df.columns]
+        if missing:
+            raise TaskError(f"{csv_path}: missing column(s) {', '.join(missing)}; found {', '.join(df.columns)}")
+        label_cols = [c for c in df.columns if c.startswith("label_")]
+        if not label_cols:
+            raise TaskError(f"{csv_path}: no label_* columns (one 0/1 column per finding, e.g. label_effusion)")
+        if df.height == 0:
+            raise TaskError(f"{csv_path}: no rows")
+
+        keep, images, masks = [], [], []
+        for i, rec in enumerate(df.iter_rows(named=True)):
+            rel = (rec["image"] or "").strip()
+            if not rel:
+                raise TaskError(f"{csv_path} {_row(i)}: empty 'image' cell")
+            path = self.root / rel
+            if not path.is_file():
+                if skip_bad:
+                    self.skipped.append((rel, "file not found"))
+                    continue
+                raise TaskError(f"{csv_path} {_row(i)}: image {rel!r} not found at {path} "
+                                "(fix the path, or pass --skip-bad to skip and count such rows)")
+            if skip_bad and (reason := _unreadable(path)):
+                self.skipped.append((rel, reason))
+                continue
+            if not (rec["patient_id"] or "").strip():
+                raise TaskError(f"{csv_path} {_row(i)}: empty patient_id (every image needs one for patient-level splits)")
+            mrel = (rec.get("mask") or "").strip() if "mask" in df.columns else ""
+            if mrel and not (self.root / mrel).is_file():
+                raise TaskError(f"{csv_path} {_row(i)}: mask {mrel!r} not found at {self.root / mrel}")
+            keep.append(i)
+            images.append(rel)
+            masks.append(mrel or None)
+        df = df[keep]
+
+        labels = np.zeros((df.height, len(label_cols)), dtype=np.int8)
+        for j, col in enumerate(label_cols):
+            for k, v in enumerate(df[col].to_list()):
+                v = (v or "").strip()
+                if v not in ("0", "1", "0.0", "1.0"):
+                    raise TaskError(f"{csv_path} {_row(keep[k])}: {col} is {v!r}; labels must be 0 or 1")
+                labels[k, j] = int(float(v))
+        sex = [self._parse_sex(v, keep[k]) for k, v in enumerate(self._col(df, "sex"))]
+        age = np.array([self._parse_age(v, keep[k]) for k, v in enumerate(self._col(df, "age"))], dtype=np.float64)
+        split = None
+        if "split" in df.columns:
+            split = []
+            for k, v in enumerate(df["split"].to_list()):
+                v = (v or "").strip().lower()
+                if v not in ("", "train", "test"):
+                    raise TaskError(f"{csv_path} {_row(keep[k])}: split is {v!r}; use train, test or blank")
+                split.append(v)
+            if not any(split):
+                split = None
+        self._masks = masks
+        self.table = TaskTable(
+            image_ids=images,
+            patient_ids=[p.strip() for p in df["patient_id"].to_list()],
+            label_names=[c.removeprefix("label_") for c in label_cols],
+            labels=labels,
+            sex=sex,
+            age=age,
+            split=split,
+            has_mask=np.array([m is not None for m in masks]),
+        )
+        if not self.table.has_mask.any():
+            self.mask_names = ()
+
+    @staticmethod
+    def _col(df: pl.DataFrame, name: str) -> list:
+        return df[name].to_list() if name in df.columns else [None] * df.height
+
+    def _parse_sex(self, v: str | None, i: int) -> str | None:
+        v = (v or "").strip().upper()
+        if v in ("", "O", "U", "UNKNOWN"):
+            return None
+        if v in ("M", "F"):
+            return v
+        raise TaskError(f"{self.csv_path} {_row(i)}: sex is {v!r}; use M, F or blank")
+
+    def _parse_age(self, v: str | None, i: int) -> float:
+        v = (v or "").strip()
+        if not v:
+            return float("nan")
+        try:
+            a = float(v)
+        except ValueError:
+            raise TaskError(f"{self.csv_path} {_row(i)}: age is {v!r}; use a number of years or blank") from None
+        return a if 0 <= a < 125 else float("nan")  # impossible ages become missing, not outliers
+
+    def load_image(self, i: int) -> np.ndarray:
+        try:
+            return load_radiograph(self.root / self.table.image_ids[i])
+        except ImageDecodeError as e:
+            raise TaskError(f"{self.csv_path}: {e}") from e
+
+    def load_mask(self, i: int) -> np.ndarray | None:
+        rel = self._masks[i]
+        if rel is None:
+            return None
+        return (load_radiograph(self.root / rel) > 0.5)[None]
+
+    def content_digest(self) -> str:
+        paths = [self.root / p for p in self.table.image_ids]
+        return digest_files(self.table.image_ids, paths)
+
+
+@register_task("csv", takes_arg=True, description="any labels.csv: image, label_*, patient_id[, mask, sex, age, split]")
+def csv_task(ctx: TaskContext) -> Task:
+    return CsvTask(Path(ctx.arg).expanduser(), skip_bad=ctx.skip_bad)
