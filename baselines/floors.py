@@ -56,12 +56,11 @@ class ViTEncoder(Encoder):
 
     @torch.inference_mode()
     def encode(self, pixels: torch.Tensor) -> Features:
-        out = self.model.forward_features(pixels)
-        layers = self.model.get_intermediate_layers(pixels, n=self.layer_ids, reshape=True, norm=True)
-        b, n, d = out["x_norm_patchtokens"].shape
-        h, w = pixels.shape[-2] // self.model.patch_size, pixels.shape[-1] // self.model.patch_size
-        patch = out["x_norm_patchtokens"].transpose(1, 2).reshape(b, d, h, w)
-        return Features(global_=out["x_norm_clstoken"], patch=patch, layers=tuple(layers))
+        # One pass: the deepest requested layer is the last block, normed, i.e. exactly forward_features' output.
+        outs = self.model.get_intermediate_layers(pixels, n=self.layer_ids, reshape=True,
+                                                  return_class_token=True, norm=True)
+        patch, cls = outs[-1]
+        return Features(global_=cls, patch=patch, layers=tuple(p for p, _ in outs))
 
 
 def state_dict_digest(model: torch.nn.Module) -> str:

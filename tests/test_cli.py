@@ -1,0 +1,86 @@
+"""The CLI end to end: leaderboard, results, predictions, split; cache reuse; clear errors on bad input."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import polars as pl
+import pytest
+from PIL import Image
+
+from harness.run import main, parse_task_spec
+from tests.conftest import REPO
+
+
+def _csv_set(root, n_patients=24):
+    rng = np.random.default_rng(0)
+    (root / "img").mkdir(parents=True)
+    rows = []
+    for p in range(n_patients):
+        for k in range(2):
+            y = int(rng.random() < 0.5)
+            img = rng.random((48, 40)) * 0.3 + (0.5 if y else 0.0)  # a learnable signal
+            name = f"img/{p}_{k}.png"
+            Image.fromarray((img * 255).clip(0, 255).astype(np.uint8)).save(root / name)
+            rows.append(f"{name},{y},0,PID{p:03d},{'MF'[p % 2]},{30 + p}")
+    (root / "labels.csv").write_text("image,label_signal,label_never,patient_id,sex,age\n" + "\n".join(rows) + "\n")
+    return root / "labels.csv"
+
+
+def test_parse_task_spec():
+    assert parse_task_spec("demo") == parse_task_spec("demo")
+    s = parse_task_spec("csv:/a/b/labels.csv:linear")
+    assert (s.name, s.arg, s.protocols) == ("csv", "/a/b/labels.csv", ("linear",))
+    assert parse_task_spec("csv:/a/b.csv").arg == "/a/b.csv"
+
+
+def test_cli_end_to_end_on_csv(tmp_path, capsys):
+    csv = _csv_set(tmp_path / "data")
+    out, cache = tmp_path / "lb", tmp_path / "cache"
+    argv = ["--models", "pixels", "--tasks", f"csv:{csv}", "--out", str(out), "--cache-dir", str(cache),
+            "--bootstrap", "100", "--workers", "0"]
+    assert main(argv) == 0
+    md = (out / "csv-data.md").read_text()
+    assert "| pixels" in md and "macro AUROC" in md
+    assert "never (only one class in the training split: train 0+/" in md  # reported, not NaN, not dropped
+    res = json.loads((out / "results/csv-data/pixels.json").read_text())
+    auroc = res["protocols"]["linear"]["metrics"]["auroc"]["per_label"]["signal"]
+    assert auroc["point"] > 0.9 and auroc["lo"] <= auroc["point"] <= auroc["hi"]
+    assert res["bootstrap"]["n_resamples"] == 100 and len(res["split"]["hash"]) == 16
+    assert res["provenance"]["packages"]["torch"]
+    preds = pl.read_parquet(out / "results/csv-data/pixels.predictions.parquet")
+    assert set(preds.columns) == {"image_id", "patient_key", "label", "target", "score"}
+    assert preds.height == res["dataset"]["test_images"]  # one row per test image for the one evaluable label
+    everything = md + (out / "results/csv-data/pixels.json").read_text() + (out / "splits/csv-data.csv").read_text()
+    assert "PID0" not in everything and "PID0" not in str(preds["patient_key"].to_list())
+    capsys.readouterr()
+    assert main(argv) == 0  # second run: cache hit, same numbers
+    assert "nothing to compute" in capsys.readouterr().out
+    assert (out / "csv-data.md").read_text() == md
+
+
+def test_cli_bad_label_exits_nonzero_and_writes_nothing(tmp_path, capsys):
+    csv = _csv_set(tmp_path / "data")
+    csv.write_text(csv.read_text().replace("img/3_1.png,0,", "img/3_1.png,yes,").replace("img/3_1.png,1,", "img/3_1.png,yes,"))
+    out = tmp_path / "lb"
+    code = main(["--models", "pixels", "--tasks", f"csv:{csv}", "--out", str(out), "--cache-dir",
+                 str(tmp_path / "c"), "--workers", "0"])
+    assert code == 1
+    assert "label_signal is 'yes'" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_cli_unknown_model_is_a_clear_error(capsys):
+    assert main(["--models", "no-such-model", "--tasks", "demo"]) == 2
+    assert "unknown encoder 'no-such-model'" in capsys.readouterr().err
+
+
+def test_cli_on_shared_data(shared_cxr, tmp_path):
+    out = tmp_path / "lb"
+    proc = subprocess.run([sys.executable, "-m", "harness.run", "--models", "pixels", "--tasks",
+                           f"csv:{shared_cxr / 'labels.csv'}", "--out", str(out), "--cache-dir", str(tmp_path / "c"),
+                           "--bootstrap", "200"], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    md = (out / "csv-ieee8023-covid-cxr.md").read_text()
+    assert "| pixels" in md and "286 images, 158 patients" in md
+    assert "not found" not in proc.stderr
