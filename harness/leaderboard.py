@@ -14,7 +14,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 SIGNIFICANT = "†"
-REFRESH_COMMAND = "bash .ci/refresh-leaderboards"
+REFRESH_COMMAND = "bash leaderboards/refresh.sh"
 
 
 @dataclass
@@ -136,3 +136,30 @@ def check_dirs(committed: Path, fresh: Path, tol: float = 0.002) -> list[Mismatc
             continue
         out += compare(c.read_text(), f.read_text(), f.name, tol)
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m harness.leaderboard check COMMITTED_DIR FRESH_DIR``: exit 1 listing every stale cell."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m harness.leaderboard")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("check", help="compare freshly generated leaderboards with the committed ones")
+    c.add_argument("committed", type=Path)
+    c.add_argument("fresh", type=Path)
+    c.add_argument("--tol", type=float, default=0.002)
+    args = p.parse_args(argv)
+    bad = check_dirs(args.committed, args.fresh, args.tol)
+    n = len(list(Path(args.fresh).glob("*.md")))
+    if not bad:
+        print(f"leaderboards up to date: {n} file(s) match within {args.tol}")
+        return 0
+    print(f"{len(bad)} stale leaderboard cell(s) (tolerance {args.tol}):")
+    for m in bad:
+        print(f"  {m}")
+    print(f"refresh them with: {REFRESH_COMMAND}   (then commit leaderboards/)")
+    return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Regenerate the committed leaderboards: the weight-free floors on the synthetic `demo` task and, when
+# ../shared is present, on the shared real-CXR csv: task. CI runs the same into a temporary folder and
+# compares every number with the committed files (harness.leaderboard check).
+#   bash leaderboards/refresh.sh            # rewrite leaderboards/ in place
+#   bash leaderboards/refresh.sh OUT_DIR    # write elsewhere (what CI does)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-leaderboards}"
+cache="${RADDINO_BENCH_CACHE:-.cache/raddino-bench}"
+models="pixels,random-vit"
+python -m harness.run --models "$models" --tasks demo --out "$out" --cache-dir "$cache"
+shared_csv="../shared/data/ieee8023-covid-cxr/labels.csv"
+if [ -f "$shared_csv" ]; then
+  python -m harness.run --models "$models" --tasks "csv:$shared_csv" --out "$out" --cache-dir "$cache"
+else
+  echo "note: $shared_csv not found; the shared-data leaderboard was not regenerated"
+fi

@@ -1,0 +1,1 @@
+"""DINOv2 + iBOT + KoLeo pretraining for chest radiographs (the RAD-DINO recipe)."""
