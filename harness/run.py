@@ -15,26 +15,24 @@ import datetime as dt
 import re
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from tabulate import tabulate
 
-import baselines
+import baselines  # noqa: F401  (registers the encoders)
+import harness.probes  # noqa: F401  (registers the protocols)
 import harness.tasks
 from baselines.registry import Encoder, WeightsMissing, build_encoder, default_weights_dir, registered, resolve_names
 from harness import stats
-from harness.features import FeatureCache, FeatureSet, extract
+from harness.features import FeatureCache, extract
 from harness.io import atomic_path, atomic_write_json, atomic_write_text
-from harness.leaderboard import Cell, Section, render
-from harness.probes.linear import linear_probe
-from harness.splits import make_split, pseudonym, split_hash, write_split
-from harness.tasks.base import Task, TaskContext, TaskError, build_task
-
-PROTOCOLS = ("linear",)
-DEFAULT_PROTOCOLS = ("linear",)
+from harness.leaderboard import render
+from harness.protocols import PROTOCOLS, TaskRun
+from harness.splits import make_split, split_hash, write_split
+from harness.tasks.base import TaskContext, TaskError, build_task
 
 
 @dataclass
@@ -47,7 +45,7 @@ class TaskSpec:
 def parse_task_spec(spec: str) -> TaskSpec:
     """``demo``, ``demo:linear``, ``csv:PATH``, ``csv:PATH:linear``: a trailing protocol name picks protocols."""
     name, _, rest = spec.partition(":")
-    protocols = DEFAULT_PROTOCOLS
+    protocols = tuple(p.name for p in PROTOCOLS.values() if p.default)
     if rest:
         head, _, tail = rest.rpartition(":")
         if tail in PROTOCOLS:
@@ -161,78 +159,6 @@ def safe_name(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", s).strip("_")
 
 
-@dataclass
-class TaskRun:
-    """Everything one task's protocols share: the task, its split, test-set bootstrap weights, features."""
-
-    task: Task
-    split: np.ndarray
-    split_hash: str
-    weights: np.ndarray
-    features: dict[str, FeatureSet]
-    summary: dict
-    results: dict[str, dict] = field(default_factory=dict)   # model -> results JSON
-    predictions: dict[str, list[dict]] = field(default_factory=dict)
-
-
-def run_linear(tr: TaskRun, encoders: list[Encoder], reference: str, seed: int) -> Section:
-    t = tr.task.table
-    train, test = tr.split == "train", tr.split == "test"
-    y = t.labels.astype(int)
-    groups = np.asarray(t.patient_ids)
-    test_ids = [t.image_ids[i] for i in np.flatnonzero(test)]
-    test_keys = [pseudonym(t.patient_ids[i], tr.task.name) for i in np.flatnonzero(test)]
-    summaries, label_info = {}, {}
-    for enc in encoders:
-        x = tr.features[enc.name].global_
-        probe = linear_probe(x[train], y[train], groups[train], x[test], y[test], t.label_names, seed=seed)
-        label_info[enc.name] = probe.labels
-        summaries[enc.name] = stats.classification_summary(np.nan_to_num(probe.scores, nan=0.5), y[test],
-                                                           t.label_names, tr.weights)
-        rows = []
-        for j, name in enumerate(t.label_names):
-            if not probe.labels[j].evaluable:
-                continue
-            rows += [{"image_id": i, "patient_key": k, "label": name, "target": int(yy), "score": float(s)}
-                     for i, k, yy, s in zip(test_ids, test_keys, y[test][:, j], probe.scores[:, j])]
-        tr.predictions[enc.name] = rows
-
-    metrics = [("auroc", "AUROC"), ("auprc", "AUPRC")]
-    paired = {m: stats.compare_to_reference(
-        {e.name: summaries[e.name][m]["macro_resampled"] for e in encoders},
-        {e.name: summaries[e.name][m]["macro"]["point"] for e in encoders}, reference) for m, _ in metrics}
-
-    evaluable = [lab.evaluable for lab in label_info[encoders[0].name]]
-    columns = [f"macro {title}" for _, title in metrics] + [f"{n} AUPRC" for n, ok in zip(t.label_names, evaluable) if ok]
-    rows: dict[str, dict[str, Cell]] = {}
-    for enc in encoders:
-        s = summaries[enc.name]
-        row = {}
-        for m, title in metrics:
-            mac = s[m]["macro"]
-            sig = enc.name != reference and (paired[m][enc.name]["p_holm"] or 1.0) < 0.05
-            row[f"macro {title}"] = Cell(mac["point"], mac["lo"], mac["hi"], sig)
-        for n, ok in zip(t.label_names, evaluable):
-            if ok:
-                pl = s["auprc"]["per_label"][n]
-                row[f"{n} AUPRC"] = Cell(pl["point"], pl["lo"], pl["hi"])
-        rows[enc.name] = row
-        tr.results.setdefault(enc.name, {})["linear"] = {
-            "metrics": {m: {"macro": s[m]["macro"], "per_label": s[m]["per_label"]} for m, _ in metrics},
-            "paired_to_reference": None if enc.name == reference else {m: paired[m][enc.name] for m, _ in metrics},
-            "labels": [lab.__dict__ for lab in label_info[enc.name]],
-        }
-    notes = [f"Reference model for paired differences: `{reference}`. Per-label columns: AUPRC (the paper's "
-             "headline classification metric)."]
-    not_eval = [lab for lab in label_info[encoders[0].name] if not lab.evaluable]
-    if not_eval:
-        notes.append("Not evaluable, left out of macro means: " + "; ".join(
-            f"{lab.name} ({lab.reason}: train {lab.counts['train_pos']}+/{lab.counts['train_neg']}-, "
-            f"test {lab.counts['test_pos']}+/{lab.counts['test_neg']}-)" for lab in not_eval) + ".")
-    return Section("Linear probe (classification)", columns, rows, notes=notes)
-
-
-PROTOCOL_RUNNERS = {"linear": run_linear}
 
 
 def evaluate_task(spec: TaskSpec, encoders: list[Encoder], args: argparse.Namespace, ctx: TaskContext,
@@ -251,13 +177,15 @@ def evaluate_task(spec: TaskSpec, encoders: list[Encoder], args: argparse.Namesp
     test_idx = np.flatnonzero(split == "test")
     weights = stats.bootstrap_weights([t.patient_ids[i] for i in test_idx], args.bootstrap, args.seed)
     print(f"features ({len(encoders)} encoder(s), cache {args.cache_dir}):")
-    feats = extract(task, encoders, cache, dense=False, batch_size=args.batch_size, workers=args.workers,
+    dense = any(PROTOCOLS[p].needs_dense for p in spec.protocols)
+    feats = extract(task, encoders, cache, dense=dense, batch_size=args.batch_size, workers=args.workers,
                     device=device)
-    tr = TaskRun(task, split, split_hash(t.image_ids, list(split)), weights, feats, summary)
+    tr = TaskRun(task, split, split_hash(t.image_ids, list(split)), weights, feats, summary, seed=args.seed,
+                 reference=reference)
     sections = []
     for proto in spec.protocols:
         print(f"protocol {proto} ...")
-        sections.append(PROTOCOL_RUNNERS[proto](tr, encoders, reference, args.seed))
+        sections.append(PROTOCOLS[proto].run(tr, encoders))
 
     # Write: split file, per-model results and predictions, then the leaderboard (each atomically).
     out = args.out
