@@ -25,12 +25,18 @@ class TaskRun:
     split: np.ndarray                   # 'train' / 'test' per image
     split_hash: str
     weights: np.ndarray                 # [B, n_test] patient-bootstrap weights of the test images, in row order
-    features: dict[str, FeatureSet]     # encoder name -> global features (dense ones if a protocol asked)
+    features: dict[str, FeatureSet]     # encoder name -> global features of every image of the task
     summary: dict
+    #: extract(task, encoders, dense) -> {name: FeatureSet}: cached extraction with the run's device and batch
+    #: settings, for protocols that need other features (e.g. dense grids of the masked images only).
+    extract: Callable[[Task, list[Encoder], bool], dict[str, FeatureSet]]
     seed: int = 0
     reference: str = ""
     results: dict[str, dict] = field(default_factory=dict)          # model -> protocol -> JSON-able results
     predictions: dict[str, list[dict]] = field(default_factory=dict)  # model -> rows of per-image predictions
+    #: extra files to write beside the leaderboard (relative path -> bytes), e.g. PNG overlays; written
+    #: atomically with everything else once every protocol has finished.
+    files: dict[str, bytes] = field(default_factory=dict)
 
 
 ProtocolFn = Callable[[TaskRun, list[Encoder]], Section]
@@ -40,7 +46,6 @@ ProtocolFn = Callable[[TaskRun, list[Encoder]], Section]
 class Protocol:
     name: str
     run: ProtocolFn
-    needs_dense: bool
     default: bool
     description: str
 
@@ -48,15 +53,14 @@ class Protocol:
 PROTOCOLS: dict[str, Protocol] = {}
 
 
-def register_protocol(name: str, *, needs_dense: bool = False, default: bool = True, description: str = ""
+def register_protocol(name: str, *, default: bool = True, description: str = ""
                       ) -> Callable[[ProtocolFn], ProtocolFn]:
-    """`needs_dense`: the protocol reads patch grids (extracted and cached only when asked, fp16).
-    `default`: part of a task's protocols when the task spec names none."""
+    """`default`: part of a task's protocols when the task spec names none."""
 
     def deco(fn: ProtocolFn) -> ProtocolFn:
         if name in PROTOCOLS:
             raise ValueError(f"protocol {name!r} registered twice")
-        PROTOCOLS[name] = Protocol(name, fn, needs_dense, default, description)
+        PROTOCOLS[name] = Protocol(name, fn, default, description)
         return fn
 
     return deco

@@ -32,7 +32,7 @@ from harness.io import atomic_path, atomic_write_json, atomic_write_text
 from harness.leaderboard import render
 from harness.protocols import PROTOCOLS, TaskRun
 from harness.splits import make_split, split_hash, write_split
-from harness.tasks.base import TaskContext, TaskError, build_task
+from harness.tasks.base import Task, TaskContext, TaskError, build_task
 
 
 @dataclass
@@ -177,11 +177,13 @@ def evaluate_task(spec: TaskSpec, encoders: list[Encoder], args: argparse.Namesp
     test_idx = np.flatnonzero(split == "test")
     weights = stats.bootstrap_weights([t.patient_ids[i] for i in test_idx], args.bootstrap, args.seed)
     print(f"features ({len(encoders)} encoder(s), cache {args.cache_dir}):")
-    dense = any(PROTOCOLS[p].needs_dense for p in spec.protocols)
-    feats = extract(task, encoders, cache, dense=dense, batch_size=args.batch_size, workers=args.workers,
-                    device=device)
-    tr = TaskRun(task, split, split_hash(t.image_ids, list(split)), weights, feats, summary, seed=args.seed,
-                 reference=reference)
+    def extract_for(sub: Task, encs: list[Encoder], dense: bool) -> dict:
+        return extract(sub, encs, cache, dense=dense, batch_size=args.batch_size, workers=args.workers,
+                       device=device)
+
+    feats = extract_for(task, encoders, False)
+    tr = TaskRun(task, split, split_hash(t.image_ids, list(split)), weights, feats, summary, extract=extract_for,
+                 seed=args.seed, reference=reference)
     sections = []
     for proto in spec.protocols:
         print(f"protocol {proto} ...")
@@ -209,6 +211,9 @@ def evaluate_task(spec: TaskSpec, encoders: list[Encoder], args: argparse.Namesp
 
             with atomic_path(folder / f"{safe_name(enc.name)}.predictions.parquet") as tmp:
                 pl.DataFrame(tr.predictions[enc.name]).write_parquet(tmp)
+    for rel, blob in tr.files.items():
+        with atomic_path(out / rel) as tmp:
+            tmp.write_bytes(blob)
     header = [
         ("Task", f"`{task.name}`: {summary['images']} images, {summary['patients']} patients"),
         ("Split", f"patient-level, seed {args.seed}: train {summary['train_images']} images / "

@@ -162,3 +162,37 @@ def build_task(name: str, arg: str | None, ctx: TaskContext) -> Task:
     if entry.takes_arg and not arg:
         raise TaskError(f"task {name!r} needs an argument: {name}:ARG")
     return entry.factory(replace(ctx, arg=arg))
+
+
+class Subset(Task):
+    """Rows `indices` of another task, as a task of its own (e.g. the images that have masks). Its digest is
+    derived from the parent's, so its features are cached separately and correctly."""
+
+    def __init__(self, parent: Task, indices: np.ndarray, suffix: str):
+        self.parent = parent
+        self.indices = np.asarray(indices, dtype=int)
+        self.name = f"{parent.name}/{suffix}"
+        self.mask_names = parent.mask_names
+        self.skipped = []
+        t, idx = parent.table, self.indices
+        self.table = TaskTable(
+            image_ids=[t.image_ids[i] for i in idx],
+            patient_ids=[t.patient_ids[i] for i in idx],
+            label_names=list(t.label_names),
+            labels=t.labels[idx],
+            sex=[t.sex[i] for i in idx],
+            age=t.age[idx],
+            split=None if t.split is None else [t.split[i] for i in idx],
+            has_mask=t.has_mask[idx],
+        )
+
+    def load_image(self, i: int) -> np.ndarray:
+        return self.parent.load_image(int(self.indices[i]))
+
+    def load_mask(self, i: int) -> np.ndarray | None:
+        return self.parent.load_mask(int(self.indices[i]))
+
+    def content_digest(self) -> str:
+        h = hashlib.sha256(self.parent.content_digest().encode())
+        h.update(self.indices.astype(np.int64).tobytes())
+        return h.hexdigest()
