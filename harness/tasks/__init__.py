@@ -2,3 +2,4 @@
 from harness.tasks.base import Task, TaskContext, TaskError, build_task, register_task  # noqa: F401
 
 from harness.tasks import csv_task  # noqa: F401,E402
+from harness.tasks import demo  # noqa: F401,E402
