@@ -2,3 +2,4 @@
 from baselines.registry import Encoder, Features, WeightsMissing, build_encoder, register_encoder  # noqa: F401
 
 from baselines import floors  # noqa: F401,E402  (pixels, random-vit)
+from baselines import rad_dino, dinov2, clip, biomedclip, biovil_t, mrm  # noqa: F401,E402  (pretrained baselines)

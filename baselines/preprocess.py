@@ -35,19 +35,24 @@ class Preprocess:
     # Pillow-style rescale of the [0, 1] input before normalisation; 1.0 for every model we know (they all
     # normalise images already scaled to [0, 1]).
     scale: float = 1.0
+    # resize_shortest_crop only: the shortest edge is resized to `resize` (default `size`) before the centre
+    # crop of `size`, as torchvision's Resize(256) + CenterCrop(224) does.
+    resize: int | None = None
 
     def __post_init__(self) -> None:
         if len(self.mean) not in (1, self.channels) or len(self.std) not in (1, self.channels):
             raise ValueError(f"mean/std must have 1 or {self.channels} values, got {self.mean} / {self.std}")
         if self.size <= 0:
             raise ValueError(f"preprocessing size must be positive, got {self.size}")
+        if self.resize is not None and self.resize < self.size:
+            raise ValueError(f"resize ({self.resize}) must be at least the crop size ({self.size})")
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def harmonised(self) -> "Preprocess":
         """The same encoder input size and normalisation, but the whole radiograph resized without cropping."""
-        return dataclasses.replace(self, policy="resize_stretch")
+        return dataclasses.replace(self, policy="resize_stretch", resize=None)
 
 
 @dataclass(frozen=True)
@@ -69,11 +74,12 @@ def geometry(height: int, width: int, pre: Preprocess) -> Geometry:
     if pre.policy == "resize_stretch":
         rh, rw = s, s
     elif pre.policy == "resize_shortest_crop":
-        # Round like torchvision/HF: the short edge is exactly `s`, the long edge scaled and truncated.
+        # Round like torchvision/HF: the short edge is exactly `r`, the long edge scaled and truncated.
+        r = pre.resize or s
         if height <= width:
-            rh, rw = s, max(s, int(s * width / height))
+            rh, rw = r, max(r, int(r * width / height))
         else:
-            rh, rw = max(s, int(s * height / width)), s
+            rh, rw = max(r, int(r * height / width)), r
     elif pre.policy == "resize_longest_pad":
         if height >= width:
             rh, rw = s, max(1, round(s * width / height))

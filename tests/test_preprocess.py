@@ -45,3 +45,10 @@ def test_crop_loses_what_it_cuts():
     g = geometry(*hw, pre)
     y = unplace(place(torch.ones(1, 1, *hw), g, "nearest"), g, "nearest")
     assert y[0, 0, :25].sum() == 0 and y[0, 0, 35:65].min() == 1
+
+
+def test_resize_then_crop_like_torchvision():
+    g = geometry(300, 400, Preprocess(size=224, policy="resize_shortest_crop", resize=256))
+    assert (g.resized_h, g.resized_w, g.top, g.left) == (256, 341, 16, 58)
+    with pytest.raises(ValueError, match="resize"):
+        Preprocess(size=224, resize=200)

@@ -107,58 +107,58 @@ def linear_probe(x_train: np.ndarray, y_train: np.ndarray, groups_train: np.ndar
 @register_protocol("linear", description="logistic-regression probe per label on global features; AUROC, AUPRC")
 def run_linear(tr: TaskRun, encoders: list[Encoder]) -> Section:
     """The linear-probe protocol: fit per model, bootstrap on the shared resamples, pair with the reference."""
-    reference, seed = tr.reference, tr.seed
     t = tr.task.table
     train, test = tr.split == "train", tr.split == "test"
     y = t.labels.astype(int)
     groups = np.asarray(t.patient_ids)
-    test_ids = [t.image_ids[i] for i in np.flatnonzero(test)]
-    test_keys = [pseudonym(t.patient_ids[i], tr.task.name) for i in np.flatnonzero(test)]
-    summaries, label_info = {}, {}
+    test_rows = np.flatnonzero(test)
+    test_keys = [pseudonym(t.patient_ids[i], tr.task.name) for i in test_rows]
+    probes = {e.name: linear_probe(tr.features[e.name].global_[train], y[train], groups[train],
+                                   tr.features[e.name].global_[test], y[test], t.label_names, seed=tr.seed)
+              for e in encoders}
+    # Which labels are evaluable depends only on the labels and the split, so it is the same for every model.
+    labels = probes[encoders[0].name].labels
+    ok = [j for j, lab in enumerate(labels) if lab.evaluable]
+    names = [t.label_names[j] for j in ok]
+    metrics = (("auroc", "AUROC"), ("auprc", "AUPRC"))
+    columns = [f"macro {title}" for _, title in metrics] + [f"{n} AUPRC" for n in names]
+    notes = [f"Per-label columns: AUPRC (the paper's headline classification metric). Reference for paired "
+             f"differences: `{tr.reference}`."]
+    not_eval = [lab for lab in labels if not lab.evaluable]
+    if not_eval:
+        notes.append("Not evaluable, left out of macro means: " + "; ".join(
+            f"{lab.name} ({lab.reason}: train {lab.counts['train_pos']}+/{lab.counts['train_neg']}-, "
+            f"test {lab.counts['test_pos']}+/{lab.counts['test_neg']}-)" for lab in not_eval) + ".")
+    if not ok:
+        return Section("Linear probe (classification)", [], {e.name: {} for e in encoders}, notes=notes)
+
+    summaries, resampled = {}, {}
     for enc in encoders:
-        x = tr.features[enc.name].global_
-        probe = linear_probe(x[train], y[train], groups[train], x[test], y[test], t.label_names, seed=seed)
-        label_info[enc.name] = probe.labels
-        summaries[enc.name] = stats.classification_summary(np.nan_to_num(probe.scores, nan=0.5), y[test],
-                                                           t.label_names, tr.weights)
-        rows = []
-        for j, name in enumerate(t.label_names):
-            if not probe.labels[j].evaluable:
-                continue
-            rows += [{"image_id": i, "patient_key": k, "label": name, "target": int(yy), "score": float(s)}
-                     for i, k, yy, s in zip(test_ids, test_keys, y[test][:, j], probe.scores[:, j])]
-        tr.predictions[enc.name] = rows
-
-    metrics = [("auroc", "AUROC"), ("auprc", "AUPRC")]
-    paired = {m: stats.compare_to_reference(
-        {e.name: summaries[e.name][m]["macro_resampled"] for e in encoders},
-        {e.name: summaries[e.name][m]["macro"]["point"] for e in encoders}, reference) for m, _ in metrics}
-
-    evaluable = [lab.evaluable for lab in label_info[encoders[0].name]]
-    columns = [f"macro {title}" for _, title in metrics] + [f"{n} AUPRC" for n, ok in zip(t.label_names, evaluable) if ok]
+        scores = probes[enc.name].scores[:, ok]
+        summaries[enc.name], resampled[enc.name] = stats.classification_summary(scores, y[test][:, ok], names,
+                                                                                tr.weights)
+        tr.predictions[enc.name] = [
+            {"image_id": t.image_ids[i], "patient_key": k, "label": n, "target": int(y[i, j]), "score": float(s)}
+            for jj, (j, n) in enumerate(zip(ok, names))
+            for i, k, s in zip(test_rows, test_keys, scores[:, jj])]
+    paired = {m: stats.compare_to_reference({e.name: resampled[e.name][m] for e in encoders},
+                                            {e.name: summaries[e.name][m]["macro"]["point"] for e in encoders},
+                                            tr.reference) for m, _ in metrics}
     rows: dict[str, dict[str, Cell]] = {}
     for enc in encoders:
         s = summaries[enc.name]
         row = {}
         for m, title in metrics:
             mac = s[m]["macro"]
-            sig = enc.name != reference and (paired[m][enc.name]["p_holm"] or 1.0) < 0.05
-            row[f"macro {title}"] = Cell(mac["point"], mac["lo"], mac["hi"], sig)
-        for n, ok in zip(t.label_names, evaluable):
-            if ok:
-                pl = s["auprc"]["per_label"][n]
-                row[f"{n} AUPRC"] = Cell(pl["point"], pl["lo"], pl["hi"])
+            p_holm = paired[m][enc.name]["p_holm"] if enc.name != tr.reference else None
+            row[f"macro {title}"] = Cell(mac["point"], mac["lo"], mac["hi"], p_holm is not None and p_holm < 0.05)
+        for n in names:
+            pl = s["auprc"]["per_label"][n]
+            row[f"{n} AUPRC"] = Cell(pl["point"], pl["lo"], pl["hi"])
         rows[enc.name] = row
         tr.results.setdefault(enc.name, {})["linear"] = {
-            "metrics": {m: {"macro": s[m]["macro"], "per_label": s[m]["per_label"]} for m, _ in metrics},
-            "paired_to_reference": None if enc.name == reference else {m: paired[m][enc.name] for m, _ in metrics},
-            "labels": [lab.__dict__ for lab in label_info[enc.name]],
+            "metrics": s,
+            "paired_to_reference": None if enc.name == tr.reference else {m: paired[m][enc.name] for m, _ in metrics},
+            "labels": [vars(lab) for lab in probes[enc.name].labels],
         }
-    notes = [f"Reference model for paired differences: `{reference}`. Per-label columns: AUPRC (the paper's "
-             "headline classification metric)."]
-    not_eval = [lab for lab in label_info[encoders[0].name] if not lab.evaluable]
-    if not_eval:
-        notes.append("Not evaluable, left out of macro means: " + "; ".join(
-            f"{lab.name} ({lab.reason}: train {lab.counts['train_pos']}+/{lab.counts['train_neg']}-, "
-            f"test {lab.counts['test_pos']}+/{lab.counts['test_neg']}-)" for lab in not_eval) + ".")
     return Section("Linear probe (classification)", columns, rows, notes=notes)

@@ -1,0 +1,28 @@
+"""RAD-DINO (microsoft/rad-dino): a DINOv2 ViT-B/14 trained on chest X-rays, shipped as a transformers Dinov2Model.
+
+The transformers model is the reference implementation, so it is used as is. Native preprocessing follows the
+folder's ``preprocessor_config.json`` (a BitImageProcessor): shortest edge to 518 px bicubic, centre-crop 518, rescale
+to [0, 1], normalise with the single CXR mean/std replicated over 3 channels.
+"""
+from __future__ import annotations
+
+from baselines._hf import dinov2_features, from_folder
+from baselines._common import ModuleEncoder, require_layout
+from baselines.preprocess import Preprocess
+from baselines.registry import Encoder, EncoderSpec, register_encoder
+
+NATIVE = Preprocess(size=518, policy="resize_shortest_crop", interpolation="bicubic", mean=(0.5307,), std=(0.2583,),
+                    channels=3)
+FILES = ("config.json", "model.safetensors")
+# The folder layout the README documents; preprocessor_config.json is fetched too, for reference, but not read.
+DOWNLOAD = ("hf download microsoft/rad-dino config.json model.safetensors preprocessor_config.json "
+            "--local-dir <weights-dir>/rad-dino")
+
+
+@register_encoder("rad-dino", weights=FILES)
+def rad_dino(spec: EncoderSpec) -> Encoder:
+    """RAD-DINO ViT-B/14 (transformers Dinov2Model folder)."""
+    require_layout(spec.name, spec.folder, (FILES,), DOWNLOAD)
+    folder = spec.folder
+    model = from_folder("Dinov2Model", folder)
+    return ModuleEncoder(spec.name, model, spec.apply_policy(NATIVE), [folder / f for f in FILES], dinov2_features)
