@@ -56,8 +56,17 @@ def parse_task_spec(spec: str) -> TaskSpec:
 
 
 def split_task_list(tasks: str) -> list[str]:
-    """Comma-separated task specs; a comma inside a csv: path is not supported (rename the file)."""
-    return [t.strip() for t in tasks.split(",") if t.strip()]
+    """Comma-separated task specs. A piece of the form KEY=VALUE continues the previous task's arguments
+    (``demo:n_patients=50,size=128``); a comma inside a csv: path is not supported (rename the file)."""
+    specs: list[str] = []
+    for piece in (t.strip() for t in tasks.split(",")):
+        if not piece:
+            continue
+        if specs and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=[^:]*", piece):
+            specs[-1] += "," + piece
+        else:
+            specs.append(piece)
+    return specs
 
 
 def parse_data_roots(values: list[str]) -> tuple[Path | None, dict[str, Path]]:

@@ -27,6 +27,13 @@ def _csv_set(root, n_patients=24):
     return root / "labels.csv"
 
 
+def test_task_list_keeps_key_value_arguments_together():
+    from harness.run import split_task_list
+
+    assert split_task_list("demo:n_patients=50,size=128,csv:/a.csv,vindr") == [
+        "demo:n_patients=50,size=128", "csv:/a.csv", "vindr"]
+
+
 def test_parse_task_spec():
     assert parse_task_spec("demo") == parse_task_spec("demo")
     s = parse_task_spec("csv:/a/b/labels.csv:linear")
