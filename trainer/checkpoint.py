@@ -1,0 +1,162 @@
+"""Checkpoints that do not depend on the number of processes, written atomically, and the backbone loader.
+
+A run directory holds ``config.yaml`` and ``checkpoints/ckpt_<iteration>/`` directories, each with:
+
+- ``model.safetensors``: every tensor of the run by dotted name: ``student.backbone.*``, ``student.dino_head.*``,
+  ``teacher.*`` likewise, ``dino_loss.center``, ``ibot_loss.center``. Full (unsharded) state dicts, unlike
+  DINOv2's per-rank FSDP files that need the same world size to resume (reference §1.11).
+- ``optimizer.pt``: the AdamW state dict (tensors and plain numbers only, so it loads with ``weights_only=True``).
+- ``state.json``: iteration, samples consumed by the sample stream, seed. Random numbers are re-seeded every step
+  from (seed, iteration, rank), so these three numbers fix every random draw that follows.
+- ``config.yaml``: a copy of the run's resolved config, so a checkpoint directory is self-contained.
+
+A checkpoint is written into a temporary directory beside its final name and renamed into place, so a crash (or
+SIGKILL) never leaves a half-written checkpoint where ``--resume auto`` would find it. Only the last K are kept.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from trainer.config import ModelConfig, TrainConfig, config_from_dict, save_config
+
+CKPT_RE = re.compile(r"^ckpt_(\d{7,})$")
+
+
+def build_backbone(model: ModelConfig) -> nn.Module:
+    """The VisionTransformer a ModelConfig describes (used for training and for reloading)."""
+    from trainer.vit import build_vit
+
+    overrides: dict[str, Any] = {
+        "img_size": model.img_size, "patch_size": model.patch_size, "num_register_tokens": model.num_register_tokens,
+        "layerscale_init": model.layerscale_init, "drop_path_rate": model.drop_path_rate,
+        "interpolate_offset": model.interpolate_offset, "interpolate_antialias": model.interpolate_antialias,
+    }
+    if model.depth is not None:
+        overrides["depth"] = model.depth
+    return build_vit(model.arch, **overrides)
+
+
+def flat_state(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """{"student.backbone": module, ...} -> {"student.backbone.blocks.0...": cpu tensor, ...}."""
+    out = {}
+    for prefix, module in modules.items():
+        for key, value in module.state_dict().items():
+            out[f"{prefix}.{key}"] = value.detach().to("cpu", copy=True).contiguous()
+    return out
+
+
+def restore_state(modules: dict[str, nn.Module], tensors: dict[str, torch.Tensor], where: Path) -> None:
+    """Load each module's part of a flat state dict strictly; a missing or extra key names the checkpoint."""
+    used = set()
+    for prefix, module in modules.items():
+        part = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+        used.update(f"{prefix}.{k}" for k in part)
+        try:
+            module.load_state_dict(part, strict=True)
+        except RuntimeError as e:
+            raise RuntimeError(f"{where}: {prefix} does not match this run's model: {e}") from e
+    extra = sorted(set(tensors) - used)
+    if extra:
+        raise RuntimeError(f"{where}: unexpected tensors {extra[:5]} (was it written by another model?)")
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := CKPT_RE.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def save_checkpoint(run_dir: Path, tensors: dict[str, torch.Tensor], optimizer_state: dict, state: dict,
+                    cfg: TrainConfig, keep_last: int) -> Path:
+    """Write ``checkpoints/ckpt_<state['iteration']>`` atomically, then drop all but the last ``keep_last``."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"ckpt_{state['iteration']:07d}"
+    tmp = root / f".tmp_{final.name}_{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file(tensors, str(tmp / "model.safetensors"))
+    torch.save(optimizer_state, tmp / "optimizer.pt")
+    save_config(cfg, tmp / "config.yaml")
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    for f in tmp.iterdir():
+        _fsync(f)
+    if final.exists():  # re-saving the same iteration (e.g. preempted right after a periodic save)
+        old = root / f".old_{final.name}_{os.getpid()}"
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+    _fsync(root)
+    for stale in list_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(stale)
+    return final
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(ckpt_dir: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """(tensors, optimizer state, state.json) of one checkpoint directory."""
+    ckpt_dir = Path(ckpt_dir)
+    tensors = load_file(str(ckpt_dir / "model.safetensors"))
+    optimizer_state = torch.load(ckpt_dir / "optimizer.pt", map_location="cpu", weights_only=True)
+    state = json.loads((ckpt_dir / "state.json").read_text())
+    return tensors, optimizer_state, state
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, or a run directory (its latest checkpoint)."""
+    path = Path(path)
+    if (path / "state.json").is_file():
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise FileNotFoundError(f"{path}: neither a checkpoint directory (with state.json) nor a run directory "
+                                "with checkpoints/ckpt_*")
+    return latest
+
+
+def load_backbone(path: str | Path, which: str = "teacher") -> tuple[nn.Module, dict]:
+    """The student or teacher backbone of a checkpoint (or of a run's latest one), in eval mode, and its config.
+
+    The teacher is the model to evaluate and export (reference §5.7).
+    """
+    if which not in ("teacher", "student"):
+        raise ValueError(f"which={which!r}: use 'teacher' or 'student'")
+    ckpt = resolve_checkpoint(path)
+    cfg = config_from_dict(yaml.safe_load((ckpt / "config.yaml").read_text()))
+    backbone = build_backbone(cfg.model)
+    prefix = f"{which}.backbone."
+    tensors = {k[len(prefix):]: v for k, v in load_file(str(ckpt / "model.safetensors")).items()
+               if k.startswith(prefix)}
+    try:
+        backbone.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        raise RuntimeError(f"{ckpt}: {which} backbone does not match its config.yaml: {e}") from e
+    return backbone.eval(), cfg.to_dict()

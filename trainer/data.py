@@ -1,0 +1,228 @@
+"""Unlabelled radiographs for pretraining: manifests, a deterministic resumable sample stream, and batches.
+
+A manifest is a folder (searched recursively), a ``.txt`` list (one path a line), or a ``.csv``/``.parquet`` table
+with a ``path`` column; relative paths are resolved against the manifest's own folder. Several manifests may be
+mixed with weights: ``a.csv@0.7 b_folder@0.3`` draws 70 % of the samples from ``a``. Without weights every image
+is seen once per pass, in a fresh random order each pass.
+
+The sample stream is a pure function of (seed, position): position ``q`` always names the same image, whatever the
+number of processes. A step of the run consumes ``batch_size_per_gpu * world_size`` consecutive positions and rank
+``r`` takes its slice, so the checkpoint only needs the number of samples consumed (unlike DINOv2, whose sampler
+is not advanced on resume, reference §1.11) and a run may resume on a different number of GPUs.
+
+Every image is decoded by ``trainer.imaging.load_radiograph`` to [0, 1] and resized to a ``load_size`` square, so
+that a batch is one tensor [B, 1, S, S]; the multi-crop augmentation then runs batched on the training device
+(trainer.crops).
+"""
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, IterableDataset
+
+from trainer.imaging import RASTER_SUFFIXES, ImageDecodeError, is_dicom, load_radiograph
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = RASTER_SUFFIXES | {".dcm", ".dicom"}
+PATH_COLUMNS = ("path", "image", "file", "filename")
+MAX_REPLACEMENTS = 100  # unreadable images replaced in a row before the run is stopped as hopeless
+
+
+class BadImageError(RuntimeError):
+    """An image could not be read and --skip-bad is off; the message names the file."""
+
+
+@dataclass(frozen=True)
+class Source:
+    path: Path
+    weight: float | None
+
+
+def parse_source(spec: str) -> Source:
+    """``PATH`` or ``PATH@WEIGHT``."""
+    head, sep, tail = spec.rpartition("@")
+    if sep:
+        try:
+            weight = float(tail)
+        except ValueError:
+            weight = None
+        if weight is not None:
+            if not weight > 0:
+                raise ValueError(f"data source {spec!r}: weight must be > 0")
+            return Source(Path(head), weight)
+    return Source(Path(spec), None)
+
+
+def read_manifest(path: Path) -> list[Path]:
+    """The image paths a folder or list file names, in a stable order."""
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and _looks_like_image(p))
+    elif not path.exists():
+        raise FileNotFoundError(f"data manifest {path} does not exist")
+    elif path.suffix == ".txt":
+        lines = (line.strip() for line in path.read_text().splitlines())
+        files = [_resolve(path, line) for line in lines if line and not line.startswith("#")]
+    elif path.suffix in (".csv", ".parquet"):
+        files = [_resolve(path, p) for p in _path_column(path)]
+    else:
+        raise ValueError(f"data manifest {path}: use a folder, .txt, .csv or .parquet list")
+    if not files:
+        raise ValueError(f"data manifest {path} lists no images")
+    return files
+
+
+def _looks_like_image(p: Path) -> bool:
+    # DICOMs are often named by UID with no image suffix: sniff the magic for unknown suffixes only.
+    suffix = p.suffix.lower()
+    return suffix in IMAGE_SUFFIXES or (suffix not in {".txt", ".csv", ".md", ".json", ".parquet"} and is_dicom(p))
+
+
+def _resolve(manifest: Path, entry: str) -> Path:
+    p = Path(entry)
+    return p if p.is_absolute() else manifest.parent / p
+
+
+def _path_column(path: Path) -> list[str]:
+    import polars as pl
+
+    df = pl.read_csv(path, infer_schema_length=0) if path.suffix == ".csv" else pl.read_parquet(path)
+    for name in PATH_COLUMNS:
+        if name in df.columns:
+            return [str(v) for v in df[name].drop_nulls().to_list()]
+    raise ValueError(f"data manifest {path}: no image column; name one of {PATH_COLUMNS} (found {df.columns})")
+
+
+class SampleStream:
+    """Position -> image index, deterministic in (seed, position), for an unbounded run.
+
+    Positions are grouped in passes of N (the number of images). Unweighted: each pass is a permutation, so every
+    image appears once. Weighted: each pass draws N indices with replacement from the per-image probabilities
+    ``weight_s / n_s`` (normalised).
+    """
+
+    def __init__(self, sources: list[str], seed: int):
+        parsed = [parse_source(s) for s in sources]
+        if not parsed:
+            raise ValueError("no data: pass --data MANIFEST (a folder, .txt, .csv or .parquet)")
+        weighted = [s.weight is not None for s in parsed]
+        if any(weighted) and not all(weighted):
+            raise ValueError(f"data sources {sources}: give a weight (PATH@W) to every source or to none")
+        self.paths: list[Path] = []
+        probs = []
+        for src in parsed:
+            files = read_manifest(src.path)
+            self.paths += files
+            if src.weight is not None:
+                probs.append(np.full(len(files), src.weight / len(files)))
+        self.probs = np.concatenate(probs) / sum(p.sum() for p in probs) if probs else None
+        self.seed = seed
+        self._pass = (-1, np.empty(0, dtype=np.int64))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def index_at(self, position: int) -> int:
+        n = len(self.paths)
+        pass_id, offset = divmod(position, n)
+        if self._pass[0] != pass_id:
+            rng = np.random.default_rng([self.seed, 0, pass_id])
+            order = rng.permutation(n) if self.probs is None else rng.choice(n, size=n, p=self.probs)
+            self._pass = (pass_id, order)
+        return int(self._pass[1][offset])
+
+    def replacement(self, position: int, attempt: int) -> int:
+        """A stand-in for an unreadable image at this position, the same on every run."""
+        rng = np.random.default_rng([self.seed, 1, position, attempt])
+        return int(rng.choice(len(self.paths), p=self.probs))
+
+
+def load_square(path: Path, size: int) -> torch.Tensor:
+    """Decode to [0, 1] and resize the whole radiograph to [1, size, size] (antialiased).
+
+    Stretching rather than cropping keeps all of the anatomy; the random resized crops vary the aspect ratio by
+    3/4..4/3 anyway. The ``ckpt:`` encoder of the harness feeds evaluation images the same way (resize_stretch).
+    """
+    img = torch.from_numpy(load_radiograph(path))[None, None]
+    img = F.interpolate(img, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return img[0].clamp_(0.0, 1.0)
+
+
+class RankBatches(IterableDataset):
+    """This rank's batches from ``start_position`` on: one dict {"images": [B,1,S,S], "n_bad": int} per step.
+
+    With several DataLoader workers, worker w produces steps w, w + n_workers, ...; the DataLoader hands results
+    back in round-robin order, so the sequence does not depend on the number of workers.
+    """
+
+    def __init__(self, stream: SampleStream, batch_size: int, image_size: int, rank: int, world_size: int,
+                 start_position: int, skip_bad: bool, cache: bool = False):
+        self.stream, self.batch_size, self.image_size = stream, batch_size, image_size
+        self.rank, self.world_size, self.start_position = rank, world_size, start_position
+        self.skip_bad = skip_bad
+        # Decoded, resized images by index, for data sets small enough to hold in memory (decoding a PNG costs
+        # more than a tiny model's step). Each DataLoader worker fills its own copy.
+        self.cache: dict[int, torch.Tensor] | None = {} if cache else None
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        step = worker
+        while True:
+            first = self.start_position + step * self.batch_size * self.world_size + self.rank * self.batch_size
+            yield self.batch(first)
+            step += n_workers
+
+    def batch(self, first: int) -> dict:
+        images, n_bad = [], 0
+        for position in range(first, first + self.batch_size):
+            image, bad = self.load_position(position)
+            images.append(image)
+            n_bad += bad
+        return {"images": torch.stack(images), "n_bad": n_bad}
+
+    def load_position(self, position: int) -> tuple[torch.Tensor, int]:
+        index = self.stream.index_at(position)
+        for attempt in range(MAX_REPLACEMENTS):
+            if self.cache is not None and index in self.cache:
+                return self.cache[index], attempt
+            path = self.stream.paths[index]
+            try:
+                image = load_square(path, self.image_size)
+                if self.cache is not None:
+                    self.cache[index] = image
+                return image, attempt
+            except ImageDecodeError as e:
+                if not self.skip_bad:
+                    raise BadImageError(f"{e}\n  -> fix or remove this file from the manifest, "
+                                        "or pass --skip-bad to skip unreadable images") from e
+                log.warning("skipping unreadable image %s (%s)", path, e)
+                index = self.stream.replacement(position, attempt)
+        raise BadImageError(f"{MAX_REPLACEMENTS} unreadable images in a row at sample {position}: "
+                            "check the manifest (is it the right folder?)")
+
+
+def make_loader(stream: SampleStream, batch_size: int, image_size: int, rank: int, world_size: int,
+                start_position: int, skip_bad: bool, num_workers: int, pin_memory: bool,
+                cache: bool = False) -> Iterator[dict]:
+    """An endless iterator of this rank's batches."""
+    dataset = RankBatches(stream, batch_size, image_size, rank, world_size, start_position, skip_bad, cache)
+    if num_workers == 0:
+        return iter(dataset)
+    loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                        prefetch_factor=2, worker_init_fn=_ignore_stop_signals)
+    return iter(loader)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    # SLURM signals every process of a job step: a worker killed by SIGTERM would fail the main process's next
+    # fetch before it can checkpoint. Workers exit on their own when the main process does.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)

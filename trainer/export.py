@@ -1,0 +1,81 @@
+"""Export a training checkpoint's TEACHER backbone (the model to evaluate and release, reference §5.7).
+
+    python -m trainer.export RUN_OR_CKPT_DIR --format hf --out DIR       # Hugging Face Dinov2Model folder
+    python -m trainer.export RUN_OR_CKPT_DIR --format dinov2 --out DIR   # DINOv2 backbone state dict
+
+``hf`` writes ``config.json`` + ``model.safetensors``, loadable with ``transformers.AutoModel.from_pretrained(DIR)``
+(``Dinov2WithRegistersModel`` when the model has registers). ``dinov2`` writes ``backbone_compatible.safetensors``
+(the layout of RAD-DINO's file of that name; loads strictly into DINOv2's ``DinoVisionTransformer``) and
+``vit_config.json``, our ViTConfig, because head count and position-embedding resampling are not in the weights.
+A run directory means its latest checkpoint. The output directory is written atomically and never overwritten.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from trainer.checkpoint import load_backbone, resolve_checkpoint
+from trainer.convert import atomic_dir, dinov2_state_dict, save_hf
+from trainer.vit import VisionTransformer
+
+DINOV2_WEIGHTS = "backbone_compatible.safetensors"
+DINOV2_CONFIG = "vit_config.json"
+
+
+def load_teacher(ckpt: str | Path) -> VisionTransformer:
+    """The teacher backbone of a checkpoint or run directory, with a clear error when the path is wrong."""
+    if not Path(ckpt).exists():
+        raise FileNotFoundError(f"{ckpt}: no such checkpoint or run directory")
+    model, _ = load_backbone(resolve_checkpoint(ckpt), which="teacher")
+    return model
+
+
+def write_export(model: VisionTransformer, fmt: str, out: str | Path) -> Path:
+    """Write `model` to the directory `out` in format ``hf`` or ``dinov2``."""
+    if fmt == "hf":
+        return save_hf(model, out)
+    if fmt != "dinov2":
+        raise ValueError(f"--format {fmt!r}: use 'hf' or 'dinov2'")
+    with atomic_dir(out) as tmp:
+        save_file(dinov2_state_dict(model), str(tmp / DINOV2_WEIGHTS), metadata={"format": "pt"})
+        (tmp / DINOV2_CONFIG).write_text(json.dumps(dataclasses.asdict(model.cfg), indent=2) + "\n")
+    return Path(out)
+
+
+def interpolation_note(model: VisionTransformer) -> str | None:
+    """Hugging Face resamples position embeddings by output size (antialias only with registers); say so when
+    this model was trained otherwise, since features then differ away from the native grid."""
+    cfg = model.cfg
+    if cfg.interpolate_offset == 0.0 and cfg.interpolate_antialias == bool(cfg.num_register_tokens):
+        return None
+    return (f"note: this model resamples position embeddings with offset={cfg.interpolate_offset}, "
+            f"antialias={cfg.interpolate_antialias}; Hugging Face's Dinov2 resamples by size. Features are identical "
+            f"at {cfg.img_size}x{cfg.img_size} px (no resampling) and differ at other input sizes.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer.export", description=__doc__.splitlines()[0])
+    parser.add_argument("ckpt", help="a run directory (its latest checkpoint) or a checkpoints/ckpt_* directory")
+    parser.add_argument("--format", required=True, choices=("hf", "dinov2"), dest="fmt")
+    parser.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    args = parser.parse_args(argv)
+    try:
+        model = load_teacher(args.ckpt)
+        out = write_export(model, args.fmt, args.out)
+    except (FileNotFoundError, FileExistsError, RuntimeError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    note = interpolation_note(model) if args.fmt == "hf" else None
+    if note:
+        print(note, file=sys.stderr)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,543 @@
+"""DINOv2 + iBOT + KoLeo pretraining (the RAD-DINO recipe), readable top to bottom.
+
+    python -m trainer.train --config smoke --data /path/to/images --output runs/smoke
+    torchrun --nproc_per_node 4 -m trainer.train --config rad-dino --data train.csv --output runs/rd --resume auto
+
+One step (reference §1.4, §1.8):
+  1. load this rank's batch, make 2 global + n local crops on the device, sample iBOT masks for the globals;
+  2. teacher (EMA, no grad) sees the unmasked globals -> CLS and masked-patch targets (centering or Sinkhorn-Knopp);
+  3. student sees masked globals + locals in ONE packed pass (vit.forward_features_list) and ONE head call;
+  4. loss = dino_w * DINO + ibot_w * iBOT + koleo_w * sum_g KoLeo; a non-finite loss stops the run;
+  5. clip gradients, AdamW with scheduled lr / wd per parameter group, then the EMA teacher update.
+Everything random in a step is seeded from (seed, iteration, rank), so a resumed run repeats an uninterrupted one.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import resource
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from trainer.checkpoint import (
+    build_backbone,
+    flat_state,
+    latest_checkpoint,
+    load_checkpoint,
+    restore_state,
+    save_checkpoint,
+)
+from trainer.config import TrainConfig, load_config, save_config
+from trainer.crops import MultiCropAugmentation
+from trainer.data import SampleStream, make_loader
+from trainer.heads import DINOHead
+from trainer.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
+from trainer.masking import sample_masks
+from trainer.schedules import Schedules
+
+log = logging.getLogger("trainer")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+
+
+class SSLModel(nn.Module):
+    """A backbone and its DINO head (shared by the CLS and the patch objectives, reference §1.3)."""
+
+    def __init__(self, backbone: nn.Module, dino_head: DINOHead):
+        super().__init__()
+        self.backbone = backbone
+        self.dino_head = dino_head
+
+
+class Student(SSLModel):
+    def forward(self, global_crops: torch.Tensor, local_crops: torch.Tensor | None, masks: torch.Tensor) -> dict:
+        """Masked globals and locals in one packed backbone pass, then one head call over all their tokens."""
+        crops, crop_masks = [global_crops], [masks]
+        if local_crops is not None:
+            crops.append(local_crops)
+            crop_masks.append(None)
+        outs = self.backbone.forward_features_list(crops, crop_masks)
+        global_cls = outs[0]["x_norm_clstoken"]
+        local_cls = outs[1]["x_norm_clstoken"] if local_crops is not None else global_cls[:0]
+        masked_patches = outs[0]["x_norm_patchtokens"][masks]  # [M, D], image by image
+        # One head call over [global CLS; local CLS; masked patches] (reference §1.4 "compute trick").
+        logits = self.dino_head(torch.cat([global_cls, local_cls, masked_patches]))
+        g, l_ = global_cls.shape[0], local_cls.shape[0]
+        return {"global_cls": global_cls, "global_logits": logits[:g], "local_logits": logits[g:g + l_],
+                "patch_logits": logits[g + l_:]}
+
+
+class Teacher(SSLModel):
+    @torch.no_grad()
+    def forward(self, global_crops: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """CLS logits of the unmasked globals, and patch logits at the student's masked positions (§1.4)."""
+        out = self.backbone.forward_features(global_crops)
+        cls, patches = out["x_norm_clstoken"], out["x_norm_patchtokens"][masks]
+        logits = self.dino_head(torch.cat([cls, patches]))
+        return logits[:cls.shape[0]], logits[cls.shape[0]:]
+
+
+def build_models(cfg: TrainConfig) -> tuple[Student, Teacher]:
+    backbone = build_backbone(cfg.model)
+    if cfg.model.pretrained:
+        load_pretrained_backbone(backbone, cfg.model.pretrained)
+    head = DINOHead(backbone.embed_dim, cfg.head.out_dim, cfg.head.hidden_dim, cfg.head.bottleneck_dim,
+                    cfg.head.nlayers)
+    if cfg.model.pretrained_head:
+        load_pretrained_head(head, cfg.model.pretrained_head)
+    student = Student(backbone, head)
+    teacher = Teacher(copy.deepcopy(backbone), copy.deepcopy(head))
+    teacher.requires_grad_(False)
+    return student, teacher.eval()  # the teacher never trains: no drop-path, no gradients (§1.8)
+
+
+def load_pretrained_backbone(backbone: nn.Module, path: str) -> None:
+    """Continue from a DINOv2-layout file (RAD-DINO's backbone_compatible.safetensors, a hub .pth) or a HF folder."""
+    from trainer.convert import load_dinov2, load_hf
+
+    src = load_hf(path) if Path(path).is_dir() else load_dinov2(path)
+    try:
+        backbone.load_state_dict(src.state_dict(), strict=True)
+    except RuntimeError as e:
+        raise RuntimeError(f"model.pretrained={path} does not fit model.arch / patch_size / img_size / "
+                           f"num_register_tokens of this config: {e}") from e
+
+
+def load_pretrained_head(head: DINOHead, path: str) -> None:
+    """A DINO head safetensors file (e.g. RAD-DINO's dino_head.safetensors; names as DINOv2's head)."""
+    tensors = load_file(path)
+    for prefix in ("teacher.", "student.", "module.", "dino_head."):
+        tensors = {k.removeprefix(prefix): v for k, v in tensors.items()}
+    try:
+        head.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        raise RuntimeError(f"model.pretrained_head={path} does not fit head.* of this config: {e}") from e
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Optimiser
+
+
+def layer_id(name: str, n_blocks: int) -> int:
+    """Depth of a backbone parameter for layer-wise lr decay: embeddings and tokens 0, block i -> i + 1, the
+    final norm n_blocks + 1 (reference §1.7)."""
+    if name.startswith(("cls_token", "pos_embed", "patch_embed", "mask_token", "register_tokens")):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return n_blocks + 1
+
+
+def param_groups(student: Student, layerwise_decay: float, patch_embed_lr_mult: float) -> list[dict]:
+    """AdamW groups keyed by (lr multiplier, wd multiplier, is last layer), as DINOv2 fuses them (§1.8).
+
+    No weight decay on biases, norms and LayerScale gamma; the head's weight-normed gain is decayed like DINOv2's.
+    """
+    n_blocks = student.backbone.n_blocks
+    groups: dict[tuple, dict] = {}
+    named = [(f"backbone.{n}", n, p) for n, p in student.backbone.named_parameters()]
+    named += [(f"dino_head.{n}", None, p) for n, p in student.dino_head.named_parameters()]
+    for full, backbone_name, p in named:
+        lr_mult = 1.0
+        if backbone_name is not None:
+            lr_mult = layerwise_decay ** (n_blocks + 1 - layer_id(backbone_name, n_blocks))
+            if backbone_name.startswith("patch_embed"):
+                lr_mult *= patch_embed_lr_mult
+        wd_mult = 0.0 if full.endswith("bias") or "norm" in full or "gamma" in full else 1.0
+        is_last = "last_layer" in full
+        key = (lr_mult, wd_mult, is_last)
+        groups.setdefault(key, {"params": [], "lr_multiplier": lr_mult, "wd_multiplier": wd_mult,
+                                "is_last_layer": is_last})["params"].append(p)
+    return list(groups.values())
+
+
+def apply_schedules(optimizer: torch.optim.Optimizer, values: dict[str, float]) -> None:
+    """This step's lr and weight decay, times each group's multipliers (§1.8 apply_optim_scheduler)."""
+    for g in optimizer.param_groups:
+        lr = values["last_layer_lr"] if g["is_last_layer"] else values["lr"]
+        g["lr"] = lr * g["lr_multiplier"]
+        g["weight_decay"] = values["wd"] * g["wd_multiplier"]
+
+
+@torch.no_grad()
+def update_teacher(teacher: Teacher, student: Student, momentum: float) -> None:
+    """EMA: t <- m t + (1 - m) s, over all parameters at once (§1.8)."""
+    t_params = list(teacher.parameters())
+    s_params = list(student.parameters())
+    torch._foreach_mul_(t_params, momentum)
+    torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Distributed set-up and helpers
+
+
+def setup_distributed() -> None:
+    """Join the process group when launched by torchrun or SLURM (gloo on CPU, nccl on GPU); no-op otherwise."""
+    if dist.is_initialized():
+        return
+    env = os.environ
+    if "RANK" not in env and "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        env.setdefault("RANK", env["SLURM_PROCID"])
+        env.setdefault("WORLD_SIZE", env["SLURM_NTASKS"])
+        env.setdefault("LOCAL_RANK", env.get("SLURM_LOCALID", "0"))
+        if "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
+            raise RuntimeError("SLURM multi-task run without MASTER_ADDR/MASTER_PORT: export them in the job script "
+                               "(or launch with torchrun / submitit, which set them)")
+    if int(env.get("WORLD_SIZE", "1")) > 1:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(env.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+
+
+def rank_and_world() -> tuple[int, int]:
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(name)
+
+
+def all_mean(values: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(values)
+        values /= dist.get_world_size()
+    return values
+
+
+def step_seed(seed: int, it: int, rank: int) -> int:
+    return int(np.random.SeedSequence([seed, it, rank]).generate_state(1)[0])
+
+
+def memory_mb(device: torch.device) -> float:
+    """Peak memory: CUDA allocator peak, or on CPU the process's peak resident set (ru_maxrss, KiB on Linux)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class StopSignal:
+    """SIGTERM / SIGUSR1 (SLURM preemption, scancel) ask the loop to checkpoint and leave after this step."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # Python only allows handlers there
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def agreed(self, device: torch.device) -> bool:
+        """All ranks stop at the same step if any of them got a signal."""
+        flag = torch.tensor([1.0 if self.received else 0.0], device=device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class TrainState:
+    student: Student
+    teacher: Teacher
+    optimizer: torch.optim.Optimizer
+    dino_loss: DINOLoss
+    ibot_loss: iBOTPatchLoss
+    iteration: int = 0      # completed iterations
+    samples_seen: int = 0   # positions of the sample stream consumed by all ranks together
+    stopped_by: str | None = None
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"student.backbone": self.student.backbone, "student.dino_head": self.student.dino_head,
+                "teacher.backbone": self.teacher.backbone, "teacher.dino_head": self.teacher.dino_head,
+                "dino_loss": self.dino_loss, "ibot_loss": self.ibot_loss}
+
+
+def save(state: TrainState, output: Path, cfg: TrainConfig) -> Path | None:
+    """Rank 0 writes (the state is identical on every rank); the others wait so nobody races ahead."""
+    rank, _ = rank_and_world()
+    path = None
+    if rank == 0:
+        meta = {"iteration": state.iteration, "samples_seen": state.samples_seen, "seed": cfg.run.seed}
+        path = save_checkpoint(output, flat_state(state.modules()), state.optimizer.state_dict(), meta, cfg,
+                               cfg.run.keep_last)
+        log.info("checkpoint %s", path)
+    if dist.is_initialized():
+        dist.barrier()
+    return path
+
+
+def train(cfg: TrainConfig, output: str | Path, resume: str | None = None) -> TrainState:
+    """Run (or continue) pretraining; returns the final state. Joins no process group itself (see main)."""
+    output = Path(output)
+    rank, world = rank_and_world()
+    device = pick_device(cfg.run.device)
+    if rank == 0:
+        output.mkdir(parents=True, exist_ok=True)
+        setup_logging(output)
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+
+    student, teacher = build_models(cfg)
+    student.to(device)
+    teacher.to(device)
+    optimizer = torch.optim.AdamW(param_groups(student, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult),
+                                  betas=cfg.optim.adamw_betas, foreach=True)
+    dino_loss = DINOLoss(cfg.head.out_dim, cfg.loss.student_temp, cfg.loss.center_momentum).to(device)
+    ibot_loss = iBOTPatchLoss(cfg.head.out_dim, cfg.loss.student_temp, cfg.loss.center_momentum).to(device)
+    state = TrainState(student, teacher, optimizer, dino_loss, ibot_loss)
+    resume_from(state, output, resume, device)
+    if rank == 0:
+        save_config(cfg, output / "config.yaml")
+
+    sched = Schedules.from_config(cfg.optim, peak_lr=cfg.optim.scaled_lr(world))
+    stream = SampleStream(cfg.data.sources, cfg.run.seed)
+    batch_size = cfg.optim.batch_size_per_gpu
+    loader = make_loader(stream, batch_size, cfg.data.load_size or cfg.crops.global_size, rank, world,
+                         state.samples_seen, cfg.data.skip_bad, cfg.data.num_workers, device.type == "cuda",
+                         cfg.data.cache_images)
+    augment = MultiCropAugmentation(cfg.crops.global_size, cfg.crops.local_size, cfg.crops.n_local,
+                                    global_scale=cfg.crops.global_scale, local_scale=cfg.crops.local_scale,
+                                    mean=cfg.crops.mean, std=cfg.crops.std, global1_blur_p=cfg.crops.blur_p[0],
+                                    global2_blur_p=cfg.crops.blur_p[1], local_blur_p=cfg.crops.blur_p[2])
+    grid = (cfg.crops.global_size // cfg.model.patch_size,) * 2
+    koleo = KoLeoLoss()
+    ddp_student = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None) \
+        if dist.is_initialized() else student
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.run.bf16)
+    if rank == 0:
+        log.info("%d images, world size %d, %d images per step, %d iterations from %d, peak lr %.3g",
+                 len(stream), world, batch_size * world, cfg.optim.total_iters, state.iteration, sched.lr.max())
+
+    meter = Meter(output if rank == 0 else None, device, batch_size * world)
+    with StopSignal() as stop:
+        while state.iteration < cfg.optim.total_iters:
+            it = state.iteration
+            seed = step_seed(cfg.run.seed, it, rank)
+            torch.manual_seed(seed)  # drop-path draws
+            gen = torch.Generator(device).manual_seed(seed)
+            values = sched.at(it)
+
+            batch = next(loader)
+            global_crops, local_crops = augment(batch["images"].to(device, non_blocking=True), gen)
+            masks = sample_masks(global_crops.shape[0], grid, cfg.loss.mask_ratio_min_max,
+                                 cfg.loss.mask_sample_probability, generator=gen).to(device)
+            with autocast:
+                t_cls, t_patch = teacher(global_crops, masks)
+            t_cls_probs, t_patch_probs = teacher_targets(cfg, dino_loss, ibot_loss, t_cls, t_patch,
+                                                         values["teacher_temp"])
+            with autocast:
+                s = ddp_student(global_crops, local_crops if cfg.crops.n_local else None, masks)
+            terms = student_losses(cfg, dino_loss, ibot_loss, koleo, s, t_cls_probs, t_patch_probs, masks)
+            loss = (cfg.loss.dino_weight * terms["dino"] + cfg.loss.ibot_weight * terms["ibot"]
+                    + cfg.loss.koleo_weight * terms["koleo"])
+            logged = all_mean(torch.stack([loss.detach(), *(t.detach() for t in terms.values())]).float())
+            if not torch.isfinite(logged).all():  # the same verdict on every rank: `logged` is all-reduced
+                last = latest_checkpoint(output)
+                raise FloatingPointError(
+                    f"non-finite loss at iteration {it + 1} (total, dino, ibot, koleo = {logged.tolist()}); "
+                    f"stopping without a step. Last good checkpoint: {last or 'none'} (resume with --resume auto "
+                    "after lowering optim.base_lr, raising optim.warmup_iters, or checking the data)")
+
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            # Clipped per module, as DINOv2 clips per FSDP-wrapped submodule (§1.7).
+            for module in (student.backbone, student.dino_head):
+                nn.utils.clip_grad_norm_(module.parameters(), cfg.optim.clip_grad)
+            apply_schedules(optimizer, values)
+            optimizer.step()
+            update_teacher(teacher, student, values["momentum"])
+
+            state.iteration += 1
+            state.samples_seen += batch_size * world
+            meter.record(state.iteration, cfg.optim.total_iters, logged, batch["n_bad"], values,
+                         log_now=state.iteration % cfg.run.log_every == 0 or state.iteration == 1)
+            stopping = stop.agreed(device)
+            if stopping or state.iteration % cfg.run.checkpoint_every == 0 \
+                    or state.iteration == cfg.optim.total_iters:
+                save(state, output, cfg)
+            if stopping:
+                state.stopped_by = signal.Signals(stop.received).name if stop.received else "a signal on another rank"
+                if rank == 0:
+                    log.info("stopped by %s at iteration %d after writing a checkpoint; rerun with --resume auto",
+                             state.stopped_by, state.iteration)
+                break
+    return state
+
+
+@torch.no_grad()
+def teacher_targets(cfg: TrainConfig, dino_loss: DINOLoss, ibot_loss: iBOTPatchLoss, t_cls: torch.Tensor,
+                    t_patch: torch.Tensor, teacher_temp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher probabilities for the CLS and the masked-patch logits, by centering or Sinkhorn-Knopp (§1.4)."""
+    if cfg.loss.centering == "sinkhorn_knopp":
+        return (dino_loss.sinkhorn_knopp_teacher(t_cls, teacher_temp),
+                ibot_loss.sinkhorn_knopp_teacher(t_patch, teacher_temp))
+    probs = dino_loss.softmax_center_teacher(t_cls, teacher_temp), ibot_loss.softmax_center_teacher(t_patch,
+                                                                                                    teacher_temp)
+    dino_loss.update_center(t_cls)  # used from the next step on (one-step lag)
+    ibot_loss.update_center(t_patch)
+    return probs
+
+
+def student_losses(cfg: TrainConfig, dino_loss: DINOLoss, ibot_loss: iBOTPatchLoss, koleo: KoLeoLoss, s: dict,
+                   t_cls_probs: torch.Tensor, t_patch_probs: torch.Tensor, masks: torch.Tensor) -> dict:
+    """The three unweighted loss terms of one step."""
+    s_crops = list(s["global_logits"].chunk(2))
+    if cfg.crops.n_local:
+        s_crops += list(s["local_logits"].chunk(cfg.crops.n_local))
+    return {
+        "dino": dino_loss(s_crops, list(t_cls_probs.chunk(2))),
+        "ibot": ibot_loss.forward_masked(s["patch_logits"], t_patch_probs, masks),
+        # Per global crop: two views of one image must not be each other's nearest neighbour (§1.4).
+        "koleo": sum(koleo(c) for c in s["global_cls"].chunk(2)),
+    }
+
+
+def resume_from(state: TrainState, output: Path, resume: str | None, device: torch.device) -> None:
+    """``resume``: None (fresh run; refuse to overwrite a run's checkpoints), "auto" (latest if any) or a dir."""
+    if resume is None:
+        if latest_checkpoint(output) is not None:
+            raise FileExistsError(f"{output} already has checkpoints: pass --resume auto to continue that run, "
+                                  "or choose another --output")
+        return
+    ckpt = latest_checkpoint(output) if resume == "auto" else Path(resume)
+    if ckpt is None:
+        return
+    tensors, optimizer_state, meta = load_checkpoint(ckpt)
+    restore_state(state.modules(), {k: v.to(device) for k, v in tensors.items()}, ckpt)
+    state.optimizer.load_state_dict(optimizer_state)
+    state.iteration, state.samples_seen = meta["iteration"], meta["samples_seen"]
+    if rank_and_world()[0] == 0:
+        truncate_metrics(output / "metrics.jsonl", state.iteration)
+        log.info("resumed from %s at iteration %d", ckpt, state.iteration)
+
+
+def truncate_metrics(path: Path, iteration: int) -> None:
+    """Drop log lines of steps after the checkpoint (a killed run logged them; the resumed run redoes them)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["iteration"] <= iteration]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)
+
+
+class Meter:
+    """Text log lines (with throughput, memory and ETA) and one JSON line per logged step (rank 0)."""
+
+    def __init__(self, output: Path | None, device: torch.device, images_per_step: int):
+        self.jsonl = output / "metrics.jsonl" if output else None
+        self.device, self.images_per_step = device, images_per_step
+        self.t0, self.steps, self.n_bad = time.perf_counter(), 0, 0
+
+    def record(self, iteration: int, total: int, logged: torch.Tensor, n_bad: int, values: dict[str, float],
+               log_now: bool) -> None:
+        self.steps += 1
+        self.n_bad += n_bad
+        if self.jsonl is None or not log_now:
+            return
+        elapsed = time.perf_counter() - self.t0
+        total_loss, dino, ibot, koleo = logged.tolist()
+        row = {"iteration": iteration, "loss": total_loss, "dino": dino, "ibot": ibot, "koleo": koleo,
+               "lr": values["lr"], "wd": values["wd"], "momentum": values["momentum"],
+               "teacher_temp": values["teacher_temp"],
+               "images_per_s": self.steps * self.images_per_step / elapsed, "memory_mb": memory_mb(self.device),
+               "skipped_images": self.n_bad}
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        eta = elapsed / self.steps * (total - iteration)
+        log.info("it %d/%d  loss %.4f (dino %.4f ibot %.4f koleo %.4f)  lr %.3g  mom %.4f  %.1f img/s  %.0f MB  "
+                 "eta %s%s", iteration, total, total_loss, dino, ibot, koleo, row["lr"], row["momentum"],
+                 row["images_per_s"], row["memory_mb"], format_seconds(eta),
+                 f"  skipped {self.n_bad} unreadable" if self.n_bad else "")
+        self.t0, self.steps = time.perf_counter(), 0
+
+
+def format_seconds(s: float) -> str:
+    h, rem = divmod(int(s), 3600)
+    return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
+
+
+def setup_logging(output: Path) -> None:
+    """Log lines to stderr and RUN_DIR/train.log (replacing the handlers of an earlier run in this process)."""
+    log.setLevel(logging.INFO)
+    for old in list(log.handlers):
+        log.removeHandler(old)
+        old.close()
+    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    for handler in (logging.StreamHandler(sys.stderr), logging.FileHandler(output / "train.log")):
+        handler.setFormatter(fmt)
+        log.addHandler(handler)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m trainer.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="a preset (smoke, rad-dino) or a YAML file")
+    p.add_argument("--data", action="append", default=[],
+                   help="image manifest: folder, .txt, .csv or .parquet; PATH@WEIGHT to mix several (repeatable)")
+    p.add_argument("--output", required=True, help="run directory (config.yaml, checkpoints/, metrics.jsonl)")
+    p.add_argument("--steps", type=int, help="number of iterations; warm-ups are rescaled to keep their share")
+    p.add_argument("--resume", help="'auto' (latest checkpoint in --output, if any) or a checkpoint directory")
+    p.add_argument("--skip-bad", action="store_true", help="skip (and count) unreadable images instead of stopping")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. optim.base_lr=1e-4 crops.n_local=4")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides, steps=args.steps)
+    if args.data:
+        cfg.data.sources = args.data
+    if args.skip_bad:
+        cfg.data.skip_bad = True
+    setup_distributed()
+    try:
+        train(cfg, args.output, args.resume)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
