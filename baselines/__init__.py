@@ -3,3 +3,4 @@ from baselines.registry import Encoder, Features, WeightsMissing, build_encoder,
 
 from baselines import floors  # noqa: F401,E402  (pixels, random-vit)
 from baselines import rad_dino, dinov2, clip, biomedclip, biovil_t, mrm  # noqa: F401,E402  (pretrained baselines)
+from baselines import ckpt  # noqa: F401,E402  (ckpt:DIR, our own training runs)

@@ -1,4 +1,5 @@
-"""Helpers shared by the pretrained-encoder families: offline loading, safe checkpoint reading, token grids."""
+"""Helpers shared by the pretrained-encoder families: offline loading, safe checkpoint reading, exact state-dict
+loading, token grids, and the plain ViTs (official DINOv2, MRM, BiomedCLIP, OpenAI CLIP) run by `trainer.vit`."""
 from __future__ import annotations
 
 import os
@@ -6,9 +7,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn as nn
 
 from baselines.preprocess import Preprocess
 from baselines.registry import Encoder, Features, WeightsMissing, sha256_files
+from trainer.convert import config_from_dinov2_state_dict
+from trainer.vit import ViTConfig, VisionTransformer
 
 # Set before anything imports huggingface_hub: it reads these once, at import. Loading a model must never reach
 # the network; local_files_only=True on every call is the second guard.
@@ -57,6 +61,17 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
+def load_exact(model: nn.Module, state: dict[str, torch.Tensor], ignored_prefixes: tuple[str, ...],
+               source: str) -> None:
+    """Load `state` into `model`, failing on any missing key or any unexpected key outside `ignored_prefixes`
+    (a silent partial load is exactly the MRM ``fc_norm`` trap: random layers passed off as pretrained)."""
+    state = {k: v for k, v in state.items() if not k.startswith(ignored_prefixes)}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{source}: checkpoint does not match the architecture; missing {sorted(missing)[:8]}, "
+                         f"unexpected {sorted(unexpected)[:8]}")
+
+
 def tokens_to_grid(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """[B, h*w, C] patch tokens -> [B, C, h, w]."""
     B, N, C = tokens.shape
@@ -69,6 +84,40 @@ def layer_indices(depth: int) -> tuple[int, ...]:
     """Four blocks spread evenly over the depth (2, 5, 8, 11 for 12 blocks): the multi-level inputs a UPerNet-style
     decoder takes from a plain ViT."""
     return tuple(sorted({max(0, depth * k // 4 - 1) for k in (1, 2, 3, 4)}))
+
+
+def timm_vit_config(state: dict[str, torch.Tensor], **overrides) -> ViTConfig:
+    """The `trainer.vit` config of a ViT stored in timm's parameter names (MAE/MRM, BiomedCLIP's trunk, OpenAI CLIP
+    once renamed). The shape is read as for a DINOv2 backbone (head width 64, LayerScale and qkv bias when present);
+    a patch bias, a pre-block norm and a mask token only when the weights hold one; and the position grid is
+    resampled to the exact size, as timm and open_clip do (DINOv2's 0.1 offset is its own)."""
+    return config_from_dinov2_state_dict(
+        state, patch_bias="patch_embed.proj.bias" in state, pre_norm="norm_pre.weight" in state,
+        use_mask_token="mask_token" in state, interpolate_offset=0.0, **overrides)
+
+
+def vit_features(model: VisionTransformer, pixels: torch.Tensor) -> Features:
+    """One pass of a `trainer.vit` ViT: global = the final-normed CLS token, patch = the final-normed patch grid,
+    layers = the `layer_indices` blocks through the same final norm (DINOv2's ``get_intermediate_layers``)."""
+    outs = model.get_intermediate_layers(pixels, n=layer_indices(model.n_blocks), reshape=True,
+                                         return_class_token=True, norm=True)
+    patch, cls = outs[-1]  # the deepest index is the last block, so this is the model's final output
+    return Features(cls, patch, tuple(p for p, _ in outs))
+
+
+class ProjectedViT(nn.Module):
+    """A CLIP image tower: a ViT and the bias-free linear map of its CLS token into the joint image-text space."""
+
+    def __init__(self, cfg: ViTConfig, embed_dim: int):
+        super().__init__()
+        self.vit = VisionTransformer(cfg)
+        self.proj = nn.Linear(cfg.embed_dim, embed_dim, bias=False)
+
+
+def projected_vit_features(model: ProjectedViT, pixels: torch.Tensor) -> Features:
+    """`vit_features` with the projected CLS as the global embedding (CLIP's ``encode_image``)."""
+    f = vit_features(model.vit, pixels)
+    return f._replace(global_=model.proj(f.global_))
 
 
 class ModuleEncoder(Encoder):

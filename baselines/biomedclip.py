@@ -3,9 +3,9 @@ pairs. Only its image tower is built.
 
 open_clip would build the text tower too, and that fetches the PubMedBERT config from the Hub; instead the
 ``visual.trunk.*`` weights (a timm ``vit_base_patch16_224``: CLS token, final norm, ``global_pool='token'``) go into
-our timm-layout ViT (`baselines._vit`) and ``visual.head.proj.weight`` into the 768->512 projection, so no text config
-is ever read and neither open_clip nor torchvision is imported. The parity test checks this against open_clip's
-``TimmModel``.
+our trainer's ViT (`trainer.vit`, which uses timm's parameter names) and ``visual.head.proj.weight`` into the 768->512
+projection, so no text config is ever read and neither open_clip nor torchvision is imported. The parity test checks
+this against open_clip's ``TimmModel``.
 
 Global = ``encode_image``: the projected final-normed CLS (512); patch = final-normed patch tokens (768, 14x14 at
 224). Native preprocessing (``open_clip_config.json``): shortest edge 224 bicubic, centre-crop 224, OpenAI mean/std.
@@ -15,26 +15,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-import torch.nn as nn
-
-from baselines._common import CLIP_MEAN, CLIP_STD, ModuleEncoder, layer_indices, read_state_dict, require_layout
-from baselines._vit import VisionTransformer, arch_from_timm_state, load_exact, vit_features
+from baselines._common import (CLIP_MEAN, CLIP_STD, ModuleEncoder, ProjectedViT, load_exact, projected_vit_features,
+                               read_state_dict, require_layout, timm_vit_config)
 from baselines.preprocess import Preprocess
-from baselines.registry import Encoder, EncoderSpec, Features, register_encoder
+from baselines.registry import Encoder, EncoderSpec, register_encoder
 
 NATIVE = Preprocess(size=224, policy="resize_shortest_crop", interpolation="bicubic", mean=CLIP_MEAN, std=CLIP_STD,
                     channels=3)
 FILES = ("open_clip_config.json", "open_clip_pytorch_model.bin")
 DOWNLOAD = ("hf download microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224 open_clip_config.json "
             "open_clip_pytorch_model.bin --local-dir <weights-dir>/biomedclip")
-
-
-class BiomedClipVisual(nn.Module):
-    def __init__(self, trunk: VisionTransformer, embed_dim: int):
-        super().__init__()
-        self.trunk = trunk
-        self.proj = nn.Linear(trunk.arch.embed_dim, embed_dim, bias=False)
 
 
 def check_config(path: Path) -> None:
@@ -46,7 +36,7 @@ def check_config(path: Path) -> None:
                          f"(BiomedCLIP), got timm_model_name={name!r} timm_pool={pool!r} timm_proj={proj!r}")
 
 
-def load_biomedclip(folder: Path) -> BiomedClipVisual:
+def load_biomedclip(folder: Path) -> ProjectedViT:
     check_config(folder / FILES[0])
     path = folder / FILES[1]
     state = read_state_dict(path)
@@ -54,15 +44,10 @@ def load_biomedclip(folder: Path) -> BiomedClipVisual:
     if not trunk_state or "visual.head.proj.weight" not in state:
         raise ValueError(f"{path}: no visual.trunk.* / visual.head.proj.weight keys (not a BiomedCLIP checkpoint?)")
     proj = state["visual.head.proj.weight"]
-    model = BiomedClipVisual(VisionTransformer(arch_from_timm_state(trunk_state)), proj.shape[0])
-    ours = {"trunk." + k: v for k, v in trunk_state.items()} | {"proj.weight": proj}
+    model = ProjectedViT(timm_vit_config(trunk_state), proj.shape[0])
+    ours = {"vit." + k: v for k, v in trunk_state.items()} | {"proj.weight": proj}
     load_exact(model, ours, ignored_prefixes=(), source=str(path))
     return model.eval()
-
-
-def biomedclip_features(model: BiomedClipVisual, pixels: torch.Tensor) -> Features:
-    cls, patch, layers = vit_features(model.trunk, pixels, layer_indices(model.trunk.arch.depth))
-    return Features(model.proj(cls), patch, layers)
 
 
 @register_encoder("biomedclip", weights=FILES)
@@ -71,4 +56,4 @@ def biomedclip(spec: EncoderSpec) -> Encoder:
     require_layout(spec.name, spec.folder, (FILES,), DOWNLOAD)
     folder = spec.folder
     return ModuleEncoder(spec.name, load_biomedclip(folder), spec.apply_policy(NATIVE), [folder / f for f in FILES],
-                         biomedclip_features)
+                         projected_vit_features)

@@ -21,8 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from baselines._common import ModuleEncoder, read_state_dict, require_layout
-from baselines._vit import load_exact
+from baselines._common import ModuleEncoder, load_exact, read_state_dict, require_layout
 from baselines.preprocess import Preprocess
 from baselines.registry import Encoder, EncoderSpec, Features, register_encoder
 

@@ -4,8 +4,9 @@
   built): run by transformers' CLIPVisionModelWithProjection.
 - open_clip file ``open_clip_model.safetensors`` or ``open_clip_pytorch_model.bin`` (a plain state dict), e.g. from
   ``timm/vit_base_patch16_clip_224.openai`` (whose timm-format config.json + model.safetensors are skipped): its
-  ``visual.*`` keys are renamed into our timm-layout ViT (`baselines._vit`), which avoids importing open_clip
-  (and torchvision) at run time; the parity test checks the result against open_clip itself.
+  ``visual.*`` keys are renamed into our trainer's ViT (`trainer.vit`, timm's parameter names, with CLIP's QuickGELU,
+  ``ln_pre`` and bias-free patch projection switched on), which avoids importing open_clip (and torchvision) at run
+  time; the parity test checks the result against open_clip itself.
 
 Global = the 512-d projected, post-layernormed CLS (``image_embeds`` / open_clip ``encode_image``); patch = the
 post-layernormed patch tokens (open_clip's ``output_tokens``; transformers' ``last_hidden_state`` is pre-norm, so the
@@ -17,14 +18,12 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
-from baselines._common import (CLIP_MEAN, CLIP_STD, ModuleEncoder, first_complete, layer_indices, read_state_dict,
-                               require_layout)
+from baselines._common import (CLIP_MEAN, CLIP_STD, ModuleEncoder, ProjectedViT, first_complete, load_exact,
+                               projected_vit_features, read_state_dict, require_layout, timm_vit_config)
 from baselines._hf import clip_features, from_folder
-from baselines._vit import ViTArch, VisionTransformer, heads_for, load_exact, vit_features
 from baselines.preprocess import Preprocess
-from baselines.registry import Encoder, EncoderSpec, Features, register_encoder
+from baselines.registry import Encoder, EncoderSpec, register_encoder
 
 NATIVE = Preprocess(size=224, policy="resize_shortest_crop", interpolation="bicubic", mean=CLIP_MEAN, std=CLIP_STD,
                     channels=3)
@@ -36,22 +35,13 @@ DOWNLOAD = ("hf download openai/clip-vit-base-patch16 config.json model.safetens
             "open_clip_model.safetensors --local-dir <weights-dir>/clip)")
 
 
-class ClipVisual(nn.Module):
-    """CLIP's visual tower: the ViT and the linear map from the CLS token into the joint image-text space."""
-
-    def __init__(self, arch: ViTArch, embed_dim: int):
-        super().__init__()
-        self.vit = VisionTransformer(arch)
-        self.proj = nn.Linear(arch.embed_dim, embed_dim, bias=False)
-
-
 # open_clip's residual-block parameter names -> ours (the fused q|k|v in-projection has the same layout as timm's qkv).
 _BLOCK_RENAMES = {"ln_1": "norm1", "attn.in_proj_weight": "attn.qkv.weight", "attn.in_proj_bias": "attn.qkv.bias",
                   "attn.out_proj": "attn.proj", "ln_2": "norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
 
 
 def open_clip_visual_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename an open_clip CLIP state dict's ``visual.*`` entries into `ClipVisual`'s names (text tower dropped)."""
+    """Rename an open_clip CLIP state dict's ``visual.*`` entries into `ProjectedViT`'s names (text tower dropped)."""
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         if not key.startswith("visual."):
@@ -81,25 +71,16 @@ def open_clip_visual_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Te
     return out
 
 
-def load_open_clip(path: Path, quick_gelu: bool) -> ClipVisual:
+def load_open_clip(path: Path, quick_gelu: bool) -> ProjectedViT:
     state = open_clip_visual_state(read_state_dict(path))
     if "vit.cls_token" not in state:
         raise ValueError(f"{path}: no visual.* CLIP tower found (is this an open_clip CLIP checkpoint?)")
-    d = state["vit.cls_token"].shape[-1]
-    patch = state["vit.patch_embed.proj.weight"].shape[-1]
-    grid = int(round((state["vit.pos_embed"].shape[1] - 1) ** 0.5))
-    depth = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("vit.blocks."))
-    arch = ViTArch(img_size=grid * patch, patch_size=patch, embed_dim=d, depth=depth, num_heads=heads_for(d),
-                   mlp_hidden=state["vit.blocks.0.mlp.fc1.weight"].shape[0], norm_eps=1e-5,
-                   act="quick_gelu" if quick_gelu else "gelu", patch_bias=False, pre_norm=True)
-    model = ClipVisual(arch, state["proj.weight"].shape[0])
+    vit_state = {k[len("vit."):]: v for k, v in state.items() if k.startswith("vit.")}
+    # open_clip's LayerNorms keep PyTorch's default eps; the patch bias and ln_pre are read from the keys.
+    cfg = timm_vit_config(vit_state, act="quick_gelu" if quick_gelu else "gelu", layer_norm_eps=1e-5)
+    model = ProjectedViT(cfg, state["proj.weight"].shape[0])
     load_exact(model, state, ignored_prefixes=(), source=str(path))
     return model.eval()
-
-
-def open_clip_features(model: ClipVisual, pixels: torch.Tensor) -> Features:
-    cls, patch, layers = vit_features(model.vit, pixels, layer_indices(model.vit.arch.depth))
-    return Features(model.proj(cls), patch, layers)
 
 
 def hf_vision_config(folder: Path):
@@ -142,4 +123,4 @@ def clip(spec: EncoderSpec) -> Encoder:
         return ModuleEncoder(spec.name, from_folder("CLIPVisionModelWithProjection", spec.folder,
                                                           hf_vision_config(spec.folder)), pre, paths, clip_features)
     return ModuleEncoder(spec.name, load_open_clip(paths[0], _quick_gelu(spec.folder)), pre, paths,
-                         open_clip_features)
+                         projected_vit_features)

@@ -2,7 +2,7 @@
 
 Two layouts are accepted in ``<weights>/dinov2-base``: the transformers folder ``facebook/dinov2-base``
 (config.json + model.safetensors, run by transformers' Dinov2Model) or the official backbone state dict
-``dinov2_vitb14_pretrain.pth`` (run by our timm-layout ViT, `baselines._vit`, whose parameter names are the official
+``dinov2_vitb14_pretrain.pth`` (run by our trainer's ViT, `trainer.vit`, whose parameter names are the official
 ones). Native preprocessing is DINOv2's ImageNet evaluation transform at 224 px (bicubic, ImageNet mean/std); the
 position grid (37x37, trained at 518) is resampled to 16x16 as each implementation does it (official: scale factor
 with DINOv2's 0.1 offset; transformers: exact size), so the two layouts agree closely, not bit for bit, at 224.
@@ -11,14 +11,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
-from baselines._common import (IMAGENET_MEAN, IMAGENET_STD, ModuleEncoder, layer_indices, read_state_dict,
-                               require_layout)
+from baselines._common import IMAGENET_MEAN, IMAGENET_STD, ModuleEncoder, require_layout, vit_features
 from baselines._hf import dinov2_features, from_folder
-from baselines._vit import VisionTransformer, arch_from_timm_state, load_exact, vit_features
 from baselines.preprocess import Preprocess
-from baselines.registry import Encoder, EncoderSpec, Features, register_encoder
+from baselines.registry import Encoder, EncoderSpec, register_encoder
+from trainer.convert import load_dinov2
+from trainer.vit import VisionTransformer
 
 # The reference transform resizes the shortest edge to 256 then centre-crops 224; `Preprocess` has one size, so the
 # shortest edge goes straight to 224 (the crop keeps the whole short side instead of 87.5% of it).
@@ -32,19 +30,12 @@ DOWNLOAD = ("hf download facebook/dinov2-base config.json model.safetensors --lo
 
 
 def load_official(path: Path) -> VisionTransformer:
-    """The official DINOv2 backbone state dict -> our ViT (LayerScale, DINOv2's position-grid resampling)."""
-    state = read_state_dict(path)
-    if any(k.startswith("register_tokens") for k in state):
+    """The official DINOv2 backbone state dict, loaded strictly (mask token included, unused here) by
+    `trainer.convert`, which also sets DINOv2's position-grid resampling for a model without registers."""
+    model = load_dinov2(path)
+    if model.num_register_tokens:
         raise ValueError(f"{path}: a DINOv2 with register tokens; dinov2-base is the plain ViT-B/14")
-    model = VisionTransformer(arch_from_timm_state(state, pos_interp_offset=0.1))
-    # The mask token is only used by iBOT masking during training.
-    load_exact(model, state, ignored_prefixes=("mask_token",), source=str(path))
-    return model.eval()
-
-
-def official_features(model: VisionTransformer, pixels: torch.Tensor) -> Features:
-    cls, patch, layers = vit_features(model, pixels, layer_indices(model.arch.depth))
-    return Features(cls, patch, layers)
+    return model
 
 
 @register_encoder("dinov2-base", weights=HF_FILES)
@@ -55,4 +46,4 @@ def dinov2_base(spec: EncoderSpec) -> Encoder:
     if files == HF_FILES:
         return ModuleEncoder(spec.name, from_folder("Dinov2Model", spec.folder), spec.apply_policy(NATIVE), paths,
                              dinov2_features)
-    return ModuleEncoder(spec.name, load_official(paths[0]), spec.apply_policy(NATIVE), paths, official_features)
+    return ModuleEncoder(spec.name, load_official(paths[0]), spec.apply_policy(NATIVE), paths, vit_features)

@@ -13,6 +13,7 @@ import hashlib
 import torch
 import torch.nn.functional as F
 
+from baselines._common import vit_features
 from baselines.preprocess import Preprocess
 from baselines.registry import Encoder, EncoderSpec, Features, register_encoder
 
@@ -51,16 +52,10 @@ class ViTEncoder(Encoder):
         self.model = model.eval()
         self.preprocess = preprocess
         self.weights_digest = weights_digest
-        depth = model.n_blocks
-        self.layer_ids = sorted({max(0, round(depth * f) - 1) for f in (0.25, 0.5, 0.75, 1.0)})
 
     @torch.inference_mode()
     def encode(self, pixels: torch.Tensor) -> Features:
-        # One pass: the deepest requested layer is the last block, normed, i.e. exactly forward_features' output.
-        outs = self.model.get_intermediate_layers(pixels, n=self.layer_ids, reshape=True,
-                                                  return_class_token=True, norm=True)
-        patch, cls = outs[-1]
-        return Features(global_=cls, patch=patch, layers=tuple(p for p, _ in outs))
+        return vit_features(self.model, pixels)
 
 
 def state_dict_digest(model: torch.nn.Module) -> str:

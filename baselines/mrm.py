@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from baselines._common import ModuleEncoder, layer_indices, require_layout
-from baselines._vit import VisionTransformer, arch_from_timm_state, load_exact, vit_features
+from baselines._common import ModuleEncoder, load_exact, require_layout, timm_vit_config, vit_features
 from baselines.preprocess import Preprocess
-from baselines.registry import Encoder, EncoderSpec, Features, register_encoder
+from baselines.registry import Encoder, EncoderSpec, register_encoder
+from trainer.vit import VisionTransformer
 
 NATIVE = Preprocess(size=224, policy="resize_shortest_crop", interpolation="bilinear", mean=(0.4978,), std=(0.2449,),
                     channels=3)
@@ -47,20 +47,14 @@ def load_mrm(path: Path) -> VisionTransformer:
     state = read_mrm(path)
     if "cls_token" not in state:
         raise ValueError(f"{path}: no ViT encoder keys (cls_token, blocks.*) found; is this MRM.pth?")
-    model = VisionTransformer(arch_from_timm_state(state))
+    model = VisionTransformer(timm_vit_config(state))
     load_exact(model, state, ignored_prefixes=(), source=str(path))
     return model.eval()
-
-
-def mrm_features(model: VisionTransformer, pixels: torch.Tensor) -> Features:
-    cls, patch, layers = vit_features(model, pixels, layer_indices(model.arch.depth))
-    return Features(cls, patch, layers)
 
 
 @register_encoder("mrm", weights=FILES)
 def mrm(spec: EncoderSpec) -> Encoder:
     """MRM ViT-B/16 (MRM.pth), CLS after the pretrained final norm."""
     require_layout(spec.name, spec.folder, (FILES,), DOWNLOAD)
-    folder = spec.folder
-    return ModuleEncoder(spec.name, load_mrm(folder / FILES[0]), spec.apply_policy(NATIVE), [folder / FILES[0]],
-                         mrm_features)
+    path = spec.folder / FILES[0]
+    return ModuleEncoder(spec.name, load_mrm(path), spec.apply_policy(NATIVE), [path], vit_features)

@@ -9,8 +9,9 @@ import torch
 
 import baselines.biomedclip as biomedclip
 from _baseline_refs import assert_close, pixels, randomise_, reference
-from baselines._vit import ViTArch, VisionTransformer
+from baselines._common import ProjectedViT, projected_vit_features
 from baselines.registry import build_encoder
+from trainer.vit import ViTConfig
 
 # The published open_clip_config.json, minus the tokenizer details.
 CONFIG = {"model_cfg": {"embed_dim": 512, "vision_cfg": {"timm_model_name": "vit_base_patch16_224",
@@ -71,7 +72,7 @@ def test_config_guard_refuses_other_towers(tmp_path, change):
 
 def test_real_biomedclip_shapes():
     with torch.device("meta"):
-        trunk = VisionTransformer(ViTArch(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
-                                          mlp_hidden=3072))
-        f = biomedclip.biomedclip_features(biomedclip.BiomedClipVisual(trunk, 512), torch.empty(2, 3, 224, 224))
+        trunk = ViTConfig(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, layerscale_init=None,
+                          use_mask_token=False, interpolate_offset=0.0)
+        f = projected_vit_features(ProjectedViT(trunk, 512), torch.empty(2, 3, 224, 224))
     assert f.global_.shape == (2, 512) and f.patch.shape == (2, 768, 14, 14) and len(f.layers) == 4

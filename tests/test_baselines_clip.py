@@ -11,8 +11,9 @@ from transformers import CLIPConfig, CLIPModel
 
 import baselines.clip as clip
 from _baseline_refs import assert_close, pixels, randomise_, reference
-from baselines._vit import ViTArch
+from baselines._common import ProjectedViT, projected_vit_features
 from baselines.registry import build_encoder
+from trainer.vit import ViTConfig
 
 
 def test_hf_clip_folder_matches_transformers(tmp_path):
@@ -94,9 +95,10 @@ def test_open_clip_quick_gelu_matters(tmp_path):
 
 def test_real_clip_b16_shapes():
     with torch.device("meta"):
-        arch = ViTArch(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_hidden=3072,
-                       norm_eps=1e-5, act="quick_gelu", patch_bias=False, pre_norm=True)
-        f = clip.open_clip_features(clip.ClipVisual(arch, 512), torch.empty(2, 3, 224, 224))
+        cfg = ViTConfig(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, layerscale_init=None,
+                        interpolate_offset=0.0, layer_norm_eps=1e-5, act="quick_gelu", patch_bias=False, pre_norm=True,
+                        use_mask_token=False)
+        f = projected_vit_features(ProjectedViT(cfg, 512), torch.empty(2, 3, 224, 224))
     assert f.global_.shape == (2, 512) and f.patch.shape == (2, 768, 14, 14) and len(f.layers) == 4
 
 

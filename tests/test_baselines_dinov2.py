@@ -1,5 +1,5 @@
 """dinov2-base in both layouts: a transformers folder (checked against transformers) and the official backbone state
-dict (checked against timm's DINOv2 ViT, whose parameter names are the official ones)."""
+dict (run by trainer.vit, checked against timm's DINOv2 ViT, whose parameter names are the official ones)."""
 from __future__ import annotations
 
 import pytest
@@ -8,8 +8,9 @@ from transformers import Dinov2Config, Dinov2Model
 
 import baselines.dinov2 as dinov2
 from _baseline_refs import assert_close, pixels, randomise_, reference
-from baselines._vit import ViTArch, VisionTransformer, arch_from_timm_state
+from baselines._common import vit_features
 from baselines.registry import WeightsMissing, build_encoder
+from trainer.vit import ViTConfig, VisionTransformer
 
 
 def test_hf_folder_matches_transformers(tmp_path):
@@ -59,25 +60,25 @@ def test_official_state_dict_matches_timm(tmp_path):
         assert_close(got, want, f"layer {i}")
 
 
-def test_official_position_resampling_uses_dinov2_offset():
-    """At 224 the 518-trained grid (37x37) is resampled with DINOv2's scale factor (16 + 0.1) / 37, which differs from
-    an exact-size resize; at the trained size the embeddings are used as stored."""
-    state = randomise_(VisionTransformer(arch_from_timm_state({
-        "cls_token": torch.zeros(1, 1, 64), "patch_embed.proj.weight": torch.zeros(64, 3, 14, 14),
-        "pos_embed": torch.zeros(1, 1 + 37 * 37, 64), "blocks.0.mlp.fc1.weight": torch.zeros(256, 64),
-        "blocks.0.ls1.gamma": torch.zeros(64)}, pos_interp_offset=0.1)))
-    pos = state._pos_embed(16, 16)
-    grid = state.pos_embed[:, 1:].reshape(1, 37, 37, 64).permute(0, 3, 1, 2)
+def test_official_position_resampling_uses_dinov2_offset(tmp_path):
+    """At 224 the 518-trained grid (37x37) of the loaded official file is resampled with DINOv2's scale factor
+    (16 + 0.1) / 37, which differs from an exact-size resize; at the trained size the embeddings are used as stored."""
+    official = ViTConfig(img_size=518, patch_size=14, embed_dim=64, depth=1, num_heads=1, layerscale_init=1.0)
+    path = tmp_path / "dinov2_vitb14_pretrain.pth"
+    torch.save(randomise_(VisionTransformer(official)).state_dict(), path)
+    model = dinov2.load_official(path)
+    pos = model.interpolate_pos_encoding(16, 16)
+    grid = model.pos_embed[:, 1:].reshape(1, 37, 37, 64).permute(0, 3, 1, 2)
     want = torch.nn.functional.interpolate(grid, scale_factor=(16.1 / 37, 16.1 / 37), mode="bicubic")
     assert torch.equal(pos[:, 1:], want.permute(0, 2, 3, 1).reshape(1, 256, 64))
     exact = torch.nn.functional.interpolate(grid, size=(16, 16), mode="bicubic")
     assert not torch.allclose(want, exact)
-    assert state._pos_embed(37, 37) is state.pos_embed
+    assert model.interpolate_pos_encoding(37, 37) is model.pos_embed
 
 
 def test_real_vit_b14_official_shapes():
     with torch.device("meta"):
-        model = VisionTransformer(ViTArch(img_size=518, patch_size=14, embed_dim=768, depth=12, num_heads=12,
-                                                 mlp_hidden=3072, layerscale=True, pos_interp_offset=0.1))
-        f = dinov2.official_features(model, torch.empty(2, 3, 224, 224))
+        model = VisionTransformer(ViTConfig(img_size=518, patch_size=14, embed_dim=768, depth=12, num_heads=12,
+                                            layerscale_init=1.0, interpolate_offset=0.1))
+        f = vit_features(model, torch.empty(2, 3, 224, 224))
     assert f.global_.shape == (2, 768) and f.patch.shape == (2, 768, 16, 16) and len(f.layers) == 4

@@ -10,8 +10,9 @@ import torch
 
 import baselines.mrm as mrm
 from _baseline_refs import assert_close, pixels, randomise_, reference
-from baselines._vit import ViTArch, VisionTransformer
+from baselines._common import vit_features
 from baselines.registry import build_encoder
+from trainer.vit import ViTConfig, VisionTransformer
 
 
 def _tiny_mrm(timm):
@@ -51,8 +52,9 @@ def test_matches_timm_norm_path(tmp_path):
 
 
 def _own_state() -> dict:
-    arch = ViTArch(img_size=32, patch_size=16, embed_dim=128, depth=2, num_heads=2, mlp_hidden=512)
-    return randomise_(VisionTransformer(arch)).state_dict()
+    cfg = ViTConfig(img_size=32, patch_size=16, embed_dim=128, depth=2, num_heads=2, layerscale_init=None,
+                    use_mask_token=False)  # MAE's encoder: no LayerScale, no mask token (it lives in the decoder)
+    return randomise_(VisionTransformer(cfg)).state_dict()
 
 
 def test_checkpoint_without_final_norm_is_refused(tmp_path):
@@ -79,7 +81,7 @@ def test_reads_namespace_but_no_other_objects(tmp_path):
 
 def test_real_mrm_shapes():
     with torch.device("meta"):
-        model = VisionTransformer(ViTArch(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
-                                          mlp_hidden=3072))
-        f = mrm.mrm_features(model, torch.empty(2, 3, 224, 224))
+        model = VisionTransformer(ViTConfig(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
+                                            layerscale_init=None, use_mask_token=False, interpolate_offset=0.0))
+        f = vit_features(model, torch.empty(2, 3, 224, 224))
     assert f.global_.shape == (2, 768) and f.patch.shape == (2, 768, 14, 14) and len(f.layers) == 4

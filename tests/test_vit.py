@@ -1,11 +1,12 @@
-"""The ViT: shapes, mask-token placement, position-embedding resampling, multi-crop packing, stochastic depth."""
+"""The ViT: shapes, mask-token placement, position-embedding resampling, multi-crop packing, stochastic depth, and
+the switches for the other ViTs of this layout (OpenAI CLIP, timm/MAE)."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.vit import BlockDiagonal, ViTConfig, VisionTransformer, attention, build_vit, drop_path, vit_small
+from trainer.vit import BlockDiagonal, Mlp, ViTConfig, VisionTransformer, attention, build_vit, drop_path, vit_small
 
 
 def tiny(**kw) -> VisionTransformer:
@@ -168,6 +169,52 @@ def test_no_layerscale_option():
     model = tiny(layerscale_init=None)
     assert not any("gamma" in k for k in model.state_dict())
     assert model(torch.randn(1, 3, 28, 28)).shape == (1, 64)
+
+
+def test_default_state_dict_is_the_dinov2_backbone_layout():
+    """The defaults of the CLIP/timm switches must leave the trainer's checkpoint keys exactly as DINOv2's."""
+    block = ["norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2"]
+    want = {"cls_token", "pos_embed", "mask_token", "register_tokens", "patch_embed.proj.weight",
+            "patch_embed.proj.bias", "norm.weight", "norm.bias"}
+    for i in range(2):
+        want |= {f"blocks.{i}.{m}.{p}" for m in block for p in ("weight", "bias")}
+        want |= {f"blocks.{i}.ls1.gamma", f"blocks.{i}.ls2.gamma"}
+    model = tiny(num_register_tokens=1)
+    assert set(model.state_dict()) == want
+    assert {m.eps for m in model.modules() if isinstance(m, torch.nn.LayerNorm)} == {1e-6}
+
+
+def test_clip_switches_change_exactly_their_part():
+    clip = {"act": "quick_gelu", "layer_norm_eps": 1e-5, "patch_bias": False, "pre_norm": True, "use_mask_token": False}
+    model = tiny(**clip)
+    keys = set(model.state_dict())
+    assert {"norm_pre.weight", "norm_pre.bias"} <= keys
+    assert not {"mask_token", "patch_embed.proj.bias"} & keys
+    assert {m.eps for m in model.modules() if isinstance(m, torch.nn.LayerNorm)} == {1e-5}
+    # ln_pre acts on the tokens entering the first block, after the position embeddings
+    plain = tiny(**{**clip, "pre_norm": False})
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("norm_pre.")})
+    with torch.no_grad():
+        model.norm_pre.weight.uniform_(0.5, 1.5)
+        model.norm_pre.bias.normal_()
+        x = torch.randn(2, 3, 28, 42)
+        torch.testing.assert_close(model.prepare_tokens_with_masks(x),
+                                   model.norm_pre(plain.prepare_tokens_with_masks(x)))
+    with pytest.raises(ValueError, match="use_mask_token=False"):
+        model.forward_features(x, torch.zeros(2, 6, dtype=torch.bool))
+    with pytest.raises(ValueError, match="quick_gelu"):
+        ViTConfig(act="relu")
+
+
+def test_quick_gelu_is_clips_sigmoid_approximation():
+    torch.manual_seed(0)
+    quick, exact = Mlp(8, 16, "quick_gelu"), Mlp(8, 16)
+    exact.load_state_dict(quick.state_dict())
+    x = 3 * torch.randn(4, 8)
+    h = quick.fc1(x)
+    with torch.no_grad():
+        torch.testing.assert_close(quick(x), quick.fc2(h * torch.sigmoid(1.702 * h)))
+        assert not torch.allclose(quick(x), exact(x), atol=1e-3)
 
 
 def test_xformers_backend_wiring(monkeypatch):

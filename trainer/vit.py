@@ -5,6 +5,11 @@ stochastic depth (reference: /work/shared/reference/dinov2-and-rad-dino.md secti
 the DINOv2 backbone state dict (``cls_token``, ``pos_embed``, ``blocks.N.attn.qkv``, ``blocks.N.ls1.gamma``, ...)
 so that released DINOv2 / RAD-DINO backbones load strictly; `trainer.convert` maps to and from Hugging Face.
 
+The same network, with a few switches in ViTConfig, is also every other plain ViT the benchmark loads (the `baselines`
+package): MAE-style timm ViTs (MRM), BiomedCLIP's timm trunk and OpenAI CLIP's image tower store the same parameter
+names (CLIP after renaming) and differ only in the activation, the LayerNorm epsilon, a LayerNorm before the first
+block, a bias-free patch projection, no LayerScale and no mask token.
+
 Multi-crop packing: `forward_features_list` runs crops of different sizes through the blocks as ONE token
 sequence. Everything but attention is token-wise, so only attention needs to know where one image ends and the
 next begins: a block-diagonal mask, described by `BlockDiagonal`. On CUDA with xformers installed it becomes
@@ -43,12 +48,20 @@ class ViTConfig:
     # Hugging Face Dinov2Model resamples by output size with no antialias, i.e. offset 0.0, antialias False.
     interpolate_offset: float = 0.1
     interpolate_antialias: bool = False
+    # Switches for the other ViTs of this layout (MAE/MRM, BiomedCLIP, OpenAI CLIP); the defaults are DINOv2's.
+    act: str = "gelu"  # "gelu" (exact, erf) | "quick_gelu" (x * sigmoid(1.702 x): what OpenAI CLIP was trained with)
+    layer_norm_eps: float = LN_EPS  # OpenAI CLIP uses PyTorch's default, 1e-5
+    patch_bias: bool = True  # OpenAI CLIP's patch projection has no bias
+    pre_norm: bool = False  # CLIP's ln_pre: a LayerNorm (`norm_pre`, timm's name) on the tokens entering block 0
+    use_mask_token: bool = True  # models not trained with iBOT masking have no mask token in their weights
 
     def __post_init__(self) -> None:
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if self.img_size % self.patch_size:
             raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+        if self.act not in ACTIVATIONS:
+            raise ValueError(f"unknown act {self.act!r}; choose one of {', '.join(ACTIVATIONS)}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -136,10 +149,10 @@ def drop_path(x: Tensor, p: float, training: bool, layout: BlockDiagonal | None 
 
 
 class PatchEmbed(nn.Module):
-    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, bias: bool = True):
         super().__init__()
         self.patch_size = patch_size
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         H, W = x.shape[-2:]
@@ -162,11 +175,22 @@ class Attention(nn.Module):
         return self.proj(attention(q, k, v, attn_bias).reshape(B, N, C))
 
 
+class QuickGELU(nn.Module):
+    """OpenAI CLIP's sigmoid approximation of GELU. Its weights were trained with it, so the exact GELU shifts
+    their features."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"gelu": nn.GELU, "quick_gelu": QuickGELU}  # nn.GELU is the exact (erf) GELU, as DINOv2 and HF's "gelu"
+
+
 class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, act: str = "gelu"):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()  # exact (erf) GELU, as DINOv2 and HF's "gelu"
+        self.act = ACTIVATIONS[act]()
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -190,11 +214,11 @@ class Block(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         dim = cfg.embed_dim
-        self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.norm1 = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
         self.attn = Attention(dim, cfg.num_heads, cfg.qkv_bias)
         self.ls1 = LayerScale(dim, cfg.layerscale_init) if cfg.layerscale_init is not None else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
-        self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio))
+        self.norm2 = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
+        self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), cfg.act)
         self.ls2 = LayerScale(dim, cfg.layerscale_init) if cfg.layerscale_init is not None else nn.Identity()
         self.drop_path_rate = cfg.drop_path_rate  # uniform over blocks ("drop_path_uniform: true" upstream)
 
@@ -224,14 +248,15 @@ class VisionTransformer(nn.Module):
         self.n_blocks = cfg.depth
         self.pos_grid = cfg.img_size // cfg.patch_size  # the stored position embeddings cover pos_grid^2 patches
 
-        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, D)
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, D, bias=cfg.patch_bias)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.pos_grid**2, D))
         R = cfg.num_register_tokens
         self.register_tokens = nn.Parameter(torch.zeros(1, R, D)) if R else None
-        self.mask_token = nn.Parameter(torch.zeros(1, D))  # iBOT: stands in for masked patch embeddings
+        self.mask_token = nn.Parameter(torch.zeros(1, D)) if cfg.use_mask_token else None  # iBOT's masked patches
+        self.norm_pre = nn.LayerNorm(D, eps=cfg.layer_norm_eps) if cfg.pre_norm else nn.Identity()
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.depth)])
-        self.norm = nn.LayerNorm(D, eps=LN_EPS)
+        self.norm = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -269,13 +294,15 @@ class VisionTransformer(nn.Module):
         return torch.cat((cls_pos, patch_pos), dim=1)
 
     def prepare_tokens_with_masks(self, x: Tensor, masks: Tensor | None = None) -> Tensor:
-        """[B, C, H, W] -> [B, 1 + R + h*w, D]: CLS, registers, patches. Masked patches become the mask token
-        BEFORE position embeddings are added (so the model still knows where the masked patch was);
-        registers are inserted after and get no position embedding."""
+        """[B, C, H, W] -> [B, 1 + R + h*w, D]: CLS, registers, patches, as they enter the first block. Masked
+        patches become the mask token BEFORE position embeddings are added (so the model still knows where the
+        masked patch was); registers are inserted after and get no position embedding."""
         B, _, H, W = x.shape
         h, w = H // self.patch_size, W // self.patch_size
         x = self.patch_embed(x)
         if masks is not None:
+            if self.mask_token is None:
+                raise ValueError("this ViT was built with use_mask_token=False and cannot take masks")
             if masks.shape != (B, h * w):
                 raise ValueError(f"masks must be [B, n_patches] = [{B}, {h * w}] for a {H}x{W} input, "
                                  f"got {list(masks.shape)}")
@@ -284,7 +311,7 @@ class VisionTransformer(nn.Module):
         x = x + self.interpolate_pos_encoding(h, w)
         if self.register_tokens is not None:
             x = torch.cat((x[:, :1], self.register_tokens.expand(B, -1, -1), x[:, 1:]), dim=1)
-        return x
+        return self.norm_pre(x)
 
     def _outputs(self, x: Tensor, masks: Tensor | None) -> dict:
         x_norm = self.norm(x)
