@@ -4,10 +4,10 @@ One pass over a task's images feeds every encoder whose features are not cached 
 (float32 in [0, 1], in DataLoader workers), then put through each encoder's own preprocessing and `encode`.
 
 Cache key = encoder identity (name, class, weights digest, preprocessing) + the task's content digest (the exact
-image list and bytes) + which kinds are stored + FEATURE_FORMAT. An entry is a folder holding
-``global.safetensors`` (float32 [N, D]), optionally ``dense.safetensors`` (float16 patch grid and intermediate
-layers; fp16 halves the disk and is plenty for linear heads) and ``manifest.json``, written last and atomically:
-an entry without its manifest is incomplete and is recomputed, never read.
+image list and bytes) + FEATURE_FORMAT. An entry is a folder holding ``global.safetensors`` (float32 [N, D]),
+optionally ``dense.safetensors`` (float16 patch grid and intermediate layers; fp16 halves the disk and is plenty
+for linear heads) and ``manifest.json``, written last and atomically: an entry without its manifest is incomplete
+and is recomputed, never read. An entry computed with dense features also serves global-only requests.
 """
 from __future__ import annotations
 
@@ -44,9 +44,9 @@ class FeatureSet:
     from_cache: bool = False
 
 
-def cache_key(encoder: Encoder, task: Task, task_digest: str, dense: bool) -> str:
-    blob = json.dumps({"format": FEATURE_FORMAT, "encoder": encoder.identity(), "task_digest": task_digest,
-                       "dense": dense}, sort_keys=True)
+def cache_key(encoder: Encoder, task_digest: str) -> str:
+    blob = json.dumps({"format": FEATURE_FORMAT, "encoder": encoder.identity(), "task_digest": task_digest},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -81,9 +81,14 @@ class FeatureCache:
     def entry(self, key: str) -> Path:
         return self.root / "features" / key[:2] / key
 
+    def has(self, key: str, dense: bool) -> bool:
+        """A complete entry (its manifest written) holding the kinds asked for."""
+        d = self.entry(key)
+        return (d / "manifest.json").exists() and (not dense or (d / "dense.safetensors").exists())
+
     def load(self, key: str, dense: bool) -> FeatureSet | None:
         d = self.entry(key)
-        if not (d / "manifest.json").exists():
+        if not self.has(key, dense):
             return None
         g = load_file(d / "global.safetensors")["global"]
         patch, layers = None, ()
@@ -95,7 +100,7 @@ class FeatureCache:
 
     def save(self, key: str, fs: FeatureSet, manifest: dict) -> None:
         d = self.entry(key)
-        if d.exists():  # an incomplete entry from a killed run: start clean
+        if d.exists():  # an incomplete entry from a killed run, or a global-only one being extended: start clean
             shutil.rmtree(d)
         d.mkdir(parents=True)
         with atomic_path(d / "global.safetensors") as tmp:
@@ -125,7 +130,7 @@ def extract(
     out: dict[str, FeatureSet] = {}
     pending: list[tuple[Encoder, str]] = []
     for enc in encoders:
-        key = cache_key(enc, task, digest, dense)
+        key = cache_key(enc, digest)
         hit = cache.load(key, dense)
         if hit is not None:
             log(f"  {enc.name}: features cached ({key[:12]}), nothing to compute")

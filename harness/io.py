@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,3 +33,8 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_json(path: Path, obj: object) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def safe_name(s: str) -> str:
+    """A file-name-safe version of a task or model name (``ckpt:/runs/a`` -> ``ckpt_runs_a``)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", s).strip("_")

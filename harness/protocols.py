@@ -16,7 +16,7 @@ import numpy as np
 from baselines.registry import Encoder
 from harness.features import FeatureSet
 from harness.leaderboard import Section
-from harness.tasks.base import Task
+from harness.tasks.base import Subset, Task
 
 
 @dataclass
@@ -48,19 +48,44 @@ class Protocol:
     run: ProtocolFn
     default: bool
     description: str
+    #: rows of a task whose dense features (patch grids, layers) the protocol reads; None = global only
+    dense_rows: Callable[[Task], np.ndarray] | None = None
 
 
 PROTOCOLS: dict[str, Protocol] = {}
 
 
-def register_protocol(name: str, *, default: bool = True, description: str = ""
-                      ) -> Callable[[ProtocolFn], ProtocolFn]:
-    """`default`: part of a task's protocols when the task spec names none."""
+def register_protocol(name: str, *, default: bool = True, description: str = "",
+                      dense_rows: Callable[[Task], np.ndarray] | None = None) -> Callable[[ProtocolFn], ProtocolFn]:
+    """`default`: part of a task's protocols when the task spec names none. `dense_rows`: which images the
+    protocol needs dense features of, declared up front so one extraction pass can serve every protocol (and a
+    SLURM sweep can extract them in its feature jobs)."""
 
     def deco(fn: ProtocolFn) -> ProtocolFn:
         if name in PROTOCOLS:
             raise ValueError(f"protocol {name!r} registered twice")
-        PROTOCOLS[name] = Protocol(name, fn, default, description)
+        PROTOCOLS[name] = Protocol(name, fn, default, description, dense_rows)
         return fn
 
     return deco
+
+
+def dense_view(task: Task, rows: np.ndarray) -> Task:
+    """The images `rows` as a task: the task itself when that is every image (so one cache entry holds its global
+    and dense features), else a Subset."""
+    return task if len(rows) == len(task) else Subset(task, rows, "dense")
+
+
+def feature_sets(task: Task, protocols: tuple[str, ...]) -> list[tuple[Task, bool]]:
+    """(task or subset, dense) pairs whose features the given protocols will read, dense ones first: the global
+    features of every image always, plus each protocol's dense rows."""
+    dense: dict[bytes, Task] = {}
+    for name in protocols:
+        fn = PROTOCOLS[name].dense_rows
+        rows = np.asarray(fn(task), dtype=int) if fn is not None else np.array([], dtype=int)
+        if rows.size:
+            dense.setdefault(rows.tobytes(), dense_view(task, rows))
+    sets = [(view, True) for view in dense.values()]
+    if not any(view is task for view in dense.values()):
+        sets.append((task, False))
+    return sets

@@ -28,9 +28,9 @@ import harness.tasks
 from baselines.registry import Encoder, WeightsMissing, build_encoder, default_weights_dir, registered, resolve_names
 from harness import stats
 from harness.features import FeatureCache, extract
-from harness.io import atomic_path, atomic_write_json, atomic_write_text
+from harness.io import atomic_path, atomic_write_json, atomic_write_text, safe_name
 from harness.leaderboard import render
-from harness.protocols import PROTOCOLS, TaskRun
+from harness.protocols import PROTOCOLS, TaskRun, feature_sets
 from harness.splits import make_split, split_hash, write_split
 from harness.tasks.base import Task, TaskContext, TaskError, build_task
 
@@ -164,10 +164,6 @@ def provenance() -> dict:
             "packages": {p: version(p) for p in pkgs}}
 
 
-def safe_name(s: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", s).strip("_")
-
-
 
 
 def evaluate_task(spec: TaskSpec, encoders: list[Encoder], args: argparse.Namespace, ctx: TaskContext,
@@ -190,7 +186,9 @@ def evaluate_task(spec: TaskSpec, encoders: list[Encoder], args: argparse.Namesp
         return extract(sub, encs, cache, dense=dense, batch_size=args.batch_size, workers=args.workers,
                        device=device)
 
-    feats = extract_for(task, encoders, False)
+    for view, dense in feature_sets(task, spec.protocols):
+        feats = extract_for(view, encoders, dense)
+    feats = extract_for(task, encoders, False)  # cached by now: the global features of every image
     tr = TaskRun(task, split, split_hash(t.image_ids, list(split)), weights, feats, summary, extract=extract_for,
                  seed=args.seed, reference=reference)
     sections = []

@@ -5,7 +5,6 @@ import sys
 
 import numpy as np
 import polars as pl
-import pytest
 from PIL import Image
 
 from harness.run import main, parse_task_spec

@@ -54,9 +54,19 @@ def test_key_depends_on_content_and_preprocessing(tmp_path):
 
     a = PixelsEncoder(PIXELS_PREPROCESS)
     b = PixelsEncoder(Preprocess(size=112, channels=1))
-    t = TinyTask()
-    assert cache_key(a, t, "d1", False) != cache_key(b, t, "d1", False)
-    assert cache_key(a, t, "d1", False) != cache_key(a, t, "d2", False)
+    assert cache_key(a, "d1") != cache_key(b, "d1")
+    assert cache_key(a, "d1") != cache_key(a, "d2")
+
+
+def test_dense_entry_serves_global_requests(tmp_path):
+    enc = PixelsEncoder(PIXELS_PREPROCESS)
+    cache = FeatureCache(tmp_path)
+    glob = extract(TinyTask(), [enc], cache, dense=False, workers=0)["pixels"]
+    dense = extract(TinyTask(), [enc], cache, dense=True, workers=0)["pixels"]  # extends the global-only entry
+    assert not dense.from_cache and dense.patch is not None
+    again = extract(TinyTask(), [enc], cache, dense=False, workers=0)["pixels"]
+    assert again.from_cache and again.key == glob.key
+    np.testing.assert_array_equal(again.global_, glob.global_)
 
 
 def test_unreadable_image_leaves_no_cache_entry(tmp_path):

@@ -1,2 +1,8 @@
-"""Evaluation protocols on frozen features. Each registers itself on import; add one line per new file."""
-from harness.probes import linear  # noqa: F401
+"""Evaluation protocols on frozen features. Each registers itself on import; add one line per new file.
+
+Order matters: protocols run in registration order, and demographics reuses the linear probe's predictions
+(its subgroup view) when the linear protocol has run first.
+"""
+from harness.probes import linear  # noqa: F401  isort: skip
+from harness.probes import segmentation  # noqa: F401  isort: skip
+from harness.probes import demographics  # noqa: F401  isort: skip

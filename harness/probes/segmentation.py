@@ -1,0 +1,470 @@
+"""Segmentation from frozen patch tokens: two trained heads, one fixed budget, Dice and IoU at mask resolution.
+
+For every encoder the same two heads are trained on its cached dense features of the masked training images:
+- ``linear``: a 1x1 convolution on the last layer's patch grid (DINOv2's linear segmentation head);
+- ``multi-level``: a light FPN-style decoder over the encoder's intermediate layers (each projected by a 1x1
+  convolution, summed on the finest grid, refined by a 3x3 convolution, upsampled x2, refined, classified).
+  An encoder without intermediate layers (``pixels``) gets the same decoder over its patch grid alone.
+Features are standardised per channel with training-set statistics (a frozen BatchNorm), so one learning rate
+suits every encoder. Optimiser, schedule, loss (binary cross-entropy + soft Dice, one sigmoid channel per
+structure), epochs, batch size and seed are those of `SegBudget`, identical for every model.
+
+Geometry. Targets are the masks put through *each encoder's own* preprocessing geometry (`place`: resize, crop
+or pad) to its input square, then area-resampled to a loss grid of the same size for every model
+(`SegBudget.loss_size`); the loss compares them with logits bilinearly upsampled from the patch grid. For
+scoring, the logits are upsampled to the input size, turned into probabilities, mapped back with the inverse
+geometry (`unplace`) to the original mask size and thresholded at 0.5, so every model is scored on the same
+pixels whatever its input size. Pixels that a centre crop (``resize_shortest_crop``) cut away were never seen by
+the encoder: they are scored as predicted background, so lung cut off by a crop counts as missed, not excused.
+
+Metrics: per image and structure, Dice = 2|P∩G| / (|P| + |G|) and IoU = |P∩G| / |P∪G|, averaged over the test
+images whose ground truth for that structure is non-empty (an empty truth has no overlap to measure; those
+images are counted, with the fraction on which the head predicted anything). Intervals and paired deltas use the
+patient-level bootstrap of the masked test images.
+"""
+from __future__ import annotations
+
+import io
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from baselines.preprocess import Geometry, Preprocess, geometry, place, unplace
+from baselines.registry import Encoder
+from harness import stats
+from harness.features import FeatureSet
+from harness.leaderboard import Cell, Section
+from harness.io import safe_name
+from harness.protocols import TaskRun, dense_view, register_protocol
+from harness.tasks.base import Task, TaskError
+
+TITLE = "Segmentation (frozen patch tokens)"
+HEADS = ("linear", "multi-level")
+N_OVERLAYS = 4
+
+
+@dataclass(frozen=True)
+class SegBudget:
+    """The training budget every encoder gets (CPU-friendly: a few seconds per head on the demo task)."""
+
+    epochs: int = 12
+    batch_size: int = 16
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    decoder_dim: int = 32
+    dice_weight: float = 1.0
+    #: Side of the grid the loss is computed on: the encoder's input square (its own geometry) resampled to a
+    #: common size, so a 518 px model is neither helped nor taxed by a finer supervision grid than a 224 px one,
+    #: and training costs the same for every model. Scoring is at the original mask resolution regardless.
+    loss_size: int = 112
+
+
+BUDGET = SegBudget()
+
+
+# ------------------------------------------------------------------------------------------------------- heads
+
+class Standardise(nn.Module):
+    """Fixed per-channel (x - mean) / std with training-set statistics: a frozen BatchNorm."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mean", mean.view(1, -1, 1, 1))
+        self.register_buffer("std", std.view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class LinearHead(nn.Module):
+    """A 1x1 convolution on one grid (the last layer's patch tokens)."""
+
+    def __init__(self, norms: list[Standardise], channels: list[int], n_classes: int):
+        super().__init__()
+        if len(norms) != 1:
+            raise ValueError(f"the linear head reads one grid (the patch tokens), got {len(norms)}")
+        self.norm = norms[0]
+        self.classify = nn.Conv2d(channels[0], n_classes, 1)
+
+    def forward(self, levels: list[torch.Tensor]) -> torch.Tensor:
+        return self.classify(self.norm(levels[0]))
+
+
+class MultiLevelHead(nn.Module):
+    """FPN-style fusion of several levels: lateral 1x1 projections summed on the finest grid, a 3x3 refinement,
+    one x2 upsampling with a second 3x3 refinement (so the head can draw edges finer than a patch), a 1x1
+    classifier."""
+
+    def __init__(self, norms: list[Standardise], channels: list[int], n_classes: int, dim: int):
+        super().__init__()
+        self.norms = nn.ModuleList(norms)
+        self.lateral = nn.ModuleList(nn.Conv2d(c, dim, 1) for c in channels)
+        self.fuse = nn.Sequential(nn.GELU(), nn.Conv2d(dim, dim, 3, padding=1), nn.GELU())
+        self.refine = nn.Sequential(nn.Conv2d(dim, dim // 2, 3, padding=1), nn.GELU())
+        self.classify = nn.Conv2d(dim // 2, n_classes, 1)
+
+    def forward(self, levels: list[torch.Tensor]) -> torch.Tensor:
+        hw = max((x.shape[-2:] for x in levels), key=lambda s: s[0] * s[1])
+        x = sum(F.interpolate(lat(norm(lv)), size=hw, mode="bilinear", align_corners=False)
+                if lv.shape[-2:] != hw else lat(norm(lv))
+                for norm, lat, lv in zip(self.norms, self.lateral, levels))
+        x = self.fuse(x)
+        x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+        return self.classify(self.refine(x))
+
+
+def levels_of(fs: FeatureSet, kind: str = "multi-level") -> list[np.ndarray]:
+    """The grids a head of `kind` reads: the linear head the last layer's patch tokens; the multi-level head the
+    intermediate layers, shallow to deep (or the patch grid alone when the encoder exposes none)."""
+    if kind == "linear" or not fs.layers:
+        return [fs.patch]
+    return list(fs.layers)
+
+
+def channel_stats(grid: np.ndarray, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std of an fp16 [N, C, h, w] grid, accumulated in float64 over chunks of images."""
+    total = np.zeros(grid.shape[1])
+    sq = np.zeros(grid.shape[1])
+    for s in range(0, len(grid), chunk):
+        x = grid[s:s + chunk].astype(np.float64)
+        total += x.sum(axis=(0, 2, 3))
+        sq += (x * x).sum(axis=(0, 2, 3))
+    n = grid.shape[0] * grid.shape[2] * grid.shape[3]
+    mean = total / n
+    std = np.sqrt(np.maximum(sq / n - mean * mean, 0.0))
+    return torch.tensor(mean, dtype=torch.float32), torch.tensor(np.maximum(std, 1e-4), dtype=torch.float32)
+
+
+def build_head(kind: str, stats_: list[tuple[torch.Tensor, torch.Tensor]], n_classes: int, budget: SegBudget,
+               seed: int) -> nn.Module:
+    """A freshly initialised head of `kind`, seeded (so every encoder starts from the same random state)."""
+    norms = [Standardise(m, s) for m, s in stats_]
+    channels = [len(m) for m, _ in stats_]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if kind == "linear":
+            return LinearHead(norms, channels, n_classes)
+        if kind == "multi-level":
+            return MultiLevelHead(norms, channels, n_classes, budget.decoder_dim)
+    raise ValueError(f"unknown segmentation head {kind!r}; use one of {', '.join(HEADS)}")
+
+
+# ---------------------------------------------------------------------------------------------------- training
+
+def seg_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float) -> torch.Tensor:
+    """Binary cross-entropy + soft Dice loss, per structure (sigmoid channels), averaged over images. The +1
+    smoothing keeps the Dice term defined (and near 0) on an empty truth predicted empty."""
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    p = torch.sigmoid(logits)
+    inter = (p * target).sum(dim=(-2, -1))
+    soft_dice = (2 * inter + 1) / (p.sum(dim=(-2, -1)) + target.sum(dim=(-2, -1)) + 1)
+    return bce + dice_weight * (1 - soft_dice).mean()
+
+
+FeaturesOf = Callable[[np.ndarray], list[torch.Tensor]]
+
+
+def cached_features(levels: list[np.ndarray]) -> FeaturesOf:
+    """Batches of float32 grids read from cached fp16 arrays."""
+    return lambda idx: [torch.from_numpy(lv[idx].astype(np.float32)) for lv in levels]
+
+
+def fit_head(head: nn.Module, features_of: FeaturesOf, targets: torch.Tensor, budget: SegBudget,
+             seed: int) -> nn.Module:
+    """Train `head` on images 0..N-1: `features_of(idx)` gives their levels, `targets` [N, K, s, s] in [0, 1]
+    (the encoder's input square at the budget's loss size). AdamW, cosine learning rate over the fixed number of
+    steps, seeded batch order."""
+    n = len(targets)
+    size = targets.shape[-2:]
+    steps_per_epoch = math.ceil(n / budget.batch_size)
+    total = budget.epochs * steps_per_epoch
+    opt = torch.optim.AdamW(head.parameters(), lr=budget.lr, weight_decay=budget.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
+    gen = torch.Generator().manual_seed(seed)
+    head.train()
+    for _ in range(budget.epochs):
+        order = torch.randperm(n, generator=gen).numpy()
+        for s in range(0, n, budget.batch_size):
+            idx = np.sort(order[s:s + budget.batch_size])
+            logits = F.interpolate(head(features_of(idx)), size=size, mode="bilinear", align_corners=False)
+            loss = seg_loss(logits, targets[idx].float(), budget.dice_weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    return head.eval()
+
+
+@torch.no_grad()
+def predict_probabilities(head: nn.Module, features_of: FeaturesOf, n: int, size: int,
+                          batch_size: int = 32) -> Iterator[torch.Tensor]:
+    """Sigmoid probabilities at the encoder's input geometry, [b, K, size, size] per batch of images 0..n-1 in
+    order (a generator: a large test set is never held at input resolution all at once)."""
+    for s in range(0, n, batch_size):
+        idx = np.arange(s, min(s + batch_size, n))
+        logits = F.interpolate(head(features_of(idx)), size=(size, size), mode="bilinear", align_corners=False)
+        yield torch.sigmoid(logits)
+
+
+# ------------------------------------------------------------------------------------------- geometry, metrics
+
+def mask_to_input(mask: np.ndarray, geo: Geometry, loss_size: int | None = None) -> torch.Tensor:
+    """bool [K, H, W] at the image's size -> float [K, S, S] in [0, 1] at the encoder's input geometry, then
+    optionally area-resampled to [K, loss_size, loss_size] (antialiased bilinear and area averaging: a target
+    pixel holds the fraction of mask it covers; padding is background)."""
+    x = place(torch.from_numpy(mask.astype(np.float32))[None], geo, "bilinear")
+    if loss_size is not None and loss_size != geo.size:
+        x = F.interpolate(x, size=(loss_size, loss_size), mode="area")
+    return x[0].clamp(0.0, 1.0)
+
+
+def prediction_to_mask(prob: torch.Tensor, geo: Geometry) -> np.ndarray:
+    """float [K, S, S] probabilities -> bool [K, H, W] at the original mask size; pixels the preprocessing
+    cropped away come back as probability 0, i.e. predicted background."""
+    return (unplace(prob[None].float(), geo, "bilinear")[0] > 0.5).numpy()
+
+
+def dice_iou(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-structure Dice and IoU of bool [K, H, W] masks; NaN where the truth is empty (nothing to overlap)."""
+    pred, truth = pred.reshape(len(pred), -1), truth.reshape(len(truth), -1)
+    inter = (pred & truth).sum(1).astype(np.float64)
+    p, t = pred.sum(1).astype(np.float64), truth.sum(1).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dice = np.where(t > 0, 2 * inter / (p + t), np.nan)
+        iou = np.where(t > 0, inter / (p + t - inter), np.nan)
+    return dice, iou
+
+
+def mask_placement_key(pre: Preprocess) -> tuple:
+    """Encoders whose geometry is the same share their placed targets."""
+    return pre.size, pre.policy
+
+
+# ------------------------------------------------------------------------------------------------------ overlays
+
+def _panel(image: np.ndarray, mask: np.ndarray | None, colour: tuple[int, int, int], height: int) -> Image.Image:
+    gray = np.clip(image * 255, 0, 255).astype(np.uint8)
+    rgb = np.repeat(gray[..., None], 3, axis=2).astype(np.float32)
+    if mask is not None:
+        tint = np.array(colour, dtype=np.float32)
+        rgb[mask] = 0.55 * rgb[mask] + 0.45 * tint
+    im = Image.fromarray(rgb.astype(np.uint8))
+    return im.resize((max(1, round(image.shape[1] * height / image.shape[0])), height), Image.BILINEAR)
+
+
+def overlay_png(images: list[np.ndarray], truths: list[np.ndarray], preds: list[np.ndarray],
+                height: int = 160) -> bytes:
+    """One PNG: a row per image with the radiograph, the ground truth (green) and the prediction (red), every
+    structure merged into one tint."""
+    rows = []
+    for img, gt, pr in zip(images, truths, preds):
+        panels = [_panel(img, None, (0, 0, 0), height), _panel(img, gt.any(0), (40, 220, 60), height),
+                  _panel(img, pr.any(0), (230, 40, 40), height)]
+        rows.append(panels)
+    width = max(sum(p.width for p in r) + 4 * (len(r) - 1) for r in rows)
+    canvas = Image.new("RGB", (width, len(rows) * height + 4 * (len(rows) - 1)), (255, 255, 255))
+    for r, panels in enumerate(rows):
+        x = 0
+        for p in panels:
+            canvas.paste(p, (x, r * (height + 4)))
+            x += p.width + 4
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------------------------------ protocol
+
+@dataclass
+class HeadScores:
+    dice: np.ndarray          # [n_test, K], NaN where the truth is empty
+    iou: np.ndarray
+    predicted_any: np.ndarray  # [n_test, K] bool: the head predicted at least one pixel
+    preds: list[np.ndarray]   # bool [K, H, W] per test image (kept for the overlays only)
+
+
+def evaluate_encoder(fs: FeatureSet, pre: Preprocess, masks: list[np.ndarray], train: np.ndarray,
+                     test: np.ndarray, targets: torch.Tensor, budget: SegBudget, seed: int,
+                     keep_preds: set[int]) -> dict[str, HeadScores]:
+    """Train both heads on rows `train` of the masked subset and score rows `test` at mask resolution."""
+    n_classes = masks[0].shape[0]
+    out = {}
+    for kind in HEADS:
+        levels = levels_of(fs, kind)
+        train_levels = [lv[train] for lv in levels]
+        stats_ = [channel_stats(lv) for lv in train_levels]
+        head = fit_head(build_head(kind, stats_, n_classes, budget, seed), cached_features(train_levels),
+                        targets[train], budget, seed)
+        test_levels = [lv[test] for lv in levels]
+        dice = np.empty((len(test), n_classes))
+        iou = np.empty_like(dice)
+        anything = np.zeros((len(test), n_classes), dtype=bool)
+        preds = []
+        r = 0
+        for probs in predict_probabilities(head, cached_features(test_levels), len(test), pre.size):
+            for prob in probs:
+                truth = masks[test[r]]
+                pred = prediction_to_mask(prob, geometry(*truth.shape[-2:], pre))
+                dice[r], iou[r] = dice_iou(pred, truth)
+                anything[r] = pred.reshape(n_classes, -1).any(1)
+                if r in keep_preds:
+                    preds.append(pred)
+                r += 1
+        out[kind] = HeadScores(dice, iou, anything, preds)
+    return out
+
+
+def _not_evaluated(reason: str) -> Section:
+    return Section(TITLE, [], {}, notes=[f"Nothing evaluated: {reason}."])
+
+
+def _load_masks(subset: Task) -> list[np.ndarray]:
+    masks = []
+    for i in range(len(subset)):
+        m = subset.load_mask(i)
+        if m is None or m.ndim != 3 or m.shape[0] != len(subset.mask_names):
+            raise TaskError(f"task {subset.name}: image {subset.table.image_ids[i]!r} is marked as having a mask "
+                            f"but load_mask returned {None if m is None else m.shape}; expected "
+                            f"[{len(subset.mask_names)}, H, W]")
+        masks.append(m.astype(bool))
+    return masks
+
+
+def masked_rows(task: Task) -> np.ndarray:
+    """The images segmentation trains and scores on: those with a mask."""
+    return np.flatnonzero(task.table.has_mask) if task.mask_names else np.array([], dtype=int)
+
+
+@register_protocol("seg", description="linear and multi-level segmentation heads on frozen patch tokens; Dice, IoU",
+                   dense_rows=masked_rows)
+def run_seg(tr: TaskRun, encoders: list[Encoder], budget: SegBudget = BUDGET) -> Section:
+    task, t = tr.task, tr.task.table
+    rows = masked_rows(task)
+    if rows.size == 0:
+        return _not_evaluated(f"task `{task.name}` has no masks")
+    in_train, in_test = tr.split[rows] == "train", tr.split[rows] == "test"
+    if in_train.sum() < 2 or in_test.sum() < 1:
+        return _not_evaluated(f"task `{task.name}` has {int(in_train.sum())} masked training and "
+                              f"{int(in_test.sum())} masked test images (need at least 2 and 1)")
+    subset = dense_view(task, rows)
+    dense = tr.extract(subset, encoders, True)
+    masks = _load_masks(subset)
+    train, test = np.flatnonzero(in_train), np.flatnonzero(in_test)
+    names = list(task.mask_names)
+    test_patients = [t.patient_ids[rows[i]] for i in test]
+    weights = stats.bootstrap_weights(test_patients, tr.weights.shape[0], tr.seed)
+    truth_any = np.array([[m[k].any() for k in range(len(names))] for m in (masks[i] for i in test)])
+    # The overlays show the same test images for every model: the first ones with something to segment.
+    shown = [r for r in range(len(test)) if truth_any[r].any()][:N_OVERLAYS]
+
+    targets_by_geometry: dict[tuple, torch.Tensor] = {}
+    scores: dict[str, dict[str, HeadScores]] = {}
+    for enc in encoders:
+        pre = enc.preprocess
+        key = mask_placement_key(pre)
+        if key not in targets_by_geometry:
+            targets_by_geometry[key] = torch.stack(
+                [mask_to_input(m, geometry(*m.shape[-2:], pre), budget.loss_size) for m in masks]).to(torch.float16)
+        t0, c0 = time.perf_counter(), time.process_time()
+        scores[enc.name] = evaluate_encoder(dense[enc.name], pre, masks, train, test, targets_by_geometry[key],
+                                            budget, tr.seed, set(shown))
+        print(f"  {enc.name}: segmentation heads trained and scored in {time.perf_counter() - t0:.1f} s "
+              f"({time.process_time() - c0:.1f} s CPU)")
+
+    # Per (head, structure, metric): point and resampled mean over the images with a non-empty truth.
+    summary: dict[tuple, dict[str, dict]] = {}
+    resampled: dict[tuple, dict[str, np.ndarray]] = {}
+    for kind in HEADS:
+        for k, name in enumerate(names):
+            scored = truth_any[:, k]
+            for metric in ("dice", "iou"):
+                key = (kind, name, metric)
+                summary[key], resampled[key] = {}, {}
+                for enc in encoders:
+                    values = getattr(scores[enc.name][kind], metric)[scored, k]
+                    if values.size == 0:
+                        continue
+                    with np.errstate(invalid="ignore", divide="ignore"):
+                        # A resample that drew no image with this structure has no mean: NaN, dropped by summarise.
+                        boot = stats.weighted_mean(values, weights[:, scored])
+                    resampled[key][enc.name] = boot
+                    summary[key][enc.name] = stats.summarise(float(values.mean()), boot)
+    paired = {key: stats.compare_to_reference(resampled[key], {m: s["point"] for m, s in summary[key].items()},
+                                              tr.reference)
+              for key in summary if summary[key]}
+
+    columns, section_rows = [], {enc.name: {} for enc in encoders}
+    for kind in HEADS:
+        for name in names:
+            for metric, title in (("dice", "Dice"), ("iou", "IoU")):
+                col = f"{name} {title} ({kind})"
+                columns.append(col)
+                key = (kind, name, metric)
+                for enc in encoders:
+                    s = summary[key].get(enc.name)
+                    if s is None:
+                        section_rows[enc.name][col] = Cell(None, note="n/e: no test image with this structure")
+                        continue
+                    p = paired.get(key, {}).get(enc.name)
+                    sig = p is not None and (p["p_holm"] or 1.0) < 0.05
+                    section_rows[enc.name][col] = Cell(s["point"], s["lo"], s["hi"], sig)
+
+    task_stem = safe_name(task.name)
+    for enc in encoders:
+        head_results = {}
+        for kind in HEADS:
+            sc = scores[enc.name][kind]
+            per_structure = {}
+            for k, name in enumerate(names):
+                empty = ~truth_any[:, k]
+                per_structure[name] = {
+                    "n_scored": int(truth_any[:, k].sum()),
+                    "n_empty_truth": int(empty.sum()),
+                    "predicted_on_empty_truth": float(sc.predicted_any[empty, k].mean()) if empty.any() else None,
+                    **{m: summary[(kind, name, m)].get(enc.name) for m in ("dice", "iou")},
+                    "paired_to_reference": None if enc.name == tr.reference else
+                    {m: paired.get((kind, name, m), {}).get(enc.name) for m in ("dice", "iou")},
+                }
+            head_results[kind] = per_structure
+        tr.results.setdefault(enc.name, {})["seg"] = {
+            "structures": names, "train_images": len(train), "test_images": len(test),
+            "multi_level_grids": len(levels_of(dense[enc.name])), "budget": asdict(budget), "heads": head_results,
+        }
+        if shown:
+            images = [subset.load_image(int(test[r])) for r in shown]
+            truths = [masks[test[r]] for r in shown]
+            tr.files[f"{task_stem}_seg/{safe_name(enc.name)}.png"] = overlay_png(
+                images, truths, scores[enc.name]["multi-level"].preds)
+
+    n_empty = {name: int((~truth_any[:, k]).sum()) for k, name in enumerate(names)}
+    training = (f"Masked images: {len(train)} train, {len(test)} test (patient-level split of the task). Heads "
+                f"trained on frozen cached patch features with an identical budget for every model: AdamW (lr "
+                f"{budget.lr}, weight decay {budget.weight_decay}), cosine schedule, {budget.epochs} epochs, batch "
+                f"{budget.batch_size}, loss BCE + soft Dice on each model's own input square (its resize/crop/pad) "
+                f"resampled to {budget.loss_size}x{budget.loss_size} for every model, seed {tr.seed}. `linear` = 1x1 "
+                f"conv on the last layer's patch grid; `multi-level` = FPN-style decoder (width "
+                f"{budget.decoder_dim}) over the intermediate layers.")
+    empty = ""
+    if any(n_empty.values()):
+        empty = (" (" + ", ".join(f"{n}: {c} test images with an empty truth left out" for n, c in n_empty.items() if c)
+                 + "; the fraction of them with any predicted pixel is in the results JSON)")
+    scoring = ("Scored at the original mask resolution: probabilities mapped back through the inverse of each "
+               "model's resize/crop/pad and thresholded at 0.5; pixels a centre crop removed count as predicted "
+               f"background. Dice and IoU per image, averaged over test images whose truth is non-empty{empty}.")
+    notes = [training, scoring, f"Reference model for paired differences: `{tr.reference}`."]
+    no_layers = [e.name for e in encoders if not dense[e.name].layers]
+    if no_layers:
+        notes.append("No intermediate layers (multi-level head over the patch grid alone): "
+                     + ", ".join(f"`{n}`" for n in no_layers) + ".")
+    if shown:
+        notes.append("Overlays (multi-level head; image, ground truth in green, prediction in red): "
+                     + " ".join(f"[{e.name}]({task_stem}_seg/{safe_name(e.name)}.png)" for e in encoders))
+        notes += [f"![{e.name}]({task_stem}_seg/{safe_name(e.name)}.png)" for e in encoders]
+    return Section(TITLE, columns, section_rows, notes=notes)

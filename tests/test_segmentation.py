@@ -1,0 +1,206 @@
+"""Segmentation protocol: the metric against its formula, the mask geometry the protocol actually uses (including
+honest scoring of cropped-away pixels), and a tiny end-to-end run with the pixels encoder."""
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from baselines.floors import PixelsEncoder
+from baselines.preprocess import Preprocess, geometry
+from harness import stats
+from harness.features import FeatureCache, extract
+from harness.probes.segmentation import (
+    SegBudget,
+    build_head,
+    cached_features,
+    channel_stats,
+    dice_iou,
+    fit_head,
+    mask_to_input,
+    prediction_to_mask,
+    run_seg,
+)
+from harness.protocols import TaskRun
+from harness.tasks.base import Task, TaskTable
+
+
+def test_dice_iou_match_the_formula():
+    rng = np.random.default_rng(0)
+    pred, truth = rng.random((3, 20, 17)) < 0.4, rng.random((3, 20, 17)) < 0.3
+    truth[2] = False  # an empty truth
+    dice, iou = dice_iou(pred, truth)
+    for k in range(2):
+        p = {tuple(c) for c in np.argwhere(pred[k])}
+        t = {tuple(c) for c in np.argwhere(truth[k])}
+        assert dice[k] == pytest.approx(2 * len(p & t) / (len(p) + len(t)))
+        assert iou[k] == pytest.approx(len(p & t) / len(p | t))
+    assert np.isnan(dice[2]) and np.isnan(iou[2])
+    d, i = dice_iou(truth[:1], truth[:1])
+    assert d[0] == 1.0 and i[0] == 1.0
+
+
+def _blob(hw):
+    """A lung-like mask away from the borders."""
+    h, w = hw
+    yy, xx = np.mgrid[:h, :w]
+    return ((((yy - 0.5 * h) / (0.38 * h)) ** 2 + ((xx - 0.4 * w) / (0.25 * w)) ** 2) < 1)[None]
+
+
+@pytest.mark.parametrize("policy", ["resize_stretch", "resize_longest_pad", "resize_shortest_crop"])
+@pytest.mark.parametrize("hw", [(60, 60), (120, 60)])
+@pytest.mark.parametrize("loss_size", [None, 24])
+def test_mask_round_trip_through_the_protocol_geometry(policy, hw, loss_size):
+    """Target placement (mask_to_input, optionally at the loss size) and scoring (prediction_to_mask) invert each
+    other up to resampling error, inside what the encoder sees."""
+    pre = Preprocess(size=48, policy=policy)
+    geo = geometry(*hw, pre)
+    mask = _blob(hw)
+    target = mask_to_input(mask, geo, loss_size)
+    if loss_size is not None:  # the head's logits are upsampled from the loss grid the same way at scoring
+        target = F.interpolate(target[None], size=(48, 48), mode="bilinear", align_corners=False)[0]
+    back = prediction_to_mask(target, geo)
+    assert back.shape == mask.shape
+    seen = np.zeros(hw, dtype=bool)
+    rows = slice(max(0, round(geo.top * hw[0] / geo.resized_h)), round((geo.top + 48) * hw[0] / geo.resized_h))
+    seen[rows] = True  # the only policy that crops here is the portrait shortest-edge crop (rows)
+    assert (back[0][seen] == mask[0][seen]).mean() > 0.97
+    assert not back[0][~seen].any()  # cropped-away rows come back as background
+    # What a perfect head can score: 1 unless the crop cut lung away, which then counts as missed.
+    reachable = dice_iou(mask & seen[None], mask)[0][0]
+    assert reachable < 0.95 if policy == "resize_shortest_crop" and hw[0] != hw[1] else reachable == 1.0
+    assert dice_iou(back, mask)[0][0] == pytest.approx(reachable, abs=0.03)
+
+
+def test_cropped_away_pixels_are_scored_as_background():
+    """A portrait radiograph under resize_shortest_crop loses its top and bottom: even a head predicting
+    'lung' everywhere the encoder sees gets nothing there, so a crop that cuts the lung costs Dice."""
+    pre = Preprocess(size=40, policy="resize_shortest_crop")
+    hw = (100, 40)
+    geo = geometry(*hw, pre)
+    pred = prediction_to_mask(torch.ones(1, 40, 40), geo)
+    assert not pred[0, :29].any() and not pred[0, 71:].any() and pred[0, 31:69].all()
+    truth = np.ones((1, *hw), dtype=bool)
+    dice, _ = dice_iou(pred, truth)
+    assert dice[0] == pytest.approx(2 * pred.sum() / (pred.sum() + truth.sum()))  # penalised, not excused
+    assert dice[0] < 0.6
+
+
+def test_head_training_is_seeded():
+    rng = np.random.default_rng(0)
+    levels = [rng.normal(size=(12, 8, 6, 6)).astype(np.float16)]
+    targets = torch.from_numpy(rng.random((12, 1, 24, 24)) < 0.5).float()
+    budget = SegBudget(epochs=2, batch_size=4, loss_size=24)
+    st = [channel_stats(lv) for lv in levels]
+    heads = [fit_head(build_head("multi-level", st, 1, budget, 0), cached_features(levels), targets, budget, 0)
+             for _ in range(2)]
+    for a, b in zip(heads[0].state_dict().values(), heads[1].state_dict().values()):
+        assert torch.equal(a, b)
+
+
+class _Masked(Task):
+    """Radiograph-like images of two shapes with a bright 'lung' region; every third image has no mask."""
+
+    mask_names = ("lungs",)
+
+    def __init__(self, n=36, with_masks=True):
+        self.name = "tiny-seg"
+        self.skipped = []
+        self.shapes = [(48, 48) if i % 2 else (64, 40) for i in range(n)]
+        has_mask = np.array([with_masks and i % 3 != 2 for i in range(n)])
+        self.table = TaskTable([f"im{i}" for i in range(n)], [f"P{i // 2}" for i in range(n)], ["x"],
+                               np.zeros((n, 1), np.int8), [None] * n, np.full(n, np.nan), has_mask=has_mask)
+        if not with_masks:
+            self.mask_names = ()
+
+    def load_mask(self, i):
+        return _blob(self.shapes[i]) if self.table.has_mask[i] else None
+
+    def load_image(self, i):
+        rng = np.random.default_rng(i)
+        img = 0.6 + 0.1 * rng.random(self.shapes[i])
+        img[_blob(self.shapes[i])[0]] = 0.15  # air-filled lungs are dark
+        return (img + 0.05 * rng.normal(size=img.shape)).astype(np.float32)
+
+    def content_digest(self):
+        return f"tiny-seg-{len(self)}-{self.table.has_mask.sum()}"
+
+
+def _encoders():
+    stretch = PixelsEncoder(Preprocess(size=32, policy="resize_stretch", interpolation="area", mean=(0.5,),
+                                       std=(0.25,), channels=1), block=4)
+    crop = PixelsEncoder(Preprocess(size=32, policy="resize_shortest_crop", interpolation="area", mean=(0.5,),
+                                    std=(0.25,), channels=1), block=4)
+    crop.name = "pixels-crop"
+    return [stretch, crop]
+
+
+def _task_run(task, tmp_path):
+    t = task.table
+    pid = np.array([int(p[1:]) for p in t.patient_ids])
+    split = np.where(pid % 3 == 0, "test", "train")
+    test = np.flatnonzero(split == "test")
+    weights = stats.bootstrap_weights([t.patient_ids[i] for i in test], 200, 0)
+    cache = FeatureCache(tmp_path)
+
+    def ex(sub, encs, dense):
+        return extract(sub, encs, cache, dense=dense, batch_size=8, workers=0, log=lambda *_: None)
+
+    return TaskRun(task, split, "h", weights, {}, {}, extract=ex, seed=0, reference="pixels")
+
+
+def test_protocol_end_to_end(tmp_path):
+    task = _Masked()
+    tr = _task_run(task, tmp_path)
+    section = run_seg(tr, _encoders(), SegBudget(epochs=15, batch_size=8, loss_size=32))
+    assert section.columns == ["lungs Dice (linear)", "lungs IoU (linear)", "lungs Dice (multi-level)",
+                               "lungs IoU (multi-level)"]
+    res = tr.results["pixels"]["seg"]
+    n_masked_test = int((task.table.has_mask & (tr.split == "test")).sum())
+    assert res["test_images"] == n_masked_test and res["heads"]["linear"]["lungs"]["n_scored"] == n_masked_test
+    ml = res["heads"]["multi-level"]["lungs"]["dice"]
+    assert ml["point"] > 0.85 and ml["lo"] <= ml["point"] <= ml["hi"]
+    # The crop model loses the top and bottom of the portrait images' lungs, and is scored for it.
+    crop = tr.results["pixels-crop"]["seg"]["heads"]["multi-level"]["lungs"]
+    assert crop["dice"]["point"] < ml["point"]
+    assert crop["paired_to_reference"]["dice"]["delta"] == pytest.approx(crop["dice"]["point"] - ml["point"])
+    json.dumps(tr.results)  # JSON-ready
+    png = tr.files["tiny-seg_seg/pixels.png"]
+    with Image.open(io.BytesIO(png)) as im:
+        assert im.format == "PNG" and im.height == 4 * 160 + 3 * 4  # a row per shown test image
+    assert any("(tiny-seg_seg/pixels-crop.png)" in n for n in section.notes)
+
+
+class _TwoStructures(_Masked):
+    """CANDID-like: a second structure (a 'tube') present on some images only; empty truths are not scored."""
+
+    mask_names = ("lungs", "tube")
+
+    def load_mask(self, i):
+        lungs = _blob(self.shapes[i])
+        tube = np.zeros_like(lungs)
+        if i % 4 == 0:
+            tube[0, 5:-5, 18:22] = True
+        return np.concatenate([lungs, tube])
+
+
+def test_several_structures_and_empty_truths(tmp_path):
+    task = _TwoStructures()
+    tr = _task_run(task, tmp_path)
+    section = run_seg(tr, _encoders()[:1], SegBudget(epochs=3, batch_size=8, loss_size=32))
+    assert len(section.columns) == 8 and "tube Dice (multi-level)" in section.columns
+    tube = tr.results["pixels"]["seg"]["heads"]["linear"]["tube"]
+    test = np.flatnonzero(task.table.has_mask & (tr.split == "test"))
+    assert tube["n_scored"] == sum(i % 4 == 0 for i in test) > 0
+    assert tube["n_empty_truth"] == len(test) - tube["n_scored"] > 0
+    assert 0.0 <= tube["predicted_on_empty_truth"] <= 1.0
+    assert any("tube: " in n and "empty truth left out" in n for n in section.notes)
+
+
+def test_task_without_masks_says_why(tmp_path):
+    task = _Masked(n=12, with_masks=False)
+    section = run_seg(_task_run(task, tmp_path), _encoders())
+    assert section.rows == {} and "has no masks" in section.notes[0]
