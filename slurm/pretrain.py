@@ -1,0 +1,159 @@
+"""``python -m slurm.pretrain``: one DDP pretraining job across SLURM nodes, requeued until it finishes.
+
+    python -m slurm.pretrain --config rad-dino --data /data/cxr/train.csv --output /runs/rd \\
+        --nodes 2 --gpus-per-node 4 --partition gpu --time 24:00:00 --cluster slurm/clusters/mycluster.yaml
+
+One task per GPU (``--tasks-per-node``, default: ``--gpus-per-node``, or 1 on CPU nodes). Each task takes its
+rank, the world size and the master address from SLURM's environment (submitit's TorchDistributedEnvironment)
+and runs ``trainer.train`` with ``--resume auto``, so every start continues from the run's latest checkpoint.
+
+Interruptions:
+- time-out: SLURM sends USR2 ``--signal-delay-s`` before the limit; the trainer finishes its step, writes a
+  checkpoint and stops, then submitit's handler requeues the job (``checkpoint()`` below), at most
+  ``--max-requeues`` times;
+- preemption: a USR2 (e.g. ``scancel --signal=USR2 JOB``) is handled the same way; a SIGTERM from SLURM's own
+  preemption makes the trainer checkpoint and stop, and SLURM requeues the job itself.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import submitit
+import torch
+import yaml
+
+from slurm.cluster import add_cluster_args, executor_parameters, make_executor, resolve_options, sbatch_script
+from trainer.checkpoint import latest_checkpoint
+from trainer.config import load_config
+from trainer.train import main as train_main
+
+
+def run_finished(output: Path) -> bool:
+    """The run's latest checkpoint is at its last iteration."""
+    ckpt = latest_checkpoint(output)
+    if ckpt is None:
+        return False
+    total = yaml.safe_load((ckpt / "config.yaml").read_text())["optim"]["total_iters"]
+    return json.loads((ckpt / "state.json").read_text())["iteration"] >= total
+
+
+class PretrainJob:
+    """The callable submitit runs in every task. Picklable: it holds only the trainer's argument list.
+
+    submitit calls ``checkpoint()`` from its USR2 handler; the trainer must write its checkpoint *before* that,
+    at a step boundary, so ``__call__`` holds USR2 back: it turns it into the trainer's USR1 ("checkpoint and
+    stop"), and hands it to submitit's handler (checkpoint + ``scontrol requeue``) once the trainer has stopped.
+    """
+
+    def __init__(self, trainer_argv: list[str], output: Path):
+        self.trainer_argv = list(trainer_argv)
+        self.output = Path(output)
+
+    def __call__(self) -> dict:
+        # Rank, world size and master address from SLURM; the trainer picks its GPU by LOCAL_RANK itself.
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        # As many threads as CPUs given to the task: without CPU binding torch would use every core of the node
+        # in every task.
+        if os.environ.get("SLURM_CPUS_PER_TASK"):
+            torch.set_num_threads(int(os.environ["SLURM_CPUS_PER_TASK"]))
+        usr2_seen = []
+        submitit_handler = signal.getsignal(signal.SIGUSR2)
+
+        def hold_usr2(signum, frame):
+            usr2_seen.append(signum)
+            os.kill(os.getpid(), signal.SIGUSR1)  # the trainer's "checkpoint after this step and stop"
+
+        signal.signal(signal.SIGUSR2, hold_usr2)
+        # A USR1 that lands before the trainer installs its own handler must not kill the process.
+        signal.signal(signal.SIGUSR1, lambda signum, frame: None)
+        train_main([*self.trainer_argv, "--resume", "auto"])
+        finished = run_finished(self.output)
+        if usr2_seen and not finished and callable(submitit_handler):
+            submitit_handler(usr2_seen[0], None)  # checkpoint() + requeue + exit on rank 0; returns elsewhere
+        env = submitit.JobEnvironment()
+        return {"finished": finished, "rank": env.global_rank, "world_size": env.num_tasks,
+                "output": str(self.output)}
+
+    def checkpoint(self, *args, **kwargs):
+        """Requeue the same call: the trainer has written its checkpoint and resumes from it (--resume auto)."""
+        return submitit.helpers.DelayedSubmission(PretrainJob(self.trainer_argv, self.output))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m slurm.pretrain", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="trainer preset (smoke, rad-dino) or YAML file")
+    p.add_argument("--data", action="append", required=True, help="image manifest (repeatable, PATH@WEIGHT)")
+    p.add_argument("--output", required=True, type=Path, help="run directory (shared by all nodes)")
+    p.add_argument("--steps", type=int, help="number of iterations")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of stopping")
+    p.add_argument("--nodes", type=int, default=1, help="number of nodes")
+    p.add_argument("--tasks-per-node", type=int, help="processes per node (default: --gpus-per-node, or 1)")
+    p.add_argument("--max-requeues", type=int, default=20, help="time-out requeues before giving up")
+    p.add_argument("--job-name", default="raddino-pretrain")
+    p.add_argument("--wait", action="store_true", help="wait for the job to finish and report its result")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="trainer config overrides")
+    add_cluster_args(p)
+    return p
+
+
+def trainer_argv(args: argparse.Namespace) -> list[str]:
+    argv = ["--config", args.config, "--output", str(args.output)]
+    for d in args.data:
+        argv += ["--data", d]
+    if args.steps is not None:
+        argv += ["--steps", str(args.steps)]
+    if args.skip_bad:
+        argv.append("--skip-bad")
+    return argv + list(args.overrides)
+
+
+def prepare(argv: list[str] | None = None):
+    """Parse and check everything (including the trainer config) before anything is submitted.
+
+    Returns (args, executor parameters, submitit folder, the job callable)."""
+    args = build_parser().parse_intermixed_args(argv)  # key=value overrides may sit anywhere
+    args.output = args.output.resolve()  # the job may start in another directory
+    if args.nodes < 1:
+        raise ValueError(f"--nodes {args.nodes}: must be >= 1")
+    opts = resolve_options(args)
+    tasks = args.tasks_per_node or max(opts.gpus_per_node, 1)
+    cfg = load_config(args.config, args.overrides, steps=args.steps)  # a bad key fails here, not on the cluster
+    world = args.nodes * tasks
+    print(f"{args.nodes} node(s) x {tasks} task(s) = world size {world}: {cfg.optim.batch_size_per_gpu * world} "
+          f"images per step, peak lr {cfg.optim.scaled_lr(world):.3g}, {cfg.optim.total_iters} iterations")
+    params = executor_parameters(opts, job_name=args.job_name, nodes=args.nodes, tasks_per_node=tasks)
+    folder = (args.folder or args.output / "slurm").resolve() / "%j"  # one sub-folder per job id
+    return args, params, folder, PretrainJob(trainer_argv(args), args.output)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args, params, folder, job_fn = prepare(argv)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(sbatch_script(folder, params))
+        return 0
+    executor = make_executor(folder, params, args.max_requeues)
+    job = executor.submit(job_fn)
+    print(f"submitted job {job.job_id}: logs {job.paths.stdout} and {job.paths.stderr}; run {args.output}")
+    if args.wait:
+        result = job.results()[0]
+        if result["finished"]:
+            print(f"job {job.job_id} finished the run: {args.output}")
+            return 0
+        print(f"job {job.job_id} stopped before the last iteration (cancelled or preempted; a requeued job goes on "
+              f"from its checkpoint): see {args.output / 'train.log'}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""``python -m slurm.sweep``: a leaderboard sweep as SLURM jobs.
+
+    python -m slurm.sweep --models all --tasks vindr,candid,rsna --data-root /data/cxr --weights-dir /data/weights \\
+        --cache-dir /shared/cache --out leaderboards --cluster slurm/clusters/mycluster.yaml --gpus-per-node 1
+
+Every flag that is not the sweep's or a cluster option goes to ``python -m harness.run`` unchanged.
+
+1. Plan: every (model, task) pair whose features are not in the cache yet (the keys ``harness.run`` reads).
+2. One job array, one task per such pair: feature extraction into the shared cache.
+3. One job that depends on the array (afterok) and runs ``harness.run`` over every model and task: the probes
+   and statistics read the cached features and regenerate the leaderboards.
+4. Wait, then list every failed job with its log files. ``--retry-failed`` replays the recorded sweep
+   (``<folder>/sweep.json``): the pairs cached by now are skipped, so exactly the failed work is resubmitted.
+
+Jobs start in the directory the sweep was submitted from, so relative paths mean the same in every job.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+from baselines.registry import WeightsMissing, build_encoder, resolve_names
+from harness.features import FeatureCache, cache_key, extract
+from harness.io import atomic_write_json
+from harness.protocols import feature_sets
+from harness.run import build_parser as harness_parser
+from harness.run import load_encoders, parse_data_roots, parse_task_spec, pick_device, split_task_list
+from harness.run import main as harness_main
+from harness.tasks.base import TaskContext, build_task
+from slurm.cluster import (ClusterOptions, add_cluster_args, executor_parameters, make_executor, resolve_options,
+                           sbatch_script)
+
+RECORD = "sweep.json"
+DEFAULT_FOLDER = Path("slurm-logs") / "sweep"   # job scripts and logs; must be visible from the compute nodes
+
+
+@dataclass(frozen=True)
+class Pair:
+    model: str
+    task: str     # the task spec as given (demo, csv:PATH, vindr, ...)
+
+
+@dataclass
+class Plan:
+    skipped: list[tuple[str, str]]    # (model, why) under --models all: weights not present
+    pending: list[Pair]               # features to extract
+    cached: list[Pair]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m slurm.sweep", description=__doc__.split("\n\n")[0],
+                                epilog="Every other flag is passed to python -m harness.run (see its --help).",
+                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    s = p.add_argument_group("sweep")
+    s.add_argument("--probe-gpus", type=int, default=0, help="GPUs for the probe job (the probes run on CPU)")
+    s.add_argument("--array-parallelism", type=int, default=64, help="feature jobs running at once")
+    s.add_argument("--retry-failed", action="store_true",
+                   help="rerun the sweep recorded in <folder>/sweep.json (flags given now are added to it)")
+    s.add_argument("--no-wait", action="store_true", help="submit and exit without waiting for the jobs")
+    s.add_argument("--poll-seconds", type=float, default=5.0)
+    add_cluster_args(p)
+    return p
+
+
+def task_context(hargs: argparse.Namespace) -> TaskContext:
+    root, named = parse_data_roots(hargs.data_root)
+    return TaskContext(data_root=root, data_roots=named, skip_bad=hargs.skip_bad, seed=hargs.seed)
+
+
+def make_plan(hargs: argparse.Namespace) -> Plan:
+    """Which (model, task) features are missing from the cache. Encoders and tasks are built here, so a missing
+    weight file or dataset fails now rather than in a job."""
+    explicit = {m.strip() for m in hargs.models.split(",")} - {"all"}
+    encoders, skipped = load_encoders(resolve_names(hargs.models), hargs.weights_dir, hargs.input_policy, explicit)
+    if not encoders:
+        raise ValueError(f"--models {hargs.models}: no encoder could be loaded ({skipped})")
+    cache, ctx = FeatureCache(hargs.cache_dir), task_context(hargs)
+    pending, cached = [], []
+    for spec in split_task_list(hargs.tasks):
+        parsed = parse_task_spec(spec)
+        task = build_task(parsed.name, parsed.arg, ctx)
+        sets = [(dense, t.content_digest()) for t, dense in feature_sets(task, parsed.protocols)]
+        for enc in encoders:
+            hit = all(cache.has(cache_key(enc, digest), dense) for dense, digest in sets)
+            (cached if hit else pending).append(Pair(enc.name, spec))
+    return Plan(skipped, pending, cached)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What the jobs run
+
+
+def extract_features(pair: Pair, harness_argv: list[str]) -> list[str]:
+    """Array task: every feature set of one (model, task) pair, into the shared cache; returns the cache keys."""
+    hargs = harness_parser().parse_args(harness_argv)
+    encoder = build_encoder(pair.model, hargs.weights_dir, hargs.input_policy)
+    spec = parse_task_spec(pair.task)
+    task = build_task(spec.name, spec.arg, task_context(hargs))
+    cache, device = FeatureCache(hargs.cache_dir), pick_device(hargs.device)
+    keys = []
+    for part, dense in feature_sets(task, spec.protocols):
+        feats = extract(part, [encoder], cache, dense=dense, batch_size=hargs.batch_size, workers=hargs.workers,
+                        device=device)
+        keys.append(feats[encoder.name].key)
+    return keys
+
+
+def make_leaderboards(harness_argv: list[str]) -> None:
+    """The dependent job: ``harness.run`` over every model and task (probes, statistics, leaderboards)."""
+    code = harness_main(harness_argv)
+    if code != 0:
+        raise RuntimeError(f"python -m harness.run {' '.join(harness_argv)} exited with {code} (see the log)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Submitting and waiting
+
+
+def array_parameters(args: argparse.Namespace, opts: ClusterOptions) -> dict:
+    return executor_parameters(opts, job_name="raddino-features", array_parallelism=args.array_parallelism)
+
+
+def probe_parameters(args: argparse.Namespace, opts: ClusterOptions, array_id: str | None) -> dict:
+    params = executor_parameters(opts, job_name="raddino-leaderboards", gpus_per_node=args.probe_gpus)
+    if array_id is not None:
+        # afterok: the probes only run on a complete cache; kill-on-invalid-dep ends the probe job when a feature
+        # job fails, instead of leaving it pending forever.
+        params["dependency"] = f"afterok:{array_id}"
+        params["additional_parameters"] = {**params["additional_parameters"], "kill-on-invalid-dep": "yes"}
+    return params
+
+
+def submit(args: argparse.Namespace, opts: ClusterOptions, harness_argv: list[str], plan: Plan, base: Path
+           ) -> list[tuple[str, dict, object]]:
+    """Submit the array (if anything is missing) and the probe job; record them in ``<base>/sweep.json``.
+
+    Returns (label, record entry, submitit job) per job, the probe job last."""
+    folder = base / "%j"
+    jobs: list[tuple[str, dict, object]] = []
+    array_id = None
+    if plan.pending:
+        executor = make_executor(folder, array_parameters(args, opts))
+        array = executor.map_array(extract_features, plan.pending, [harness_argv] * len(plan.pending))
+        array_id = array[0].job_id.split("_")[0]
+        for pair, job in zip(plan.pending, array):
+            entry = {"model": pair.model, "task": pair.task, "job_id": job.job_id, "stdout": str(job.paths.stdout),
+                     "stderr": str(job.paths.stderr)}
+            jobs.append((f"features {pair.model} x {pair.task}", entry, job))
+    probe = make_executor(folder, probe_parameters(args, opts, array_id)).submit(make_leaderboards, harness_argv)
+    entry = {"job_id": probe.job_id, "stdout": str(probe.paths.stdout), "stderr": str(probe.paths.stderr)}
+    jobs.append(("probes and leaderboards", entry, probe))
+    atomic_write_json(base / RECORD, {"argv": args.recorded_argv, "cwd": os.getcwd(),
+                                      "features": [e for _, e, _ in jobs[:-1]], "probe": entry})
+    return jobs
+
+
+def failure(job) -> str | None:
+    """None when the job succeeded, else one line saying why: the exception its traceback ends with, or the state
+    it ended in without a result (cancelled, killed, timed out, never ran)."""
+    if not job.paths.result_pickle.exists():
+        return f"ended without a result, state {job.state}"
+    error = job.exception()
+    if error is None:
+        return None
+    parts = str(error).split("-" * 22)  # submitit frames the remote traceback with dashes
+    lines = [line.strip() for line in parts[1 if len(parts) >= 3 else 0].splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
+def wait_and_report(jobs: list[tuple[str, dict, object]], base: Path, poll_seconds: float) -> int:
+    """Wait for every job; print failures with their logs and the retry command. 0 when all succeeded."""
+    remaining = {entry["job_id"] for _, entry, _ in jobs}
+    while remaining:
+        for label, entry, job in jobs:
+            if entry["job_id"] in remaining and job.done():
+                remaining.discard(entry["job_id"])
+                print(f"  finished: {label} (job {entry['job_id']})", flush=True)
+        if remaining:
+            time.sleep(poll_seconds)
+    failed = [(label, entry, why) for label, entry, job in jobs if (why := failure(job)) is not None]
+    if not failed:
+        return 0
+    if len(failed) > 1 and failed[-1][0] == jobs[-1][0]:  # the probe job never ran: its dependency failed
+        label, entry, why = failed[-1]
+        failed[-1] = (label, entry, f"{why} (not run: a feature job failed)")
+    print(f"\n{len(failed)} job(s) failed:")
+    for label, entry, why in failed:
+        print(f"  {label}: job {entry['job_id']}: {why}\n    log: {entry['stdout']}\n    err: {entry['stderr']}")
+    print(f"\nretry the failed work with: python -m slurm.sweep --retry-failed --folder {base}")
+    return 1
+
+
+def parse(argv: list[str]) -> tuple[argparse.Namespace, argparse.Namespace, list[str]]:
+    """(sweep arguments, harness.run arguments, the harness.run argv); --retry-failed expands to the recorded
+    sweep's arguments followed by the ones given now."""
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.retry_failed:
+        base = args.folder or DEFAULT_FOLDER
+        path = base / RECORD
+        if not path.is_file():
+            raise FileNotFoundError(f"--retry-failed: {path} not found; give the sweep's --folder")
+        record = json.loads(path.read_text())
+        if Path(record["cwd"]).resolve() != Path.cwd().resolve():
+            raise ValueError(f"--retry-failed: run it from {record['cwd']}, where the sweep was submitted (its "
+                             "relative paths are relative to that directory)")
+        argv = record["argv"] + [a for a in argv if a != "--retry-failed"]
+        args, rest = parser.parse_known_args(argv)
+        args.folder = base
+    args.recorded_argv = [a for a in argv if a != "--retry-failed"]
+    return args, harness_parser().parse_args(rest), rest
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args, hargs, harness_argv = parse(argv)
+        opts = resolve_options(args)
+        plan = make_plan(hargs)
+    except (ValueError, KeyError, FileNotFoundError, WeightsMissing) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for name, why in plan.skipped:
+        print(f"skipped {name}: {why}")
+    print(f"{len(plan.pending)} feature job(s) to run, {len(plan.cached)} cached:")
+    for p in plan.pending:
+        print(f"  submit  {p.model} x {p.task}")
+    for p in plan.cached:
+        print(f"  cached  {p.model} x {p.task}")
+    base = (args.folder or DEFAULT_FOLDER).resolve()
+    if args.dry_run:
+        if plan.pending:
+            print(f"\n# feature-extraction array ({len(plan.pending)} tasks)\n"
+                  + sbatch_script(base / "%j", array_parameters(args, opts), array_size=len(plan.pending)))
+        params = probe_parameters(args, opts, "<array job id>" if plan.pending else None)
+        print(f"\n# probes and leaderboards: python -m harness.run {' '.join(harness_argv)}\n"
+              + sbatch_script(base / "%j", params))
+        return 0
+    jobs = submit(args, opts, harness_argv, plan, base)
+    ids = ", ".join(entry["job_id"] for _, entry, _ in jobs[:-1]) or "none"
+    print(f"submitted feature jobs: {ids}; probe job {jobs[-1][1]['job_id']}; record {base / RECORD}", flush=True)
+    if args.no_wait:
+        return 0
+    code = wait_and_report(jobs, base, args.poll_seconds)
+    if code == 0:
+        print(f"leaderboards written to {hargs.out}")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
