@@ -90,3 +90,15 @@ def test_cli_on_shared_data(shared_cxr, tmp_path):
     md = (out / "csv-ieee8023-covid-cxr.md").read_text()
     assert "| pixels" in md and "286 images, 158 patients" in md
     assert "not found" not in proc.stderr
+
+
+def test_cli_end_to_end_on_demo_runs_all_three_protocols(tmp_path):
+    out = tmp_path / "lb"
+    assert main(["--models", "pixels", "--tasks", "demo:n_patients=30,size=64", "--out", str(out),
+                 "--cache-dir", str(tmp_path / "c"), "--bootstrap", "50", "--workers", "0"]) == 0
+    md = (out / "demo.md").read_text()
+    for section in ("## Linear probe", "## Segmentation", "## Demographics"):
+        assert section in md
+    res = json.loads((out / "results/demo/pixels.json").read_text())
+    assert set(res["protocols"]) == {"linear", "seg", "demographics"}
+    assert (out / "demo_seg" / "pixels.png").stat().st_size > 0
