@@ -62,7 +62,7 @@ def split_task_list(tasks: str) -> list[str]:
     for piece in (t.strip() for t in tasks.split(",")):
         if not piece:
             continue
-        if specs and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=[^:]*", piece):
+        if specs and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=[^:]*(:[A-Za-z_-]+)?", piece):
             specs[-1] += "," + piece
         else:
             specs.append(piece)

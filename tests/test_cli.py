@@ -31,6 +31,7 @@ def test_task_list_keeps_key_value_arguments_together():
 
     assert split_task_list("demo:n_patients=50,size=128,csv:/a.csv,vindr") == [
         "demo:n_patients=50,size=128", "csv:/a.csv", "vindr"]
+    assert split_task_list("demo:n_patients=8,size=64:linear,rsna") == ["demo:n_patients=8,size=64:linear", "rsna"]
 
 
 def test_parse_task_spec():

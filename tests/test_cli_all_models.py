@@ -1,0 +1,260 @@
+"""``python -m harness.run --models all`` end to end, with an empty weights folder and with a full one.
+
+Empty: only the weight-free floors (pixels, random-vit) run; every pretrained model is listed as skipped, naming
+its folder and the files to put there. Full: every family's folder holds a small random model written in that
+model's published file layout, and all eight encoders get a leaderboard row and a results file carrying the digest
+of the weight files they loaded.
+
+The weight files are written without the reference libraries, so this runs in any environment: transformers' own
+``save_pretrained`` for the transformers folders, and for the other formats our re-implementations' state dicts,
+whose parameter names are the official ones (the loaders load them strictly). That claim is checked against the
+reference libraries themselves (timm, open_clip, hi-ml-multimodal) by the last test, which needs them (CI).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import CLIPConfig, CLIPModel, Dinov2Config, Dinov2Model
+
+from _baseline_refs import randomise_, reference
+from baselines.biovil_t import BioViLTImage
+from harness.run import main
+from trainer.vit import ViTConfig, VisionTransformer
+
+FLOORS = ("pixels", "random-vit")
+PRETRAINED = ("rad-dino", "dinov2-base", "clip", "biomedclip", "biovil-t", "mrm")
+# Every file name a skip message must mention: the documented layout, plus the alternative layouts where a loader
+# accepts more than one. Written out here, not read from the loaders, so a loader that changes them fails this test.
+SKIP_MENTIONS = {
+    "rad-dino": ("config.json", "model.safetensors"),
+    "dinov2-base": ("config.json", "model.safetensors", "dinov2_vitb14_pretrain.pth"),
+    "clip": ("config.json", "model.safetensors", "open_clip_model.safetensors", "open_clip_pytorch_model.bin"),
+    "biomedclip": ("open_clip_config.json", "open_clip_pytorch_model.bin"),
+    "biovil-t": ("biovil_t_image_model_proj_size_128.pt",),
+    "mrm": ("MRM.pth",),
+}
+# One task spec, no commas: 8 patients (17 images) at the default phantom size, linear probe only.
+TASK = "demo:n_patients=8:linear"
+CELL = re.compile(r"^(\*\*)?-?\d+\.\d{3}(\*\*)? \[-?\d+\.\d{3}, -?\d+\.\d{3}\]( †)?$")
+
+
+def _run(tmp_path: Path, weights: Path) -> int:
+    return main(["--models", "all", "--weights-dir", str(weights), "--tasks", TASK, "--out", str(tmp_path / "lb"),
+                 "--cache-dir", str(tmp_path / "cache"), "--bootstrap", "20", "--workers", "0", "--device", "cpu"])
+
+
+def _linear_rows(md: str) -> dict[str, dict[str, str]]:
+    """model -> {column: cell} of the leaderboard's linear-probe table."""
+    section = md.split("## Linear probe", 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in section.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = {}
+    for line in lines[2:]:  # past the header and its |---| rule
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = dict(zip(header[1:], cells[1:]))
+    return rows
+
+
+def _encoder_table(out: str) -> dict[str, str]:
+    """model -> its whole line in the encoder status table printed before any task runs."""
+    table = out.split("\n\n", 1)[0]
+    return {line.split()[0]: line for line in table.splitlines()[2:] if line.strip()}
+
+
+def _sha256(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------- small weights in the official layouts
+# Each writer fills <weights>/<folder>/ and returns the weight files in the order the loader digests them.
+
+def _tiny_vit(**kw) -> VisionTransformer:
+    return randomise_(VisionTransformer(ViTConfig(embed_dim=128, depth=2, num_heads=2, **kw)))
+
+
+def _rad_dino(folder: Path) -> list[Path]:
+    """microsoft/rad-dino: a transformers Dinov2Model folder."""
+    cfg = Dinov2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=1, intermediate_size=128,
+                       image_size=518, patch_size=14)
+    randomise_(Dinov2Model(cfg)).save_pretrained(folder)
+    return [folder / "config.json", folder / "model.safetensors"]
+
+
+def _dinov2_state() -> dict[str, torch.Tensor]:
+    """The official DINOv2 backbone layout (LayerScale, mask token), trained grid 37x37 as ViT-B/14's."""
+    return _tiny_vit(img_size=518, patch_size=14, layerscale_init=1.0).state_dict()
+
+
+def _dinov2_base(folder: Path) -> list[Path]:
+    """dinov2_vitb14_pretrain.pth: the official backbone state dict (the other accepted layout, a transformers
+    folder, is covered by rad-dino)."""
+    folder.mkdir(parents=True)
+    torch.save(_dinov2_state(), folder / "dinov2_vitb14_pretrain.pth")
+    return [folder / "dinov2_vitb14_pretrain.pth"]
+
+
+def _clip(folder: Path) -> list[Path]:
+    """openai/clip-vit-base-patch16: a full transformers CLIPModel folder (text and vision towers)."""
+    cfg = CLIPConfig(text_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=1,
+                                      intermediate_size=64, vocab_size=99, max_position_embeddings=16),
+                     vision_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=1,
+                                        intermediate_size=128, image_size=224, patch_size=16),
+                     projection_dim=48)
+    randomise_(CLIPModel(cfg)).save_pretrained(folder)
+    return [folder / "config.json", folder / "model.safetensors"]
+
+
+BIOMEDCLIP_CONFIG = {"model_cfg": {"embed_dim": 48, "vision_cfg": {"timm_model_name": "vit_base_patch16_224",
+                                                                   "timm_model_pretrained": False, "timm_pool": "",
+                                                                   "timm_proj": "linear", "image_size": 224},
+                                   "text_cfg": {"hf_model_name": "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract",
+                                                "hf_proj_type": "mlp", "context_length": 256}}}
+
+
+def _biomedclip_visual() -> dict[str, torch.Tensor]:
+    """open_clip's TimmModel tower: a timm ViT-B/16 trunk (no LayerScale, no mask token) and a bias-free head."""
+    trunk = _tiny_vit(img_size=224, patch_size=16, layerscale_init=None, use_mask_token=False).state_dict()
+    return {f"visual.trunk.{k}": v for k, v in trunk.items()} | {"visual.head.proj.weight": torch.randn(48, 128)}
+
+
+def _biomedclip(folder: Path) -> list[Path]:
+    """BiomedCLIP's open_clip folder: config + one state dict holding both towers (the text one is never read)."""
+    folder.mkdir(parents=True)
+    state = _biomedclip_visual() | {"text.transformer.embeddings.word_embeddings.weight": torch.randn(99, 32),
+                                    "logit_scale": torch.ones(())}
+    (folder / "open_clip_config.json").write_text(json.dumps(BIOMEDCLIP_CONFIG))
+    torch.save(state, folder / "open_clip_pytorch_model.bin")
+    return [folder / "open_clip_config.json", folder / "open_clip_pytorch_model.bin"]
+
+
+def _biovil_t(folder: Path) -> list[Path]:
+    """biovil_t_image_model_proj_size_128.pt: the ResNet-50 trunk and the 2048->256 projection the single-image
+    path runs (the full ResNet-50 is the real architecture; default init keeps its 50 layers' activations finite)."""
+    folder.mkdir(parents=True)
+    torch.save(BioViLTImage().state_dict(), folder / "biovil_t_image_model_proj_size_128.pt")
+    return [folder / "biovil_t_image_model_proj_size_128.pt"]
+
+
+def _mrm_encoder() -> dict[str, torch.Tensor]:
+    """MRM's MAE-style timm ViT-B/16 encoder (no LayerScale, no mask token: it lives in the decoder)."""
+    return _tiny_vit(img_size=224, patch_size=16, layerscale_init=None, use_mask_token=False).state_dict()
+
+
+def _mrm(folder: Path) -> list[Path]:
+    """MRM.pth: the training checkpoint, {"model": encoder + decoder weights, "epoch", "args": Namespace}."""
+    folder.mkdir(parents=True)
+    model = _mrm_encoder() | {"mask_token": torch.zeros(1, 1, 64), "decoder_embed.weight": torch.randn(64, 128),
+                              "decoder_norm.weight": torch.ones(64)}
+    torch.save({"model": model, "epoch": 199, "args": argparse.Namespace(mask_ratio=0.75)}, folder / "MRM.pth")
+    return [folder / "MRM.pth"]
+
+
+WRITERS = {"rad-dino": _rad_dino, "dinov2-base": _dinov2_base, "clip": _clip, "biomedclip": _biomedclip,
+           "biovil-t": _biovil_t, "mrm": _mrm}
+
+
+# ---------------------------------------------------------------------------------------------------- the tests
+
+def test_empty_weights_folder_runs_the_floors_and_lists_every_skip(tmp_path, capsys):
+    empty = tmp_path / "weights"
+    empty.mkdir()
+    assert _run(tmp_path, empty) == 0
+    table = _encoder_table(capsys.readouterr().out)
+    assert set(table) == set(FLOORS) | set(PRETRAINED)  # ckpt:DIR is parametrised, never part of `all`
+    for name in FLOORS:
+        assert table[name].split()[1] == "ready", table[name]
+    for name in PRETRAINED:
+        line = table[name]
+        assert line.split()[1] == "skipped", line
+        assert f"weights not found in {empty / name};" in line, line
+        for f in SKIP_MENTIONS[name]:
+            assert f in line, f"{name}: skip reason does not name {f}: {line}"
+
+    lb = tmp_path / "lb"
+    rows = _linear_rows((lb / "demo.md").read_text())
+    assert list(rows) == list(FLOORS)
+    assert all(CELL.match(r["macro AUROC"]) for r in rows.values()), rows
+    assert sorted(p.stem for p in (lb / "results/demo").glob("*.json")) == sorted(FLOORS)
+
+
+def test_full_weights_folder_runs_and_ranks_every_model(tmp_path, capsys):
+    weights = tmp_path / "weights"
+    files = {name: write(weights / name) for name, write in WRITERS.items()}
+    assert _run(tmp_path, weights) == 0
+    table = _encoder_table(capsys.readouterr().out)
+    assert {n: line.split()[1] for n, line in table.items()} == {n: "ready" for n in FLOORS + PRETRAINED}
+
+    lb = tmp_path / "lb"
+    rows = _linear_rows((lb / "demo.md").read_text())
+    assert sorted(rows) == sorted(FLOORS + PRETRAINED)
+    for name, row in rows.items():
+        assert CELL.match(row["macro AUROC"]) and CELL.match(row["macro AUPRC"]), (name, row)
+
+    for name in FLOORS + PRETRAINED:
+        res = json.loads((lb / "results/demo" / f"{name}.json").read_text())
+        assert res["model"] == name
+        digest = res["encoder"]["weights_digest"]
+        if name in files:  # the bytes of exactly the files written above, in the loader's order
+            assert digest == _sha256(files[name]), name
+        else:
+            assert re.fullmatch(r"[0-9a-f]{64}", digest), (name, digest)
+        assert table[name].split()[2] == digest[:12], table[name]
+        macro = res["protocols"]["linear"]["metrics"]["auroc"]["macro"]
+        assert 0.0 <= macro["lo"] <= macro["point"] <= macro["hi"] <= 1.0, (name, macro)
+
+
+def _names_and_shapes(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
+@pytest.mark.parametrize("family", ["dinov2-base", "biomedclip", "biovil-t", "mrm"])
+def test_written_files_use_the_official_parameter_names(family):
+    """The formats written above without the reference libraries hold exactly the names and shapes the reference
+    implementations save (a loader could otherwise be tested against a layout only this file believes in)."""
+    if family == "dinov2-base":
+        reference("timm")
+        from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+        # timm's DINOv2 ViT keeps the official parameter names; the official file adds the iBOT mask token.
+        ref = TimmViT(img_size=518, patch_size=14, embed_dim=128, depth=2, num_heads=2, init_values=1.0,
+                      num_classes=0).state_dict() | {"mask_token": torch.zeros(1, 128)}
+        ours = _dinov2_state()
+    elif family == "biomedclip":
+        reference("open_clip")
+        timm = reference("timm")
+        from open_clip.timm_model import TimmModel
+
+        tower = TimmModel("vit_base_patch16_224", embed_dim=48, image_size=224, pool="", proj="linear")
+        tower.trunk = timm.create_model("vit_base_patch16_224", pretrained=False, embed_dim=128, depth=2,
+                                        num_heads=2, num_classes=0)
+        tower.head.proj = torch.nn.Linear(128, 48, bias=False)
+        ref = {f"visual.{k}": v for k, v in tower.state_dict().items()}
+        ours = _biomedclip_visual()
+    elif family == "biovil-t":
+        reference("health_multimodal.image")
+        from baselines.biovil_t import UNUSED
+        from health_multimodal.image.model.model import ImageModel
+        from health_multimodal.image.model.types import ImageEncoderType
+
+        full = ImageModel(img_encoder_type=ImageEncoderType.RESNET50_MULTI_IMAGE, joint_feature_size=128)
+        ref = {k: v for k, v in full.state_dict().items() if not k.startswith(UNUSED)}
+        ours = BioViLTImage().state_dict()
+    else:
+        reference("timm")
+        from functools import partial
+
+        from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+        ref = TimmViT(img_size=224, patch_size=16, embed_dim=128, depth=2, num_heads=2, qkv_bias=True,
+                      norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_classes=0).state_dict()
+        ours = _mrm_encoder()
+    assert _names_and_shapes(ours) == _names_and_shapes(ref)
