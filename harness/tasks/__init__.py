@@ -3,3 +3,4 @@ from harness.tasks.base import Task, TaskContext, TaskError, build_task, registe
 
 from harness.tasks import csv_task  # noqa: F401,E402
 from harness.tasks import demo  # noqa: F401,E402
+from harness.tasks import candid, rsna, vindr  # noqa: F401,E402  (DICOM datasets in their official layouts)

@@ -1,0 +1,253 @@
+"""What the DICOM datasets (VinDr-CXR, CANDID-PTX, RSNA Pneumonia) share: reading their CSVs, a cheap header
+read per image (demographics and a decodability check), a base task over DICOM files, and content digests
+memoised across runs.
+
+Nothing here writes a patient identifier anywhere: headers are read for PatientSex and PatientAge only, and the
+digest memo is keyed by a hash of (path, size, mtime), so it holds no file names either.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from harness.io import atomic_write_json
+from harness.tasks.base import Task, TaskError
+from trainer.imaging import DECODER_VERSION, ImageDecodeError, load_radiograph
+
+#: Ages above this are data-entry errors (RSNA has 148-155); they become missing, not outliers.
+MAX_PLAUSIBLE_AGE = 120.0
+#: The tags a reader stopped by `stop_before_pixels` is left in front of: (Float/Double Float) Pixel Data,
+#: little- and big-endian.
+_PIXEL_TAGS = {b"\xe0\x7f\x10\x00", b"\xe0\x7f\x08\x00", b"\xe0\x7f\x09\x00",
+               b"\x7f\xe0\x00\x10", b"\x7f\xe0\x00\x08", b"\x7f\xe0\x00\x09"}
+_AGE_UNIT_YEARS = {"Y": 1.0, "M": 1 / 12, "W": 7 / 365.25, "D": 1 / 365.25}
+
+
+# --- CSV tables ----------------------------------------------------------------------------------------------
+
+def read_csv(path: Path, required: list[str], rename: dict[str, str] | None = None
+             ) -> list[tuple[int, dict[str, str]]]:
+    """Rows of a CSV as (line number, row dict), header names stripped and renamed by `rename` (spelling
+    variants). Quoted multi-line fields (CANDID reports) are one row; a UTF-8 byte-order mark is ignored.
+    Raises TaskError when the file or a required column is missing."""
+    if not path.is_file():
+        raise TaskError(f"{path}: file not found")
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        header = [(rename or {}).get(h.strip(), h.strip()) for h in (reader.fieldnames or [])]
+        missing = [c for c in required if c not in header]
+        if missing:
+            raise TaskError(f"{path}: header {header} lacks column(s) {missing}; expected at least {required} "
+                            "(is this the file as the dataset distributes it?)")
+        reader.fieldnames = header
+        rows = []
+        end = reader.line_num  # the header's last line
+        for row in reader:
+            # A quoted multi-line cell spans lines: a row is named by the line it starts on.
+            start, end = end + 1, reader.line_num
+            if None in row:  # more cells than header names
+                raise TaskError(f"{path} line {start}: more cells than the {len(header)} header columns")
+            rows.append((start, {k: (v or "").strip() for k, v in row.items()}))
+        return rows
+
+
+def parse_options(task: str, arg: str | None, allowed: dict[str, tuple[str, ...] | None]) -> dict[str, str]:
+    """``key=value`` options of a task argument, separated by commas as on the command line
+    (``--tasks vindr:agg=any,labels=all,rsna``).
+    `allowed` maps each key to its permitted values (None: any value, e.g. a path)."""
+    options: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in (arg or "").split(","))):
+        key, sep, value = part.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or key not in allowed:
+            known = ", ".join(f"{k}=<{'|'.join(v) if v else 'value'}>" for k, v in allowed.items())
+            raise TaskError(f"task {task!r}: unknown option {part!r}; "
+                            + (f"options are {known}" if known else "it takes no options"))
+        if allowed[key] is not None and value not in allowed[key]:
+            raise TaskError(f"task {task!r}: {key}={value!r} is not one of {list(allowed[key])}")
+        options[key] = value
+    return options
+
+
+# --- DICOM headers -------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Header:
+    """What the loaders keep from a DICOM header: no identifiers."""
+
+    sex: str | None
+    age: float
+    rows: int
+    columns: int
+
+
+def parse_sex(value: object) -> str | None:
+    """PatientSex -> 'M', 'F' or None ('O', blank and anything else are unknown)."""
+    s = str(value or "").strip().upper()
+    return s if s in ("M", "F") else None
+
+
+def parse_age(value: object) -> float:
+    """PatientAge in years: the DICOM AS form (``055Y``, ``006M``, ``003W``, ``010D``) or a plain number
+    (RSNA writes ``58``). Blank, unparsable and impossible (< 0 or > MAX_PLAUSIBLE_AGE) ages are NaN."""
+    s = str(value or "").strip().upper()
+    scale = 1.0
+    if s[-1:] in _AGE_UNIT_YEARS:
+        s, scale = s[:-1], _AGE_UNIT_YEARS[s[-1]]
+    try:
+        years = float(s) * scale
+    except ValueError:
+        return math.nan
+    return years if 0.0 <= years <= MAX_PLAUSIBLE_AGE else math.nan
+
+
+def read_header(path: Path) -> Header:
+    """Read a DICOM header without its pixels and check, cheaply, that the image can be decoded: the file is
+    DICOM with Rows/Columns, carries pixel data, and a decoder for its transfer syntax is installed.
+    Raises ImageDecodeError naming the file and the cause."""
+    import pydicom
+    from pydicom.pixels import get_decoder
+
+    try:
+        with open(path, "rb") as f:
+            ds = pydicom.dcmread(f, stop_before_pixels=True, force=True)
+            # The reader stops *in front of* the pixel data element; a file without one is read to the end.
+            has_pixels = f.read(4) in _PIXEL_TAGS
+    except Exception as e:  # pydicom raises many types on garbage; one error type naming the file
+        raise ImageDecodeError(f"{path}: not a readable DICOM file ({type(e).__name__}: {e})") from e
+    if "Rows" not in ds or "Columns" not in ds:
+        raise ImageDecodeError(f"{path}: not a DICOM image (no Rows/Columns in the header)")
+    if not has_pixels:
+        raise ImageDecodeError(f"{path}: DICOM has no PixelData (not an image)")
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if ts is not None and ts.is_compressed:
+        try:
+            available = get_decoder(ts).is_available
+        except NotImplementedError:
+            available = False
+        if not available:
+            raise ImageDecodeError(f"{path}: no installed decoder for transfer syntax {ts.name} ({ts}); "
+                                   "install pylibjpeg, pylibjpeg-libjpeg, pylibjpeg-openjpeg and pillow")
+    return Header(sex=parse_sex(ds.get("PatientSex")), age=parse_age(ds.get("PatientAge")),
+                  rows=int(ds.Rows), columns=int(ds.Columns))
+
+
+# --- The base task ---------------------------------------------------------------------------------------------
+
+class Skips:
+    """Collects bad inputs: raises a TaskError at once, or with --skip-bad records (where, reason) and goes on.
+    `where` is a path relative to the dataset root or a CSV row, never a patient id."""
+
+    def __init__(self, skip_bad: bool) -> None:
+        self.skip_bad = skip_bad
+        self.items: list[tuple[str, str]] = []
+
+    def bad(self, where: str, reason: str, fix: str = "") -> None:
+        if not self.skip_bad:
+            raise TaskError(f"{where}: {reason}" + (f"; {fix}" if fix else "")
+                            + " (or pass --skip-bad to skip and count such files)")
+        self.items.append((where, reason))
+
+
+def check_images(root: Path, listed: list[tuple[str, Path | None, str]], skips: Skips
+                 ) -> tuple[list[int], list[Header]]:
+    """For each (where listed, path or None when not found, shown as) entry: read its header. Returns the
+    indices of the good entries and their headers; bad entries go to `skips` as `shown-as` (a path relative to
+    the root, or a CSV row for datasets whose file names are patient ids)."""
+    kept, headers = [], []
+    for k, (listed_in, path, shown) in enumerate(listed):
+        if path is None or not path.is_file():
+            listed = f" (listed in {listed_in})" if listed_in != shown else ""
+            skips.bad(shown, f"the image file is missing{listed}", f"expected under {root}")
+            continue
+        try:
+            headers.append(read_header(path))
+        except ImageDecodeError as e:
+            skips.bad(shown, f"unreadable DICOM: {str(e).removeprefix(f'{path}: ')}")
+            continue
+        kept.append(k)
+    return kept, headers
+
+
+class DicomTask(Task):
+    """A task whose images are DICOM files; subclasses fill `table`, `paths`, `shown` (how each image is named
+    in messages: a path relative to the root, or a CSV line where file names are patient ids) and `skipped`."""
+
+    paths: list[Path]
+    shown: list[str]
+
+    def load_image(self, i: int) -> np.ndarray:
+        try:
+            return load_radiograph(self.paths[i])
+        except ImageDecodeError as e:
+            cause = str(e).removeprefix(f"{self.paths[i]}: ")
+            raise TaskError(f"{self.name}: {self.shown[i]}: cannot be decoded: {cause}; replace the file, or "
+                            "pass --skip-bad (it drops files that fail the up-front header check)") from e
+
+    def content_digest(self) -> str:
+        return memoised_digest(self.table.image_ids, self.paths)
+
+
+def demographics(headers: list[Header]) -> tuple[list[str | None], np.ndarray]:
+    return [h.sex for h in headers], np.array([h.age for h in headers], dtype=np.float64)
+
+
+# --- Content digests, memoised -------------------------------------------------------------------------------
+
+def digest_cache_file() -> Path:
+    """Where per-file digests are memoised: ``$RADDINO_BENCH_CACHE/file-digests.json``, else
+    ``$XDG_CACHE_HOME/raddino-bench/``, else ``~/.cache/raddino-bench/``."""
+    if os.environ.get("RADDINO_BENCH_CACHE"):
+        base = Path(os.environ["RADDINO_BENCH_CACHE"])
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "raddino-bench"
+    return base / "file-digests.json"
+
+
+def _file_key(path: Path) -> str:
+    st = path.stat()
+    return hashlib.sha256(f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:32]
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def memoised_digest(image_ids: list[str], paths: list[Path]) -> str:
+    """sha256 over the decoder version and the ordered (image id, sha256 of the file's bytes): like
+    `base.digest_files`, plus the decoder version (the same bytes decode differently when it changes). Each
+    file's digest is memoised under its (path, size, mtime_ns), so an unchanged 20k-image dataset is not
+    re-read on every run while an edited or replaced file is. The memo is rewritten atomically; if it cannot
+    be written the run goes on (it is only a speed-up) and says so."""
+    cache = digest_cache_file()
+    try:
+        memo: dict[str, str] = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    h = hashlib.sha256(DECODER_VERSION.encode() + b"\0")
+    changed = False
+    for image_id, path in zip(image_ids, paths, strict=True):
+        key = _file_key(path)
+        if key not in memo:
+            memo[key] = _sha256_file(path)
+            changed = True
+        h.update(image_id.encode() + b"\0" + memo[key].encode() + b"\1")
+    if changed:
+        try:
+            atomic_write_json(cache, memo)
+        except OSError as e:
+            print(f"warning: cannot write the digest memo {cache} ({e}); digests are recomputed next run",
+                  file=sys.stderr)
+    return h.hexdigest()
