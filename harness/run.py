@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 import re
 import subprocess
 import sys
@@ -99,8 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights-dir", type=Path, default=None,
                    help=f"folder with one sub-folder of weights per model (default: ${{RADDINO_BENCH_WEIGHTS}}, "
                         f"else {default_weights_dir()})")
-    p.add_argument("--cache-dir", type=Path, default=Path(".cache/raddino-bench"),
-                   help="feature cache (content-addressed; safe to delete)")
+    p.add_argument("--cache-dir", type=Path,
+                   default=Path(os.environ.get("RADDINO_BENCH_CACHE", ".cache/raddino-bench")),
+                   help="feature cache (content-addressed; safe to delete); $RADDINO_BENCH_CACHE sets the default")
     p.add_argument("--out", type=Path, default=Path("leaderboards"),
                    help="where leaderboards (<task>.md), results/ and splits/ are written")
     p.add_argument("--bootstrap", type=int, default=stats.DEFAULT_RESAMPLES,

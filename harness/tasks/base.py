@@ -19,6 +19,8 @@ from typing import Callable
 
 import numpy as np
 
+from trainer.imaging import DECODER_VERSION
+
 
 class TaskError(ValueError):
     """Bad input in a task's files: the message names the file, the row or the label, and the fix."""
@@ -99,8 +101,9 @@ class Task(ABC):
 
 
 def digest_files(image_ids: list[str], paths: list[Path]) -> str:
-    """sha256 over (id, file bytes) in order: the image list *and* the bytes, so an edited file changes it."""
-    h = hashlib.sha256()
+    """sha256 over (id, file bytes) in order: the image list *and* the bytes, so an edited file changes it; and
+    the decoder version, so a change in how files become pixels makes cached features stale."""
+    h = hashlib.sha256(DECODER_VERSION.encode() + b"\0")
     for image_id, path in zip(image_ids, paths, strict=True):
         h.update(image_id.encode() + b"\0")
         with open(path, "rb") as f:
