@@ -3,8 +3,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 import pytest
 import torch
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -23,3 +26,18 @@ def shared_cxr() -> Path:
     if not (SHARED_CXR / "labels.csv").exists():
         pytest.skip(f"../shared data not found at {SHARED_CXR}")
     return SHARED_CXR
+
+
+@pytest.fixture(scope="module")
+def blob_images(tmp_path_factory) -> Path:
+    """16 small grey PNGs with random blobs (distinct images so KoLeo and the losses have something to see)."""
+    root = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:48, :48]
+    for i in range(16):
+        img = np.zeros((48, 48))
+        for _ in range(4):
+            cy, cx, r = rng.uniform(0, 48, 2).tolist() + [rng.uniform(4, 14)]
+            img += rng.uniform(0.3, 1.0) * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
+        Image.fromarray((255 * img / img.max()).astype(np.uint8)).save(root / f"{i:02d}.png")
+    return root

@@ -10,9 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from slurm.cluster import make_executor, slurm_unreachable
 from slurm.pretrain import prepare
@@ -31,18 +29,6 @@ TINY = ["model.arch=vit_tiny", "model.depth=2", "model.patch_size=8", "model.img
         "run.checkpoint_every=1000"]
 
 
-@pytest.fixture(scope="module")
-def images(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[:48, :48]
-    for i in range(16):
-        img = sum(rng.uniform(0.3, 1) * np.exp(-((yy - rng.uniform(0, 48)) ** 2 + (xx - rng.uniform(0, 48)) ** 2)
-                                               / (2 * rng.uniform(4, 14) ** 2)) for _ in range(4))
-        Image.fromarray((255 * img / img.max()).astype(np.uint8)).save(root / f"{i:02d}.png")
-    return root
-
-
 def metrics(run: Path) -> list[dict]:
     path = run / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
@@ -56,8 +42,8 @@ def wait(condition, seconds: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def test_preempted_job_is_requeued_and_repeats_the_uninterrupted_losses(images, tmp_path):
-    common = ["--config", "smoke", "--data", str(images), "--steps", str(STEPS), *TINY]
+def test_preempted_job_is_requeued_and_repeats_the_uninterrupted_losses(blob_images, tmp_path):
+    common = ["--config", "smoke", "--data", str(blob_images), "--steps", str(STEPS), *TINY]
     # The reference, in plain Python beside the job, with the same single thread as the job's one CPU.
     ref_dir = tmp_path / "reference"
     reference = subprocess.Popen([sys.executable, "-m", "trainer.train", *common, "--output", str(ref_dir)],
@@ -96,9 +82,9 @@ def test_preempted_job_is_requeued_and_repeats_the_uninterrupted_losses(images, 
     assert [tuple(r[k] for k in keys) for r in mine] == [tuple(r[k] for k in keys) for r in ref]
 
 
-def test_two_tasks_form_one_ddp_run_from_slurms_environment(images, tmp_path):
+def test_two_tasks_form_one_ddp_run_from_slurms_environment(blob_images, tmp_path):
     run = tmp_path / "run"
-    args, params, folder, job_fn = prepare(["--config", "smoke", "--data", str(images), "--steps", "3", *TINY,
+    args, params, folder, job_fn = prepare(["--config", "smoke", "--data", str(blob_images), "--steps", "3", *TINY,
                                             "loss.centering=sinkhorn_knopp", "--output", str(run),
                                             "--tasks-per-node", "2", "--cpus-per-task", "1", "--time", "10",
                                             "--folder", str(tmp_path / "slurm")])

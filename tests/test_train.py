@@ -16,7 +16,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
-from PIL import Image
 from safetensors.torch import save_file
 
 from trainer.checkpoint import latest_checkpoint, list_checkpoints, load_backbone
@@ -44,21 +43,6 @@ def one_thread():
 
 def tiny_cfg(*extra: str, steps: int = 4):
     return load_config("smoke", TINY + list(extra), steps=steps)
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory) -> Path:
-    """16 small grey PNGs with random blobs (distinct images so KoLeo and the losses have something to see)."""
-    root = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[:48, :48]
-    for i in range(16):
-        img = np.zeros((48, 48))
-        for _ in range(4):
-            cy, cx, r = rng.uniform(0, 48, 2).tolist() + [rng.uniform(4, 14)]
-            img += rng.uniform(0.3, 1.0) * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
-        Image.fromarray((255 * img / img.max()).astype(np.uint8)).save(root / f"{i:02d}.png")
-    return root
 
 
 def read_metrics(run: Path) -> list[dict]:
@@ -146,9 +130,9 @@ def test_continue_from_a_dinov2_backbone_and_head_file(tmp_path):
 # The loop in-process
 
 
-def test_cli_run_logs_checkpoints_and_exports_the_teacher(images, tmp_path):
+def test_cli_run_logs_checkpoints_and_exports_the_teacher(blob_images, tmp_path):
     out = tmp_path / "run"
-    argv = ["--config", "smoke", "--data", str(images), "--output", str(out), "--steps", "4", *TINY,
+    argv = ["--config", "smoke", "--data", str(blob_images), "--output", str(out), "--steps", "4", *TINY,
             "run.checkpoint_every=2"]
     assert main(argv) == 0
     rows = read_metrics(out)
@@ -165,7 +149,7 @@ def test_cli_run_logs_checkpoints_and_exports_the_teacher(images, tmp_path):
         main(argv)  # never silently overwrite a run
 
 
-def test_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(images, tmp_path, monkeypatch):
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(blob_images, tmp_path, monkeypatch):
     import trainer.train as tt
 
     calls = {"n": 0}
@@ -178,7 +162,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(images, tmp
 
     monkeypatch.setattr(tt.iBOTPatchLoss, "forward_masked", poisoned)
     cfg = tiny_cfg("run.checkpoint_every=2", steps=6)
-    cfg.data.sources = [str(images)]
+    cfg.data.sources = [str(blob_images)]
     with pytest.raises(FloatingPointError, match=r"iteration 3 .*ckpt_0000002"):
         train(cfg, tmp_path)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt_0000002"]
@@ -217,14 +201,14 @@ def finish(proc: subprocess.Popen) -> int:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(images, tmp_path_factory) -> list[dict]:
+def uninterrupted(blob_images, tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("uninterrupted")
-    assert finish(launch(images, out)) == 0
+    assert finish(launch(blob_images, out)) == 0
     return read_metrics(out)
 
 
-def test_sigkill_then_resume_repeats_the_uninterrupted_losses(images, tmp_path, uninterrupted):
-    proc = launch(images, tmp_path)
+def test_sigkill_then_resume_repeats_the_uninterrupted_losses(blob_images, tmp_path, uninterrupted):
+    proc = launch(blob_images, tmp_path)
     wait_for_iteration(proc, tmp_path, 4)
     proc.send_signal(signal.SIGKILL)
     assert finish(proc) == -signal.SIGKILL
@@ -232,7 +216,7 @@ def test_sigkill_then_resume_repeats_the_uninterrupted_losses(images, tmp_path, 
     assert killed_at < 16, "the run finished before it was killed: nothing was tested"
     resumed_from = int(json.loads((latest_checkpoint(tmp_path) / "state.json").read_text())["iteration"])
     assert resumed_from >= 2
-    assert finish(launch(images, tmp_path, "--resume", "auto")) == 0
+    assert finish(launch(blob_images, tmp_path, "--resume", "auto")) == 0
     rows = read_metrics(tmp_path)
     assert [r["iteration"] for r in rows] == list(range(1, 17))
     for mine, ref in zip(rows, uninterrupted):
@@ -240,9 +224,9 @@ def test_sigkill_then_resume_repeats_the_uninterrupted_losses(images, tmp_path, 
             (ref["iteration"], ref["loss"], ref["dino"], ref["ibot"], ref["koleo"], ref["lr"])
 
 
-def test_sigterm_checkpoints_before_exit_and_resumes_identically(images, tmp_path, uninterrupted):
+def test_sigterm_checkpoints_before_exit_and_resumes_identically(blob_images, tmp_path, uninterrupted):
     # With a DataLoader worker, signalled together with the main process as SLURM does on preemption.
-    proc = launch(images, tmp_path, "data.num_workers=1")
+    proc = launch(blob_images, tmp_path, "data.num_workers=1")
     wait_for_iteration(proc, tmp_path, 3)
     os.killpg(proc.pid, signal.SIGTERM)
     assert finish(proc) == 0
@@ -251,7 +235,7 @@ def test_sigterm_checkpoints_before_exit_and_resumes_identically(images, tmp_pat
     # The checkpoint is the step it stopped at, not the last periodic one.
     assert json.loads((latest_checkpoint(tmp_path) / "state.json").read_text())["iteration"] == stopped_at
     assert "stopped by SIGTERM" in (tmp_path / "train.log").read_text()
-    assert finish(launch(images, tmp_path, "--resume", "auto")) == 0
+    assert finish(launch(blob_images, tmp_path, "--resume", "auto")) == 0
     assert [r["loss"] for r in read_metrics(tmp_path)] == [r["loss"] for r in uninterrupted]
 
 
@@ -281,9 +265,9 @@ def ddp_worker(rank: int, port: int, images: str, out: str, logits: torch.Tensor
         dist.destroy_process_group()
 
 
-def test_ddp_two_ranks_stay_identical_and_sinkhorn_uses_the_global_batch(images, tmp_path):
+def test_ddp_two_ranks_stay_identical_and_sinkhorn_uses_the_global_batch(blob_images, tmp_path):
     logits = torch.randn(8, 64, generator=torch.Generator().manual_seed(0)) * 3
-    mp.spawn(ddp_worker, args=(free_port(), str(images), str(tmp_path), logits), nprocs=2, join=True)
+    mp.spawn(ddp_worker, args=(free_port(), str(blob_images), str(tmp_path), logits), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for name in ("student", "teacher"):
         assert torch.equal(r0[name], r1[name]), name
@@ -297,11 +281,11 @@ def test_ddp_two_ranks_stay_identical_and_sinkhorn_uses_the_global_batch(images,
     assert not torch.allclose(r0["sk"], local, atol=1e-3)
 
 
-def test_torchrun_cli_trains_on_two_gloo_ranks(images, tmp_path):
+def test_torchrun_cli_trains_on_two_gloo_ranks(blob_images, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "GLOO_SOCKET_IFNAME": "lo"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
-           "-m", "trainer.train", "--config", "smoke", "--data", str(images), "--output", str(tmp_path),
+           "-m", "trainer.train", "--config", "smoke", "--data", str(blob_images), "--output", str(tmp_path),
            "--steps", "2", *TINY]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
