@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import torch
 from tabulate import tabulate
 
@@ -166,8 +167,6 @@ def provenance() -> dict:
             "packages": {p: version(p) for p in pkgs}}
 
 
-
-
 def evaluate_task(spec: TaskSpec, encoders: list[Encoder], args: argparse.Namespace, ctx: TaskContext,
                   cache: FeatureCache, device: torch.device, reference: str) -> Path:
     task = build_task(spec.name, spec.arg, ctx)
@@ -184,13 +183,16 @@ def evaluate_task(spec: TaskSpec, encoders: list[Encoder], args: argparse.Namesp
     test_idx = np.flatnonzero(split == "test")
     weights = stats.bootstrap_weights([t.patient_ids[i] for i in test_idx], args.bootstrap, args.seed)
     print(f"features ({len(encoders)} encoder(s), cache {args.cache_dir}):")
+
     def extract_for(sub: Task, encs: list[Encoder], dense: bool) -> dict:
         return extract(sub, encs, cache, dense=dense, batch_size=args.batch_size, workers=args.workers,
                        device=device)
 
+    # Everything the protocols declared, in as few passes as possible; then the global features of every image,
+    # a cache hit by now.
     for view, dense in feature_sets(task, spec.protocols):
-        feats = extract_for(view, encoders, dense)
-    feats = extract_for(task, encoders, False)  # cached by now: the global features of every image
+        extract_for(view, encoders, dense)
+    feats = extract_for(task, encoders, False)
     tr = TaskRun(task, split, split_hash(t.image_ids, list(split)), weights, feats, summary, extract=extract_for,
                  seed=args.seed, reference=reference)
     sections = []
@@ -198,8 +200,13 @@ def evaluate_task(spec: TaskSpec, encoders: list[Encoder], args: argparse.Namesp
         print(f"protocol {proto} ...")
         sections.append(PROTOCOLS[proto].run(tr, encoders))
 
-    # Write: split file, per-model results and predictions, then the leaderboard (each atomically).
-    out = args.out
+    return write_outputs(tr, encoders, sections, args)
+
+
+def write_outputs(tr: TaskRun, encoders: list[Encoder], sections: list, args: argparse.Namespace) -> Path:
+    """Split file, per-model results and predictions, extra files, then the leaderboard: each atomically."""
+    task, t, summary, reference, out = tr.task, tr.task.table, tr.summary, tr.reference, args.out
+    split = tr.split
     tname = safe_name(task.name)
     write_split(out / "splits" / f"{tname}.csv", task.name, t.image_ids, t.patient_ids, list(split))
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
@@ -216,8 +223,6 @@ def evaluate_task(spec: TaskSpec, encoders: list[Encoder], args: argparse.Namesp
         folder = out / "results" / tname
         atomic_write_json(folder / f"{safe_name(enc.name)}.json", res)
         if tr.predictions.get(enc.name):
-            import polars as pl
-
             with atomic_path(folder / f"{safe_name(enc.name)}.predictions.parquet") as tmp:
                 pl.DataFrame(tr.predictions[enc.name]).write_parquet(tmp)
     for rel, blob in tr.files.items():
