@@ -72,7 +72,7 @@ def naive_full(path: Path) -> np.ndarray:
     return np.clip((voi - lo) / (hi - lo), 0, 1).astype(np.float32)
 
 
-def median_seconds(fn, path: Path, repeats: int) -> float:
+def median_seconds(fn, path: Path | None, repeats: int) -> float:
     fn(path)  # warm-up: imports, plugin discovery, file cache
     times = []
     for _ in range(repeats):
@@ -91,13 +91,7 @@ def vit_forward_seconds(repeats: int) -> float:
     model = build_vit("vit_base", img_size=518, patch_size=14).eval()
     x = torch.randn(1, 3, 518, 518)
     with torch.inference_mode():
-        model(x)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        return median_seconds(lambda _: model(x), None, repeats)
 
 
 def main() -> None:

@@ -20,6 +20,12 @@ def _deterministic_torch():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    """Tests never read or write the user's cache (file-digest memo, default feature cache)."""
+    monkeypatch.setenv("RADDINO_BENCH_CACHE", str(tmp_path / "cache"))
+
+
 @pytest.fixture
 def shared_cxr() -> Path:
     """The real CXR subset in ../shared; skips the test with a reason when it is absent."""

@@ -11,11 +11,6 @@ from harness.tasks.base import TaskContext, TaskError, build_task
 from harness.tasks.candid import CandidTask
 
 
-@pytest.fixture(autouse=True)
-def _digest_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("RADDINO_BENCH_CACHE", str(tmp_path / "cache"))
-
-
 @pytest.fixture(scope="module")
 def fx(tmp_path_factory):
     return make_candid(tmp_path_factory.mktemp("data") / "candid-ptx")

@@ -14,11 +14,6 @@ from harness.tasks.base import TaskContext, TaskError, build_task
 from harness.tasks.vindr import DEFAULT_LABELS, VinDrTask
 
 
-@pytest.fixture(autouse=True)
-def _digest_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("RADDINO_BENCH_CACHE", str(tmp_path / "cache"))
-
-
 @pytest.fixture(scope="module")
 def fx(tmp_path_factory):
     return make_vindr(tmp_path_factory.mktemp("data") / "vindr-cxr")
