@@ -74,3 +74,20 @@ def test_shared_csv_reads_as_is(shared_cxr):
     assert int(t.table.has_mask.sum()) == 205
     m = t.load_mask(int(np.flatnonzero(t.table.has_mask)[0]))
     assert m.dtype == bool and m.ndim == 3 and 0.05 < m.mean() < 0.7
+
+
+def test_skip_bad_drops_a_dicom_without_pixel_data(tmp_path):
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    csv = _write_set(tmp_path, GOOD + ["img/empty.dcm,1,0,p9,M,50"])
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.Rows, ds.Columns = 4, 4
+    pydicom.dcmwrite(tmp_path / "img/empty.dcm", ds, enforce_file_format=True)
+    t = CsvTask(csv, skip_bad=True)
+    assert len(t) == 6 and t.skipped[0][0] == "img/empty.dcm"

@@ -26,16 +26,15 @@ def _unreadable(path: Path) -> str | None:
     file before splits are made, rather than fail half-way through feature extraction."""
     from PIL import Image
 
+    from harness.tasks.dicom_meta import read_header
     from trainer.imaging import is_dicom
 
     try:
         if is_dicom(path):
-            import pydicom
-
-            ds = pydicom.dcmread(path, stop_before_pixels=False, force=True)
-            return None if "PixelData" in ds else "DICOM without PixelData"
-        with Image.open(path) as im:
-            im.verify()
+            read_header(path)  # DICOM with Rows/Columns, pixel data and an installed decoder
+        else:
+            with Image.open(path) as im:
+                im.verify()
         return None
     except Exception as e:
         return f"unreadable ({type(e).__name__})"
@@ -53,6 +52,7 @@ class CsvTask(Task):
         self.root = csv_path.parent
         self.name = name or f"csv-{csv_path.parent.name}"
         self.skipped = []
+        self._digest: str | None = None
         try:
             df = pl.read_csv(csv_path, infer_schema=False)  # all strings: we validate each column ourselves
         except Exception as e:
@@ -159,8 +159,12 @@ class CsvTask(Task):
         return (load_radiograph(self.root / rel) > 0.5)[None]
 
     def content_digest(self) -> str:
-        paths = [self.root / p for p in self.table.image_ids]
-        return digest_files(self.table.image_ids, paths)
+        # Hashing every image's bytes is the slow part of a cached run and a run asks several times (once per
+        # feature set); the files do not change during one run.
+        if self._digest is None:
+            paths = [self.root / p for p in self.table.image_ids]
+            self._digest = digest_files(self.table.image_ids, paths)
+        return self._digest
 
 
 @register_task("csv", takes_arg=True, description="any labels.csv: image, label_*, patient_id[, mask, sex, age, split]")
