@@ -40,6 +40,8 @@ class HeadConfig:
     hidden_dim: int = 2048
     bottleneck_dim: int = 256
     nlayers: int = 3
+    # Keep the prototypes' weight-norm gains at 1 (DINO v1's norm_last_layer); DINOv2 trains and decays them.
+    freeze_prototype_gain: bool = False
 
 
 @dataclass
@@ -114,6 +116,22 @@ class RunConfig:
     keep_last: int = 3
     device: str = "auto"                    # "auto" | "cpu" | "cuda"
     bf16: bool = True                       # bf16 autocast on CUDA (no grad scaler needed); ignored on CPU
+    # Collapse watch (trainer.diagnostics): warn when the teacher's CLS target entropy stays within
+    # collapse_margin * ln K of ln K (uniform) or of 0 (one prototype) for collapse_window logged steps.
+    collapse_window: int = 10
+    collapse_margin: float = 0.01
+    stop_on_collapse: bool = False          # opt-in: checkpoint and stop a collapsed run instead of warning
+
+
+@dataclass
+class EvalConfig:
+    """The in-training probe (trainer.monitor): a labelled harness task the teacher is probed on while it trains."""
+    task: str | None = None                 # a harness task spec: csv:PATH/labels.csv, demo, vindr, ...
+    every: int = 0                          # probe every N iterations (and before the first and after the last);
+                                            # 0: only before the first and after the last
+    data_root: str | None = None            # harness --data-root for registered datasets (DIR or NAME=DIR)
+    seed: int = 0                           # the harness's split seed and probe seed (its default)
+    test_fraction: float = 0.3              # the harness's default
 
 
 @dataclass
@@ -125,6 +143,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -212,7 +231,7 @@ def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
 def save_config(cfg: TrainConfig, path: Path) -> None:
     """Write the resolved config as YAML, atomically."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False))
+    tmp.write_text(yaml.safe_dump(plain(cfg.to_dict()), sort_keys=False))
     tmp.replace(path)
 
 
@@ -231,6 +250,12 @@ def validate(cfg: TrainConfig) -> None:
     if l.koleo_weight > 0 and o.batch_size_per_gpu < 2:
         # KoLeo's nearest neighbour is undefined for one image per device (reference §1.4, dinov2 issue #314).
         raise ValueError("optim.batch_size_per_gpu=1 makes KoLeo undefined: use >= 2 or set loss.koleo_weight=0")
+    if cfg.run.collapse_window < 1 or not 0 < cfg.run.collapse_margin < 1:
+        raise ValueError(f"run.collapse_window={cfg.run.collapse_window} must be >= 1 and run.collapse_margin="
+                         f"{cfg.run.collapse_margin} in (0, 1)")
+    if cfg.eval.every < 0 or not 0 < cfg.eval.test_fraction < 1:
+        raise ValueError(f"eval.every={cfg.eval.every} must be >= 0 and eval.test_fraction="
+                         f"{cfg.eval.test_fraction} in (0, 1)")
     if cfg.run.keep_last < 1:
         raise ValueError(f"run.keep_last={cfg.run.keep_last} must be >= 1")
 
@@ -300,10 +325,10 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     return value
 
 
-def _plain(obj: Any) -> Any:
+def plain(obj: Any) -> Any:
     """Tuples -> lists so that yaml.safe_dump writes plain YAML (and safe_load reads it back)."""
     if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
+        return {k: plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
+        return [plain(v) for v in obj]
     return obj

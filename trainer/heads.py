@@ -7,6 +7,8 @@ trained (and weight-decayed) like any other weight. RAD-DINO ships the default K
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -24,7 +26,10 @@ class WeightNormLinear(nn.Module):
         super().__init__()
         self.weight_v = nn.Parameter(torch.empty(out_features, in_features))
         self.weight_g = nn.Parameter(torch.ones(out_features, 1))
-        nn.init.trunc_normal_(self.weight_v, std=0.02)
+        # nn.Linear's own default (uniform in +-1/sqrt(in)), as upstream: its DINOHead applies trunc-normal(0.02)
+        # to the MLP before the prototype layer exists. Only the rows' directions reach the logits, but under
+        # AdamW the norm of v sets how fast they turn (a step of ~lr moves a row of norm |v| by ~lr/|v|).
+        nn.init.kaiming_uniform_(self.weight_v, a=math.sqrt(5))
 
     @property
     def weight(self) -> Tensor:

@@ -117,7 +117,8 @@ class DINOLoss(TeacherTargets):
         Convention: teacher_probs_list holds the n_g teacher global crops [B, K] and the FIRST n_g entries of
         student_logits_list are the student's views of the same global crops in the same order, followed by the
         local crops. Pairs (i, i) for i < n_g are the same view and are skipped, which is the reference's A<->B
-        swap for globals. With 2 globals and 8 locals: 2*1 + 2*8 = 18 pairs, loss = sum / 18.
+        swap for globals. With 2 globals and 8 locals: 2*1 + 2*8 = 18 pairs, loss = sum / 18; with no locals,
+        sum / 3 (upstream's divisor, see below).
         """
         n_global = len(teacher_probs_list)
         if len(student_logits_list) < n_global:
@@ -136,7 +137,11 @@ class DINOLoss(TeacherTargets):
                 n_pairs += 1
         if n_pairs == 0:
             raise ValueError("DINOLoss: no cross-view pair (need >= 2 global crops or >= 1 local crop)")
-        return total / n_pairs
+        # Upstream's divisor is (global pairs) + max(local pairs, 1) (dinov2/train/ssl_meta_arch.py,
+        # n_local_crops_loss_terms): the number of pairs with local crops, but one more than the pair count
+        # without them. Matched so that a run with crops.n_local=0 weighs DINO against iBOT/KoLeo as upstream.
+        n_local_pairs = n_global * (len(student_logits_list) - n_global)
+        return total / (n_global * (n_global - 1) + max(n_local_pairs, 1))
 
 
 class iBOTPatchLoss(TeacherTargets):  # noqa: N801 (the method's name)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 import torch.distributed as dist
 from safetensors.torch import load_file
 from torch import nn
@@ -41,9 +42,10 @@ from trainer.checkpoint import (
     restore_state,
     save_checkpoint,
 )
-from trainer.config import TrainConfig, load_config, save_config
+from trainer.config import TrainConfig, load_config, plain, save_config
 from trainer.crops import MultiCropAugmentation
 from trainer.data import SampleStream, make_loader
+from trainer.diagnostics import CollapseMonitor, step_diagnostics
 from trainer.heads import DINOHead
 from trainer.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from trainer.masking import sample_masks
@@ -85,12 +87,14 @@ class Student(SSLModel):
 
 class Teacher(SSLModel):
     @torch.no_grad()
-    def forward(self, global_crops: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """CLS logits of the unmasked globals, and patch logits at the student's masked positions (§1.4)."""
+    def forward(self, global_crops: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                torch.Tensor]:
+        """CLS logits of the unmasked globals, patch logits at the student's masked positions (§1.4), and the
+        backbone CLS tokens (for the collapse diagnostics)."""
         out = self.backbone.forward_features(global_crops)
         cls, patches = out["x_norm_clstoken"], out["x_norm_patchtokens"][masks]
         logits = self.dino_head(torch.cat([cls, patches]))
-        return logits[:cls.shape[0]], logits[cls.shape[0]:]
+        return logits[:cls.shape[0]], logits[cls.shape[0]:], cls
 
 
 def build_models(cfg: TrainConfig) -> tuple[Student, Teacher]:
@@ -101,6 +105,11 @@ def build_models(cfg: TrainConfig) -> tuple[Student, Teacher]:
                     cfg.head.nlayers)
     if cfg.model.pretrained_head:
         load_pretrained_head(head, cfg.model.pretrained_head)
+    if cfg.head.freeze_prototype_gain:
+        # DINO v1's norm_last_layer: prototypes stay unit-norm, so the logits are plain cosines and weight decay
+        # cannot flatten every distribution by shrinking the gains (see trainer.diagnostics, prototype_gain).
+        head.last_layer.weight_g.data.fill_(1.0)
+        head.last_layer.weight_g.requires_grad_(False)
     student = Student(backbone, head)
     teacher = Teacher(copy.deepcopy(backbone), copy.deepcopy(head))
     teacher.requires_grad_(False)
@@ -154,6 +163,8 @@ def param_groups(student: Student, layerwise_decay: float, patch_embed_lr_mult: 
     named = [(f"backbone.{n}", n, p) for n, p in student.backbone.named_parameters()]
     named += [(f"dino_head.{n}", None, p) for n, p in student.dino_head.named_parameters()]
     for full, backbone_name, p in named:
+        if not p.requires_grad:
+            continue
         lr_mult = 1.0
         if backbone_name is not None:
             lr_mult = layerwise_decay ** (n_blocks + 1 - layer_id(backbone_name, n_blocks))
@@ -312,6 +323,8 @@ def train(cfg: TrainConfig, output: str | Path, resume: str | None = None) -> Tr
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)
         setup_logging(output)
+    # The probe task is read before any model is built, so a wrong eval.task fails in seconds.
+    probe = build_probe(cfg, device) if rank == 0 and cfg.eval.task else None
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
 
     student, teacher = build_models(cfg)
@@ -322,7 +335,7 @@ def train(cfg: TrainConfig, output: str | Path, resume: str | None = None) -> Tr
     dino_loss = DINOLoss(cfg.head.out_dim, cfg.loss.student_temp, cfg.loss.center_momentum).to(device)
     ibot_loss = iBOTPatchLoss(cfg.head.out_dim, cfg.loss.student_temp, cfg.loss.center_momentum).to(device)
     state = TrainState(student, teacher, optimizer, dino_loss, ibot_loss)
-    resume_from(state, output, resume, device)
+    resume_from(state, output, resume, device, cfg)
     if rank == 0:
         save_config(cfg, output / "config.yaml")
 
@@ -346,6 +359,9 @@ def train(cfg: TrainConfig, output: str | Path, resume: str | None = None) -> Tr
                  len(stream), world, batch_size * world, cfg.optim.total_iters, state.iteration, sched.lr.max())
 
     meter = Meter(output if rank == 0 else None, device, batch_size * world)
+    monitor = CollapseMonitor(cfg.run.collapse_window, cfg.run.collapse_margin)
+    if probe is not None and state.iteration == 0:
+        meter.probe(probe(teacher.backbone, 0))
     with StopSignal() as stop:
         while state.iteration < cfg.optim.total_iters:
             it = state.iteration
@@ -359,7 +375,7 @@ def train(cfg: TrainConfig, output: str | Path, resume: str | None = None) -> Tr
             masks = sample_masks(global_crops.shape[0], grid, cfg.loss.mask_ratio_min_max,
                                  cfg.loss.mask_sample_probability, generator=gen).to(device)
             with autocast:
-                t_cls, t_patch = teacher(global_crops, masks)
+                t_cls, t_patch, t_cls_features = teacher(global_crops, masks)
             t_cls_probs, t_patch_probs = teacher_targets(cfg, dino_loss, ibot_loss, t_cls, t_patch,
                                                          values["teacher_temp"])
             with autocast:
@@ -368,6 +384,9 @@ def train(cfg: TrainConfig, output: str | Path, resume: str | None = None) -> Tr
             loss = (cfg.loss.dino_weight * terms["dino"] + cfg.loss.ibot_weight * terms["ibot"]
                     + cfg.loss.koleo_weight * terms["koleo"])
             logged = all_mean(torch.stack([loss.detach(), *(t.detach() for t in terms.values())]).float())
+            log_now = (it + 1) % cfg.run.log_every == 0 or it == 0
+            diagnostics = step_diagnostics(t_cls_probs, t_patch_probs, s["global_logits"], cfg.loss.student_temp,
+                                           t_cls_features, teacher.dino_head.last_layer.weight_g) if log_now else None
             if not torch.isfinite(logged).all():  # the same verdict on every rank: `logged` is all-reduced
                 last = latest_checkpoint(output)
                 raise FloatingPointError(
@@ -377,28 +396,54 @@ def train(cfg: TrainConfig, output: str | Path, resume: str | None = None) -> Tr
 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            # Clipped per module, as DINOv2 clips per FSDP-wrapped submodule (§1.7).
-            for module in (student.backbone, student.dino_head):
-                nn.utils.clip_grad_norm_(module.parameters(), cfg.optim.clip_grad)
+            # Clipped per module, as DINOv2 clips per FSDP-wrapped submodule (§1.7); 0 means no clipping (as
+            # upstream's `if clip_grad:`), not a zero norm, which would erase every gradient.
+            if cfg.optim.clip_grad > 0:
+                for module in (student.backbone, student.dino_head):
+                    nn.utils.clip_grad_norm_(module.parameters(), cfg.optim.clip_grad)
             apply_schedules(optimizer, values)
             optimizer.step()
             update_teacher(teacher, student, values["momentum"])
 
             state.iteration += 1
             state.samples_seen += batch_size * world
-            meter.record(state.iteration, cfg.optim.total_iters, logged, batch["n_bad"], values,
-                         log_now=state.iteration % cfg.run.log_every == 0 or state.iteration == 1)
-            stopping = stop.agreed(device)
+            meter.record(state.iteration, cfg.optim.total_iters, logged, batch["n_bad"], values, diagnostics)
+            collapsed = watch_collapse(monitor, state.iteration, diagnostics, cfg) if diagnostics else False
+            stopping = stop.agreed(device) or collapsed
+            if probe is not None and (stopping or state.iteration == cfg.optim.total_iters
+                                      or (cfg.eval.every and state.iteration % cfg.eval.every == 0)):
+                meter.probe(probe(teacher.backbone, state.iteration))
             if stopping or state.iteration % cfg.run.checkpoint_every == 0 \
                     or state.iteration == cfg.optim.total_iters:
                 save(state, output, cfg)
             if stopping:
-                state.stopped_by = signal.Signals(stop.received).name if stop.received else "a signal on another rank"
+                state.stopped_by = ("collapse" if collapsed else signal.Signals(stop.received).name
+                                    if stop.received else "a signal on another rank")
                 if rank == 0:
                     log.info("stopped by %s at iteration %d after writing a checkpoint; rerun with --resume auto",
                              state.stopped_by, state.iteration)
                 break
     return state
+
+
+class ProbeTaskError(ValueError):
+    """eval.task could not be read (unknown task, missing file): reported before the first step."""
+
+
+def build_probe(cfg: TrainConfig, device: torch.device) -> "InTrainingProbe":
+    """The in-training probe of eval.task (trainer.monitor); the harness's own errors for a bad task."""
+    from trainer.monitor import InTrainingProbe, load_probe_data
+
+    log.info("in-training probe: reading task %s", cfg.eval.task)
+    try:
+        data = load_probe_data(cfg.eval.task, cfg.to_dict(), cfg.eval.data_root, cfg.eval.seed,
+                               cfg.eval.test_fraction)
+    except (ValueError, OSError) as e:  # the harness's TaskError is a ValueError naming the file and the fix
+        raise ProbeTaskError(str(e)) from e
+    log.info("in-training probe: %s, %d images (%d train / %d test), every %s iterations", data.name,
+             len(data.split), (data.split == "train").sum(), (data.split == "test").sum(),
+             cfg.eval.every or "(start and end only)")
+    return InTrainingProbe(data, cfg.eval.seed, device)
 
 
 @torch.no_grad()
@@ -429,7 +474,26 @@ def student_losses(cfg: TrainConfig, dino_loss: DINOLoss, ibot_loss: iBOTPatchLo
     }
 
 
-def resume_from(state: TrainState, output: Path, resume: str | None, device: torch.device) -> None:
+def watch_collapse(monitor: CollapseMonitor, iteration: int, diagnostics: dict[str, float],
+                   cfg: TrainConfig) -> bool:
+    """Warn (once per kind of collapse) when the targets have been degenerate for a whole window; True when the
+    run was asked to stop on collapse (run.stop_on_collapse). The verdict is rank 0's; stopping is agreed on all
+    ranks because every rank sees the same all-reduced targets only approximately, so rank 0 decides for all."""
+    verdict = monitor.update(iteration, diagnostics)
+    collapse = torch.tensor([1.0 if verdict is not None and cfg.run.stop_on_collapse else 0.0])
+    if verdict is not None and monitor.reported != verdict.kind:
+        monitor.reported = verdict.kind
+        if rank_and_world()[0] == 0:
+            log.warning("WARNING %s%s", verdict.message(),
+                        " Stopping (run.stop_on_collapse=true)." if cfg.run.stop_on_collapse else
+                        " The run goes on; set run.stop_on_collapse=true to stop such runs.")
+    if dist.is_initialized():
+        dist.broadcast(collapse, src=0)
+    return bool(collapse.item())
+
+
+def resume_from(state: TrainState, output: Path, resume: str | None, device: torch.device,
+                cfg: TrainConfig) -> None:
     """``resume``: None (fresh run; refuse to overwrite a run's checkpoints), "auto" (latest if any) or a dir."""
     if resume is None:
         if latest_checkpoint(output) is not None:
@@ -441,11 +505,46 @@ def resume_from(state: TrainState, output: Path, resume: str | None, device: tor
         return
     tensors, optimizer_state, meta = load_checkpoint(ckpt)
     restore_state(state.modules(), {k: v.to(device) for k, v in tensors.items()}, ckpt)
-    state.optimizer.load_state_dict(optimizer_state)
+    changes = config_changes(ckpt / "config.yaml", cfg)
+    # torch's load_state_dict also restores each group's options, including our multipliers: keep this run's
+    # values, so that what config.yaml says is what the optimiser does.
+    fresh = [(g["lr_multiplier"], g["wd_multiplier"], g["is_last_layer"]) for g in state.optimizer.param_groups]
+    try:
+        state.optimizer.load_state_dict(optimizer_state)
+    except ValueError as e:
+        raise ValueError(f"cannot resume from {ckpt}: this config groups the parameters differently from the "
+                         f"checkpoint's ({'; '.join(changes) or 'no key differs'}), so its AdamW state does not "
+                         "fit. Restore those keys to resume, or start a new --output") from e
+    for g, (lr_mult, wd_mult, is_last) in zip(state.optimizer.param_groups, fresh):
+        g["lr_multiplier"], g["wd_multiplier"], g["is_last_layer"] = lr_mult, wd_mult, is_last
     state.iteration, state.samples_seen = meta["iteration"], meta["samples_seen"]
     if rank_and_world()[0] == 0:
         truncate_metrics(output / "metrics.jsonl", state.iteration)
         log.info("resumed from %s at iteration %d", ckpt, state.iteration)
+        if changes:
+            log.warning("resuming with settings that differ from the checkpoint's: %s. From iteration %d on, "
+                        "the schedules (laid out for optim.total_iters=%d) and the parameter-group multipliers "
+                        "follow the new values", "; ".join(changes), state.iteration, cfg.optim.total_iters)
+
+
+def config_changes(saved: Path, cfg: TrainConfig) -> list[str]:
+    """``key: old -> new`` for every setting of ``cfg`` that differs from a checkpoint's config.yaml."""
+    if not saved.is_file():
+        return []
+    old = _flatten(yaml.safe_load(saved.read_text()) or {})
+    new = _flatten(yaml.safe_load(yaml.safe_dump(plain(cfg.to_dict()))))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k) and k != "data.sources"]
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def truncate_metrics(path: Path, iteration: int) -> None:
@@ -467,10 +566,11 @@ class Meter:
         self.t0, self.steps, self.n_bad = time.perf_counter(), 0, 0
 
     def record(self, iteration: int, total: int, logged: torch.Tensor, n_bad: int, values: dict[str, float],
-               log_now: bool) -> None:
+               diagnostics: dict[str, float] | None) -> None:
+        """One step; a log line and a JSON line when ``diagnostics`` were computed (the logged steps)."""
         self.steps += 1
         self.n_bad += n_bad
-        if self.jsonl is None or not log_now:
+        if self.jsonl is None or diagnostics is None:
             return
         elapsed = time.perf_counter() - self.t0
         total_loss, dino, ibot, koleo = logged.tolist()
@@ -478,15 +578,30 @@ class Meter:
                "lr": values["lr"], "wd": values["wd"], "momentum": values["momentum"],
                "teacher_temp": values["teacher_temp"],
                "images_per_s": self.steps * self.images_per_step / elapsed, "memory_mb": memory_mb(self.device),
-               "skipped_images": self.n_bad}
+               "skipped_images": self.n_bad, **diagnostics}
         with open(self.jsonl, "a") as f:
             f.write(json.dumps(row) + "\n")
         eta = elapsed / self.steps * (total - iteration)
-        log.info("it %d/%d  loss %.4f (dino %.4f ibot %.4f koleo %.4f)  lr %.3g  mom %.4f  %.1f img/s  %.0f MB  "
-                 "eta %s%s", iteration, total, total_loss, dino, ibot, koleo, row["lr"], row["momentum"],
-                 row["images_per_s"], row["memory_mb"], format_seconds(eta),
+        log.info("it %d/%d  loss %.4f (dino %.4f ibot %.4f koleo %.4f)  H(t) %.3f/%.3f patch %.3f (ln K %.3f)  "
+                 "KL(t|s) %.3f  std %.4f  protos %d  lr %.3g  mom %.4f  %.1f img/s  %.0f MB  eta %s%s",
+                 iteration, total, total_loss, dino, ibot, koleo, diagnostics["target_entropy_cls"],
+                 diagnostics["student_entropy_cls"], diagnostics["target_entropy_patch"], diagnostics["ln_k"],
+                 diagnostics["kl_teacher_student_cls"], diagnostics["teacher_feature_std"],
+                 diagnostics["prototypes_used"], row["lr"], row["momentum"], row["images_per_s"], row["memory_mb"],
+                 format_seconds(eta),
                  f"  skipped {self.n_bad} unreadable" if self.n_bad else "")
         self.t0, self.steps = time.perf_counter(), 0
+
+
+    def probe(self, row: dict[str, float]) -> None:
+        """One in-training probe result: its own JSON line (keys probe_*) and a log line."""
+        if self.jsonl is None:
+            return
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        shown = "  ".join(f"{k.removeprefix('probe_')} {v:.4f}" for k, v in row.items()
+                          if k.startswith("probe_") and isinstance(v, float))
+        log.info("probe it %d  %s", row["iteration"], shown)
 
 
 def format_seconds(s: float) -> str:
@@ -525,7 +640,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cfg = load_config(args.config, args.overrides, steps=args.steps)
+    try:
+        cfg = load_config(args.config, args.overrides, steps=args.steps)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.data:
         cfg.data.sources = args.data
     if args.skip_bad:
@@ -533,6 +652,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_distributed()
     try:
         train(cfg, args.output, args.resume)
+    except ProbeTaskError as e:
+        print(f"error: eval.task={cfg.eval.task!r}: {e}", file=sys.stderr)
+        return 2
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
