@@ -17,7 +17,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 OLD_KEYS = ["loss", "dino", "ibot", "koleo", "lr", "wd", "momentum", "teacher_temp", "images_per_s", "memory_mb",
             "skipped_images"]
 NEW_KEYS = ["ln_k", "target_entropy_cls", "target_entropy_patch", "student_entropy_cls", "kl_teacher_student_cls",
-            "teacher_feature_std", "prototypes_used"]
+            "teacher_feature_std", "prototypes_used", "prototype_gain"]
 
 
 def train_line(it: int, keys: list[str]) -> dict:

@@ -9,6 +9,7 @@ diagnostics and the probe):
                     with ln K (uniform targets) and 0 (one-hot targets) as the two collapse limits
   teacher features  mean per-dimension std of the L2-normalised teacher CLS features (0 = all images alike)
   prototypes used   prototypes that are some image's argmax this step (1 = one prototype for everything)
+  prototype gain    mean weight-norm gain of the teacher's prototypes (towards 0 flattens every distribution)
   lr, teacher temperature, momentum
   probe             every ``probe_*`` metric, with its ``probe_*_lo`` / ``probe_*_hi`` interval as a band
 
@@ -56,6 +57,7 @@ _PANELS: list[tuple[str, list[tuple[str, str, bool]]]] = [
                           ("ln_k", "ln K (uniform)", True)]),
     ("teacher CLS feature std", [("teacher_feature_std", "teacher_feature_std", False)]),
     ("prototypes used", [("prototypes_used", "prototypes_used", False)]),
+    ("teacher prototype gain", [("prototype_gain", "prototype_gain", False)]),
     ("learning rate", [("lr", "lr", False)]),
     ("teacher temperature", [("teacher_temp", "teacher_temp", False)]),
     ("teacher momentum", [("momentum", "momentum", False)]),
