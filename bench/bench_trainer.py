@@ -34,7 +34,9 @@ def measure(arch: str, packed: bool, args: argparse.Namespace, queue) -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cfg = step_config(arch, args.global_size, args.local_size, args.n_local, args.out_dim)
+    cfg = step_config([f"model.arch={arch}", f"model.img_size={args.global_size}",
+                       f"crops.global_size={args.global_size}", f"crops.local_size={args.local_size}",
+                       f"crops.n_local={args.n_local}", f"head.out_dim={args.out_dim}"])
     step = make_step(cfg, args.batch, packed, torch.device("cpu"))
 
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -19,13 +19,10 @@ from trainer.masking import sample_masks
 from trainer.train import build_models, param_groups, update_teacher
 
 
-def step_config(arch: str, global_size: int, local_size: int, n_local: int, out_dim: int,
-                extra: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """The rad-dino recipe at a benchmark's geometry, without drop-path (its random draws would differ by mode)."""
-    return load_config("rad-dino", [f"model.arch={arch}", f"model.img_size={global_size}",
-                                    f"crops.global_size={global_size}", f"crops.local_size={local_size}",
-                                    f"crops.n_local={n_local}", f"head.out_dim={out_dim}",
-                                    "model.drop_path_rate=0.0", *extra])
+def step_config(overrides: list[str]) -> TrainConfig:
+    """The rad-dino recipe with a benchmark's geometry overrides, without drop-path (its random draws would
+    differ between the packed and the separate pass)."""
+    return load_config("rad-dino", [*overrides, "model.drop_path_rate=0.0"])
 
 
 def make_step(cfg: TrainConfig, batch: int, packed: bool, device: torch.device,
