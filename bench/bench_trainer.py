@@ -1,8 +1,9 @@
 """Benchmark: one DINOv2 training step with the student's multi-crop pass PACKED (one block-diagonal sequence,
 vit.forward_features_list) against SEPARATE passes per crop size (forward_features on globals, then on locals).
 
-Everything else in the step is the trainer's own and identical in both modes: crops on the device, iBOT masks,
-teacher forward, DINO + iBOT + KoLeo losses, backward, gradient clipping, AdamW, EMA update.
+Everything else in the step is the trainer's own and identical in both modes (bench/trainer_step.py, shared with
+gpu_check.py): crops on the device, iBOT masks, teacher forward, DINO + iBOT + KoLeo losses, backward, gradient
+clipping, AdamW, EMA update.
 
     python bench/bench_trainer.py                      # vit_tiny and vit_small, 224 px globals, 8 x 98 px locals
     python bench/bench_trainer.py --archs vit_tiny --batch 8 --steps 5
@@ -28,57 +29,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def measure(arch: str, packed: bool, args: argparse.Namespace, queue) -> None:
     import torch
-    from torch import nn
 
-    from trainer.config import load_config
-    from trainer.crops import MultiCropAugmentation
-    from trainer.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
-    from trainer.masking import sample_masks
-    from trainer.train import build_models, param_groups, update_teacher
+    from trainer_step import make_step, step_config
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cfg = load_config("rad-dino", [f"model.arch={arch}", f"model.img_size={args.global_size}",
-                                   f"crops.global_size={args.global_size}", f"crops.local_size={args.local_size}",
-                                   f"crops.n_local={args.n_local}", f"head.out_dim={args.out_dim}",
-                                   "model.drop_path_rate=0.0"])
-    student, teacher = build_models(cfg)
-    optimizer = torch.optim.AdamW(param_groups(student, 0.9, 0.2), lr=1e-4, foreach=True)
-    dino, ibot, koleo = DINOLoss(args.out_dim), iBOTPatchLoss(args.out_dim), KoLeoLoss()
-    augment = MultiCropAugmentation(args.global_size, args.local_size, args.n_local)
-    images = torch.rand(args.batch, 1, args.global_size, args.global_size)
-    grid = (args.global_size // 14,) * 2
-
-    def student_forward(g, l_, masks):
-        if packed:
-            return student(g, l_, masks)
-        # Separate passes: the same outputs, one backbone call per crop size, then the same single head call.
-        bb = student.backbone
-        go, lo = bb.forward_features(g, masks), bb.forward_features(l_)
-        cls_g, cls_l = go["x_norm_clstoken"], lo["x_norm_clstoken"]
-        logits = student.dino_head(torch.cat([cls_g, cls_l, go["x_norm_patchtokens"][masks]]))
-        n_g, n_l = cls_g.shape[0], cls_l.shape[0]
-        return {"global_cls": cls_g, "global_logits": logits[:n_g], "local_logits": logits[n_g:n_g + n_l],
-                "patch_logits": logits[n_g + n_l:]}
-
-    def step(i: int) -> None:
-        gen = torch.Generator().manual_seed(i)
-        g, l_ = augment(images, gen)
-        masks = sample_masks(g.shape[0], grid, generator=gen)
-        t_cls, t_patch = teacher(g, masks)
-        t_cls_p = dino.softmax_center_teacher(t_cls, 0.07)
-        dino.update_center(t_cls)
-        t_patch_p = ibot.softmax_center_teacher(t_patch, 0.07)
-        ibot.update_center(t_patch)
-        s = student_forward(g, l_, masks)
-        crops = list(s["global_logits"].chunk(2)) + list(s["local_logits"].chunk(args.n_local))
-        loss = dino(crops, list(t_cls_p.chunk(2))) + ibot.forward_masked(s["patch_logits"], t_patch_p, masks) \
-            + 0.1 * sum(koleo(c) for c in s["global_cls"].chunk(2))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(student.parameters(), 3.0)
-        optimizer.step()
-        update_teacher(teacher, student, 0.996)
+    cfg = step_config([f"model.arch={arch}", f"model.img_size={args.global_size}",
+                       f"crops.global_size={args.global_size}", f"crops.local_size={args.local_size}",
+                       f"crops.n_local={args.n_local}", f"head.out_dim={args.out_dim}"])
+    step = make_step(cfg, args.batch, packed, torch.device("cpu"))
 
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     step(0)  # warm-up (allocator, kernels)
