@@ -138,7 +138,7 @@ def _encoders():
     return [stretch, crop]
 
 
-def _task_run(task, tmp_path):
+def _task_run(task, tmp_path, reference="pixels"):
     t = task.table
     pid = np.array([int(p[1:]) for p in t.patient_ids])
     split = np.where(pid % 3 == 0, "test", "train")
@@ -149,7 +149,7 @@ def _task_run(task, tmp_path):
     def ex(sub, encs, dense):
         return extract(sub, encs, cache, dense=dense, batch_size=8, workers=0, log=lambda *_: None)
 
-    return TaskRun(task, split, "h", weights, {}, {}, extract=ex, seed=0, reference="pixels")
+    return TaskRun(task, split, "h", weights, {}, {}, extract=ex, seed=0, reference=reference)
 
 
 def test_protocol_end_to_end(tmp_path):
@@ -204,3 +204,30 @@ def test_task_without_masks_says_why(tmp_path):
     task = _Masked(n=12, with_masks=False)
     section = run_seg(_task_run(task, tmp_path), _encoders())
     assert section.rows == {} and "has no masks" in section.notes[0]
+
+
+def _crop(name, resize=None):
+    """A centre-cropping pixels encoder; `resize` sets the shortest edge before the crop (Resize + CenterCrop)."""
+    enc = PixelsEncoder(Preprocess(size=32, policy="resize_shortest_crop", resize=resize, interpolation="area",
+                                   mean=(0.5,), std=(0.25,), channels=1), block=4)
+    enc.name = name
+    return enc
+
+
+def test_a_models_scores_do_not_depend_on_the_other_models_in_the_run(tmp_path):
+    """Two encoders with the same input size and policy but a different resize before the crop (CLIP-style crop
+    224 vs DINOv2-style Resize 256 + CenterCrop 224) must each train on their own placed masks: every number of
+    a model is the same alone and beside the other, in either order."""
+    budget = SegBudget(epochs=3, batch_size=8, loss_size=32)
+
+    def scores(*names):
+        encoders = [_crop(n, resize=40 if n == "zoom" else None) for n in names]
+        tr = _task_run(_Masked(), tmp_path, reference=names[0])
+        run_seg(tr, encoders, budget)
+        return {m: {kind: {metric: tr.results[m]["seg"]["heads"][kind]["lungs"][metric]
+                           for metric in ("dice", "iou")} for kind in ("linear", "multi-level")} for m in names}
+
+    alone = {**scores("crop"), **scores("zoom")}
+    assert alone["crop"] != alone["zoom"]  # the geometries really differ
+    for order in (("crop", "zoom"), ("zoom", "crop")):
+        assert scores(*order) == alone, order

@@ -242,9 +242,11 @@ def dice_iou(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return dice, iou
 
 
-def mask_placement_key(pre: Preprocess) -> tuple:
-    """Encoders whose geometry is the same share their placed targets."""
-    return pre.size, pre.policy
+def mask_placement_key(pre: Preprocess, shapes: list[tuple[int, int]]) -> tuple[Geometry, ...]:
+    """Where each mask of `shapes` lands in the encoder's input: encoders share placed targets only when every mask
+    is resized, cropped and padded identically. Keyed on the geometry itself rather than on chosen `Preprocess`
+    fields, so no field that moves a mask (size, policy, the resize before a crop) can be left out."""
+    return tuple(geometry(h, w, pre) for h, w in shapes)
 
 
 # ------------------------------------------------------------------------------------------------------ overlays
@@ -364,14 +366,15 @@ def run_seg(tr: TaskRun, encoders: list[Encoder], budget: SegBudget = BUDGET) ->
     # The overlays show the same test images for every model: the first ones with something to segment.
     shown = [r for r in range(len(test)) if truth_any[r].any()][:N_OVERLAYS]
 
-    targets_by_geometry: dict[tuple, torch.Tensor] = {}
+    shapes = [m.shape[-2:] for m in masks]
+    targets_by_geometry: dict[tuple[Geometry, ...], torch.Tensor] = {}
     scores: dict[str, dict[str, HeadScores]] = {}
     for enc in encoders:
         pre = enc.preprocess
-        key = mask_placement_key(pre)
+        key = mask_placement_key(pre, shapes)
         if key not in targets_by_geometry:
             targets_by_geometry[key] = torch.stack(
-                [mask_to_input(m, geometry(*m.shape[-2:], pre), budget.loss_size) for m in masks]).to(torch.float16)
+                [mask_to_input(m, geo, budget.loss_size) for m, geo in zip(masks, key)]).to(torch.float16)
         t0, c0 = time.perf_counter(), time.process_time()
         scores[enc.name] = evaluate_encoder(dense[enc.name], pre, masks, train, test, targets_by_geometry[key],
                                             budget, tr.seed, set(shown))
