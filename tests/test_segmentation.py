@@ -25,7 +25,7 @@ from harness.probes.segmentation import (
     run_seg,
 )
 from harness.protocols import TaskRun
-from harness.tasks.base import Task, TaskTable
+from harness.tasks.base import Task, TaskError, TaskTable
 
 
 def test_dice_iou_match_the_formula():
@@ -231,3 +231,25 @@ def test_a_models_scores_do_not_depend_on_the_other_models_in_the_run(tmp_path):
     assert alone["crop"] != alone["zoom"]  # the geometries really differ
     for order in (("crop", "zoom"), ("zoom", "crop")):
         assert scores(*order) == alone, order
+
+
+class _OneBright(_Masked):
+    """Every image dimmed to at most ~0.45 except image 4, whose background stays around 0.65."""
+
+    def load_image(self, i):
+        img = super().load_image(i)
+        return img if i == 4 else 0.5 * img
+
+
+def test_non_finite_dense_features_name_the_model_task_and_images(tmp_path):
+    """A real fp16 overflow: with std 0.55/65504 every normalised pixel above 0.55 exceeds float16's range when
+    the dense grid is cached, which only image 4 reaches. Training on it would silently give Dice 0."""
+    task = _OneBright()
+    overflow = PixelsEncoder(Preprocess(size=32, policy="resize_stretch", interpolation="area", mean=(0.0,),
+                                        std=(0.55 / 65504,), channels=1), block=4)
+    with pytest.raises(TaskError) as err:
+        run_seg(_task_run(task, tmp_path), [overflow], SegBudget(epochs=1, batch_size=8, loss_size=32))
+    msg = str(err.value)
+    assert "pixels" in msg and "tiny-seg" in msg and "'im4'" in msg
+    assert not any(f"'im{i}'" in msg for i in range(len(task)) if i != 4)
+    assert "float16" in msg  # says why, and what to do

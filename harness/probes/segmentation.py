@@ -142,6 +142,32 @@ def channel_stats(grid: np.ndarray, chunk: int = 64) -> tuple[torch.Tensor, torc
     return torch.tensor(mean, dtype=torch.float32), torch.tensor(np.maximum(std, 1e-4), dtype=torch.float32)
 
 
+def non_finite_rows(grids: list[np.ndarray], chunk: int = 64) -> np.ndarray:
+    """Indices of the images with a NaN or infinite value in any of the [N, C, h, w] `grids` (chunked, so a large
+    fp16 cache never needs a full-size boolean copy)."""
+    bad = np.zeros(len(grids[0]), dtype=bool)
+    for grid in grids:
+        for s in range(0, len(grid), chunk):
+            part = grid[s:s + chunk]
+            bad[s:s + len(part)] |= ~np.isfinite(part).reshape(len(part), -1).all(axis=1)
+    return np.flatnonzero(bad)
+
+
+def check_finite(fs: FeatureSet, model: str, task_name: str, image_ids: list[str], shown: int = 5) -> None:
+    """Raise a TaskError naming the model, the task and the images (of `image_ids`, the rows of `fs`) whose dense
+    features are not finite: a single inf in a grid makes a head's loss NaN and its Dice 0 without any other sign."""
+    bad = non_finite_rows([fs.patch, *fs.layers])
+    if bad.size == 0:
+        return
+    names = ", ".join(repr(image_ids[i]) for i in bad[:shown]) + (f" and {bad.size - shown} more" if bad.size > shown else "")
+    raise TaskError(
+        f"task {task_name}, model {model}, protocol seg: dense features (patch grid or intermediate layers) of {bad.size} of "
+        f"{len(image_ids)} masked image(s) contain NaN or inf: {names}. Dense grids are cached as float16, whose largest "
+        f"value is 65504, so a larger activation overflows to inf (a NaN comes from the encoder itself). Check "
+        f"the encoder's outputs on these images (cache entry {fs.key[:12]} under --cache-dir); until then leave "
+        f"`{model}` out of --models.")
+
+
 def build_head(kind: str, stats_: list[tuple[torch.Tensor, torch.Tensor]], n_classes: int, budget: SegBudget,
                seed: int) -> nn.Module:
     """A freshly initialised head of `kind`, seeded (so every encoder starts from the same random state)."""
@@ -357,6 +383,8 @@ def run_seg(tr: TaskRun, encoders: list[Encoder], budget: SegBudget = BUDGET) ->
                               f"{int(in_test.sum())} masked test images (need at least 2 and 1)")
     subset = dense_view(task, rows)
     dense = tr.extract(subset, encoders, True)
+    for enc in encoders:  # before any training: fail in seconds, not after the other models' heads
+        check_finite(dense[enc.name], enc.name, task.name, subset.table.image_ids)
     masks = _load_masks(subset)
     train, test = np.flatnonzero(in_train), np.flatnonzero(in_test)
     names = list(task.mask_names)
