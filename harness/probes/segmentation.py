@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import polars as pl
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -43,6 +44,7 @@ from harness.features import FeatureSet
 from harness.leaderboard import Cell, Section
 from harness.io import safe_name
 from harness.protocols import TaskRun, dense_view, register_protocol
+from harness.splits import pseudonym
 from harness.tasks.base import Task, TaskError
 
 TITLE = "Segmentation (frozen patch tokens)"
@@ -159,13 +161,14 @@ def check_finite(fs: FeatureSet, model: str, task_name: str, image_ids: list[str
     bad = non_finite_rows([fs.patch, *fs.layers])
     if bad.size == 0:
         return
-    names = ", ".join(repr(image_ids[i]) for i in bad[:shown]) + (f" and {bad.size - shown} more" if bad.size > shown else "")
+    more = f" and {bad.size - shown} more" if bad.size > shown else ""
+    names = ", ".join(repr(image_ids[i]) for i in bad[:shown]) + more
     raise TaskError(
-        f"task {task_name}, model {model}, protocol seg: dense features (patch grid or intermediate layers) of {bad.size} of "
-        f"{len(image_ids)} masked image(s) contain NaN or inf: {names}. Dense grids are cached as float16, whose largest "
-        f"value is 65504, so a larger activation overflows to inf (a NaN comes from the encoder itself). Check "
-        f"the encoder's outputs on these images (cache entry {fs.key[:12]} under --cache-dir); until then leave "
-        f"`{model}` out of --models.")
+        f"task {task_name}, model {model}, protocol seg: dense features (patch grid or intermediate layers) of "
+        f"{bad.size} of {len(image_ids)} masked image(s) contain NaN or inf: {names}. Dense grids are cached as "
+        f"float16, whose largest value is 65504, so a larger activation overflows to inf (a NaN comes from the "
+        f"encoder itself). Check the encoder's outputs on these images (cache entry {fs.key[:12]} under "
+        f"--cache-dir); until then leave `{model}` out of --models.")
 
 
 def build_head(kind: str, stats_: list[tuple[torch.Tensor, torch.Tensor]], n_classes: int, budget: SegBudget,
@@ -349,6 +352,36 @@ def evaluate_encoder(fs: FeatureSet, pre: Preprocess, masks: list[np.ndarray], t
     return out
 
 
+#: (results key, column title) of each per-structure metric; the FP rate is the one computed on empty truths.
+FP_METRIC = "empty_truth_fp_rate"
+METRICS = (("dice", "Dice"), ("iou", "IoU"), (FP_METRIC, "empty-truth FP rate"))
+
+
+def scored_on(metric: str, truth_any: np.ndarray) -> np.ndarray:
+    """Which test images a metric is defined on: Dice and IoU need a non-empty truth, the FP rate an empty one."""
+    return ~truth_any if metric == FP_METRIC else truth_any
+
+
+def per_image(sc: HeadScores, metric: str, k: int) -> np.ndarray:
+    """One metric of structure `k` for every test image (NaN, or meaningless, outside `scored_on`)."""
+    return sc.predicted_any[:, k].astype(np.float64) if metric == FP_METRIC else getattr(sc, metric)[:, k]
+
+
+def per_image_parquet(scores: dict[str, HeadScores], names: list[str], image_ids: list[str], patient_keys: list[str],
+                      truth_any: np.ndarray) -> bytes:
+    """A row per (head, structure, test image): Dice and IoU (null on an empty truth), whether the truth is empty
+    and whether the head predicted any pixel, keyed by image id and pseudonymous patient key (never the raw id)."""
+    n = len(image_ids)
+    parts = [pl.DataFrame({
+        "image_id": image_ids, "patient_key": patient_keys, "head": [kind] * n, "structure": [name] * n,
+        "truth_empty": ~truth_any[:, k], "predicted_any": scores[kind].predicted_any[:, k],
+        "dice": scores[kind].dice[:, k], "iou": scores[kind].iou[:, k],
+    }) for kind in HEADS for k, name in enumerate(names)]
+    buf = io.BytesIO()
+    pl.concat(parts).with_columns(pl.col("dice", "iou").fill_nan(None)).write_parquet(buf)
+    return buf.getvalue()
+
+
 def _not_evaluated(reason: str) -> Section:
     return Section(TITLE, [], {}, notes=[f"Nothing evaluated: {reason}."])
 
@@ -388,8 +421,11 @@ def run_seg(tr: TaskRun, encoders: list[Encoder], budget: SegBudget = BUDGET) ->
     masks = _load_masks(subset)
     train, test = np.flatnonzero(in_train), np.flatnonzero(in_test)
     names = list(task.mask_names)
-    test_patients = [t.patient_ids[rows[i]] for i in test]
-    weights = stats.bootstrap_weights(test_patients, tr.weights.shape[0], tr.seed)
+    test_ids = [subset.table.image_ids[i] for i in test]
+    # Resampled over the pseudonymous keys that the per-image file publishes, so its intervals can be recomputed
+    # exactly from it (the bootstrap is deterministic in the sorted unique keys and the seed).
+    test_keys = [pseudonym(t.patient_ids[rows[i]], task.name) for i in test]
+    weights = stats.bootstrap_weights(test_keys, tr.weights.shape[0], tr.seed)
     truth_any = np.array([[m[k].any() for k in range(len(names))] for m in (masks[i] for i in test)])
     # The overlays show the same test images for every model: the first ones with something to segment.
     shown = [r for r in range(len(test)) if truth_any[r].any()][:N_OVERLAYS]
@@ -409,34 +445,38 @@ def run_seg(tr: TaskRun, encoders: list[Encoder], budget: SegBudget = BUDGET) ->
         print(f"  {enc.name}: segmentation heads trained and scored in {time.perf_counter() - t0:.1f} s "
               f"({time.process_time() - c0:.1f} s CPU)")
 
-    # Per (head, structure, metric): point and resampled mean over the images with a non-empty truth.
+    # Per (head, structure, metric): point and resampled mean over the images the metric is defined on.
     summary: dict[tuple, dict[str, dict]] = {}
     resampled: dict[tuple, dict[str, np.ndarray]] = {}
     for kind in HEADS:
         for k, name in enumerate(names):
-            scored = truth_any[:, k]
-            for metric in ("dice", "iou"):
+            for metric, _ in METRICS:
                 key = (kind, name, metric)
                 summary[key], resampled[key] = {}, {}
+                on = scored_on(metric, truth_any[:, k])
+                if not on.any():
+                    continue
                 for enc in encoders:
-                    values = getattr(scores[enc.name][kind], metric)[scored, k]
-                    if values.size == 0:
-                        continue
+                    values = per_image(scores[enc.name][kind], metric, k)[on]
                     with np.errstate(invalid="ignore", divide="ignore"):
-                        # A resample that drew no image with this structure has no mean: NaN, dropped by summarise.
-                        boot = stats.weighted_mean(values, weights[:, scored])
+                        # A resample that drew none of these images has no mean: NaN, dropped by summarise.
+                        boot = stats.weighted_mean(values, weights[:, on])
                     resampled[key][enc.name] = boot
                     summary[key][enc.name] = stats.summarise(float(values.mean()), boot)
     paired = {key: stats.compare_to_reference(resampled[key], {m: s["point"] for m, s in summary[key].items()},
                                               tr.reference)
               for key in summary if summary[key]}
 
-    columns, section_rows = [], {enc.name: {} for enc in encoders}
+    n_empty = {name: int((~truth_any[:, k]).sum()) for k, name in enumerate(names)}
+    columns, section_rows, higher_is_better = [], {enc.name: {} for enc in encoders}, {}
     for kind in HEADS:
         for name in names:
-            for metric, title in (("dice", "Dice"), ("iou", "IoU")):
+            for metric, title in METRICS:
+                if metric == FP_METRIC and not n_empty[name]:
+                    continue  # no negative image in the test set: nothing a false positive could land on
                 col = f"{name} {title} ({kind})"
                 columns.append(col)
+                higher_is_better[col] = metric != FP_METRIC
                 key = (kind, name, metric)
                 for enc in encoders:
                     s = summary[key].get(enc.name)
@@ -451,30 +491,29 @@ def run_seg(tr: TaskRun, encoders: list[Encoder], budget: SegBudget = BUDGET) ->
     for enc in encoders:
         head_results = {}
         for kind in HEADS:
-            sc = scores[enc.name][kind]
             per_structure = {}
             for k, name in enumerate(names):
-                empty = ~truth_any[:, k]
                 per_structure[name] = {
                     "n_scored": int(truth_any[:, k].sum()),
-                    "n_empty_truth": int(empty.sum()),
-                    "predicted_on_empty_truth": float(sc.predicted_any[empty, k].mean()) if empty.any() else None,
-                    **{m: summary[(kind, name, m)].get(enc.name) for m in ("dice", "iou")},
+                    "n_empty_truth": n_empty[name],
+                    **{m: summary[(kind, name, m)].get(enc.name) for m, _ in METRICS},
                     "paired_to_reference": None if enc.name == tr.reference else
-                    {m: paired.get((kind, name, m), {}).get(enc.name) for m in ("dice", "iou")},
+                    {m: paired.get((kind, name, m), {}).get(enc.name) for m, _ in METRICS},
                 }
             head_results[kind] = per_structure
         tr.results.setdefault(enc.name, {})["seg"] = {
             "structures": names, "train_images": len(train), "test_images": len(test),
             "multi_level_grids": len(levels_of(dense[enc.name])), "budget": asdict(budget), "heads": head_results,
+            "per_image": f"results/{task_stem}/{safe_name(enc.name)}.seg.parquet",
         }
+        tr.files[f"results/{task_stem}/{safe_name(enc.name)}.seg.parquet"] = per_image_parquet(
+            scores[enc.name], names, test_ids, test_keys, truth_any)
         if shown:
             images = [subset.load_image(int(test[r])) for r in shown]
             truths = [masks[test[r]] for r in shown]
             tr.files[f"{task_stem}_seg/{safe_name(enc.name)}.png"] = overlay_png(
                 images, truths, scores[enc.name]["multi-level"].preds)
 
-    n_empty = {name: int((~truth_any[:, k]).sum()) for k, name in enumerate(names)}
     training = (f"Masked images: {len(train)} train, {len(test)} test (patient-level split of the task). Heads "
                 f"trained on frozen cached patch features with an identical budget for every model: AdamW (lr "
                 f"{budget.lr}, weight decay {budget.weight_decay}), cosine schedule, {budget.epochs} epochs, batch "
@@ -485,10 +524,12 @@ def run_seg(tr: TaskRun, encoders: list[Encoder], budget: SegBudget = BUDGET) ->
     empty = ""
     if any(n_empty.values()):
         empty = (" (" + ", ".join(f"{n}: {c} test images with an empty truth left out" for n, c in n_empty.items() if c)
-                 + "; the fraction of them with any predicted pixel is in the results JSON)")
+                 + "). `empty-truth FP rate` = fraction of the test images whose truth for that structure is empty "
+                 "with any predicted pixel, the false positives Dice cannot see (lower is better)")
     scoring = ("Scored at the original mask resolution: probabilities mapped back through the inverse of each "
                "model's resize/crop/pad and thresholded at 0.5; pixels a centre crop removed count as predicted "
-               f"background. Dice and IoU per image, averaged over test images whose truth is non-empty{empty}.")
+               f"background. Dice and IoU per image, averaged over test images whose truth is non-empty{empty}. "
+               f"Per-image values: `results/{task_stem}/<model>.seg.parquet` (by pseudonymous patient_key).")
     notes = [training, scoring, f"Reference model for paired differences: `{tr.reference}`."]
     no_layers = [e.name for e in encoders if not dense[e.name].layers]
     if no_layers:
@@ -498,4 +539,4 @@ def run_seg(tr: TaskRun, encoders: list[Encoder], budget: SegBudget = BUDGET) ->
         notes.append("Overlays (multi-level head; image, ground truth in green, prediction in red): "
                      + " ".join(f"[{e.name}]({task_stem}_seg/{safe_name(e.name)}.png)" for e in encoders))
         notes += [f"![{e.name}]({task_stem}_seg/{safe_name(e.name)}.png)" for e in encoders]
-    return Section(TITLE, columns, section_rows, notes=notes)
+    return Section(TITLE, columns, section_rows, higher_is_better, notes=notes)
