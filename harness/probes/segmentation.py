@@ -17,10 +17,16 @@ geometry (`unplace`) to the original mask size and thresholded at 0.5, so every 
 pixels whatever its input size. Pixels that a centre crop (``resize_shortest_crop``) cut away were never seen by
 the encoder: they are scored as predicted background, so lung cut off by a crop counts as missed, not excused.
 
+Placed targets are shared between encoders only when every mask lands identically (`mask_placement_key`: the
+per-mask geometries themselves), so a model's numbers never depend on which other models are in the run.
+
 Metrics: per image and structure, Dice = 2|P∩G| / (|P| + |G|) and IoU = |P∩G| / |P∪G|, averaged over the test
-images whose ground truth for that structure is non-empty (an empty truth has no overlap to measure; those
-images are counted, with the fraction on which the head predicted anything). Intervals and paired deltas use the
-patient-level bootstrap of the masked test images.
+images whose ground truth for that structure is non-empty (an empty truth has no overlap to measure). On the
+images whose truth is empty, the `empty-truth FP rate` is the fraction with any predicted pixel: the false
+positives on negative images that Dice cannot see. Intervals and paired deltas use the patient-level bootstrap of
+the masked test images, resampled over the pseudonymous patient keys that the per-image file
+(``results/<task>/<model>.seg.parquet``) publishes, so every interval can be recomputed from it. Dense features
+that are not finite (e.g. an fp16 overflow in the cache) stop the protocol with the model, task and images named.
 """
 from __future__ import annotations
 
