@@ -4,6 +4,7 @@ import io
 import json
 
 import numpy as np
+import polars as pl
 import pytest
 import torch
 import torch.nn.functional as F
@@ -25,7 +26,8 @@ from harness.probes.segmentation import (
     run_seg,
 )
 from harness.protocols import TaskRun
-from harness.tasks.base import Task, TaskTable
+from harness.splits import pseudonym
+from harness.tasks.base import Task, TaskError, TaskTable
 
 
 def test_dice_iou_match_the_formula():
@@ -138,7 +140,7 @@ def _encoders():
     return [stretch, crop]
 
 
-def _task_run(task, tmp_path):
+def _task_run(task, tmp_path, reference="pixels"):
     t = task.table
     pid = np.array([int(p[1:]) for p in t.patient_ids])
     split = np.where(pid % 3 == 0, "test", "train")
@@ -149,7 +151,7 @@ def _task_run(task, tmp_path):
     def ex(sub, encs, dense):
         return extract(sub, encs, cache, dense=dense, batch_size=8, workers=0, log=lambda *_: None)
 
-    return TaskRun(task, split, "h", weights, {}, {}, extract=ex, seed=0, reference="pixels")
+    return TaskRun(task, split, "h", weights, {}, {}, extract=ex, seed=0, reference=reference)
 
 
 def test_protocol_end_to_end(tmp_path):
@@ -191,12 +193,11 @@ def test_several_structures_and_empty_truths(tmp_path):
     task = _TwoStructures()
     tr = _task_run(task, tmp_path)
     section = run_seg(tr, _encoders()[:1], SegBudget(epochs=3, batch_size=8, loss_size=32))
-    assert len(section.columns) == 8 and "tube Dice (multi-level)" in section.columns
+    assert len(section.columns) == 10 and "tube Dice (multi-level)" in section.columns  # + tube FP rate per head
     tube = tr.results["pixels"]["seg"]["heads"]["linear"]["tube"]
     test = np.flatnonzero(task.table.has_mask & (tr.split == "test"))
     assert tube["n_scored"] == sum(i % 4 == 0 for i in test) > 0
     assert tube["n_empty_truth"] == len(test) - tube["n_scored"] > 0
-    assert 0.0 <= tube["predicted_on_empty_truth"] <= 1.0
     assert any("tube: " in n and "empty truth left out" in n for n in section.notes)
 
 
@@ -204,3 +205,100 @@ def test_task_without_masks_says_why(tmp_path):
     task = _Masked(n=12, with_masks=False)
     section = run_seg(_task_run(task, tmp_path), _encoders())
     assert section.rows == {} and "has no masks" in section.notes[0]
+
+
+def _crop(name, resize=None):
+    """A centre-cropping pixels encoder; `resize` sets the shortest edge before the crop (Resize + CenterCrop)."""
+    enc = PixelsEncoder(Preprocess(size=32, policy="resize_shortest_crop", resize=resize, interpolation="area",
+                                   mean=(0.5,), std=(0.25,), channels=1), block=4)
+    enc.name = name
+    return enc
+
+
+def test_a_models_scores_do_not_depend_on_the_other_models_in_the_run(tmp_path):
+    """Two encoders with the same input size and policy but a different resize before the crop (CLIP-style crop
+    224 vs DINOv2-style Resize 256 + CenterCrop 224) must each train on their own placed masks: every number of
+    a model is the same alone and beside the other, in either order."""
+    budget = SegBudget(epochs=3, batch_size=8, loss_size=32)
+
+    def scores(*names):
+        encoders = [_crop(n, resize=40 if n == "zoom" else None) for n in names]
+        tr = _task_run(_Masked(), tmp_path, reference=names[0])
+        run_seg(tr, encoders, budget)
+        return {m: {kind: {metric: tr.results[m]["seg"]["heads"][kind]["lungs"][metric]
+                           for metric in ("dice", "iou")} for kind in ("linear", "multi-level")} for m in names}
+
+    alone = {**scores("crop"), **scores("zoom")}
+    assert alone["crop"] != alone["zoom"]  # the geometries really differ
+    for order in (("crop", "zoom"), ("zoom", "crop")):
+        assert scores(*order) == alone, order
+
+
+class _OneBright(_Masked):
+    """Every image dimmed to at most ~0.45 except image 4, whose background stays around 0.65."""
+
+    def load_image(self, i):
+        img = super().load_image(i)
+        return img if i == 4 else 0.5 * img
+
+
+def test_non_finite_dense_features_name_the_model_task_and_images(tmp_path):
+    """A real fp16 overflow: with std 0.55/65504 every normalised pixel above 0.55 exceeds float16's range when
+    the dense grid is cached, which only image 4 reaches. Training on it would silently give Dice 0."""
+    task = _OneBright()
+    overflow = PixelsEncoder(Preprocess(size=32, policy="resize_stretch", interpolation="area", mean=(0.0,),
+                                        std=(0.55 / 65504,), channels=1), block=4)
+    with pytest.raises(TaskError) as err:
+        run_seg(_task_run(task, tmp_path), [overflow], SegBudget(epochs=1, batch_size=8, loss_size=32))
+    msg = str(err.value)
+    assert "pixels" in msg and "tiny-seg" in msg and "'im4'" in msg
+    assert not any(f"'im{i}'" in msg for i in range(len(task)) if i != 4)
+    assert "float16" in msg  # says why, and what to do
+
+
+def test_empty_truth_false_positives_are_a_column_with_an_interval(tmp_path):
+    """Dice over non-empty truths never sees a head painting a tube on a negative image: the fraction of
+    empty-truth test images with any predicted pixel is its own column (lower is better), with a bootstrap CI."""
+    task = _TwoStructures()
+    tr = _task_run(task, tmp_path)
+    section = run_seg(tr, _encoders()[:1], SegBudget(epochs=3, batch_size=8, loss_size=32))
+    for kind in ("linear", "multi-level"):
+        col = f"tube empty-truth FP rate ({kind})"
+        assert col in section.columns and section.higher_is_better[col] is False
+        assert f"lungs empty-truth FP rate ({kind})" not in section.columns  # every test image has lungs
+        cell = section.rows["pixels"][col]
+        fp = tr.results["pixels"]["seg"]["heads"][kind]["tube"]["empty_truth_fp_rate"]
+        assert cell.point == fp["point"] and cell.lo == fp["lo"] and cell.hi == fp["hi"]
+        assert 0.0 <= fp["lo"] <= fp["point"] <= fp["hi"] <= 1.0
+    assert any("empty-truth FP rate" in n and "any predicted pixel" in n for n in section.notes)
+
+
+def test_per_image_scores_are_published_and_reproduce_the_intervals(tmp_path):
+    """results/<task>/<model>.seg.parquet holds Dice, IoU and 'predicted anything' per test image, head and
+    structure, keyed by the pseudonymous patient_key: enough to recompute every segmentation interval exactly."""
+    task = _TwoStructures()
+    tr = _task_run(task, tmp_path)
+    run_seg(tr, _encoders()[:1], SegBudget(epochs=3, batch_size=8, loss_size=32))
+    df = pl.read_parquet(io.BytesIO(tr.files["results/tiny-seg/pixels.seg.parquet"]))
+    assert set(df.columns) == {"image_id", "patient_key", "head", "structure", "truth_empty", "predicted_any",
+                               "dice", "iou"}
+    test = np.flatnonzero(task.table.has_mask & (tr.split == "test"))
+    assert len(df) == 2 * 2 * len(test)
+    raw = set(task.table.patient_ids)
+    assert not raw & set(df["patient_key"])
+    expected_keys = {pseudonym(task.table.patient_ids[i], task.name) for i in test}
+    assert set(df["patient_key"]) == expected_keys
+    res = tr.results["pixels"]["seg"]["heads"]
+    for (kind, structure), part in df.group_by(["head", "structure"]):
+        w = stats.bootstrap_weights(part["patient_key"].to_list(), tr.weights.shape[0], tr.seed)
+        scored = ~part["truth_empty"].to_numpy()
+        published = res[kind][structure]
+        for metric in ("dice", "iou"):
+            values = part[metric].to_numpy()[scored]
+            with np.errstate(invalid="ignore"):  # resamples without a tube image: NaN, as in the protocol
+                again = stats.summarise(float(values.mean()), stats.weighted_mean(values, w[:, scored]))
+            assert again == published[metric], (kind, structure, metric)
+        if (~scored).any():
+            fp = part["predicted_any"].to_numpy()[~scored].astype(float)
+            again = stats.summarise(float(fp.mean()), stats.weighted_mean(fp, w[:, ~scored]))
+            assert again == published["empty_truth_fp_rate"], (kind, structure)

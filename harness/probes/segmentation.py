@@ -17,10 +17,16 @@ geometry (`unplace`) to the original mask size and thresholded at 0.5, so every 
 pixels whatever its input size. Pixels that a centre crop (``resize_shortest_crop``) cut away were never seen by
 the encoder: they are scored as predicted background, so lung cut off by a crop counts as missed, not excused.
 
+Placed targets are shared between encoders only when every mask lands identically (`mask_placement_key`: the
+per-mask geometries themselves), so a model's numbers never depend on which other models are in the run.
+
 Metrics: per image and structure, Dice = 2|P∩G| / (|P| + |G|) and IoU = |P∩G| / |P∪G|, averaged over the test
-images whose ground truth for that structure is non-empty (an empty truth has no overlap to measure; those
-images are counted, with the fraction on which the head predicted anything). Intervals and paired deltas use the
-patient-level bootstrap of the masked test images.
+images whose ground truth for that structure is non-empty (an empty truth has no overlap to measure). On the
+images whose truth is empty, the `empty-truth FP rate` is the fraction with any predicted pixel: the false
+positives on negative images that Dice cannot see. Intervals and paired deltas use the patient-level bootstrap of
+the masked test images, resampled over the pseudonymous patient keys that the per-image file
+(``results/<task>/<model>.seg.parquet``) publishes, so every interval can be recomputed from it. Dense features
+that are not finite (e.g. an fp16 overflow in the cache) stop the protocol with the model, task and images named.
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import polars as pl
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -43,6 +50,7 @@ from harness.features import FeatureSet
 from harness.leaderboard import Cell, Section
 from harness.io import safe_name
 from harness.protocols import TaskRun, dense_view, register_protocol
+from harness.splits import pseudonym
 from harness.tasks.base import Task, TaskError
 
 TITLE = "Segmentation (frozen patch tokens)"
@@ -140,6 +148,33 @@ def channel_stats(grid: np.ndarray, chunk: int = 64) -> tuple[torch.Tensor, torc
     mean = total / n
     std = np.sqrt(np.maximum(sq / n - mean * mean, 0.0))
     return torch.tensor(mean, dtype=torch.float32), torch.tensor(np.maximum(std, 1e-4), dtype=torch.float32)
+
+
+def non_finite_rows(grids: list[np.ndarray], chunk: int = 64) -> np.ndarray:
+    """Indices of the images with a NaN or infinite value in any of the [N, C, h, w] `grids` (chunked, so a large
+    fp16 cache never needs a full-size boolean copy)."""
+    bad = np.zeros(len(grids[0]), dtype=bool)
+    for grid in grids:
+        for s in range(0, len(grid), chunk):
+            part = grid[s:s + chunk]
+            bad[s:s + len(part)] |= ~np.isfinite(part).reshape(len(part), -1).all(axis=1)
+    return np.flatnonzero(bad)
+
+
+def check_finite(fs: FeatureSet, model: str, task_name: str, image_ids: list[str], shown: int = 5) -> None:
+    """Raise a TaskError naming the model, the task and the images (of `image_ids`, the rows of `fs`) whose dense
+    features are not finite: a single inf in a grid makes a head's loss NaN and its Dice 0 without any other sign."""
+    bad = non_finite_rows([fs.patch, *fs.layers])
+    if bad.size == 0:
+        return
+    more = f" and {bad.size - shown} more" if bad.size > shown else ""
+    names = ", ".join(repr(image_ids[i]) for i in bad[:shown]) + more
+    raise TaskError(
+        f"task {task_name}, model {model}, protocol seg: dense features (patch grid or intermediate layers) of "
+        f"{bad.size} of {len(image_ids)} masked image(s) contain NaN or inf: {names}. Dense grids are cached as "
+        f"float16, whose largest value is 65504, so a larger activation overflows to inf (a NaN comes from the "
+        f"encoder itself). Check the encoder's outputs on these images (cache entry {fs.key[:12]} under "
+        f"--cache-dir); until then leave `{model}` out of --models.")
 
 
 def build_head(kind: str, stats_: list[tuple[torch.Tensor, torch.Tensor]], n_classes: int, budget: SegBudget,
@@ -242,9 +277,11 @@ def dice_iou(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return dice, iou
 
 
-def mask_placement_key(pre: Preprocess) -> tuple:
-    """Encoders whose geometry is the same share their placed targets."""
-    return pre.size, pre.policy
+def mask_placement_key(pre: Preprocess, shapes: list[tuple[int, int]]) -> tuple[Geometry, ...]:
+    """Where each mask of `shapes` lands in the encoder's input: encoders share placed targets only when every mask
+    is resized, cropped and padded identically. Keyed on the geometry itself rather than on chosen `Preprocess`
+    fields, so no field that moves a mask (size, policy, the resize before a crop) can be left out."""
+    return tuple(geometry(h, w, pre) for h, w in shapes)
 
 
 # ------------------------------------------------------------------------------------------------------ overlays
@@ -321,6 +358,36 @@ def evaluate_encoder(fs: FeatureSet, pre: Preprocess, masks: list[np.ndarray], t
     return out
 
 
+#: (results key, column title) of each per-structure metric; the FP rate is the one computed on empty truths.
+FP_METRIC = "empty_truth_fp_rate"
+METRICS = (("dice", "Dice"), ("iou", "IoU"), (FP_METRIC, "empty-truth FP rate"))
+
+
+def scored_on(metric: str, truth_any: np.ndarray) -> np.ndarray:
+    """Which test images a metric is defined on: Dice and IoU need a non-empty truth, the FP rate an empty one."""
+    return ~truth_any if metric == FP_METRIC else truth_any
+
+
+def per_image(sc: HeadScores, metric: str, k: int) -> np.ndarray:
+    """One metric of structure `k` for every test image (NaN, or meaningless, outside `scored_on`)."""
+    return sc.predicted_any[:, k].astype(np.float64) if metric == FP_METRIC else getattr(sc, metric)[:, k]
+
+
+def per_image_parquet(scores: dict[str, HeadScores], names: list[str], image_ids: list[str], patient_keys: list[str],
+                      truth_any: np.ndarray) -> bytes:
+    """A row per (head, structure, test image): Dice and IoU (null on an empty truth), whether the truth is empty
+    and whether the head predicted any pixel, keyed by image id and pseudonymous patient key (never the raw id)."""
+    n = len(image_ids)
+    parts = [pl.DataFrame({
+        "image_id": image_ids, "patient_key": patient_keys, "head": [kind] * n, "structure": [name] * n,
+        "truth_empty": ~truth_any[:, k], "predicted_any": scores[kind].predicted_any[:, k],
+        "dice": scores[kind].dice[:, k], "iou": scores[kind].iou[:, k],
+    }) for kind in HEADS for k, name in enumerate(names)]
+    buf = io.BytesIO()
+    pl.concat(parts).with_columns(pl.col("dice", "iou").fill_nan(None)).write_parquet(buf)
+    return buf.getvalue()
+
+
 def _not_evaluated(reason: str) -> Section:
     return Section(TITLE, [], {}, notes=[f"Nothing evaluated: {reason}."])
 
@@ -355,57 +422,67 @@ def run_seg(tr: TaskRun, encoders: list[Encoder], budget: SegBudget = BUDGET) ->
                               f"{int(in_test.sum())} masked test images (need at least 2 and 1)")
     subset = dense_view(task, rows)
     dense = tr.extract(subset, encoders, True)
+    for enc in encoders:  # before any training: fail in seconds, not after the other models' heads
+        check_finite(dense[enc.name], enc.name, task.name, subset.table.image_ids)
     masks = _load_masks(subset)
     train, test = np.flatnonzero(in_train), np.flatnonzero(in_test)
     names = list(task.mask_names)
-    test_patients = [t.patient_ids[rows[i]] for i in test]
-    weights = stats.bootstrap_weights(test_patients, tr.weights.shape[0], tr.seed)
+    test_ids = [subset.table.image_ids[i] for i in test]
+    # Resampled over the pseudonymous keys that the per-image file publishes, so its intervals can be recomputed
+    # exactly from it (the bootstrap is deterministic in the sorted unique keys and the seed).
+    test_keys = [pseudonym(t.patient_ids[rows[i]], task.name) for i in test]
+    weights = stats.bootstrap_weights(test_keys, tr.weights.shape[0], tr.seed)
     truth_any = np.array([[m[k].any() for k in range(len(names))] for m in (masks[i] for i in test)])
     # The overlays show the same test images for every model: the first ones with something to segment.
     shown = [r for r in range(len(test)) if truth_any[r].any()][:N_OVERLAYS]
 
-    targets_by_geometry: dict[tuple, torch.Tensor] = {}
+    shapes = [m.shape[-2:] for m in masks]
+    targets_by_geometry: dict[tuple[Geometry, ...], torch.Tensor] = {}
     scores: dict[str, dict[str, HeadScores]] = {}
     for enc in encoders:
         pre = enc.preprocess
-        key = mask_placement_key(pre)
+        key = mask_placement_key(pre, shapes)
         if key not in targets_by_geometry:
             targets_by_geometry[key] = torch.stack(
-                [mask_to_input(m, geometry(*m.shape[-2:], pre), budget.loss_size) for m in masks]).to(torch.float16)
+                [mask_to_input(m, geo, budget.loss_size) for m, geo in zip(masks, key)]).to(torch.float16)
         t0, c0 = time.perf_counter(), time.process_time()
         scores[enc.name] = evaluate_encoder(dense[enc.name], pre, masks, train, test, targets_by_geometry[key],
                                             budget, tr.seed, set(shown))
         print(f"  {enc.name}: segmentation heads trained and scored in {time.perf_counter() - t0:.1f} s "
               f"({time.process_time() - c0:.1f} s CPU)")
 
-    # Per (head, structure, metric): point and resampled mean over the images with a non-empty truth.
+    # Per (head, structure, metric): point and resampled mean over the images the metric is defined on.
     summary: dict[tuple, dict[str, dict]] = {}
     resampled: dict[tuple, dict[str, np.ndarray]] = {}
     for kind in HEADS:
         for k, name in enumerate(names):
-            scored = truth_any[:, k]
-            for metric in ("dice", "iou"):
+            for metric, _ in METRICS:
                 key = (kind, name, metric)
                 summary[key], resampled[key] = {}, {}
+                on = scored_on(metric, truth_any[:, k])
+                if not on.any():
+                    continue
                 for enc in encoders:
-                    values = getattr(scores[enc.name][kind], metric)[scored, k]
-                    if values.size == 0:
-                        continue
+                    values = per_image(scores[enc.name][kind], metric, k)[on]
                     with np.errstate(invalid="ignore", divide="ignore"):
-                        # A resample that drew no image with this structure has no mean: NaN, dropped by summarise.
-                        boot = stats.weighted_mean(values, weights[:, scored])
+                        # A resample that drew none of these images has no mean: NaN, dropped by summarise.
+                        boot = stats.weighted_mean(values, weights[:, on])
                     resampled[key][enc.name] = boot
                     summary[key][enc.name] = stats.summarise(float(values.mean()), boot)
     paired = {key: stats.compare_to_reference(resampled[key], {m: s["point"] for m, s in summary[key].items()},
                                               tr.reference)
               for key in summary if summary[key]}
 
-    columns, section_rows = [], {enc.name: {} for enc in encoders}
+    n_empty = {name: int((~truth_any[:, k]).sum()) for k, name in enumerate(names)}
+    columns, section_rows, higher_is_better = [], {enc.name: {} for enc in encoders}, {}
     for kind in HEADS:
         for name in names:
-            for metric, title in (("dice", "Dice"), ("iou", "IoU")):
+            for metric, title in METRICS:
+                if metric == FP_METRIC and not n_empty[name]:
+                    continue  # no negative image in the test set: nothing a false positive could land on
                 col = f"{name} {title} ({kind})"
                 columns.append(col)
+                higher_is_better[col] = metric != FP_METRIC
                 key = (kind, name, metric)
                 for enc in encoders:
                     s = summary[key].get(enc.name)
@@ -420,30 +497,29 @@ def run_seg(tr: TaskRun, encoders: list[Encoder], budget: SegBudget = BUDGET) ->
     for enc in encoders:
         head_results = {}
         for kind in HEADS:
-            sc = scores[enc.name][kind]
             per_structure = {}
             for k, name in enumerate(names):
-                empty = ~truth_any[:, k]
                 per_structure[name] = {
                     "n_scored": int(truth_any[:, k].sum()),
-                    "n_empty_truth": int(empty.sum()),
-                    "predicted_on_empty_truth": float(sc.predicted_any[empty, k].mean()) if empty.any() else None,
-                    **{m: summary[(kind, name, m)].get(enc.name) for m in ("dice", "iou")},
+                    "n_empty_truth": n_empty[name],
+                    **{m: summary[(kind, name, m)].get(enc.name) for m, _ in METRICS},
                     "paired_to_reference": None if enc.name == tr.reference else
-                    {m: paired.get((kind, name, m), {}).get(enc.name) for m in ("dice", "iou")},
+                    {m: paired.get((kind, name, m), {}).get(enc.name) for m, _ in METRICS},
                 }
             head_results[kind] = per_structure
         tr.results.setdefault(enc.name, {})["seg"] = {
             "structures": names, "train_images": len(train), "test_images": len(test),
             "multi_level_grids": len(levels_of(dense[enc.name])), "budget": asdict(budget), "heads": head_results,
+            "per_image": f"results/{task_stem}/{safe_name(enc.name)}.seg.parquet",
         }
+        tr.files[f"results/{task_stem}/{safe_name(enc.name)}.seg.parquet"] = per_image_parquet(
+            scores[enc.name], names, test_ids, test_keys, truth_any)
         if shown:
             images = [subset.load_image(int(test[r])) for r in shown]
             truths = [masks[test[r]] for r in shown]
             tr.files[f"{task_stem}_seg/{safe_name(enc.name)}.png"] = overlay_png(
                 images, truths, scores[enc.name]["multi-level"].preds)
 
-    n_empty = {name: int((~truth_any[:, k]).sum()) for k, name in enumerate(names)}
     training = (f"Masked images: {len(train)} train, {len(test)} test (patient-level split of the task). Heads "
                 f"trained on frozen cached patch features with an identical budget for every model: AdamW (lr "
                 f"{budget.lr}, weight decay {budget.weight_decay}), cosine schedule, {budget.epochs} epochs, batch "
@@ -454,10 +530,12 @@ def run_seg(tr: TaskRun, encoders: list[Encoder], budget: SegBudget = BUDGET) ->
     empty = ""
     if any(n_empty.values()):
         empty = (" (" + ", ".join(f"{n}: {c} test images with an empty truth left out" for n, c in n_empty.items() if c)
-                 + "; the fraction of them with any predicted pixel is in the results JSON)")
+                 + "). `empty-truth FP rate` = fraction of the test images whose truth for that structure is empty "
+                 "with any predicted pixel, the false positives Dice cannot see (lower is better)")
     scoring = ("Scored at the original mask resolution: probabilities mapped back through the inverse of each "
                "model's resize/crop/pad and thresholded at 0.5; pixels a centre crop removed count as predicted "
-               f"background. Dice and IoU per image, averaged over test images whose truth is non-empty{empty}.")
+               f"background. Dice and IoU per image, averaged over test images whose truth is non-empty{empty}. "
+               f"Per-image values: `results/{task_stem}/<model>.seg.parquet` (by pseudonymous patient_key).")
     notes = [training, scoring, f"Reference model for paired differences: `{tr.reference}`."]
     no_layers = [e.name for e in encoders if not dense[e.name].layers]
     if no_layers:
@@ -467,4 +545,4 @@ def run_seg(tr: TaskRun, encoders: list[Encoder], budget: SegBudget = BUDGET) ->
         notes.append("Overlays (multi-level head; image, ground truth in green, prediction in red): "
                      + " ".join(f"[{e.name}]({task_stem}_seg/{safe_name(e.name)}.png)" for e in encoders))
         notes += [f"![{e.name}]({task_stem}_seg/{safe_name(e.name)}.png)" for e in encoders]
-    return Section(TITLE, columns, section_rows, notes=notes)
+    return Section(TITLE, columns, section_rows, higher_is_better, notes=notes)
