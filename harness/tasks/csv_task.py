@@ -1,7 +1,8 @@
 """``csv:PATH`` — any labelled set of radiographs described by one CSV file.
 
 Columns: ``image`` (path relative to the CSV), ``label_*`` (0/1, one column per finding), ``patient_id``, and
-optionally ``mask`` (path of a binary mask, relative to the CSV), ``sex`` (M/F/blank), ``age`` (number/blank)
+optionally ``mask`` (path of a mask, relative to the CSV, at its image's size; any non-zero value is foreground, so
+0/1, 0/255 and label masks all work), ``sex`` (M/F/blank), ``age`` (number/blank)
 and ``split`` (train/test/blank; blank rows go to the harness's seeded patient split). Other columns are ignored.
 """
 from __future__ import annotations
@@ -38,6 +39,38 @@ def _unreadable(path: Path) -> str | None:
         return None
     except Exception as e:
         return f"unreadable ({type(e).__name__})"
+
+
+def _size(path: Path) -> tuple[int, int]:
+    """(width, height) of an image file from its header, without decoding the pixels."""
+    from PIL import Image
+
+    from harness.tasks.dicom_meta import read_header
+    from trainer.imaging import is_dicom
+
+    if is_dicom(path):
+        h = read_header(path)
+        return h.columns, h.rows
+    with Image.open(path) as im:
+        return im.size
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """A mask file -> bool [H, W]: a pixel is foreground when its stored value is non-zero (in any colour channel;
+    alpha is ignored). Stored values, not display intensities: a 0/1 PNG must not be scaled to 0/255 first."""
+    from PIL import Image
+
+    from trainer.imaging import is_dicom
+
+    if is_dicom(path):
+        import pydicom
+
+        return np.asarray(pydicom.dcmread(path, force=True).pixel_array) != 0
+    with Image.open(path) as im:
+        arr = np.asarray(im)
+        if im.getbands()[-1] == "A":
+            arr = arr[..., :-1]  # alpha (always the last band) is transparency, not a label
+    return arr.any(axis=-1) if arr.ndim == 3 else arr != 0
 
 
 class CsvTask(Task):
@@ -123,6 +156,29 @@ class CsvTask(Task):
         )
         if not self.table.has_mask.any():
             self.mask_names = ()
+        else:
+            self._check_masks(keep)
+
+    def _check_masks(self, rows: list[int]) -> None:
+        """Every mask at its image's size (header reads only), and at least one mask with foreground: a set of
+        masks that all decode empty is a format problem, and would train segmentation heads on nothing."""
+        with_mask = np.flatnonzero(self.table.has_mask)
+        for k in with_mask:
+            image, mask = self.table.image_ids[k], self._masks[k]
+            try:
+                image_size, mask_size = _size(self.root / image), _size(self.root / mask)
+            except Exception as e:  # noqa: BLE001 - any reader error, reported with the row and the file
+                raise TaskError(f"{self.csv_path} {_row(rows[k])}: cannot read the size of image {image!r} or mask "
+                                f"{mask!r} ({type(e).__name__}: {e})") from e
+            if image_size != mask_size:
+                raise TaskError(f"{self.csv_path} {_row(rows[k])}: mask {mask!r} is {mask_size[0]}x{mask_size[1]} "
+                                f"pixels but its image {image!r} is {image_size[0]}x{image_size[1]}; a mask must "
+                                "have its image's size (re-export it at that size, or blank the mask cell)")
+        # Stops at the first mask with foreground: one decode on a good set.
+        if not any(read_mask(self.root / self._masks[k]).any() for k in with_mask):
+            raise TaskError(f"{self.csv_path}: all {len(with_mask)} masks in the 'mask' column are empty (no "
+                            "non-zero pixel); foreground must be stored as a non-zero value (0/1 and 0/255 both "
+                            "work): check that the column points at the mask files")
 
     @staticmethod
     def _col(df: pl.DataFrame, name: str) -> list:
@@ -156,7 +212,10 @@ class CsvTask(Task):
         rel = self._masks[i]
         if rel is None:
             return None
-        return (load_radiograph(self.root / rel) > 0.5)[None]
+        try:
+            return read_mask(self.root / rel)[None]
+        except Exception as e:  # noqa: BLE001 - any decoder error, reported naming the file
+            raise TaskError(f"{self.csv_path}: mask {rel!r} cannot be read ({type(e).__name__}: {e})") from e
 
     def content_digest(self) -> str:
         # Hashing every image's bytes is the slow part of a cached run and a run asks several times (once per
