@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def task_context(hargs: argparse.Namespace) -> TaskContext:
     root, named = parse_data_roots(hargs.data_root)
-    return TaskContext(data_root=root, data_roots=named, skip_bad=hargs.skip_bad, seed=hargs.seed)
+    return TaskContext(data_root=root, data_roots=named, skip_bad=hargs.skip_bad, seed=hargs.seed,
+                       on_duplicate=hargs.on_duplicate)
 
 
 def make_plan(hargs: argparse.Namespace) -> Plan:

@@ -11,7 +11,8 @@ from dicom_fixtures import phantom, write_dicom
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit, JPEGLSLossless, RLELossless
 
-from harness.tasks.dicom_meta import memoised_digest, parse_age, parse_sex, read_header
+from harness.tasks.base import combine_digests
+from harness.tasks.dicom_meta import memoised_file_digests, parse_age, parse_sex, read_header
 from trainer.imaging import ImageDecodeError, load_radiograph
 
 SHAPE = (40, 36)
@@ -145,6 +146,10 @@ def test_parse_age(value, years):
 
 def test_parse_sex():
     assert [parse_sex(v) for v in ("M", "f ", "O", "", None)] == ["M", "F", None, None, None]
+
+
+def memoised_digest(image_ids, paths):
+    return combine_digests(image_ids, memoised_file_digests(paths))
 
 
 def test_memoised_digest_tracks_bytes_and_keeps_no_names(tmp_path):

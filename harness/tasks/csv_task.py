@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from harness.tasks.base import Task, TaskContext, TaskError, TaskTable, digest_files, register_task
+from harness.tasks.base import (Task, TaskContext, TaskError, TaskTable, combine_digests, register_task,
+                                sha256_file)
 from trainer.imaging import ImageDecodeError, load_radiograph
 
 REQUIRED = ("image", "patient_id")
@@ -85,7 +86,7 @@ class CsvTask(Task):
         self.root = csv_path.parent
         self.name = name or f"csv-{csv_path.parent.name}"
         self.skipped = []
-        self._digest: str | None = None
+        self._file_digests: list[str] | None = None
         try:
             df = pl.read_csv(csv_path, infer_schema=False)  # all strings: we validate each column ourselves
         except Exception as e:
@@ -217,13 +218,15 @@ class CsvTask(Task):
         except Exception as e:  # noqa: BLE001 - any decoder error, reported naming the file
             raise TaskError(f"{self.csv_path}: mask {rel!r} cannot be read ({type(e).__name__}: {e})") from e
 
+    def file_digests(self) -> list[str]:
+        # Hashing every image's bytes is the slow part of a cached run and a run asks several times (duplicate
+        # check, once per feature set); the files do not change during one run.
+        if self._file_digests is None:
+            self._file_digests = [sha256_file(self.root / p) for p in self.table.image_ids]
+        return self._file_digests
+
     def content_digest(self) -> str:
-        # Hashing every image's bytes is the slow part of a cached run and a run asks several times (once per
-        # feature set); the files do not change during one run.
-        if self._digest is None:
-            paths = [self.root / p for p in self.table.image_ids]
-            self._digest = digest_files(self.table.image_ids, paths)
-        return self._digest
+        return combine_digests(self.table.image_ids, self.file_digests())
 
 
 @register_task("csv", takes_arg=True, description="any labels.csv: image, label_*, patient_id[, mask, sex, age, split]")
