@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import time
 
 import numpy as np
 import pydicom
@@ -163,6 +165,13 @@ def test_memoised_digest_tracks_bytes_and_keeps_no_names(tmp_path):
     assert "img-a" not in memo and "ida" not in memo and len(json.loads(memo)) == 2
     b.write_bytes(b"SECOND")  # same size, new mtime
     assert memoised_digest(["ida", "idb"], [a, b]) != d1
+    # Corrected in place with its old mtime put back (cp -p, touch -r): the memo must not serve the old digest.
+    d2 = memoised_digest(["ida", "idb"], [a, b])
+    mtime = b.stat().st_mtime_ns
+    time.sleep(0.05)  # past the kernel's coarse timestamp tick, so the rewrite gets a later ctime
+    b.write_bytes(b"SECONd")
+    os.utime(b, ns=(mtime, mtime))
+    assert b.stat().st_mtime_ns == mtime and memoised_digest(["ida", "idb"], [a, b]) != d2
     (tmp_path / "cache" / "file-digests.json").write_text("{not json")
     assert memoised_digest(["ida", "idb"], [a, b]) == memoised_digest(["ida", "idb"], [a, b])
 

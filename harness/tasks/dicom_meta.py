@@ -3,7 +3,7 @@ read per image (demographics and a decodability check), a base task over DICOM f
 memoised across runs.
 
 Nothing here writes a patient identifier anywhere: headers are read for PatientSex and PatientAge only, and the
-digest memo is keyed by a hash of (path, size, mtime), so it holds no file names either.
+digest memo is keyed by a hash of (path, size, mtime, inode, ctime), so it holds no file names either.
 """
 from __future__ import annotations
 
@@ -219,13 +219,18 @@ def digest_cache_file() -> Path:
 
 
 def _file_key(path: Path) -> str:
+    """What identifies one version of a file without reading it. mtime alone misses a file corrected in place
+    with its mtime restored (``cp -p``, ``touch -r``, rsync -t); the ctime cannot be set that way (any write or
+    utime moves it to now) and the inode changes when a file is replaced."""
     st = path.stat()
-    return hashlib.sha256(f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:32]
+    version = f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\0{st.st_ctime_ns}"
+    return hashlib.sha256(version.encode()).hexdigest()[:32]
 
 
 def memoised_file_digests(paths: list[Path]) -> list[str]:
-    """sha256 of each file's bytes. Each is memoised under its (path, size, mtime_ns), so an unchanged 20k-image
-    dataset is not re-read on every run while an edited or replaced file is. The memo is rewritten atomically;
+    """sha256 of each file's bytes. Each is memoised under its (path, size, mtime, inode, ctime), so an unchanged
+    20k-image dataset is not re-read on every run (hashing alone runs at ~0.9 GB/s per core, before the disk
+    reads: minutes per run for a few hundred GB of DICOM) while an edited or replaced file is. The memo is rewritten atomically;
     if it cannot be written the run goes on (it is only a speed-up) and says so."""
     cache = digest_cache_file()
     try:
