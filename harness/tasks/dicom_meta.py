@@ -230,8 +230,8 @@ def _file_key(path: Path) -> str:
 def memoised_file_digests(paths: list[Path]) -> list[str]:
     """sha256 of each file's bytes. Each is memoised under its (path, size, mtime, inode, ctime), so an unchanged
     20k-image dataset is not re-read on every run (hashing alone runs at ~0.9 GB/s per core, before the disk
-    reads: minutes per run for a few hundred GB of DICOM) while an edited or replaced file is. The memo is rewritten atomically;
-    if it cannot be written the run goes on (it is only a speed-up) and says so."""
+    reads: minutes per run for a few hundred GB of DICOM) while an edited or replaced file is. The memo is
+    rewritten atomically; if it cannot be written the run goes on (it is only a speed-up) and says so."""
     cache = digest_cache_file()
     try:
         memo: dict[str, str] = json.loads(cache.read_text())

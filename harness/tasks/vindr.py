@@ -10,10 +10,11 @@ below it, as ``wget -r`` leaves it, is found too):
 
 The official test split is kept (``TaskTable.split``). Training images carry three independent readings; they
 are reduced per image and label by a rule, ``vindr:agg=majority`` (default: positive when more than half the
-readers say so, i.e. 2 of 3), ``any`` (at least one) or ``all``. "No finding" is not voted on but derived from the
+readers say so, i.e. 2 of 3), ``any`` (at least one) or ``all``. "No finding" (train and test alike) is derived from the
 aggregated findings (positive exactly when none of the other 27 labels is): aggregating its own votes gave an
-image both a finding and "No finding" under ``any``, and neither under ``all``. VinDr has no patient ids (image ids are hashes
-of the original SOP instance UID), so each image is its own patient. Sex and age come from the DICOM headers.
+image both a finding and "No finding" under ``any``, and neither under ``all``. VinDr has no patient ids (image
+ids are hashes of the original SOP instance UID), so each image is its own patient. Sex and age come from the
+DICOM headers.
 
 Labels: ``vindr:labels=default`` (below) or ``labels=all`` (the 22 local + 6 global labels of the release).
 """
