@@ -140,7 +140,6 @@ def merge_duplicates(task: Task, on_duplicate: str) -> None:
     if digests is None:
         return
     t = task.table
-    groups = patient_clusters(t.patient_ids, digests)
     if on_duplicate == "error":
         first: dict[str, int] = {}
         for i, d in enumerate(digests):
@@ -149,6 +148,7 @@ def merge_duplicates(task: Task, on_duplicate: str) -> None:
                 raise TaskError(f"task {task.name}: images {task.where(j)!r} and {task.where(i)!r} are identical "
                                 "files under two different patient ids; give them one patient id, remove one "
                                 "copy, or run with --on-duplicate merge (the default: their patients are merged)")
+    groups = patient_clusters(t.patient_ids, digests)
     task.patients_merged = len(set(t.patient_ids)) - len(set(groups))
     t.patient_ids = groups
 
