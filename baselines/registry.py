@@ -47,6 +47,9 @@ class Encoder(ABC):
     #: Hash of the weights actually loaded (sha256 of the files, or of the seed for weight-free encoders);
     #: part of the feature-cache key and written into every results file.
     weights_digest: str
+    #: Bump in a subclass whenever its `encode` changes what it computes (pooling, layers taken, a fix): cached
+    #: features of the old code then stop matching, as the weights digest cannot tell.
+    code_version: str = "1"
     device: torch.device = torch.device("cpu")
 
     @abstractmethod
@@ -67,6 +70,7 @@ class Encoder(ABC):
             "encoder": self.name,
             "class": f"{type(self).__module__}.{type(self).__qualname__}",
             "weights_digest": self.weights_digest,
+            "code_version": self.code_version,
             "preprocess": self.preprocess.as_dict(),
         }
 

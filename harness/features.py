@@ -3,16 +3,22 @@
 One pass over a task's images feeds every encoder whose features are not cached yet: each image is decoded once
 (float32 in [0, 1], in DataLoader workers), then put through each encoder's own preprocessing and `encode`.
 
-Cache key = encoder identity (name, class, weights digest, preprocessing) + the task's content digest (the exact
-image list and bytes) + FEATURE_FORMAT. An entry is a folder holding ``global.safetensors`` (float32 [N, D]),
-optionally ``dense.safetensors`` (float16 patch grid and intermediate layers; fp16 halves the disk and is plenty
-for linear heads) and ``manifest.json``, written last and atomically: an entry without its manifest is incomplete
-and is recomputed, never read. An entry computed with dense features also serves global-only requests.
+Cache key = encoder identity (name, class, weights digest, preprocessing, code version) + the compute precision
+(device type, autocast dtype, torch version: GPU bf16 and CPU fp32 features differ) + the task's content digest
+(the exact image list and bytes) + FEATURE_FORMAT. An entry is a folder holding ``global.safetensors`` (float32
+[N, D]), for a dense entry also ``dense.safetensors`` (float16 patch grid and intermediate layers; fp16 halves the
+disk and is plenty for linear heads), and ``manifest.json``. A global-only and a dense entry of one key are two
+folders; a dense entry also serves global-only requests.
+
+Several runs may share one cache directory: an entry is written in full into a temporary folder, flushed to disk
+and renamed into place; if another process got there first, its entry is kept (same key, same features). A
+complete entry is never modified or deleted, so a reader that found it can always read it.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from contextlib import nullcontext
@@ -27,7 +33,7 @@ from tqdm.auto import tqdm
 
 from baselines.preprocess import preprocess_batch
 from baselines.registry import Encoder
-from harness.io import atomic_path, atomic_write_json
+from harness.io import fsync_path, temp_dir
 from harness.tasks.base import Task, TaskError
 
 FEATURE_FORMAT = 1
@@ -44,9 +50,21 @@ class FeatureSet:
     from_cache: bool = False
 
 
-def cache_key(encoder: Encoder, task_digest: str) -> str:
-    blob = json.dumps({"format": FEATURE_FORMAT, "encoder": encoder.identity(), "task_digest": task_digest},
-                      sort_keys=True)
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The reduced precision features are computed in on `device` (bf16 on CUDA), or None for full fp32."""
+    return torch.bfloat16 if device.type == "cuda" else None
+
+
+def precision(device: torch.device) -> dict:
+    """What, besides the encoder and the images, changes the feature values: where and how they are computed."""
+    dtype = autocast_dtype(device)
+    return {"device": device.type, "autocast": str(dtype).removeprefix("torch.") if dtype else "none",
+            "torch": torch.__version__}
+
+
+def cache_key(encoder: Encoder, task_digest: str, device: str | torch.device) -> str:
+    blob = json.dumps({"format": FEATURE_FORMAT, "encoder": encoder.identity(),  # includes its code_version
+                       "precision": precision(torch.device(device)), "task_digest": task_digest}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -78,17 +96,23 @@ class FeatureCache:
     def __init__(self, root: Path):
         self.root = Path(root)
 
-    def entry(self, key: str) -> Path:
-        return self.root / "features" / key[:2] / key
+    def entry(self, key: str, dense: bool = False) -> Path:
+        """The folder of the global-only (or the dense) entry of `key`."""
+        return self.root / "features" / key[:2] / (f"{key}.dense" if dense else key)
+
+    def _complete(self, key: str, dense: bool) -> Path | None:
+        """A complete entry (manifest present) holding the kinds asked for: a dense entry serves both."""
+        for d in ((True,) if dense else (False, True)):
+            if (self.entry(key, d) / "manifest.json").is_file():
+                return self.entry(key, d)
+        return None
 
     def has(self, key: str, dense: bool) -> bool:
-        """A complete entry (its manifest written) holding the kinds asked for."""
-        d = self.entry(key)
-        return (d / "manifest.json").exists() and (not dense or (d / "dense.safetensors").exists())
+        return self._complete(key, dense) is not None
 
     def load(self, key: str, dense: bool) -> FeatureSet | None:
-        d = self.entry(key)
-        if not self.has(key, dense):
+        d = self._complete(key, dense)
+        if d is None:
             return None
         g = load_file(d / "global.safetensors")["global"]
         patch, layers = None, ()
@@ -99,18 +123,51 @@ class FeatureCache:
         return FeatureSet(g, patch, layers, key=key, from_cache=True)
 
     def save(self, key: str, fs: FeatureSet, manifest: dict) -> None:
-        d = self.entry(key)
-        if d.exists():  # an incomplete entry from a killed run, or a global-only one being extended: start clean
-            shutil.rmtree(d)
-        d.mkdir(parents=True)
-        with atomic_path(d / "global.safetensors") as tmp:
-            save_file({"global": np.ascontiguousarray(fs.global_)}, str(tmp))
-        if fs.patch is not None:
-            tensors = {"patch": np.ascontiguousarray(fs.patch)}
-            tensors.update({f"layer{i}": np.ascontiguousarray(a) for i, a in enumerate(fs.layers)})
-            with atomic_path(d / "dense.safetensors") as tmp:
-                save_file(tensors, str(tmp))
-        atomic_write_json(d / "manifest.json", manifest)  # last: marks the entry complete
+        """Write the entry in a private folder, flush it, then rename it into place. Another process having
+        published the same key first is success: same key, same features."""
+        final = self.entry(key, dense=fs.patch is not None)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_dir(final.parent, final.name)
+        try:
+            save_file({"global": np.ascontiguousarray(fs.global_)}, str(tmp / "global.safetensors"))
+            fsync_path(tmp / "global.safetensors")
+            if fs.patch is not None:
+                tensors = {"patch": np.ascontiguousarray(fs.patch)}
+                tensors.update({f"layer{i}": np.ascontiguousarray(a) for i, a in enumerate(fs.layers)})
+                save_file(tensors, str(tmp / "dense.safetensors"))
+                fsync_path(tmp / "dense.safetensors")
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+            fsync_path(tmp / "manifest.json")
+            fsync_path(tmp)
+            self._publish(tmp, final)
+        finally:
+            if tmp.exists():  # not published (an error, or another process won): ours alone, never read
+                shutil.rmtree(tmp)
+
+    @staticmethod
+    def _publish(tmp: Path, final: Path) -> None:
+        error: OSError | None = None
+        for _ in range(10):
+            try:
+                os.rename(tmp, final)
+                fsync_path(final.parent)
+                return
+            except OSError as e:
+                error = e
+            if (final / "manifest.json").is_file():
+                return  # a complete entry of the same key: keep it, a reader may hold it open
+            if final.is_dir():
+                # No manifest: a folder left by an older harness that wrote entries in place and was killed. No
+                # reader uses it (readers need the manifest): move it aside, remove it, try again.
+                aside = temp_dir(final.parent, final.name + ".stale")
+                try:
+                    os.rename(final, aside / "entry")
+                except FileNotFoundError:
+                    pass  # another process moved it first
+                shutil.rmtree(aside)
+            elif final.exists():
+                break  # a file in the way: not ours to remove
+        raise OSError(f"cannot publish feature-cache entry {final}: {error}; is the cache directory writable?")
 
 
 def extract(
@@ -130,7 +187,7 @@ def extract(
     out: dict[str, FeatureSet] = {}
     pending: list[tuple[Encoder, str]] = []
     for enc in encoders:
-        key = cache_key(enc, digest)
+        key = cache_key(enc, digest, device)
         hit = cache.load(key, dense)
         if hit is not None:
             log(f"  {enc.name}: features cached ({key[:12]}), nothing to compute")
@@ -147,7 +204,8 @@ def extract(
     for enc, _ in pending:
         enc.to(device)
     names = ", ".join(e.name for e, _ in pending)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    dtype = autocast_dtype(device)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
     t0 = time.perf_counter()
     with tqdm(total=n, desc=f"features {task.name} [{names}]", unit="img", dynamic_ncols=True) as bar:
         for batch in loader:
@@ -181,6 +239,7 @@ def extract(
             fs.layers = tuple(np.concatenate([b[j] for b in p["layers"]]) for j in range(len(p["layers"][0])))
         cache.save(key, fs, {"key": key, "encoder": enc.identity(), "task": task.name, "task_digest": digest,
                              "n_images": n, "global_shape": list(g.shape), "dense": dense,
+                             "precision": precision(device),
                              "format": FEATURE_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         out[enc.name] = fs
     return out

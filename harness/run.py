@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers decoding images")
     p.add_argument("--skip-bad", action="store_true",
                    help="skip (and count) missing or unreadable images instead of stopping")
+    p.add_argument("--on-duplicate", choices=("merge", "error"), default="merge",
+                   help="byte-identical images under different patient ids: merge their patients (one split, one "
+                        "bootstrap unit; the count is in the task summary) or stop with an error")
     p.add_argument("--list", action="store_true", help="list registered encoders and tasks, then exit")
     return p
 
@@ -247,6 +250,8 @@ def write_outputs(tr: TaskRun, encoders: list[Encoder], sections: list, args: ar
 def print_summary(s: dict) -> None:
     print(f"\ntask {s['task']}: {s['images']} images, {s['patients']} patients; sex known {s['sex_known']} "
           f"(M {s['sex_counts']['M']}, F {s['sex_counts']['F']}), age known {s['age_known']}, masks {s['masks']}")
+    if s["patients_merged"]:
+        print(f"{s['patients_merged']} patient id(s) merged into others: they share byte-identical images")
     rows = [[n, s["positives"][n], s["train_positives"][n], s["test_positives"][n]] for n in s["positives"]]
     print(tabulate(rows, headers=["label", "positives", "train", "test"], tablefmt="simple"))
     print(f"split: train {s['train_images']} images / {s['train_patients']} patients, "
@@ -290,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --reference {reference!r} is not among the loaded models", file=sys.stderr)
         return 2
     root, named = parse_data_roots(args.data_root)
-    ctx = TaskContext(data_root=root, data_roots=named, skip_bad=args.skip_bad, seed=args.seed)
+    ctx = TaskContext(data_root=root, data_roots=named, skip_bad=args.skip_bad, seed=args.seed,
+                      on_duplicate=args.on_duplicate)
     cache = FeatureCache(args.cache_dir)
     device = pick_device(args.device)
     written = []

@@ -26,6 +26,30 @@ def pseudonym(patient_id: str, task: str) -> str:
     return hashlib.sha256(f"raddino-bench|{task}|{patient_id}".encode()).hexdigest()[:12]
 
 
+def patient_clusters(patient_ids: list[str], image_digests: list[str]) -> list[str]:
+    """Per image, the id of its patient cluster: patients linked by byte-identical images (directly or through a
+    chain) form one cluster. A patient without such a link keeps its own id (and its pseudonym); a merged
+    cluster is named by its member ids, sorted and joined with NUL, which no CSV or DICOM id contains."""
+    parent = {p: p for p in patient_ids}
+
+    def root(p: str) -> str:
+        while parent[p] != p:
+            parent[p] = parent[parent[p]]
+            p = parent[p]
+        return p
+
+    owner: dict[str, str] = {}
+    for p, d in zip(patient_ids, image_digests, strict=True):
+        a, b = root(owner.setdefault(d, p)), root(p)
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+    members: dict[str, list[str]] = {}
+    for p in parent:
+        members.setdefault(root(p), []).append(p)
+    name = {r: "\0".join(sorted(m)) for r, m in members.items()}
+    return [name[root(p)] for p in patient_ids]
+
+
 def check_no_leakage(patient_ids: list[str], split: list[str], image_ids: list[str] | None = None) -> None:
     """Raise LeakageError naming the first patient found in two splits (and two of its images)."""
     seen: dict[str, tuple[str, int]] = {}

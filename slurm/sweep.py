@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def task_context(hargs: argparse.Namespace) -> TaskContext:
     root, named = parse_data_roots(hargs.data_root)
-    return TaskContext(data_root=root, data_roots=named, skip_bad=hargs.skip_bad, seed=hargs.seed)
+    return TaskContext(data_root=root, data_roots=named, skip_bad=hargs.skip_bad, seed=hargs.seed,
+                       on_duplicate=hargs.on_duplicate)
 
 
 def make_plan(hargs: argparse.Namespace) -> Plan:
@@ -80,14 +81,14 @@ def make_plan(hargs: argparse.Namespace) -> Plan:
     encoders, skipped = load_encoders(resolve_names(hargs.models), hargs.weights_dir, hargs.input_policy, explicit)
     if not encoders:
         raise ValueError(f"--models {hargs.models}: no encoder could be loaded ({skipped})")
-    cache, ctx = FeatureCache(hargs.cache_dir), task_context(hargs)
+    cache, ctx, device = FeatureCache(hargs.cache_dir), task_context(hargs), pick_device(hargs.device)
     pending, cached = [], []
     for spec in split_task_list(hargs.tasks):
         parsed = parse_task_spec(spec)
         task = build_task(parsed.name, parsed.arg, ctx)
         sets = [(dense, t.content_digest()) for t, dense in feature_sets(task, parsed.protocols)]
         for enc in encoders:
-            hit = all(cache.has(cache_key(enc, digest), dense) for dense, digest in sets)
+            hit = all(cache.has(cache_key(enc, digest, device), dense) for dense, digest in sets)
             (cached if hit else pending).append(Pair(enc.name, spec))
     return Plan(skipped, pending, cached)
 
@@ -222,6 +223,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args, hargs, harness_argv = parse(argv)
         opts = resolve_options(args)
+        if hargs.device == "auto":
+            # The device is part of the feature-cache key: the plan, the GPU feature jobs and the CPU leaderboard
+            # job must all look features up under the device the feature jobs compute them on.
+            hargs.device = "cuda" if opts.gpus_per_node else "cpu"
+            harness_argv = [*harness_argv, "--device", hargs.device]
         plan = make_plan(hargs)
     except (ValueError, KeyError, FileNotFoundError, WeightsMissing) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import os
+
 import numpy as np
 
 import pytest
@@ -10,7 +12,8 @@ import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+# A git worktree checked out away from the main clone finds ../shared through $RADDINO_BENCH_SHARED.
+SHARED = Path(os.environ.get("RADDINO_BENCH_SHARED") or REPO.parent / "shared")
 SHARED_CXR = SHARED / "data" / "ieee8023-covid-cxr"
 
 

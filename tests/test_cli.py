@@ -77,6 +77,17 @@ def test_cli_bad_label_exits_nonzero_and_writes_nothing(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_cli_on_duplicate_error_names_both_images(tmp_path, capsys):
+    csv = _csv_set(tmp_path / "data")
+    (tmp_path / "data/img/5_1.png").write_bytes((tmp_path / "data/img/2_0.png").read_bytes())
+    out = tmp_path / "lb"
+    code = main(["--models", "pixels", "--tasks", f"csv:{csv}", "--out", str(out), "--cache-dir",
+                 str(tmp_path / "c"), "--workers", "0", "--on-duplicate", "error"])
+    assert code == 1
+    assert "images 'img/2_0.png' and 'img/5_1.png' are identical" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_cli_unknown_model_is_a_clear_error(capsys):
     assert main(["--models", "no-such-model", "--tasks", "demo"]) == 2
     assert "unknown encoder 'no-such-model'" in capsys.readouterr().err
@@ -89,7 +100,9 @@ def test_cli_on_shared_data(shared_cxr, tmp_path):
                            "--bootstrap", "200"], cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     md = (out / "csv-ieee8023-covid-cxr.md").read_text()
-    assert "| pixels" in md and "286 images, 158 patients" in md
+    # 158 patient ids, 2 of which share byte-identical images with another: merged, so 156 split units.
+    assert "| pixels" in md and "286 images, 156 patients" in md
+    assert "2 patient id(s) merged into others" in proc.stdout
     assert "not found" not in proc.stderr
 
 

@@ -91,3 +91,46 @@ def test_skip_bad_drops_a_dicom_without_pixel_data(tmp_path):
     pydicom.dcmwrite(tmp_path / "img/empty.dcm", ds, enforce_file_format=True)
     t = CsvTask(csv, skip_bad=True)
     assert len(t) == 6 and t.skipped[0][0] == "img/empty.dcm"
+
+
+def _with_masks(root, masks: dict[int, np.ndarray]):
+    """GOOD plus a mask column: image i gets masks[i] (saved as an 8-bit PNG) when given."""
+    (root / "mask").mkdir(exist_ok=True)
+    rows = []
+    for i, row in enumerate(GOOD):
+        cell = ""
+        if i in masks:
+            Image.fromarray(masks[i]).save(root / f"mask/{i}.png")
+            cell = f"mask/{i}.png"
+        image, rest = row.split(",", 1)
+        rows.append(f"{image},{cell},{rest}")
+    return _write_set(root, rows, header="image,mask,label_a,label_b,patient_id,sex,age")
+
+
+def _blob(value: int) -> np.ndarray:
+    m = np.zeros((20, 16), np.uint8)
+    m[4:12, 3:9] = value
+    return m
+
+
+@pytest.mark.parametrize("value", [1, 255, 3])
+def test_mask_foreground_is_any_non_zero_value(tmp_path, value):
+    # 0/1 PNGs decoded like a radiograph (/255) and thresholded at 0.5 came out empty.
+    t = CsvTask(_with_masks(tmp_path, {0: _blob(value), 2: _blob(value)}))
+    m = t.load_mask(0)
+    assert m.dtype == bool and m.shape == (1, 20, 16)
+    np.testing.assert_array_equal(m[0], _blob(1).astype(bool))
+
+
+def test_mask_of_another_size_names_both_files_and_sizes(tmp_path):
+    with pytest.raises(TaskError, match=r"row 4: mask 'mask/2.png' is 15x20 pixels but its image 'img/2.png' "
+                                        r"is 16x20"):
+        CsvTask(_with_masks(tmp_path, {0: _blob(1), 2: np.ones((20, 15), np.uint8)}))
+
+
+def test_all_masks_empty_is_refused(tmp_path):
+    empty = np.zeros((20, 16), np.uint8)
+    with pytest.raises(TaskError, match=r"all 2 masks in the 'mask' column are empty"):
+        CsvTask(_with_masks(tmp_path, {0: empty, 2: empty}))
+    t = CsvTask(_with_masks(tmp_path, {0: empty, 2: _blob(1)}))  # one empty mask among others is fine
+    assert not t.load_mask(0).any() and t.load_mask(2).any()

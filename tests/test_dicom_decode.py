@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import time
 
 import numpy as np
 import pydicom
@@ -11,7 +13,8 @@ from dicom_fixtures import phantom, write_dicom
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit, JPEGLSLossless, RLELossless
 
-from harness.tasks.dicom_meta import memoised_digest, parse_age, parse_sex, read_header
+from harness.tasks.base import combine_digests
+from harness.tasks.dicom_meta import memoised_file_digests, parse_age, parse_sex, read_header
 from trainer.imaging import ImageDecodeError, load_radiograph
 
 SHAPE = (40, 36)
@@ -147,6 +150,10 @@ def test_parse_sex():
     assert [parse_sex(v) for v in ("M", "f ", "O", "", None)] == ["M", "F", None, None, None]
 
 
+def memoised_digest(image_ids, paths):
+    return combine_digests(image_ids, memoised_file_digests(paths))
+
+
 def test_memoised_digest_tracks_bytes_and_keeps_no_names(tmp_path):
     a, b = tmp_path / "img-a.dcm", tmp_path / "img-b.dcm"
     a.write_bytes(b"first")
@@ -158,6 +165,13 @@ def test_memoised_digest_tracks_bytes_and_keeps_no_names(tmp_path):
     assert "img-a" not in memo and "ida" not in memo and len(json.loads(memo)) == 2
     b.write_bytes(b"SECOND")  # same size, new mtime
     assert memoised_digest(["ida", "idb"], [a, b]) != d1
+    # Corrected in place with its old mtime put back (cp -p, touch -r): the memo must not serve the old digest.
+    d2 = memoised_digest(["ida", "idb"], [a, b])
+    mtime = b.stat().st_mtime_ns
+    time.sleep(0.05)  # past the kernel's coarse timestamp tick, so the rewrite gets a later ctime
+    b.write_bytes(b"SECONd")
+    os.utime(b, ns=(mtime, mtime))
+    assert b.stat().st_mtime_ns == mtime and memoised_digest(["ida", "idb"], [a, b]) != d2
     (tmp_path / "cache" / "file-digests.json").write_text("{not json")
     assert memoised_digest(["ida", "idb"], [a, b]) == memoised_digest(["ida", "idb"], [a, b])
 

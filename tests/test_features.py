@@ -54,16 +54,36 @@ def test_key_depends_on_content_and_preprocessing(tmp_path):
 
     a = PixelsEncoder(PIXELS_PREPROCESS)
     b = PixelsEncoder(Preprocess(size=112, channels=1))
-    assert cache_key(a, "d1") != cache_key(b, "d1")
-    assert cache_key(a, "d1") != cache_key(a, "d2")
+    assert cache_key(a, "d1", "cpu") != cache_key(b, "d1", "cpu")
+    assert cache_key(a, "d1", "cpu") != cache_key(a, "d2", "cpu")
+
+
+def test_key_depends_on_precision_torch_and_encoder_code(monkeypatch):
+    """GPU bf16 and CPU fp32 features differ, and so may those of another torch or a changed `encode`."""
+    from harness.features import cache_key
+
+    enc = PixelsEncoder(PIXELS_PREPROCESS)
+    cpu = cache_key(enc, "d1", "cpu")
+    assert cache_key(enc, "d1", "cuda") != cpu
+    assert cache_key(enc, "d1", "cuda:1") == cache_key(enc, "d1", "cuda")  # which GPU does not matter
+    monkeypatch.setattr(torch, "__version__", "0.0.1")
+    assert cache_key(enc, "d1", "cpu") != cpu
+    monkeypatch.undo()
+    enc.code_version = "2"
+    assert cache_key(enc, "d1", "cpu") != cpu
 
 
 def test_dense_entry_serves_global_requests(tmp_path):
     enc = PixelsEncoder(PIXELS_PREPROCESS)
     cache = FeatureCache(tmp_path)
     glob = extract(TinyTask(), [enc], cache, dense=False, workers=0)["pixels"]
-    dense = extract(TinyTask(), [enc], cache, dense=True, workers=0)["pixels"]  # extends the global-only entry
+    manifest = cache.entry(glob.key) / "manifest.json"
+    written = manifest.stat().st_mtime_ns
+    dense = extract(TinyTask(), [enc], cache, dense=True, workers=0)["pixels"]  # a dense entry beside it
     assert not dense.from_cache and dense.patch is not None
+    # The global-only entry is left alone: another run may be reading it right now.
+    assert manifest.is_file() and manifest.stat().st_mtime_ns == written
+    assert cache.entry(glob.key, dense=True) != cache.entry(glob.key)
     again = extract(TinyTask(), [enc], cache, dense=False, workers=0)["pixels"]
     assert again.from_cache and again.key == glob.key
     np.testing.assert_array_equal(again.global_, glob.global_)
@@ -83,3 +103,52 @@ def test_incomplete_entry_is_recomputed(tmp_path):
     (cache.entry(fs.key) / "manifest.json").unlink()  # as if killed before the manifest was written
     again = extract(TinyTask(), [enc], cache, workers=0)["pixels"]
     assert not again.from_cache
+
+
+_SAVER = """
+import sys
+import numpy as np
+from harness.features import FeatureCache, FeatureSet
+
+from pathlib import Path
+
+cache, role, n = FeatureCache(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+stop = Path(sys.argv[1] + ".writers-done")
+g = np.arange(40, dtype=np.float32).reshape(10, 4)
+dense = FeatureSet(g, np.zeros((10, 2, 3, 3), np.float16), (np.ones((10, 2, 3, 3), np.float16),))
+if role == "writer":
+    for i in range(n):
+        cache.save("abcd", dense if i % 2 else FeatureSet(g), {"i": i})
+else:
+    seen, last = 0, False
+    while not last:
+        last = stop.exists()  # one more pass after the writers are done
+        for want_dense in (False, True):
+            if cache.has("abcd", want_dense):
+                fs = cache.load("abcd", want_dense)
+                assert fs is not None, "an entry has() reported was gone"
+                assert (fs.global_ == g).all() and (not want_dense or fs.patch.shape == (10, 2, 3, 3))
+                seen += 1
+    assert seen, "the reader never saw an entry"
+"""
+
+
+def test_two_writers_and_a_reader_share_one_key(tmp_path):
+    """Runs sharing --cache-dir: concurrent saves of one key all succeed, and a reader never finds half an entry
+    or one deleted under it."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "saver.py"
+    script.write_text(_SAVER)
+    cache = tmp_path / "cache"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, str(script), str(cache), role, "30"], env=env,
+                              stderr=subprocess.PIPE, text=True) for role in ("writer", "writer", "reader")]
+    errors = [p.communicate(timeout=300)[1] for p in procs[:2]]
+    (tmp_path / "cache.writers-done").touch()
+    errors.append(procs[2].communicate(timeout=300)[1])
+    assert [p.returncode for p in procs] == [0, 0, 0], "\n".join(errors)
+    shard = cache / "features" / "ab"
+    assert sorted(p.name for p in shard.iterdir()) == ["abcd", "abcd.dense"]  # no temporary folder left over

@@ -78,3 +78,13 @@ def test_sweep_lists_failures_retries_them_and_writes_the_leaderboard(tmp_path, 
     # 3. Everything is cached now: a new sweep would submit no feature job, only the probes.
     plan = make_plan(parse(argv + ["--device", "cpu"])[1])
     assert plan.pending == [] and len(plan.cached) == 2, plan
+
+
+def test_auto_device_is_pinned_for_every_job(tmp_path, capsys):
+    """The device is in the feature-cache key: GPU feature jobs and the CPU leaderboard job must use one."""
+    argv = ["--models", "pixels", "--tasks", "demo:n_patients=6:demographics", "--cache-dir", str(tmp_path / "c"),
+            "--folder", str(tmp_path / "slurm"), "--time", "5", "--dry-run"]
+    assert main(argv + ["--gpus-per-node", "1"]) == 0
+    assert "--device cuda" in capsys.readouterr().out
+    assert main(argv) == 0
+    assert "--device cpu" in capsys.readouterr().out

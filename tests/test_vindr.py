@@ -27,8 +27,13 @@ def copy(fx, tmp_path):
 
 
 def expected_labels(fx, rule) -> dict[str, list[int]]:
-    return {i: [int(rule(sum(fx.votes[i].get(n, (0,))), len(next(iter(fx.votes[i].values())))))
-                for n in DEFAULT_LABELS] for i in fx.train_ids + fx.test_ids}
+    out = {}
+    for i in fx.train_ids + fx.test_ids:
+        readers = len(next(iter(fx.votes[i].values())))
+        agg = {n: int(rule(sum(fx.votes[i].get(n, (0,))), readers)) for n in VINDR_LABELS}
+        agg["No finding"] = int(not any(v for n, v in agg.items() if n != "No finding"))  # derived, not voted
+        out[i] = [agg[n] for n in DEFAULT_LABELS]
+    return out
 
 
 def test_official_split_ids_and_demographics(fx):
@@ -58,6 +63,18 @@ def test_disagreement_cases_spelled_out(fx):
     assert maj[0, col["Cardiomegaly"]] == 1 and maj[0, col["Pneumonia"]] == 0  # 2 of 3 vs 1 of 3
     assert any_[0, col["Pneumonia"]] == 1
     assert maj[2, col["Lung Opacity"]] == 1 and maj[2, col["No finding"]] == 0
+
+
+@pytest.mark.parametrize("agg", ["majority", "any", "all"])
+def test_no_finding_is_consistent_with_the_findings(fx, agg):
+    # t1's readers: Cardiomegaly (1, 1, 0), Pneumonia (1, 0, 0), No finding (0, 0, 1). Aggregating "No finding"'s
+    # own votes gave t1 findings *and* "No finding" under any, and no finding at all but not "No finding" under all.
+    t = VinDrTask(fx.root, aggregation=agg, labels=tuple(VINDR_LABELS))
+    labels = t.table.labels
+    nf = VINDR_LABELS.index("No finding")
+    np.testing.assert_array_equal(labels[:, nf], 1 - np.delete(labels, nf, axis=1).max(axis=1))
+    t1 = t.table.image_ids.index(fx.train_ids[0])
+    assert labels[t1, nf] == {"majority": 0, "any": 0, "all": 1}[agg]
 
 
 def test_test_file_spelling_is_normalised(fx):

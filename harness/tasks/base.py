@@ -19,6 +19,7 @@ from typing import Callable
 
 import numpy as np
 
+from harness.splits import patient_clusters
 from trainer.imaging import DECODER_VERSION
 
 
@@ -67,6 +68,8 @@ class Task(ABC):
     mask_names: tuple[str, ...] = ()
     #: Files skipped while reading (path, reason), shown in the dataset summary; nothing is dropped silently.
     skipped: list[tuple[str, str]]
+    #: Patient ids folded into another patient because they share an identical image (see `merge_duplicates`).
+    patients_merged: int = 0
 
     def __len__(self) -> int:
         return len(self.table)
@@ -83,6 +86,15 @@ class Task(ABC):
     def content_digest(self) -> str:
         """sha256 over the ordered image ids and the bytes that produce the images; the feature-cache key."""
 
+    def file_digests(self) -> list[str] | None:
+        """sha256 of each image's file, in row order; None for a task whose images are not files (nothing to
+        compare)."""
+        return None
+
+    def where(self, i: int) -> str:
+        """How image `i` is named in messages (a path or a CSV line: never a patient id)."""
+        return self.table.image_ids[i]
+
     def summary(self) -> dict:
         """Counts for the dataset summary printed before evaluation and written into the results."""
         t = self.table
@@ -96,21 +108,49 @@ class Task(ABC):
             "sex_counts": {s: int((sex == s).sum()) for s in ("M", "F")},
             "age_known": int(np.isfinite(t.age).sum()),
             "masks": int(t.has_mask.sum()),
+            "patients_merged": self.patients_merged,
             "skipped": [{"file": f, "reason": r} for f, r in getattr(self, "skipped", [])],
         }
 
 
-def digest_files(image_ids: list[str], paths: list[Path]) -> str:
-    """sha256 over (id, file bytes) in order: the image list *and* the bytes, so an edited file changes it; and
-    the decoder version, so a change in how files become pixels makes cached features stale."""
-    h = hashlib.sha256(DECODER_VERSION.encode() + b"\0")
-    for image_id, path in zip(image_ids, paths, strict=True):
-        h.update(image_id.encode() + b"\0")
-        with open(path, "rb") as f:
-            while block := f.read(1 << 20):
-                h.update(block)
-        h.update(b"\1")
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
     return h.hexdigest()
+
+
+def combine_digests(image_ids: list[str], file_digests: list[str]) -> str:
+    """sha256 over the decoder version and the ordered (image id, file sha256): the image list *and* the bytes,
+    so an edited file changes it; and the decoder version, as the same bytes decode differently when it
+    changes."""
+    h = hashlib.sha256(DECODER_VERSION.encode() + b"\0")
+    for image_id, digest in zip(image_ids, file_digests, strict=True):
+        h.update(image_id.encode() + b"\0" + digest.encode() + b"\1")
+    return h.hexdigest()
+
+
+def merge_duplicates(task: Task, on_duplicate: str) -> None:
+    """Byte-identical images filed under different patient ids (a dataset listing one radiograph twice) put the
+    same picture in train and test unless their patients stay together. With ``merge`` such patients become one
+    patient (one split, one bootstrap unit) and `task.patients_merged` counts the ids folded away; with ``error``
+    the first such pair is a TaskError."""
+    digests = task.file_digests()
+    if digests is None:
+        return
+    t = task.table
+    if on_duplicate == "error":
+        first: dict[str, int] = {}
+        for i, d in enumerate(digests):
+            j = first.setdefault(d, i)
+            if t.patient_ids[j] != t.patient_ids[i]:
+                raise TaskError(f"task {task.name}: images {task.where(j)!r} and {task.where(i)!r} are identical "
+                                "files under two different patient ids; give them one patient id, remove one "
+                                "copy, or run with --on-duplicate merge (the default: their patients are merged)")
+    groups = patient_clusters(t.patient_ids, digests)
+    task.patients_merged = len(set(t.patient_ids)) - len(set(groups))
+    t.patient_ids = groups
 
 
 @dataclass(frozen=True)
@@ -122,6 +162,7 @@ class TaskContext:
     data_roots: dict[str, Path] = field(default_factory=dict)
     skip_bad: bool = False
     seed: int = 0
+    on_duplicate: str = "merge"
 
     def root_for(self, name: str, default_folder: str) -> Path:
         """``--data-root name=PATH`` wins; else ``<--data-root>/<default_folder>``."""
@@ -164,7 +205,9 @@ def build_task(name: str, arg: str | None, ctx: TaskContext) -> Task:
         raise TaskError(f"unknown task {name!r}; registered: {', '.join(sorted(_TASKS))}")
     if entry.takes_arg and not arg:
         raise TaskError(f"task {name!r} needs an argument: {name}:ARG")
-    return entry.factory(replace(ctx, arg=arg))
+    task = entry.factory(replace(ctx, arg=arg))
+    merge_duplicates(task, ctx.on_duplicate)
+    return task
 
 
 class Subset(Task):

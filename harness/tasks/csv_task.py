@@ -1,7 +1,8 @@
 """``csv:PATH`` — any labelled set of radiographs described by one CSV file.
 
 Columns: ``image`` (path relative to the CSV), ``label_*`` (0/1, one column per finding), ``patient_id``, and
-optionally ``mask`` (path of a binary mask, relative to the CSV), ``sex`` (M/F/blank), ``age`` (number/blank)
+optionally ``mask`` (path of a mask, relative to the CSV, at its image's size; any non-zero value is foreground, so
+0/1, 0/255 and label masks all work), ``sex`` (M/F/blank), ``age`` (number/blank)
 and ``split`` (train/test/blank; blank rows go to the harness's seeded patient split). Other columns are ignored.
 """
 from __future__ import annotations
@@ -11,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from harness.tasks.base import Task, TaskContext, TaskError, TaskTable, digest_files, register_task
+from harness.tasks.base import (Task, TaskContext, TaskError, TaskTable, combine_digests, register_task,
+                                sha256_file)
 from trainer.imaging import ImageDecodeError, load_radiograph
 
 REQUIRED = ("image", "patient_id")
@@ -40,6 +42,38 @@ def _unreadable(path: Path) -> str | None:
         return f"unreadable ({type(e).__name__})"
 
 
+def _size(path: Path) -> tuple[int, int]:
+    """(width, height) of an image file from its header, without decoding the pixels."""
+    from PIL import Image
+
+    from harness.tasks.dicom_meta import read_header
+    from trainer.imaging import is_dicom
+
+    if is_dicom(path):
+        h = read_header(path)
+        return h.columns, h.rows
+    with Image.open(path) as im:
+        return im.size
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """A mask file -> bool [H, W]: a pixel is foreground when its stored value is non-zero (in any colour channel;
+    alpha is ignored). Stored values, not display intensities: a 0/1 PNG must not be scaled to 0/255 first."""
+    from PIL import Image
+
+    from trainer.imaging import is_dicom
+
+    if is_dicom(path):
+        import pydicom
+
+        return np.asarray(pydicom.dcmread(path, force=True).pixel_array) != 0
+    with Image.open(path) as im:
+        arr = np.asarray(im)
+        if im.getbands()[-1] == "A":
+            arr = arr[..., :-1]  # alpha (always the last band) is transparency, not a label
+    return arr.any(axis=-1) if arr.ndim == 3 else arr != 0
+
+
 class CsvTask(Task):
     mask_names = ("mask",)
 
@@ -52,7 +86,7 @@ class CsvTask(Task):
         self.root = csv_path.parent
         self.name = name or f"csv-{csv_path.parent.name}"
         self.skipped = []
-        self._digest: str | None = None
+        self._file_digests: list[str] | None = None
         try:
             df = pl.read_csv(csv_path, infer_schema=False)  # all strings: we validate each column ourselves
         except Exception as e:
@@ -123,6 +157,29 @@ class CsvTask(Task):
         )
         if not self.table.has_mask.any():
             self.mask_names = ()
+        else:
+            self._check_masks(keep)
+
+    def _check_masks(self, rows: list[int]) -> None:
+        """Every mask at its image's size (header reads only), and at least one mask with foreground: a set of
+        masks that all decode empty is a format problem, and would train segmentation heads on nothing."""
+        with_mask = np.flatnonzero(self.table.has_mask)
+        for k in with_mask:
+            image, mask = self.table.image_ids[k], self._masks[k]
+            try:
+                image_size, mask_size = _size(self.root / image), _size(self.root / mask)
+            except Exception as e:  # noqa: BLE001 - any reader error, reported with the row and the file
+                raise TaskError(f"{self.csv_path} {_row(rows[k])}: cannot read the size of image {image!r} or mask "
+                                f"{mask!r} ({type(e).__name__}: {e})") from e
+            if image_size != mask_size:
+                raise TaskError(f"{self.csv_path} {_row(rows[k])}: mask {mask!r} is {mask_size[0]}x{mask_size[1]} "
+                                f"pixels but its image {image!r} is {image_size[0]}x{image_size[1]}; a mask must "
+                                "have its image's size (re-export it at that size, or blank the mask cell)")
+        # Stops at the first mask with foreground: one decode on a good set.
+        if not any(read_mask(self.root / self._masks[k]).any() for k in with_mask):
+            raise TaskError(f"{self.csv_path}: all {len(with_mask)} masks in the 'mask' column are empty (no "
+                            "non-zero pixel); foreground must be stored as a non-zero value (0/1 and 0/255 both "
+                            "work): check that the column points at the mask files")
 
     @staticmethod
     def _col(df: pl.DataFrame, name: str) -> list:
@@ -156,15 +213,20 @@ class CsvTask(Task):
         rel = self._masks[i]
         if rel is None:
             return None
-        return (load_radiograph(self.root / rel) > 0.5)[None]
+        try:
+            return read_mask(self.root / rel)[None]
+        except Exception as e:  # noqa: BLE001 - any decoder error, reported naming the file
+            raise TaskError(f"{self.csv_path}: mask {rel!r} cannot be read ({type(e).__name__}: {e})") from e
+
+    def file_digests(self) -> list[str]:
+        # Hashing every image's bytes is the slow part of a cached run and a run asks several times (duplicate
+        # check, once per feature set); the files do not change during one run.
+        if self._file_digests is None:
+            self._file_digests = [sha256_file(self.root / p) for p in self.table.image_ids]
+        return self._file_digests
 
     def content_digest(self) -> str:
-        # Hashing every image's bytes is the slow part of a cached run and a run asks several times (once per
-        # feature set); the files do not change during one run.
-        if self._digest is None:
-            paths = [self.root / p for p in self.table.image_ids]
-            self._digest = digest_files(self.table.image_ids, paths)
-        return self._digest
+        return combine_digests(self.table.image_ids, self.file_digests())
 
 
 @register_task("csv", takes_arg=True, description="any labels.csv: image, label_*, patient_id[, mask, sex, age, split]")

@@ -10,8 +10,11 @@ below it, as ``wget -r`` leaves it, is found too):
 
 The official test split is kept (``TaskTable.split``). Training images carry three independent readings; they
 are reduced per image and label by a rule, ``vindr:agg=majority`` (default: positive when more than half the
-readers say so, i.e. 2 of 3), ``any`` (at least one) or ``all``. VinDr has no patient ids (image ids are hashes
-of the original SOP instance UID), so each image is its own patient. Sex and age come from the DICOM headers.
+readers say so, i.e. 2 of 3), ``any`` (at least one) or ``all``. "No finding" (train and test alike) is derived from the
+aggregated findings (positive exactly when none of the other 27 labels is): aggregating its own votes gave an
+image both a finding and "No finding" under ``any``, and neither under ``all``. VinDr has no patient ids (image
+ids are hashes of the original SOP instance UID), so each image is its own patient. Sex and age come from the
+DICOM headers.
 
 Labels: ``vindr:labels=default`` (below) or ``labels=all`` (the 22 local + 6 global labels of the release).
 """
@@ -104,15 +107,17 @@ def _find_root(root: Path) -> Path:
 
 def _read_labels(path: Path, labels: tuple[str, ...], aggregation: str
                  ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-    """image_id -> 0/1 per label, the readers of each image reduced by the aggregation rule; and image_id ->
-    the line of its first row."""
-    rows = read_csv(path, ["image_id", *labels], rename=SPELLING)
+    """image_id -> 0/1 per label of `labels`, the readers of each image reduced by the aggregation rule and "No
+    finding" derived from the result; and image_id -> the line of its first row. Every label of the release is
+    read, whichever are kept: "No finding" depends on all of them."""
+    everything = LOCAL_LABELS + GLOBAL_LABELS
+    rows = read_csv(path, ["image_id", *everything], rename=SPELLING)
     votes: dict[str, np.ndarray] = {}
     readers: dict[str, int] = {}
     first_line: dict[str, int] = {}
     for line, row in rows:
         try:
-            values = np.array([float(row[name]) for name in labels])
+            values = np.array([float(row[name]) for name in everything])
         except ValueError:
             raise TaskError(f"{path} line {line}: a label cell is not 0 or 1") from None
         if not np.isin(values, (0, 1)).all():
@@ -124,7 +129,14 @@ def _read_labels(path: Path, labels: tuple[str, ...], aggregation: str
         readers[image_id] = readers.get(image_id, 0) + 1
         first_line.setdefault(image_id, line)
     rule = AGGREGATION[aggregation]
-    return {i: rule(v, readers[i]).astype(np.int8) for i, v in votes.items()}, first_line
+    no_finding = everything.index("No finding")
+    keep = [everything.index(name) for name in labels]
+    out = {}
+    for i, v in votes.items():
+        agg = rule(v, readers[i])
+        agg[no_finding] = not np.delete(agg, no_finding).any()
+        out[i] = agg[keep].astype(np.int8)
+    return out, first_line
 
 
 @register_task("vindr", description="VinDr-CXR 1.0.0: 20 findings (6 global + 14 local), official test split; "
