@@ -257,3 +257,23 @@ def test_metrics_rows_are_json_lines(blob_images, tmp_path):
     train(cfg, tmp_path)
     for line in Path(tmp_path / "metrics.jsonl").read_text().splitlines():
         json.loads(line)
+
+
+def test_initial_weights_are_kept_beside_the_run_for_the_comparison(blob_images, tmp_path):
+    from trainer.checkpoint import load_backbone
+
+    cfg = tiny_cfg("run.keep_last=1", "run.checkpoint_every=1", steps=3)
+    cfg.data.sources = [str(blob_images)]
+    state = train(cfg, tmp_path)
+    init, _ = load_backbone(tmp_path / "init")
+    final, _ = load_backbone(tmp_path)
+    assert [p.name for p in (tmp_path / "init" / "checkpoints").iterdir()] == ["ckpt_0000000"]
+    built = tiny_cfg(steps=3)
+    torch.manual_seed(built.run.seed)
+    from trainer.train import build_models
+
+    fresh, _ = build_models(built)  # the same seed rebuilds exactly the step-0 weights
+    for (name, a), b in zip(init.state_dict().items(), fresh.backbone.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+    assert any(not torch.equal(a, b) for a, b in zip(init.state_dict().values(), final.state_dict().values()))
+    assert state.iteration == 3

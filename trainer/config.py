@@ -114,6 +114,7 @@ class RunConfig:
     log_every: int = 10
     checkpoint_every: int = 1250
     keep_last: int = 3
+    save_initial: bool = True               # write the step-0 weights to RUN/init (the "did it learn?" baseline)
     device: str = "auto"                    # "auto" | "cpu" | "cuda"
     bf16: bool = True                       # bf16 autocast on CUDA (no grad scaler needed); ignored on CPU
     # Collapse watch (trainer.diagnostics): warn when the teacher's CLS target entropy stays within

@@ -315,6 +315,16 @@ def save(state: TrainState, output: Path, cfg: TrainConfig) -> Path | None:
     return path
 
 
+def save_initial(state: TrainState, output: Path, cfg: TrainConfig) -> None:
+    """The weights before the first step, as a checkpoint of its own (RUN/init), outside the rotation of
+    ``run.keep_last``: "did it learn?" is answered by ``--models ckpt:RUN/init,ckpt:RUN``."""
+    meta = {"iteration": 0, "samples_seen": 0, "seed": cfg.run.seed}
+    path = save_checkpoint(output / "init", flat_state(state.modules()), state.optimizer.state_dict(), meta, cfg,
+                           keep_last=1)
+    log.info("initial weights saved to %s (compare a run with them: --models ckpt:%s,ckpt:%s)", path,
+             output / "init", output)
+
+
 def train(cfg: TrainConfig, output: str | Path, resume: str | None = None) -> TrainState:
     """Run (or continue) pretraining; returns the final state. Joins no process group itself (see main)."""
     output = Path(output)
@@ -338,6 +348,8 @@ def train(cfg: TrainConfig, output: str | Path, resume: str | None = None) -> Tr
     resume_from(state, output, resume, device, cfg)
     if rank == 0:
         save_config(cfg, output / "config.yaml")
+        if cfg.run.save_initial and state.iteration == 0:
+            save_initial(state, output, cfg)
 
     sched = Schedules.from_config(cfg.optim, peak_lr=cfg.optim.scaled_lr(world))
     stream = SampleStream(cfg.data.sources, cfg.run.seed)
