@@ -345,7 +345,7 @@ def masked_rows(task: Task) -> np.ndarray:
 @register_protocol("seg", description="linear and multi-level segmentation heads on frozen patch tokens; Dice, IoU",
                    dense_rows=masked_rows)
 def run_seg(tr: TaskRun, encoders: list[Encoder], budget: SegBudget = BUDGET) -> Section:
-    task, t = tr.task, tr.task.table
+    task = tr.task
     rows = masked_rows(task)
     if rows.size == 0:
         return _not_evaluated(f"task `{task.name}` has no masks")
@@ -358,7 +358,7 @@ def run_seg(tr: TaskRun, encoders: list[Encoder], budget: SegBudget = BUDGET) ->
     masks = _load_masks(subset)
     train, test = np.flatnonzero(in_train), np.flatnonzero(in_test)
     names = list(task.mask_names)
-    test_patients = [t.patient_ids[rows[i]] for i in test]
+    test_patients = tr.patient_keys(rows[test])
     weights = stats.bootstrap_weights(test_patients, tr.weights.shape[0], tr.seed)
     truth_any = np.array([[m[k].any() for k in range(len(names))] for m in (masks[i] for i in test)])
     # The overlays show the same test images for every model: the first ones with something to segment.
@@ -416,7 +416,7 @@ def run_seg(tr: TaskRun, encoders: list[Encoder], budget: SegBudget = BUDGET) ->
                     sig = p is not None and (p["p_holm"] or 1.0) < 0.05
                     section_rows[enc.name][col] = Cell(s["point"], s["lo"], s["hi"], sig)
 
-    task_stem = safe_name(task.name)
+    task_stem = tr.out_name
     for enc in encoders:
         head_results = {}
         for kind in HEADS:
