@@ -216,9 +216,10 @@ def evaluate_task(spec: TaskSpec, encoders: list[Encoder], args: argparse.Namesp
     return write_outputs(tr, encoders, sections, owned, args)
 
 
-#: Beside each task's results: the settings of the run and every section as data, so that a run of one protocol
-#: can be merged into the leaderboard (and the files each protocol published, so that none is left stale).
-MANIFEST = "leaderboard.json"
+#: ``results/<name><MANIFEST>``, beside the task's results folder (whose *.json are one per model): the settings
+#: of the run and every section as data, so that a run of one protocol can be merged into the leaderboard, and
+#: the files each protocol published, so that none is left stale.
+MANIFEST = ".leaderboard.json"
 
 
 def output_name(spec: TaskSpec, task: Task) -> str:
@@ -295,7 +296,8 @@ def write_outputs(tr: TaskRun, encoders: list[Encoder], sections: dict[str, Sect
     name = tr.out_name
     folder = out / "results" / name
     settings = run_settings(tr, encoders, args)
-    old = _read_json(folder / MANIFEST)
+    manifest = out / "results" / f"{name}{MANIFEST}"
+    old = _read_json(manifest)
     same = old is not None and old.get("settings") == settings
     if not same and (old is not None or (out / f"{name}.md").exists()):
         print(f"note: {out / (name + '.md')} was computed with other settings (or by an older version): its "
@@ -304,7 +306,7 @@ def write_outputs(tr: TaskRun, encoders: list[Encoder], sections: dict[str, Sect
     order = [p for p in PROTOCOLS if p in kept or p in sections]
     files = {p: owned[p] if p in sections else kept[p]["files"] for p in order}
     model_files = [f"results/{name}/{safe_name(e.name)}.json" for e in encoders]
-    listed = {f for p in order for f in files[p]} | set(model_files) | {f"results/{name}/{MANIFEST}"}
+    listed = {f for p in order for f in files[p]} | set(model_files)
 
     write_split(out / "splits" / f"{name}.csv", task.name, t.image_ids, t.patient_ids, list(tr.split))
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
@@ -328,7 +330,7 @@ def write_outputs(tr: TaskRun, encoders: list[Encoder], sections: dict[str, Sect
         with atomic_path(out / rel) as tmp:
             tmp.write_bytes(blob)
     all_sections = {p: sections[p] if p in sections else section_from_json(kept[p]["section"]) for p in order}
-    write_json(folder / MANIFEST, {"settings": settings, "protocols": {
+    write_json(manifest, {"settings": settings, "protocols": {
         p: {"section": section_to_json(all_sections[p]), "files": files[p], "date": date if p in sections else
             kept[p]["date"]} for p in order}})
     aggregation = summary.get("reader_aggregation")

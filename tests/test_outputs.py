@@ -59,7 +59,7 @@ def test_results_json_has_null_not_nan(tmp_path, labelled):
     res = _strict((tmp_path / "lb/results/csv-data/pixels.json").read_text())
     rare = [lab for lab in res["protocols"]["linear"]["labels"] if lab["name"] == "rare"][0]
     assert rare["evaluable"] and rare["cv_auroc"] is None
-    _strict((tmp_path / "lb/results/csv-data/leaderboard.json").read_text())
+    _strict((tmp_path / "lb/results/csv-data.leaderboard.json").read_text())
 
 
 def test_rare_labels_leave_the_macro_and_the_header_says_why(tmp_path, labelled, capsys):
@@ -93,7 +93,7 @@ def test_one_protocol_run_is_merged_and_leaves_nothing_stale(tmp_path, labelled,
     res = _strict((lb / "results/csv-data/pixels.json").read_text())
     assert list(res["protocols"]) == ["linear", "demographics"]  # seg records nothing without masks
     files = {f.name for f in (lb / "results/csv-data").iterdir()}
-    assert files == {"pixels.json", "pixels.predictions.parquet", "pixels.demographics.parquet", "leaderboard.json"}
+    assert files == {"pixels.json", "pixels.predictions.parquet", "pixels.demographics.parquet"}
     # Other settings: the old sections are not comparable, so they go, with their files.
     capsys.readouterr()
     assert _run(tmp_path, labelled, "--bootstrap", "100", task_suffix=":linear") == 0
