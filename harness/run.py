@@ -35,7 +35,7 @@ from harness.io import atomic_path, atomic_write_text, safe_name
 from harness.leaderboard import Section, render, section_from_json, section_to_json
 from harness.protocols import MIN_POSITIVE_PATIENTS, PROTOCOLS, TaskRun, feature_sets, label_status
 from harness.splits import make_split, pseudonym, split_hash, write_split
-from harness.tasks.base import Task, TaskContext, TaskError, build_task
+from harness.tasks.base import Task, TaskContext, TaskError, TaskTable, build_task
 
 
 @dataclass
@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "ckpt:DIR evaluates a trainer checkpoint")
     p.add_argument("--tasks", default="demo",
                    help="comma list of tasks: demo, csv:PATH/labels.csv, and dataset names (vindr, candid, rsna) "
-                        "when registered; append :PROTOCOL to run one protocol only")
+                        "when registered; append :PROTOCOL to run one protocol only (its section is merged into "
+                        "the task's leaderboard when that was made with the same settings)")
     p.add_argument("--data-root", action="append", default=[], metavar="DIR|NAME=DIR",
                    help="folder holding the datasets (vindr-cxr/, candid-ptx/, rsna-pneumonia/), or NAME=DIR for "
                         "one dataset; repeatable")
@@ -106,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                    default=Path(os.environ.get("RADDINO_BENCH_CACHE", ".cache/raddino-bench")),
                    help="feature cache (content-addressed; safe to delete); $RADDINO_BENCH_CACHE sets the default")
     p.add_argument("--out", type=Path, default=Path("leaderboards"),
-                   help="where leaderboards (<task>.md), results/ and splits/ are written")
+                   help="where leaderboards (<name>.md: the task name plus the options that change its numbers), "
+                        "results/ and splits/ are written")
     p.add_argument("--bootstrap", type=int, default=stats.DEFAULT_RESAMPLES,
                    help="number of patient-level bootstrap resamples")
     p.add_argument("--min-positive-patients", type=int, default=MIN_POSITIVE_PATIENTS,
@@ -243,7 +245,7 @@ def output_name(spec: TaskSpec, task: Task) -> str:
     return "-".join([base, *parts])
 
 
-def split_description(t, split: np.ndarray, seed: int) -> str:
+def split_description(t: TaskTable, split: np.ndarray, seed: int) -> str:
     """How the split was made: an official split where the task gives one for every image (the seed played no
     part), else seeded by patient (around the official rows when some have one)."""
     given = [s for s in (t.split or []) if s]
@@ -278,10 +280,13 @@ def run_settings(tr: TaskRun, encoders: list[Encoder], args: argparse.Namespace)
 
 
 def _read_json(path: Path) -> dict | None:
+    """The object in a JSON file written by an earlier run; None when absent or unreadable (then nothing of that
+    run is merged)."""
     try:
-        return json.loads(path.read_text())
+        obj = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    return obj if isinstance(obj, dict) else None
 
 
 def write_outputs(tr: TaskRun, encoders: list[Encoder], sections: dict[str, Section], owned: dict[str, list[str]],
