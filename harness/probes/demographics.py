@@ -9,10 +9,12 @@ Two probes on the same standardised global features as the linear probe, fitted 
 
 Subgroup view: the linear probe's test scores for the task's own labels (taken from the linear protocol when it
 ran, refitted here otherwise) are scored separately for men and women and per age band, macro AUROC over the
-labels evaluable in every group of the view, with the gap between groups (men - women; youngest - oldest band).
+labels evaluable in every group of the view (--min-positive-patients positive and negative patients within each
+group), with the gap between groups (men - women; youngest - oldest band).
 A gap's interval covering 0 means no detectable dependence on that attribute at this sample size.
 
 Images with unknown sex or age are excluded from what needs them and counted in the notes; nothing is imputed.
+Per test image, the sex score and age prediction are published (``<model>.demographics.parquet``).
 All intervals and paired deltas use the task's patient-level bootstrap resamples, restricted to the test images
 that take part (an image's weight depends only on its patient, so the restriction is still a patient bootstrap).
 """
