@@ -8,7 +8,7 @@ is bold; ``†`` marks a paired difference to the reference model that is signif
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tabulate import tabulate
@@ -24,6 +24,17 @@ class Cell:
     hi: float | None = None
     significant: bool = False
     note: str = ""  # shown instead of numbers when point is None (e.g. "n/e: 0 positives in test")
+    #: resamples in which the metric was defined, out of how many; shown when fewer than all
+    n_valid: int | None = None
+    n_resamples: int | None = None
+
+    @classmethod
+    def from_summary(cls, s: dict | None, significant: bool = False, note: str = "n/e") -> Cell:
+        """A cell from `stats.summarise` output (None: not evaluable, shown as `note`)."""
+        if s is None or s.get("point") is None:
+            return cls(None, note=note)
+        return cls(s["point"], s["lo"], s["hi"], significant, n_valid=s.get("n_valid"),
+                   n_resamples=s.get("n_resamples"))
 
 
 @dataclass
@@ -35,6 +46,17 @@ class Section:
     notes: list[str] = field(default_factory=list)
 
 
+def section_to_json(s: Section) -> dict:
+    """A section as JSON-able data, kept beside the leaderboard so a later one-protocol run can re-render the
+    sections it did not recompute exactly as they were."""
+    return asdict(s)
+
+
+def section_from_json(d: dict) -> Section:
+    rows = {model: {col: Cell(**cell) for col, cell in row.items()} for model, row in d["rows"].items()}
+    return Section(d["title"], list(d["columns"]), rows, dict(d.get("higher_is_better", {})), list(d.get("notes", [])))
+
+
 def fmt_cell(c: Cell, best: bool) -> str:
     if c.point is None:
         return c.note or "n/e"
@@ -42,7 +64,8 @@ def fmt_cell(c: Cell, best: bool) -> str:
     if best:
         point = f"**{point}**"
     ci = f" [{c.lo:.3f}, {c.hi:.3f}]" if c.lo is not None and c.hi is not None else ""
-    return point + ci + (f" {SIGNIFICANT}" if c.significant else "")
+    partial = c.n_valid is not None and c.n_resamples is not None and c.n_valid < c.n_resamples
+    return point + ci + (f" (n={c.n_valid})" if partial else "") + (f" {SIGNIFICANT}" if c.significant else "")
 
 
 def render_section(s: Section) -> str:
@@ -67,8 +90,9 @@ def render(title: str, header: list[tuple[str, str]], sections: list[Section]) -
     lines = [f"# {title}", ""]
     lines += [f"- **{k}**: {v}" for k, v in header]
     lines += ["", f"Cells: point estimate [95% patient-clustered bootstrap CI]; **bold** = best in column; "
-              f"{SIGNIFICANT} = paired difference to the reference model significant at 0.05 after Holm correction. "
-              "n/e = not evaluable (one class only), with counts.", ""]
+              f"{SIGNIFICANT} = paired difference to the reference model significant at 0.05 after Holm correction "
+              "per column (across the models compared with the reference). (n=k): the interval is over the k "
+              "resamples in which the metric is defined, fewer than all. n/e = not evaluable, with counts.", ""]
     return "\n".join(lines) + "\n" + "\n".join(render_section(s) for s in sections)
 
 

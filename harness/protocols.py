@@ -2,21 +2,32 @@
 
 A protocol (linear probe, segmentation, demographics, ...) is a function that takes the task's shared state
 (`TaskRun`: the task, its patient-level split, the test set's bootstrap weights, the cached features) and the
-encoders, and returns one leaderboard `Section`; it records per-model results in ``tr.results[model][name]``
-and per-image predictions in ``tr.predictions[model]``. Adding one is a decorated function in
-``harness/probes/`` plus its import line in ``harness/probes/__init__.py``.
+encoders, and returns one leaderboard `Section`; it records per-model results in ``tr.results[model][name]``,
+per-image linear-probe predictions in ``tr.predictions[model]`` (read by other protocols), and the files it
+publishes (parquet, PNG) in ``tr.files`` under ``results/<out_name>/`` or ``<out_name>_<protocol>/``: the run
+attributes each file to the protocol that added it, so re-running one protocol replaces exactly its files.
+Adding one is a decorated function in ``harness/probes/`` plus its import line in ``harness/probes/__init__.py``.
 """
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
+import polars as pl
 
 from baselines.registry import Encoder
+from harness import stats
 from harness.features import FeatureSet
+from harness.io import safe_name
 from harness.leaderboard import Section
+from harness.splits import pseudonym
 from harness.tasks.base import Subset, Task
+
+#: Default of --min-positive-patients: a label enters macro means only with this many positive (and negative)
+#: test patients; below it a percentile interval is dominated by whether its few patients are drawn.
+MIN_POSITIVE_PATIENTS = 5
 
 
 @dataclass
@@ -32,11 +43,54 @@ class TaskRun:
     extract: Callable[[Task, list[Encoder], bool], dict[str, FeatureSet]]
     seed: int = 0
     reference: str = ""
+    min_positive_patients: int = MIN_POSITIVE_PATIENTS
+    #: stem of the task's output files (leaderboard, results folder, extra files): the task name plus the options
+    #: that change its numbers; defaults to the task name
+    out_name: str = ""
     results: dict[str, dict] = field(default_factory=dict)          # model -> protocol -> JSON-able results
     predictions: dict[str, list[dict]] = field(default_factory=dict)  # model -> rows of per-image predictions
     #: extra files to write beside the leaderboard (relative path -> bytes), e.g. PNG overlays; written
     #: atomically with everything else once every protocol has finished.
     files: dict[str, bytes] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.out_name = self.out_name or safe_name(self.task.name)
+
+
+    def patient_keys(self, rows: np.ndarray) -> list[str]:
+        """Pseudonyms of the patients of `rows`: what outputs carry and what the bootstrap draws over."""
+        return [pseudonym(self.task.table.patient_ids[r], self.task.name) for r in rows]
+
+
+def parquet_bytes(rows: list[dict]) -> bytes:
+    """Rows of per-image values as a parquet file's bytes, for `TaskRun.files`."""
+    buf = io.BytesIO()
+    pl.DataFrame(rows).write_parquet(buf)
+    return buf.getvalue()
+
+
+def label_status(task: Task, split: np.ndarray, min_patients: int) -> tuple[np.ndarray, list[str]]:
+    """Which of the task's labels are evaluable (bool [L]) and, for the others, why (text with counts; "" when
+    evaluable). Evaluable: both classes among the training images (a probe can be fitted) and at least
+    `min_patients` test patients with a positive image and as many with a negative one. It depends only on the
+    labels and the split, so it is the same for every model and every protocol, and the bootstrap is conditioned
+    on exactly these labels."""
+    t = task.table
+    labels = np.asarray(t.labels).astype(int)
+    train, test = np.flatnonzero(split == "train"), np.flatnonzero(split == "test")
+    pos, neg = stats.patients_per_class(labels[test], [t.patient_ids[i] for i in test])
+    ok, reasons = np.zeros(len(t.label_names), dtype=bool), []
+    for j in range(len(t.label_names)):
+        y_train = labels[train, j]
+        if y_train.min(initial=1) == y_train.max(initial=0):
+            reasons.append("only one class in the training split")
+        elif min(pos[j], neg[j]) < min_patients:
+            reasons.append(f"{pos[j]} positive and {neg[j]} negative test patients, fewer than "
+                           f"--min-positive-patients {min_patients}")
+        else:
+            ok[j] = True
+            reasons.append("")
+    return ok, reasons
 
 
 ProtocolFn = Callable[[TaskRun, list[Encoder]], Section]

@@ -5,13 +5,15 @@
 
 Per task: build it, print its summary, make (or check) the patient-level split and write it with its hash,
 extract features for every encoder in one pass (cached), run each protocol, bootstrap on shared patient
-resamples, and write ``<out>/<task>.md`` plus ``<out>/results/<task>/<model>.json`` and per-image predictions.
+resamples, and write ``<out>/<name>.md`` plus ``<out>/results/<name>/<model>.json`` and per-image predictions
+(``<name>``: the task's name plus the options that change its numbers, see `output_name`).
 Everything for one task is computed before anything of it is written, and every file is written atomically.
 """
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import os
 import re
 import subprocess
@@ -20,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import polars as pl
 import torch
 from tabulate import tabulate
 
@@ -30,11 +31,11 @@ import harness.tasks
 from baselines.registry import Encoder, WeightsMissing, build_encoder, default_weights_dir, registered, resolve_names
 from harness import stats
 from harness.features import FeatureCache, extract
-from harness.io import atomic_path, atomic_write_json, atomic_write_text, safe_name
-from harness.leaderboard import render
-from harness.protocols import PROTOCOLS, TaskRun, feature_sets
-from harness.splits import make_split, split_hash, write_split
-from harness.tasks.base import Task, TaskContext, TaskError, build_task
+from harness.io import atomic_path, atomic_write_text, safe_name
+from harness.leaderboard import Section, render, section_from_json, section_to_json
+from harness.protocols import MIN_POSITIVE_PATIENTS, PROTOCOLS, TaskRun, feature_sets, label_status
+from harness.splits import make_split, pseudonym, split_hash, write_split
+from harness.tasks.base import Task, TaskContext, TaskError, TaskTable, build_task
 
 
 @dataclass
@@ -94,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "ckpt:DIR evaluates a trainer checkpoint")
     p.add_argument("--tasks", default="demo",
                    help="comma list of tasks: demo, csv:PATH/labels.csv, and dataset names (vindr, candid, rsna) "
-                        "when registered; append :PROTOCOL to run one protocol only")
+                        "when registered; append :PROTOCOL to run one protocol only (its section is merged into "
+                        "the task's leaderboard when that was made with the same settings)")
     p.add_argument("--data-root", action="append", default=[], metavar="DIR|NAME=DIR",
                    help="folder holding the datasets (vindr-cxr/, candid-ptx/, rsna-pneumonia/), or NAME=DIR for "
                         "one dataset; repeatable")
@@ -105,9 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
                    default=Path(os.environ.get("RADDINO_BENCH_CACHE", ".cache/raddino-bench")),
                    help="feature cache (content-addressed; safe to delete); $RADDINO_BENCH_CACHE sets the default")
     p.add_argument("--out", type=Path, default=Path("leaderboards"),
-                   help="where leaderboards (<task>.md), results/ and splits/ are written")
+                   help="where leaderboards (<name>.md: the task name plus the options that change its numbers), "
+                        "results/ and splits/ are written")
     p.add_argument("--bootstrap", type=int, default=stats.DEFAULT_RESAMPLES,
                    help="number of patient-level bootstrap resamples")
+    p.add_argument("--min-positive-patients", type=int, default=MIN_POSITIVE_PATIENTS,
+                   help="a label is evaluable (enters macro means and the tables) only with at least this many "
+                        "test patients with a positive image, and as many with a negative one")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, the probe's CV and the bootstrap")
     p.add_argument("--test-fraction", type=float, default=0.3,
                    help="fraction of patients in the test split when the task has no predefined one")
@@ -184,7 +190,12 @@ def evaluate_task(spec: TaskSpec, encoders: list[Encoder], args: argparse.Namesp
     print_summary(summary)
 
     test_idx = np.flatnonzero(split == "test")
-    weights = stats.bootstrap_weights([t.patient_ids[i] for i in test_idx], args.bootstrap, args.seed)
+    # Drawn over the pseudonyms the outputs carry (so a reader can redraw them), conditioned on a positive and a
+    # negative patient of every evaluable label (so every macro keeps its label set in every resample).
+    evaluable, _ = label_status(task, split, args.min_positive_patients)
+    keys = [pseudonym(t.patient_ids[i], task.name) for i in test_idx]
+    weights = stats.bootstrap_weights(keys, args.bootstrap, args.seed,
+                                      required=stats.class_requirements(t.labels[test_idx], evaluable))
     print(f"features ({len(encoders)} encoder(s), cache {args.cache_dir}):")
 
     def extract_for(sub: Task, encs: list[Encoder], dense: bool) -> dict:
@@ -197,53 +208,165 @@ def evaluate_task(spec: TaskSpec, encoders: list[Encoder], args: argparse.Namesp
         extract_for(view, encoders, dense)
     feats = extract_for(task, encoders, False)
     tr = TaskRun(task, split, split_hash(t.image_ids, list(split)), weights, feats, summary, extract=extract_for,
-                 seed=args.seed, reference=reference)
-    sections = []
+                 seed=args.seed, reference=reference, min_positive_patients=args.min_positive_patients,
+                 out_name=output_name(spec, task))
+    sections: dict[str, Section] = {}
+    owned: dict[str, list[str]] = {}
     for proto in spec.protocols:
         print(f"protocol {proto} ...")
-        sections.append(PROTOCOLS[proto].run(tr, encoders))
+        before = set(tr.files)
+        sections[proto] = PROTOCOLS[proto].run(tr, encoders)
+        owned[proto] = sorted(set(tr.files) - before)
 
-    return write_outputs(tr, encoders, sections, args)
+    return write_outputs(tr, encoders, sections, owned, args)
 
 
-def write_outputs(tr: TaskRun, encoders: list[Encoder], sections: list, args: argparse.Namespace) -> Path:
-    """Split file, per-model results and predictions, extra files, then the leaderboard: each atomically."""
+#: ``results/<name><MANIFEST>``, beside the task's results folder (whose *.json are one per model): the settings
+#: of the run and every section as data, so that a run of one protocol can be merged into the leaderboard, and
+#: the files each protocol published, so that none is left stale.
+MANIFEST = ".leaderboard.json"
+
+
+def output_name(spec: TaskSpec, task: Task) -> str:
+    """Stem of a task's output files: the task name plus the options that change its numbers, so two runs that
+    differ in them never write the same files. ``csv:`` adds the CSV's stem unless it is ``labels.csv`` (two CSVs
+    in one folder), other tasks their KEY=VALUE options sorted (a path value by its last component):
+    ``vindr:agg=any`` -> ``vindr-agg_any``, ``rsna:splits=/x/RSNA`` -> ``rsna-splits_RSNA``. Without options
+    the name is the task's (``demo``, ``csv-<folder>``). Options are taken as written: ``vindr:agg=majority``,
+    the default, gets its own name."""
+    base = safe_name(task.name)
+    if not spec.arg:
+        return base
+    if spec.name == "csv":
+        stem = Path(spec.arg).stem
+        return base if stem == "labels" else f"{base}-{safe_name(stem)}"
+    parts = []
+    for piece in sorted(p for p in spec.arg.split(",") if p):
+        key, sep, value = piece.partition("=")
+        value = Path(value).name if ("/" in value or os.sep in value) else value
+        parts.append(safe_name(f"{key}_{value}" if sep else key))
+    return "-".join([base, *parts])
+
+
+def split_description(t: TaskTable, split: np.ndarray, seed: int) -> str:
+    """How the split was made: an official split where the task gives one for every image (the seed played no
+    part), else seeded by patient (around the official rows when some have one)."""
+    given = [s for s in (t.split or []) if s]
+    if t.split is not None and len(given) == len(t):
+        return "official test split (the seed played no part)"
+    if given:
+        return f"official split where the task gives one ({len(given)} images), the other patients by seed {seed}"
+    return f"patient-level, seed {seed}"
+
+
+def label_header(tr: TaskRun) -> str:
+    """The task's labels, which enter the tables and macro means, and why the others do not."""
+    t = tr.task.table
+    ok, reasons = label_status(tr.task, tr.split, tr.min_positive_patients)
+    used = ", ".join(n for n, k in zip(t.label_names, ok) if k) or "none"
+    left = "; ".join(f"{n} ({why})" for n, k, why in zip(t.label_names, ok, reasons) if not k)
+    return (f"{used} (evaluable: at least {tr.min_positive_patients} positive and {tr.min_positive_patients} negative "
+            f"test patients, both classes in training)" + (f"; not evaluable: {left}" if left else ""))
+
+
+def write_json(path: Path, obj: object) -> None:
+    """Strict JSON: NaN is written as null, and allow_nan=False makes any that slips through an error."""
+    atomic_write_text(path, json.dumps(stats.json_ready(obj), indent=2, allow_nan=False, default=str) + "\n")
+
+
+def run_settings(tr: TaskRun, encoders: list[Encoder], args: argparse.Namespace) -> dict:
+    """What every section of one leaderboard must share to be shown together (the date aside)."""
+    return {"task": tr.task.name, "labels": list(tr.task.table.label_names), "split_hash": tr.split_hash,
+            "seed": args.seed, "test_fraction": args.test_fraction, "n_resamples": args.bootstrap,
+            "min_positive_patients": args.min_positive_patients, "input_policy": args.input_policy,
+            "reference": tr.reference, "models": [[e.name, e.weights_digest] for e in encoders]}
+
+
+def _read_json(path: Path) -> dict | None:
+    """The object in a JSON file written by an earlier run; None when absent or unreadable (then nothing of that
+    run is merged)."""
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def write_outputs(tr: TaskRun, encoders: list[Encoder], sections: dict[str, Section], owned: dict[str, list[str]],
+                  args: argparse.Namespace) -> Path:
+    """Split file, per-model results, the protocols' files, then the leaderboard: each atomically.
+
+    A run of some protocols into a folder that holds a leaderboard of the same task with the same settings
+    replaces those protocols' sections, results and files and keeps the others. With other settings (or no
+    manifest) the old sections are not comparable: they are dropped with a note. Either way, files of the old
+    leaderboard that this one does not list are deleted, so nothing stale stays beside the new files."""
     task, t, summary, reference, out = tr.task, tr.task.table, tr.summary, tr.reference, args.out
-    split = tr.split
-    tname = safe_name(task.name)
-    write_split(out / "splits" / f"{tname}.csv", task.name, t.image_ids, t.patient_ids, list(split))
+    name = tr.out_name
+    folder = out / "results" / name
+    settings = run_settings(tr, encoders, args)
+    manifest = out / "results" / f"{name}{MANIFEST}"
+    old = _read_json(manifest)
+    same = old is not None and old.get("settings") == settings
+    if not same and (old is not None or (out / f"{name}.md").exists()):
+        print(f"note: {out / (name + '.md')} was computed with other settings (or by an older version): its "
+              "sections are replaced, not merged")
+    kept = {p: v for p, v in old["protocols"].items() if p not in sections} if same else {}
+    order = [p for p in PROTOCOLS if p in kept or p in sections]
+    files = {p: owned[p] if p in sections else kept[p]["files"] for p in order}
+    model_files = [f"results/{name}/{safe_name(e.name)}.json" for e in encoders]
+    listed = {f for p in order for f in files[p]} | set(model_files)
+
+    write_split(out / "splits" / f"{name}.csv", task.name, t.image_ids, t.patient_ids, list(tr.split))
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
     prov = provenance()
-    for enc in encoders:
+    for enc, rel in zip(encoders, model_files):
+        earlier = _read_json(out / rel) if same else None
+        results = {**(earlier or {}).get("protocols", {}), **tr.results.get(enc.name, {})}
         res = {
             "task": task.name, "model": enc.name, "encoder": enc.identity(), "input_policy": args.input_policy,
-            "split": {"hash": tr.split_hash, "seed": args.seed, "file": f"splits/{tname}.csv",
-                      "test_fraction": args.test_fraction},
-            "bootstrap": {"n_resamples": args.bootstrap, "seed": args.seed, "unit": "patient", "ci": "percentile 95%"},
-            "reference": reference, "dataset": summary, "protocols": tr.results.get(enc.name, {}),
+            "split": {"hash": tr.split_hash, "seed": args.seed, "file": f"splits/{name}.csv",
+                      "test_fraction": args.test_fraction, "how": split_description(t, tr.split, args.seed)},
+            "bootstrap": {"n_resamples": args.bootstrap, "seed": args.seed, "unit": "patient", "ci": "percentile 95%",
+                          "drawn_over": "sorted patient_key",
+                          "conditioned_on": "a positive and a negative patient of every evaluable label",
+                          "min_positive_patients": args.min_positive_patients},
+            "reference": reference, "dataset": summary, "protocols": {p: results[p] for p in order if p in results},
             "provenance": prov, "date": date,
         }
-        folder = out / "results" / tname
-        atomic_write_json(folder / f"{safe_name(enc.name)}.json", res)
-        if tr.predictions.get(enc.name):
-            with atomic_path(folder / f"{safe_name(enc.name)}.predictions.parquet") as tmp:
-                pl.DataFrame(tr.predictions[enc.name]).write_parquet(tmp)
+        write_json(out / rel, res)
     for rel, blob in tr.files.items():
         with atomic_path(out / rel) as tmp:
             tmp.write_bytes(blob)
+    all_sections = {p: sections[p] if p in sections else section_from_json(kept[p]["section"]) for p in order}
+    write_json(manifest, {"settings": settings, "protocols": {
+        p: {"section": section_to_json(all_sections[p]), "files": files[p], "date": date if p in sections else
+            kept[p]["date"]} for p in order}})
+    aggregation = summary.get("reader_aggregation")
     header = [
-        ("Task", f"`{task.name}`: {summary['images']} images, {summary['patients']} patients"),
-        ("Split", f"patient-level, seed {args.seed}: train {summary['train_images']} images / "
+        ("Task", f"`{task.name}`: {summary['images']} images, {summary['patients']} patients"
+                 + (f" (outputs named `{name}`)" if name != safe_name(task.name) else "")),
+        ("Labels", label_header(tr)),
+        ("Label rule", f"readers aggregated per image by `{aggregation}`" if aggregation else
+                       "one 0/1 value per image as the task gives it (no aggregation)"),
+        ("Split", f"{split_description(t, tr.split, args.seed)}: train {summary['train_images']} images / "
                   f"{summary['train_patients']} patients, test {summary['test_images']} images / "
-                  f"{summary['test_patients']} patients; hash `{tr.split_hash}` (`splits/{tname}.csv`)"),
-        ("Bootstrap", f"{args.bootstrap} patient-level resamples, seed {args.seed}, percentile 95% CI"),
+                  f"{summary['test_patients']} patients; hash `{tr.split_hash}` (`splits/{name}.csv`)"),
+        ("Bootstrap", f"{args.bootstrap} patient-level resamples, seed {args.seed}, percentile 95% CI; drawn over the "
+                      "sorted `patient_key`s, each with a positive and a negative patient of every evaluable label; "
+                      f"--min-positive-patients {args.min_positive_patients}"),
         ("Input policy", args.input_policy),
         ("Reference", f"`{reference}`"),
-        ("Generated", f"{date} by `python -m harness.run` (results in `results/{tname}/`)"),
+        ("Generated", f"{date} by `python -m harness.run` (results in `results/{name}/`)"
+                      + ("" if len(sections) == len(order) else "; sections " + ", ".join(
+                          f"{p} of {kept[p]['date']}" for p in order if p in kept) + " kept from an earlier run")),
     ]
-    md = render(f"Leaderboard: {task.name}", header, sections)
-    path = out / f"{tname}.md"
+    md = render(f"Leaderboard: {task.name}", header, [all_sections[p] for p in order])
+    path = out / f"{name}.md"
     atomic_write_text(path, md)
+    stale = {f for p in (old or {}).get("protocols", {}).values() for f in p.get("files", [])}
+    stale |= {str(f.relative_to(out)) for f in folder.glob("*") if f.is_file()}  # files of older versions too
+    for rel in sorted(stale - listed):
+        (out / rel).unlink(missing_ok=True)
     return path
 
 
@@ -277,6 +400,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.bootstrap < 1:
         print("error: --bootstrap must be at least 1", file=sys.stderr)
+        return 2
+    if args.min_positive_patients < 1:
+        print("error: --min-positive-patients must be at least 1 (a label needs a positive patient to be scored)",
+              file=sys.stderr)
         return 2
     names = resolve_names(args.models)
     explicit = {m.strip() for m in args.models.split(",")} - {"all"}

@@ -17,9 +17,14 @@ Conventions (also in the README):
 - 1,000 resamples, seed 0, percentile 95% interval.
 - A metric that is undefined in a resample (e.g. AUROC with no positive drawn) is NaN there; summaries drop those
   resamples and report how many were valid (`n_valid`).
-- Macro mean: over the labels that are evaluable on the full test set (both classes present); within one resample,
-  the mean of those labels that are defined in that resample (a rare label missing from one resample does not
-  void the whole resample).
+- Resamples are drawn over the sorted patient *pseudonyms* (the `patient_key` of the published predictions), so a
+  reader holding a predictions file and the seed can redraw them (the README shows how).
+- Macro mean: over a fixed label set, the labels evaluable on the test split (at least `min_patients` patients with
+  a positive and as many with a negative image). The resampling is conditioned on that set: a draw in which some
+  evaluable label has no positive or no negative patient is rejected and another is drawn, so every label of the
+  macro is defined in every resample and the point estimate and every resample average the same labels. (Letting
+  each resample average only its defined labels mixes label sets and biases the interval towards the common
+  labels.) A macro over labels some resample leaves undefined is NaN in that resample, never a partial mean.
 """
 from __future__ import annotations
 
@@ -36,11 +41,15 @@ _CHUNK_ELEMENTS = 1 << 22
 
 
 def bootstrap_weights(patient_ids: Sequence[str], n_resamples: int = DEFAULT_RESAMPLES,
-                      seed: int = DEFAULT_SEED) -> np.ndarray:
+                      seed: int = DEFAULT_SEED, required: np.ndarray | None = None,
+                      max_rounds: int = 100) -> np.ndarray:
     """Per-image weights of `n_resamples` patient-level bootstrap resamples, int32 [B, N].
 
-    Deterministic in (sorted unique patient ids, seed): the same for every model scored on the same patients,
-    whatever the order of the images.
+    Deterministic in (sorted unique patient ids, seed, required): the same for every model scored on the same
+    patients, whatever the order of the images. `required` (bool [N, K]) conditions the draw: every resample must
+    contain, for each column k, at least one image with required[:, k] (e.g. "a positive of label j", "a negative
+    of label j"). Rounds of `n_resamples` draws are made from one generator; the rows that satisfy the condition
+    are kept in draw order until there are `n_resamples` of them.
     """
     if n_resamples < 1:
         raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
@@ -49,13 +58,50 @@ def bootstrap_weights(patient_ids: Sequence[str], n_resamples: int = DEFAULT_RES
         raise ValueError("patient_ids must be a non-empty 1-D sequence (one patient id per image)")
     patients, image_patient = np.unique(ids, return_inverse=True)
     n_patients = len(patients)
+    present = None
+    if required is not None:
+        required = np.asarray(required, dtype=bool).reshape(len(ids), -1)
+        # Patient-level: does patient p hold an image with column k?
+        present = np.zeros((n_patients, required.shape[1]), dtype=np.int64)
+        np.add.at(present, image_patient, required.astype(np.int64))
+        present = present > 0
+        if not present.any(axis=0).all():
+            raise ValueError("a required column has no image at all: no resample can satisfy it")
     rng = np.random.default_rng(seed)
-    draws = rng.integers(0, n_patients, size=(n_resamples, n_patients))
-    # counts[b, p] = times patient p was drawn in resample b; one bincount over offset ids instead of B of them.
     offsets = np.arange(n_resamples)[:, None] * n_patients
-    counts = np.bincount((draws + offsets).ravel(), minlength=n_resamples * n_patients)
-    counts = counts.reshape(n_resamples, n_patients).astype(np.int32)
-    return counts[:, image_patient]
+    kept: list[np.ndarray] = []
+    n_kept = 0
+    for _ in range(max_rounds):
+        draws = rng.integers(0, n_patients, size=(n_resamples, n_patients))
+        # counts[b, p] = times patient p was drawn in resample b; one bincount over offset ids instead of B of them.
+        counts = np.bincount((draws + offsets).ravel(), minlength=n_resamples * n_patients)
+        counts = counts.reshape(n_resamples, n_patients).astype(np.int32)
+        if present is not None:
+            counts = counts[((counts @ present) > 0).all(axis=1)]
+        kept.append(counts)
+        n_kept += len(counts)
+        if n_kept >= n_resamples:
+            return np.concatenate(kept)[:n_resamples][:, image_patient]
+    raise ValueError(f"only {n_kept} of {max_rounds * n_resamples} resamples had every evaluable label's classes; "
+                     "raise --min-positive-patients so that rare labels are left out of the macro")
+
+
+def patients_per_class(labels: np.ndarray, patient_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Per label, the number of patients with at least one positive image and with at least one negative image:
+    int [L] each. The bootstrap resamples patients, so these (not image counts) say how often a class is drawn."""
+    labels = np.asarray(labels).reshape(len(labels), -1).astype(bool)
+    _, patient = np.unique(np.asarray(patient_ids).astype(str), return_inverse=True)
+    pos = np.zeros((patient.max() + 1, labels.shape[1]), dtype=bool)
+    neg = np.zeros_like(pos)
+    np.logical_or.at(pos, patient, labels)
+    np.logical_or.at(neg, patient, ~labels)
+    return pos.sum(axis=0), neg.sum(axis=0)
+
+
+def class_requirements(labels: np.ndarray, evaluable: np.ndarray) -> np.ndarray:
+    """bool [N, 2K] for `bootstrap_weights(required=...)`: a positive and a negative image of each evaluable label."""
+    labels = np.asarray(labels).reshape(len(labels), -1).astype(bool)[:, np.asarray(evaluable, dtype=bool)]
+    return np.concatenate([labels, ~labels], axis=1)
 
 
 def align(image_ids: Sequence[str], reference_ids: Sequence[str]) -> np.ndarray:
@@ -169,21 +215,25 @@ def binary_metrics(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray |
     return out
 
 
-def evaluable_labels(labels: np.ndarray) -> np.ndarray:
-    """bool [L]: labels with both classes present in the full test set (the ones a macro mean averages)."""
+def evaluable_labels(labels: np.ndarray, patient_ids: Sequence[str] | None = None,
+                     min_patients: int = 1) -> np.ndarray:
+    """bool [L]: labels a macro mean averages. Without patient ids: both classes present in the test set. With
+    them: at least `min_patients` patients with a positive image and as many with a negative one."""
     labels = np.asarray(labels).reshape(len(labels), -1)
-    positives = labels.sum(axis=0)
-    return (positives > 0) & (positives < len(labels))
+    if patient_ids is None:
+        positives = labels.sum(axis=0)
+        return (positives > 0) & (positives < len(labels))
+    pos, neg = patients_per_class(labels, patient_ids)
+    return (pos >= max(min_patients, 1)) & (neg >= max(min_patients, 1))
 
 
 def macro_mean(per_label: np.ndarray, evaluable: np.ndarray) -> np.ndarray:
-    """Mean over the evaluable labels, per resample: [B, L] -> [B]. Labels undefined in a resample are left out
-    of that resample's mean; a resample with no defined label is NaN."""
+    """Mean over the evaluable labels, per resample: [B, L] -> [B]. The label set is fixed: a resample in which
+    one of them is undefined is NaN (left out of the summary and counted in n_valid), never a mean over fewer."""
     values = np.asarray(per_label)[:, np.asarray(evaluable, dtype=bool)]
-    defined = np.isfinite(values)
-    count = defined.sum(axis=1)
-    total = np.where(defined, values, 0.0).sum(axis=1)
-    return np.divide(total, count, out=np.full(len(values), np.nan), where=count > 0)
+    if values.shape[1] == 0:
+        return np.full(len(values), np.nan)
+    return values.mean(axis=1)
 
 
 def weighted_mean(values: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
@@ -245,6 +295,22 @@ def _finite_or_none(x: float) -> float | None:
     return float(x) if np.isfinite(x) else None
 
 
+def json_ready(obj: object) -> object:
+    """A copy of `obj` that `json.dumps(..., allow_nan=False)` accepts: NaN and infinities become null (strict
+    JSON parsers reject NaN), numpy scalars and arrays become Python numbers and lists."""
+    if isinstance(obj, dict):
+        return {k: json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, np.ndarray)):
+        return [json_ready(v) for v in obj]
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return _finite_or_none(obj)
+    return obj
+
+
 def summarise(point: float, resampled: np.ndarray, level: float = 0.95) -> dict:
     """Point estimate with its percentile bootstrap interval over the valid (finite) resamples.
 
@@ -253,7 +319,9 @@ def summarise(point: float, resampled: np.ndarray, level: float = 0.95) -> dict:
     """
     resampled = np.asarray(resampled, dtype=np.float64).ravel()
     valid = resampled[np.isfinite(resampled)]
-    tail = 100.0 * (1.0 - level) / 2.0
+    # Rounded so that level 0.95 asks for exactly the 2.5th/97.5th percentiles (100 * 0.05 / 2 is 2.500000000000002
+    # in floating point), the numbers a reader recomputing an interval will use.
+    tail = round(100.0 * (1.0 - level) / 2.0, 9)
     lo, hi = np.percentile(valid, [tail, 100.0 - tail]) if valid.size else (np.nan, np.nan)
     return {"point": _finite_or_none(point), "lo": _finite_or_none(lo), "hi": _finite_or_none(hi),
             "n_valid": int(valid.size), "n_resamples": int(resampled.size)}

@@ -45,7 +45,7 @@ def test_cli_end_to_end_on_csv(tmp_path, capsys):
     csv = _csv_set(tmp_path / "data")
     out, cache = tmp_path / "lb", tmp_path / "cache"
     argv = ["--models", "pixels", "--tasks", f"csv:{csv}", "--out", str(out), "--cache-dir", str(cache),
-            "--bootstrap", "100", "--workers", "0"]
+            "--bootstrap", "100", "--workers", "0", "--min-positive-patients", "2"]
     assert main(argv) == 0
     md = (out / "csv-data.md").read_text()
     assert "| pixels" in md and "macro AUROC" in md
@@ -110,9 +110,12 @@ def test_cli_end_to_end_on_demo_runs_all_three_protocols(tmp_path):
     out = tmp_path / "lb"
     assert main(["--models", "pixels", "--tasks", "demo:n_patients=30,size=64", "--out", str(out),
                  "--cache-dir", str(tmp_path / "c"), "--bootstrap", "50", "--workers", "0"]) == 0
-    md = (out / "demo.md").read_text()
+    # Options change the numbers, so they are in the output name: the default `demo` files are not touched.
+    name = "demo-n_patients_30-size_64"
+    assert not (out / "demo.md").exists()
+    md = (out / f"{name}.md").read_text()
     for section in ("## Linear probe", "## Segmentation", "## Demographics"):
         assert section in md
-    res = json.loads((out / "results/demo/pixels.json").read_text())
+    res = json.loads((out / f"results/{name}/pixels.json").read_text())
     assert set(res["protocols"]) == {"linear", "seg", "demographics"}
-    assert (out / "demo_seg" / "pixels.png").stat().st_size > 0
+    assert (out / f"{name}_seg" / "pixels.png").stat().st_size > 0

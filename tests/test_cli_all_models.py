@@ -41,12 +41,15 @@ SKIP_MENTIONS = {
 }
 # One task spec, no commas: 8 patients (17 images) at the default phantom size, linear probe only.
 TASK = "demo:n_patients=8:linear"
+OUT_NAME = "demo-n_patients_8"  # the task's options are part of its output names
 CELL = re.compile(r"^(\*\*)?-?\d+\.\d{3}(\*\*)? \[-?\d+\.\d{3}, -?\d+\.\d{3}\]( †)?$")
 
 
 def _run(tmp_path: Path, weights: Path) -> int:
     return main(["--models", "all", "--weights-dir", str(weights), "--tasks", TASK, "--out", str(tmp_path / "lb"),
-                 "--cache-dir", str(tmp_path / "cache"), "--bootstrap", "20", "--workers", "0", "--device", "cpu"])
+                 "--cache-dir", str(tmp_path / "cache"), "--bootstrap", "20", "--workers", "0", "--device", "cpu",
+                 # a handful of test patients: every label with a patient of each class is scored
+                 "--min-positive-patients", "1"])
 
 
 def _linear_rows(md: str) -> dict[str, dict[str, str]]:
@@ -180,10 +183,10 @@ def test_empty_weights_folder_runs_the_floors_and_lists_every_skip(tmp_path, cap
             assert f in line, f"{name}: skip reason does not name {f}: {line}"
 
     lb = tmp_path / "lb"
-    rows = _linear_rows((lb / "demo.md").read_text())
+    rows = _linear_rows((lb / f"{OUT_NAME}.md").read_text())
     assert list(rows) == list(FLOORS)
     assert all(CELL.match(r["macro AUROC"]) for r in rows.values()), rows
-    assert sorted(p.stem for p in (lb / "results/demo").glob("*.json")) == sorted(FLOORS)
+    assert sorted(p.stem for p in (lb / "results" / OUT_NAME).glob("*.json")) == sorted(FLOORS)
 
 
 def test_full_weights_folder_runs_and_ranks_every_model(tmp_path, capsys):
@@ -194,13 +197,13 @@ def test_full_weights_folder_runs_and_ranks_every_model(tmp_path, capsys):
     assert {n: line.split()[1] for n, line in table.items()} == {n: "ready" for n in FLOORS + PRETRAINED}
 
     lb = tmp_path / "lb"
-    rows = _linear_rows((lb / "demo.md").read_text())
+    rows = _linear_rows((lb / f"{OUT_NAME}.md").read_text())
     assert sorted(rows) == sorted(FLOORS + PRETRAINED)
     for name, row in rows.items():
         assert CELL.match(row["macro AUROC"]) and CELL.match(row["macro AUPRC"]), (name, row)
 
     for name in FLOORS + PRETRAINED:
-        res = json.loads((lb / "results/demo" / f"{name}.json").read_text())
+        res = json.loads((lb / "results" / OUT_NAME / f"{name}.json").read_text())
         assert res["model"] == name
         digest = res["encoder"]["weights_digest"]
         if name in files:  # the bytes of exactly the files written above, in the loader's order

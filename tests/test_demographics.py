@@ -146,3 +146,27 @@ def test_age_probe_penalty_is_chosen_by_grouped_cv():
 
 def test_age_bands_leave_unknown_out():
     assert list(age_bands(np.array([10, 49.9, 50, 69, 70, 101, np.nan]))) == [0, 0, 1, 1, 2, 2, -1]
+
+
+def test_subgroup_labels_need_enough_patients_in_every_group():
+    """A label with 2 positive patients among the women is left out of the sex view at 5 patients per class;
+    the macro of the labels kept is undefined (counted) in a resample that lacks one of their classes."""
+    from harness.probes.demographics import subgroup_auroc
+
+    rng = np.random.default_rng(0)
+    keys = np.array([f"k{i // 2:03d}" for i in range(120)])
+    women = np.array([int(k[1:]) % 2 == 1 for k in keys])
+    common = (rng.random(60) < 0.5)[np.array([int(k[1:]) for k in keys])].astype(int)
+    rare = (np.isin(keys, ["k001", "k003"]) | (~women & np.isin(keys, [f"k{i:03d}" for i in range(0, 20, 2)])))
+    labels = np.stack([common, rare.astype(int)], axis=1)
+    scores = labels + rng.normal(size=labels.shape)
+    weights = stats.bootstrap_weights(keys, 300, seed=0)
+    groups = {"M": ~women, "F": women}
+    view = subgroup_auroc(scores, labels, weights, groups, ["common", "rare"], list(keys), min_patients=5)
+    assert view["labels"] == ["common"]
+    assert subgroup_auroc(scores, labels, weights, groups, ["common", "rare"], list(keys), 2)["labels"] == [
+        "common", "rare"]
+    # Without patient ids (the old rule, both classes present) the rare label would have been averaged in.
+    assert subgroup_auroc(scores, labels, weights, groups, ["common", "rare"])["labels"] == ["common", "rare"]
+    macro = view["groups"]["F"]["macro_auroc"]
+    assert macro["n_valid"] <= macro["n_resamples"] == 300

@@ -1,3 +1,5 @@
+import re
+
 from harness.leaderboard import Cell, Section, check_dirs, compare, render
 
 
@@ -29,3 +31,12 @@ def test_compare_catches_text_and_missing_rows(tmp_path):
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "t.md").write_text(_md())
     assert check_dirs(tmp_path / "a", tmp_path / "b")[0].committed == "absent"
+
+
+def test_legend_says_holm_is_per_column_and_partial_resamples_are_shown():
+    rows = {"a": {"AUROC": Cell(0.8, 0.7, 0.9, n_valid=812, n_resamples=1000)},
+            "b": {"AUROC": Cell(0.7, 0.6, 0.8, n_valid=1000, n_resamples=1000)}}
+    md = render("Leaderboard: t", [], [Section("S", ["AUROC"], rows)])
+    assert "Holm correction per column" in md
+    assert "**0.800** [0.700, 0.900] (n=812)" in md
+    assert re.search(r"\| 0\.700 \[0\.600, 0\.800\] +\|", md)  # all resamples valid: no count shown

@@ -1,6 +1,7 @@
 import numpy as np
 
-from harness.probes.linear import choose_C, linear_probe
+from harness.probes import linear
+from harness.probes.linear import choose_C, grid_edge, linear_probe
 
 
 def _data(n=200, d=10, seed=0):
@@ -32,3 +33,24 @@ def test_cv_folds_respect_patients():
     y = np.repeat((rng.random(60) < 0.5).astype(int), 2)
     C, cv_auc = choose_C(x, y, np.repeat(np.arange(60), 2), (1e-4, 1e-2, 1.0, 100.0), seed=0)
     assert cv_auc < 0.75  # no leakage between folds: labels are noise
+
+
+def test_non_converged_fits_are_counted_not_silenced(monkeypatch):
+    x, y, g = _data()
+    done = linear_probe(x[:140], y[:140], g[:140], x[140:], y[140:], ["signal", "empty"], seed=0).labels[0]
+    assert done.fits == 5 * len(linear.DEFAULT_CS) + 1 and done.not_converged == 0
+    monkeypatch.setattr(linear, "MAX_ITER", 1)
+    cut = linear_probe(x[:140], y[:140], g[:140], x[140:], y[140:], ["signal", "empty"], seed=0).labels[0]
+    assert cut.fits == done.fits and cut.not_converged == cut.fits
+
+
+def test_penalty_at_the_edge_of_its_grid_is_flagged():
+    assert grid_edge((0.1, 1.0, 10.0), 0.1) == "low" and grid_edge((0.1, 1.0, 10.0), 10.0) == "high"
+    assert grid_edge((0.1, 1.0, 10.0), 1.0) == "" and grid_edge((1.0,), 1.0) == ""
+    x, y, g = _data()
+    fit = {"x_train": x[:140], "y_train": y[:140], "groups_train": g[:140], "x_test": x[140:], "y_test": y[140:],
+           "label_names": ["signal", "empty"], "seed": 0}
+    two = linear_probe(**fit, Cs=(0.01, 0.1)).labels[0]      # any choice from two values is at an edge
+    assert two.C_at_edge == ("low" if two.C == 0.01 else "high")
+    inner = linear_probe(**fit, Cs=(two.C / 100, two.C / 10, two.C, two.C * 10, two.C * 100)).labels[0]
+    assert inner.C_at_edge == grid_edge((two.C / 100, two.C / 10, two.C, two.C * 10, two.C * 100), inner.C)

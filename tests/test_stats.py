@@ -12,12 +12,14 @@ from harness.stats import (
     align,
     binary_metrics,
     bootstrap_weights,
+    class_requirements,
     classification_summary,
     compare_to_reference,
     evaluable_labels,
     holm,
     macro_mean,
     paired_delta,
+    patients_per_class,
     summarise,
     weighted_mean,
     weighted_pearson,
@@ -201,16 +203,49 @@ def test_undefined_resamples_are_counted_not_propagated():
     rare = summary["auroc"]["per_label"]["rare"]
     assert rare["n_valid"] == int((weights[:, 10] > 0).sum()) < 300
     assert rare["n_resamples"] == 300 and None not in (rare["point"], rare["lo"], rare["hi"])
-    # the macro uses every resample: the common label is defined in all of them
-    assert summary["auroc"]["macro"]["n_valid"] == 300
-    assert np.isfinite(macro_resampled["auroc"]).all()
+    # the macro keeps its label set: a resample without the rare label is not a mean of the common one alone
+    assert summary["auroc"]["macro"]["n_valid"] == rare["n_valid"]
+    assert np.isnan(macro_resampled["auroc"][weights[:, 10] == 0]).all()
 
 
-def test_macro_mean_skips_undefined_and_non_evaluable_labels():
+def test_conditioned_resamples_keep_every_macro_label_defined():
+    """A label with 2 positive images from 1 patient: unconditioned, about a third of the resamples lack it and
+    the macro interval mixes label sets; conditioned on a positive and a negative patient of every label, each
+    resample averages the same labels as the point estimate."""
+    scores, labels, patients = _data(9, n=150, n_labels=2)
+    labels[:, 0] = 0
+    labels[[10, 11], 0] = 1                            # both images of patient p3
+    required = class_requirements(labels, [True, True])
+    weights = bootstrap_weights(patients, 300, seed=0, required=required)
+    assert weights.shape == (300, 150) and (weights[:, 10] > 0).all()
+    summary, macro_resampled = classification_summary(scores, labels, ["rare", "common"], weights)
+    assert summary["auroc"]["macro"]["n_valid"] == summary["auroc"]["per_label"]["rare"]["n_valid"] == 300
+    assert np.isfinite(macro_resampled["auprc"]).all()
+    # The conditioned draw is the unconditioned one with the failing rows skipped, in order (what the README's
+    # reproduction script redraws).
+    plain = bootstrap_weights(patients, 300, seed=0)
+    kept = plain[plain[:, 10] > 0]
+    np.testing.assert_array_equal(weights[:len(kept)], kept)
+    with pytest.raises(ValueError, match="no resample can satisfy"):
+        bootstrap_weights(patients, 10, required=np.zeros((150, 1), dtype=bool))
+
+
+def test_evaluable_labels_count_patients_not_images():
+    labels = np.array([[1, 1], [1, 0], [0, 1], [0, 0], [0, 1], [0, 0]])
+    patients = ["a", "a", "b", "c", "d", "e"]
+    pos, neg = patients_per_class(labels, patients)
+    np.testing.assert_array_equal(pos, [1, 3])   # label 0: two positive images, one patient
+    np.testing.assert_array_equal(neg, [4, 3])
+    np.testing.assert_array_equal(evaluable_labels(labels, patients, min_patients=2), [False, True])
+    np.testing.assert_array_equal(evaluable_labels(labels, patients, min_patients=4), [False, False])
+    np.testing.assert_array_equal(evaluable_labels(labels), [True, True])
+
+
+def test_macro_mean_keeps_its_label_set_and_skips_non_evaluable_labels():
     per_label = np.array([[0.5, np.nan, 0.9], [np.nan, np.nan, 0.1], [0.2, 0.4, 0.3]])
     evaluable = evaluable_labels(np.array([[0, 1, 1], [1, 0, 1]]))
     np.testing.assert_array_equal(evaluable, [True, True, False])
-    np.testing.assert_allclose(macro_mean(per_label, evaluable), [0.5, np.nan, (0.2 + 0.4) / 2], rtol=1e-15)
+    np.testing.assert_allclose(macro_mean(per_label, evaluable), [np.nan, np.nan, (0.2 + 0.4) / 2], rtol=1e-15)
     assert summarise(np.nan, [np.nan, np.nan]) == {"point": None, "lo": None, "hi": None, "n_valid": 0,
                                                    "n_resamples": 2}
 

@@ -9,10 +9,12 @@ Two probes on the same standardised global features as the linear probe, fitted 
 
 Subgroup view: the linear probe's test scores for the task's own labels (taken from the linear protocol when it
 ran, refitted here otherwise) are scored separately for men and women and per age band, macro AUROC over the
-labels evaluable in every group of the view, with the gap between groups (men - women; youngest - oldest band).
+labels evaluable in every group of the view (--min-positive-patients positive and negative patients within each
+group), with the gap between groups (men - women; youngest - oldest band).
 A gap's interval covering 0 means no detectable dependence on that attribute at this sample size.
 
 Images with unknown sex or age are excluded from what needs them and counted in the notes; nothing is imputed.
+Per test image, the sex score and age prediction are published (``<model>.demographics.parquet``).
 All intervals and paired deltas use the task's patient-level bootstrap resamples, restricted to the test images
 that take part (an image's weight depends only on its patient, so the restriction is still a patient bootstrap).
 """
@@ -29,8 +31,9 @@ from sklearn.preprocessing import StandardScaler
 from baselines.registry import Encoder
 from harness import stats
 from harness.leaderboard import Cell, Section
-from harness.probes.linear import linear_probe
-from harness.protocols import TaskRun, register_protocol
+from harness.io import safe_name
+from harness.probes.linear import grid_edge, linear_probe
+from harness.protocols import TaskRun, parquet_bytes, register_protocol
 
 TITLE = "Demographics (sex, age) and subgroup performance"
 DEFAULT_ALPHAS = tuple(float(a) for a in np.logspace(-1, 5, 7))
@@ -94,9 +97,7 @@ def calibration(y_true: np.ndarray, y_pred: np.ndarray, groups: np.ndarray) -> d
 # ------------------------------------------------------------------------------------------------------ helpers
 
 def _cell(s: dict | None, paired: dict | None = None) -> Cell:
-    if s is None:
-        return Cell(None, note="n/e")
-    return Cell(s["point"], s["lo"], s["hi"], paired is not None and (paired.get("p_holm") or 1.0) < 0.05)
+    return Cell.from_summary(s, paired is not None and (paired.get("p_holm") or 1.0) < 0.05)
 
 
 def _gap_cell(s: dict | None) -> Cell:
@@ -104,7 +105,12 @@ def _gap_cell(s: dict | None) -> Cell:
     if s is None or s["point"] is None:
         return Cell(None, note="n/e")
     ci = f" [{s['lo']:+.3f}, {s['hi']:+.3f}]" if s["lo"] is not None else ""
-    return Cell(None, note=f"{s['point']:+.3f}{ci}")
+    partial = f" (n={s['n_valid']})" if s["n_valid"] < s["n_resamples"] else ""
+    return Cell(None, note=f"{s['point']:+.3f}{ci}{partial}")
+
+
+def _num(x: float) -> float | None:
+    return float(x) if np.isfinite(x) else None
 
 
 def age_bands(age: np.ndarray) -> np.ndarray:
@@ -116,12 +122,21 @@ def age_bands(age: np.ndarray) -> np.ndarray:
 
 
 def subgroup_auroc(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray, groups: dict[str, np.ndarray],
-                   label_names: list[str]) -> dict:
-    """Macro AUROC per group over the labels evaluable (both classes, finite scores) in *every* group, per-label
-    AUROC per group, and the gap first group - last group. `groups` maps a name to a bool mask over test rows."""
+                   label_names: list[str], patient_keys: list[str] | None = None, min_patients: int = 1) -> dict:
+    """Macro AUROC per group over the labels evaluable in *every* group (finite scores; at least `min_patients`
+    patients with a positive and with a negative image in the group, both classes without `patient_keys`),
+    per-label AUROC per group, and the gap first group - last group. `groups` maps a name to a bool mask over
+    test rows. A resample in which a group lacks a class of one of these labels leaves that group's macro
+    undefined (counted in n_valid), so every macro averages the same labels."""
     usable = np.isfinite(scores).all(axis=0)
+    keys = None if patient_keys is None else np.asarray(patient_keys)
     for sel in groups.values():
-        usable &= stats.evaluable_labels(labels[sel]) if sel.any() else False
+        if not sel.any():
+            usable &= False
+        elif keys is None:
+            usable &= stats.evaluable_labels(labels[sel])
+        else:
+            usable &= stats.evaluable_labels(labels[sel], keys[sel], min_patients)
     out = {"labels": [n for n, u in zip(label_names, usable) if u], "groups": {}, "gap": None}
     if not usable.any():
         return out
@@ -193,6 +208,7 @@ def run_demographics(tr: TaskRun, encoders: list[Encoder]) -> Section:
     bands = age_bands(age[test_rows])
     band_groups = {name: bands == b for b, (_, _, name) in enumerate(AGE_BANDS) if (bands == b).any()}
     y_test = t.labels[test_rows].astype(int)
+    test_keys = tr.patient_keys(test_rows)
 
     per_model: dict[str, dict] = {}
     resampled: dict[str, dict[str, np.ndarray]] = {m: {} for m in ("sex_auroc", "age_mae", "age_r2", "age_r")}
@@ -201,6 +217,7 @@ def run_demographics(tr: TaskRun, encoders: list[Encoder]) -> Section:
     for enc in encoders:
         x = tr.features[enc.name].global_
         res: dict = {"missing": counts}
+        sex_score, age_pred = np.full(len(test_rows), np.nan), np.full(len(test_rows), np.nan)
         if sex_ok:
             probe = linear_probe(x[sex_tr], y_sex_tr[:, None], groups[sex_tr], x[sex_te], y_sex_te[:, None],
                                  ["female"], seed=seed)
@@ -208,9 +225,11 @@ def run_demographics(tr: TaskRun, encoders: list[Encoder]) -> Section:
             boot = stats.binary_metrics(s, y_sex_te, tr.weights[:, sex_cols])["auroc"][:, 0]
             point = float(stats.binary_metrics(s, y_sex_te)["auroc"][0, 0])
             resampled["sex_auroc"][enc.name], points["sex_auroc"][enc.name] = boot, point
-            res["sex"] = {"auroc": stats.summarise(point, boot), "C": probe.labels[0].C,
-                          "cv_auroc": probe.labels[0].cv_auroc, "n_train": len(sex_tr),
-                          "n_test": len(sex_te), "positive_class": "F"}
+            lab = probe.labels[0]
+            res["sex"] = {"auroc": stats.summarise(point, boot), "C": lab.C, "C_at_edge": lab.C_at_edge,
+                          "cv_auroc": lab.cv_auroc, "fits": lab.fits, "not_converged": lab.not_converged,
+                          "n_train": len(sex_tr), "n_test": len(sex_te), "positive_class": "F"}
+            sex_score[sex_cols] = s
         if age_ok:
             ap = age_probe(x[age_tr], age[age_tr], groups[age_tr], x[age_te], seed=seed)
             y, w = age[age_te], tr.weights[:, age_cols]
@@ -222,19 +241,28 @@ def run_demographics(tr: TaskRun, encoders: list[Encoder]) -> Section:
                 resampled[m][enc.name], points[m][enc.name] = b, float(p)
             res["age"] = {m.removeprefix("age_"): stats.summarise(points[m][enc.name], resampled[m][enc.name])
                           for m in ("age_mae", "age_r2", "age_r")}
-            res["age"].update(alpha=ap.alpha, cv_mae=ap.cv_mae, n_train=len(age_tr), n_test=len(age_te),
-                              calibration=calibration(y, pred, groups[age_te]))
+            res["age"].update(alpha=ap.alpha, alpha_at_edge=grid_edge(DEFAULT_ALPHAS, ap.alpha)
+                              if np.isfinite(ap.cv_mae) else "", cv_mae=ap.cv_mae, n_train=len(age_tr),
+                              n_test=len(age_te), calibration=calibration(y, pred, groups[age_te]))
+            age_pred[age_cols] = pred
         scores, was_refitted = _linear_scores(tr, enc, test_rows)
         if was_refitted:
             refitted.append(enc.name)
         res["subgroups"] = {
             "source": "refitted linear probe" if was_refitted else "linear protocol predictions",
-            "sex": subgroup_auroc(scores, y_test, tr.weights, sex_groups, t.label_names)
+            "sex": subgroup_auroc(scores, y_test, tr.weights, sex_groups, t.label_names, test_keys,
+                                  tr.min_positive_patients)
             if all(g.any() for g in sex_groups.values()) else None,
-            "age": subgroup_auroc(scores, y_test, tr.weights, band_groups, t.label_names)
+            "age": subgroup_auroc(scores, y_test, tr.weights, band_groups, t.label_names, test_keys,
+                                  tr.min_positive_patients)
             if len(band_groups) >= 2 else None,
         }
         per_model[enc.name] = res
+        # Per test image, so every interval above can be recomputed from the published files (missing: null).
+        tr.files[f"results/{tr.out_name}/{safe_name(enc.name)}.demographics.parquet"] = parquet_bytes([
+            {"image_id": t.image_ids[r], "patient_key": k, "sex": sex[r] or None, "sex_score": _num(sc),
+             "age": _num(age[r]), "age_pred": _num(ap_)}
+            for r, k, sc, ap_ in zip(test_rows, test_keys, sex_score, age_pred)])
 
     paired = {m: stats.compare_to_reference(resampled[m], points[m], reference)
               for m in resampled if reference in resampled[m]}
@@ -286,8 +314,19 @@ def run_demographics(tr: TaskRun, encoders: list[Encoder]) -> Section:
                  f"the labels evaluable in every group of the view (sex: {used('sex')}; age: {used('age')}). Gaps "
                  "are signed differences with their paired bootstrap CI (not ranked); a CI covering 0 means no "
                  f"detectable dependence. Age bands: {bands_text or 'fewer than two bands in the test split'}.")
+    edges = [f"`{e}` sex C = {pm['sex']['C']:g} ({pm['sex']['C_at_edge']} end)" for e, pm in per_model.items()
+             if pm.get("sex", {}).get("C_at_edge")]
+    edges += [f"`{e}` age alpha = {pm['age']['alpha']:g} ({pm['age']['alpha_at_edge']} end)"
+              for e, pm in per_model.items() if pm.get("age", {}).get("alpha_at_edge")]
+    unconverged = sum(pm.get("sex", {}).get("not_converged", 0) for pm in per_model.values())
     notes = [probes, excluded, subgroups,
              f"Reference model for paired differences: `{reference}` († on sex AUROC and the age metrics)."]
+    if edges:
+        notes.append("Penalty chosen at the edge of its grid (the best value may lie beyond it): "
+                     + "; ".join(edges) + ".")
+    if unconverged:
+        notes.append(f"{unconverged} sex-probe logistic fits stopped at the iteration limit without converging "
+                     "(`not_converged` in the results JSON).")
     if refitted:
         notes.append("The linear protocol did not run for " + ", ".join(f"`{n}`" for n in refitted)
                      + ": its probe was refitted here with the same procedure for the subgroup view.")

@@ -50,7 +50,6 @@ from harness.features import FeatureSet
 from harness.leaderboard import Cell, Section
 from harness.io import safe_name
 from harness.protocols import TaskRun, dense_view, register_protocol
-from harness.splits import pseudonym
 from harness.tasks.base import Task, TaskError
 
 TITLE = "Segmentation (frozen patch tokens)"
@@ -412,7 +411,7 @@ def masked_rows(task: Task) -> np.ndarray:
 @register_protocol("seg", description="linear and multi-level segmentation heads on frozen patch tokens; Dice, IoU",
                    dense_rows=masked_rows)
 def run_seg(tr: TaskRun, encoders: list[Encoder], budget: SegBudget = BUDGET) -> Section:
-    task, t = tr.task, tr.task.table
+    task = tr.task
     rows = masked_rows(task)
     if rows.size == 0:
         return _not_evaluated(f"task `{task.name}` has no masks")
@@ -430,7 +429,7 @@ def run_seg(tr: TaskRun, encoders: list[Encoder], budget: SegBudget = BUDGET) ->
     test_ids = [subset.table.image_ids[i] for i in test]
     # Resampled over the pseudonymous keys that the per-image file publishes, so its intervals can be recomputed
     # exactly from it (the bootstrap is deterministic in the sorted unique keys and the seed).
-    test_keys = [pseudonym(t.patient_ids[rows[i]], task.name) for i in test]
+    test_keys = tr.patient_keys(rows[test])
     weights = stats.bootstrap_weights(test_keys, tr.weights.shape[0], tr.seed)
     truth_any = np.array([[m[k].any() for k in range(len(names))] for m in (masks[i] for i in test)])
     # The overlays show the same test images for every model: the first ones with something to segment.
@@ -493,7 +492,7 @@ def run_seg(tr: TaskRun, encoders: list[Encoder], budget: SegBudget = BUDGET) ->
                     sig = p is not None and (p["p_holm"] or 1.0) < 0.05
                     section_rows[enc.name][col] = Cell(s["point"], s["lo"], s["hi"], sig)
 
-    task_stem = safe_name(task.name)
+    task_stem = tr.out_name
     for enc in encoders:
         head_results = {}
         for kind in HEADS:
