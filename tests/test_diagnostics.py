@@ -223,7 +223,8 @@ def test_probe_equals_the_harness_linear_probe_on_the_same_features(blob_images,
     assert data.pixels.shape[-1] == checkpoint_preprocess(cfg_dict).size
     x = teacher_features(teacher, data.pixels, torch.device("cpu"))
     tr, te = data.split == "train", data.split == "test"
-    probe = linear_probe(x[tr], data.labels[tr], data.patients[tr], x[te], data.labels[te], data.label_names)
+    probe = linear_probe(x[tr], data.labels[tr], data.patients[tr], x[te], data.labels[te], data.label_names,
+                         skip=data.skip)
     aurocs = [roc_auc_score(data.labels[te][:, j], probe.scores[:, j])
               for j, lab in enumerate(probe.labels) if lab.evaluable]
     assert last["probe_macro_auroc"] == pytest.approx(float(np.mean(aurocs)), abs=1e-12)

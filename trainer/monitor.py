@@ -9,8 +9,8 @@ checkpoint (same task reader, same patient split, same preprocessing as the ``ck
 - features are the teacher backbone's normed CLS token (``baselines.ckpt``'s global feature), computed on the
   task's images resized as the ``ckpt:`` encoder resizes them;
 - findings: ``harness.probes.linear.linear_probe`` (logistic regression, C by patient-grouped CV on the train
-  split), macro AUROC over the labels evaluable in both splits; sex: the same probe, F positive, AUROC; age: the
-  demographics protocol's ridge probe, MAE and Pearson r.
+  split), macro AUROC over the labels harness.run evaluates (its default --min-positive-patients);
+- sex: the same probe, F positive, AUROC; age: the demographics protocol's ridge probe, MAE and Pearson r.
 
 Points only: the bootstrap CIs and the paired test against the initial weights come from ``harness.run`` on the
 saved checkpoints (see docs in README, "Does it learn?").
@@ -40,6 +40,7 @@ class ProbeData:
     label_names: list[str]
     sex: np.ndarray               # 'M', 'F' or '' per image
     age: np.ndarray               # float, NaN unknown
+    skip: dict[int, str]          # labels the harness would not evaluate on this split, and why
 
 
 def load_probe_data(spec: str, cfg_dict: dict, data_root: str | None, seed: int, test_fraction: float
@@ -51,6 +52,7 @@ def load_probe_data(spec: str, cfg_dict: dict, data_root: str | None, seed: int,
     import harness.tasks  # noqa: F401  (registers the tasks)
     from baselines.ckpt import checkpoint_preprocess
     from baselines.preprocess import preprocess_batch
+    from harness.protocols import MIN_POSITIVE_PATIENTS, label_status
     from harness.run import parse_data_roots, parse_task_spec
     from harness.splits import make_split
     from harness.tasks.base import TaskContext, build_task
@@ -60,11 +62,14 @@ def load_probe_data(spec: str, cfg_dict: dict, data_root: str | None, seed: int,
     task = build_task(task_spec.name, task_spec.arg, TaskContext(data_root=root, data_roots=named, seed=seed))
     t = task.table
     split = np.array(make_split(t.patient_ids, seed, test_fraction, t.split))
+    # The same evaluable labels as harness.run with its default --min-positive-patients.
+    evaluable, reasons = label_status(task, split, MIN_POSITIVE_PATIENTS)
     pre = checkpoint_preprocess(cfg_dict)
     pixels = torch.cat([preprocess_batch([torch.from_numpy(task.load_image(i))[None]], pre)
                         for i in range(len(task))])
     return ProbeData(task.name, pixels, split, np.asarray(t.patient_ids), t.labels.astype(int), list(t.label_names),
-                     np.array([s or "" for s in t.sex]), np.asarray(t.age, dtype=float))
+                     np.array([s or "" for s in t.sex]), np.asarray(t.age, dtype=float),
+                     {j: why for j, why in enumerate(reasons) if not evaluable[j]})
 
 
 @torch.no_grad()
@@ -91,7 +96,7 @@ def probe_metrics(x: np.ndarray, data: ProbeData, seed: int) -> dict[str, float]
     train, test = data.split == "train", data.split == "test"
     out: dict[str, float] = {}
     probe = linear_probe(x[train], data.labels[train], data.patients[train], x[test], data.labels[test],
-                         data.label_names, seed=seed)
+                         data.label_names, seed=seed, skip=data.skip)
     aurocs = [roc_auc_score(data.labels[test][:, j], probe.scores[:, j])
               for j, lab in enumerate(probe.labels) if lab.evaluable]
     out["probe_macro_auroc"] = float(np.mean(aurocs)) if aurocs else math.nan
