@@ -57,7 +57,7 @@ def make_step(cfg: TrainConfig, batch: int, packed: bool, device: torch.device,
         g, l_ = augment(images, gen)
         masks = sample_masks(g.shape[0], grid, generator=gen).to(device)
         with autocast:
-            t_cls, t_patch = teacher(g, masks)
+            t_cls, t_patch, _ = teacher(g, masks)
         t_cls_p = dino.softmax_center_teacher(t_cls, 0.07)
         dino.update_center(t_cls)
         t_patch_p = ibot.softmax_center_teacher(t_patch, 0.07)
