@@ -52,8 +52,8 @@ from harness.tasks.base import Task, TaskError
 
 FEATURE_FORMAT = 1
 #: Dense rows are buffered until they fill a shard of about this size, then written: extraction holds at most one
-#: shard per encoder in memory, whatever the size of the task (~24 images of a ViT-B at 518 px with 4 layers).
-SHARD_BYTES = 256 * 2**20
+#: shard (or one batch, if larger) per encoder in memory, whatever the size of the task.
+SHARD_BYTES = 64 * 2**20
 #: Default disk budget of one dense entry (one encoder, one task). RAD-DINO's patch grid and 4 layers over CANDID-PTX
 #: (19,237 images at 518 px) take ~200 GB: above the budget, streaming gives way to re-encoding.
 DEFAULT_DENSE_BUDGET_GB = 100.0
