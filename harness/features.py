@@ -28,6 +28,8 @@ only ever opened read-only.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import json
 import math
@@ -165,31 +167,62 @@ def open_shards(files: list[Path]) -> dict[str, ShardedGrid]:
     return grids
 
 
+def write_safetensors(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write `arrays` in the safetensors layout (8-byte little-endian header length, a JSON header padded to 8 bytes
+    with spaces, then each tensor's bytes back to back) straight from their memory, and flush the file to disk:
+    unlike `save_file`, no serialised copy of a 64 MB shard is ever made."""
+    header, offset = {}, 0
+    for name, a in arrays.items():
+        dtype = next(k for k, v in _SAFETENSORS_DTYPES.items() if np.dtype(v) == a.dtype)
+        header[name] = {"dtype": dtype, "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for a in arrays.values():
+            f.write(np.ascontiguousarray(a).data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 class ShardWriter:
-    """Appends batches of rows of named arrays to `folder`, writing a ``<stem>-NNNNN.safetensors`` shard (each file
-    flushed to disk) whenever the buffered rows reach `shard_bytes`: memory holds at most one shard."""
+    """Appends batches of rows of named arrays to `folder` as ``<stem>-NNNNN.safetensors`` shards of about
+    `shard_bytes` each. Rows are copied into one preallocated shard buffer that is written and reused: memory holds
+    one shard, and the allocator sees the same few sizes over and over (a fresh list of batch arrays and their
+    concatenation per shard fragmented the heap until the process grew with every shard written)."""
 
     def __init__(self, folder: Path, stem: str = "dense", shard_bytes: int = SHARD_BYTES):
         self.folder, self.stem, self.shard_bytes = Path(folder), stem, shard_bytes
-        self.buffer: list[dict[str, np.ndarray]] = []
-        self.buffered = 0
+        self.buffers: dict[str, np.ndarray] = {}
+        self.filled = 0
         self.shards: list[dict] = []  # {"file", "rows"} of each shard written, in row order
 
     def add(self, arrays: dict[str, np.ndarray]) -> None:
-        self.buffer.append(arrays)
-        self.buffered += sum(a.nbytes for a in arrays.values())
-        if self.buffered >= self.shard_bytes:
-            self.flush()
+        n = len(next(iter(arrays.values())))
+        if not self.buffers:
+            row_bytes = sum(a[:1].nbytes for a in arrays.values())
+            capacity = max(1, self.shard_bytes // max(row_bytes, 1))
+            self.buffers = {k: np.empty((capacity, *a.shape[1:]), a.dtype) for k, a in arrays.items()}
+        capacity = len(next(iter(self.buffers.values())))
+        done = 0
+        while done < n:
+            take = min(n - done, capacity - self.filled)
+            for k, a in arrays.items():
+                self.buffers[k][self.filled:self.filled + take] = a[done:done + take]
+            self.filled += take
+            done += take
+            if self.filled == capacity:
+                self.flush()
 
     def flush(self) -> None:
-        if not self.buffer:
+        if not self.filled:
             return
-        tensors = {k: np.ascontiguousarray(np.concatenate([b[k] for b in self.buffer])) for k in self.buffer[0]}
         name = f"{self.stem}-{len(self.shards):05d}.safetensors"
-        save_file(tensors, str(self.folder / name))
-        fsync_path(self.folder / name)
-        self.shards.append({"file": name, "rows": len(next(iter(tensors.values())))})
-        self.buffer, self.buffered = [], 0
+        write_safetensors(self.folder / name, {k: b[:self.filled] for k, b in self.buffers.items()})
+        self.shards.append({"file": name, "rows": self.filled})
+        self.filled = 0
 
     def grids(self) -> dict[str, ShardedGrid]:
         """Everything added so far, readable (writes the last partial shard first)."""
@@ -472,6 +505,23 @@ def extract(
     return out
 
 
+#: glibc's mallopt parameter number of M_MMAP_THRESHOLD (malloc.h).
+_M_MMAP_THRESHOLD = -3
+
+
+def _large_allocations_via_mmap(threshold: int = 2**20) -> None:
+    """Make glibc serve allocations of `threshold` bytes or more with mmap, so their memory goes back to the system
+    when freed. By default glibc raises its threshold to the size of the largest block freed so far, after which
+    every batch of features (MBs, allocated and freed once per batch) comes from the heap, whose freed holes it
+    keeps: an extraction pass then grew by about the size of the dense grids it had written (16k images, 100 kB
+    each: +1.3 GB; with this setting +60 MB, `bench/bench_scale.py`). A no-op where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, threshold)
+    except (OSError, AttributeError):
+        pass
+
+
 def _compute(task: Task, pending: list[tuple[Encoder, str, bool]], cache: FeatureCache, digest: str,
              batch_size: int, workers: int, device: torch.device, shard_bytes: int,
              log: Callable[[str], object]) -> dict[str, FeatureSet]:
@@ -483,6 +533,7 @@ def _compute(task: Task, pending: list[tuple[Encoder, str, bool]], cache: Featur
                         collate_fn=_collate, pin_memory=device.type == "cuda",
                         prefetch_factor=PREFETCH if workers > 0 else None, persistent_workers=False)
     names = ", ".join(e.name for e, _, _ in pending)
+    _large_allocations_via_mmap()
     writers = {enc.name: cache.writer(key, store, shard_bytes) for enc, key, store in pending}
     out: dict[str, FeatureSet] = {}
     try:

@@ -119,7 +119,7 @@ patch = np.arange(180, dtype=np.float16).reshape(10, 2, 3, 3)
 if role == "writer":
     for i in range(n):
         dense = i % 2 == 1
-        w = cache.writer("abcd", dense, shard_bytes=100)  # a batch of 3 rows (216 bytes) fills a shard
+        w = cache.writer("abcd", dense, shard_bytes=100)  # 72 bytes a row: a shard per row
         for s in range(0, 10, 3):
             w.add(g[s:s + 3], [patch[s:s + 3], -patch[s:s + 3]] if dense else None)
         w.publish({"i": i})
@@ -158,4 +158,4 @@ def test_two_writers_and_a_reader_share_one_key(tmp_path):
     assert [p.returncode for p in procs] == [0, 0, 0], "\n".join(errors)
     shard = cache / "features" / "ab"
     assert sorted(p.name for p in shard.iterdir()) == ["abcd", "abcd.dense"]  # no temporary folder left over
-    assert len(list((shard / "abcd.dense").glob("dense-*.safetensors"))) == 4  # sharded: 3+3+3+1 rows
+    assert len(list((shard / "abcd.dense").glob("dense-*.safetensors"))) == 10  # sharded

@@ -7,6 +7,7 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
+from safetensors.numpy import load_file
 
 from baselines.floors import PIXELS_PREPROCESS, PixelsEncoder
 from baselines.registry import build_encoder
@@ -30,8 +31,10 @@ def _shards(tmp_path, array: np.ndarray, shard_bytes: int) -> ShardedGrid:
 
 def test_sharded_grid_reads_any_rows_across_shards(tmp_path):
     a = np.random.default_rng(0).normal(size=(20, 2, 3, 3)).astype(np.float16)
-    grid = _shards(tmp_path, a, shard_bytes=100)  # a batch of 3 rows is 108 bytes: one shard per batch
-    assert len(grid.parts) == 7 and grid.shape == a.shape and grid.dtype == np.float16
+    grid = _shards(tmp_path, a, shard_bytes=100)  # 36 bytes a row: 2 rows per shard, across the batches of 3
+    assert len(grid.parts) == 10 and grid.shape == a.shape and grid.dtype == np.float16
+    # Valid safetensors files, as the library itself reads them.
+    np.testing.assert_array_equal(load_file(tmp_path / "g-00004.safetensors")["g"], a[8:10])
     for rows in ([19, 0, 7, 7, 3], np.arange(20)[::-1], slice(4, 17, 5), np.array([], dtype=int), [-1]):
         np.testing.assert_array_equal(grid[rows], a[rows])
     with pytest.raises(IndexError, match="out of range"):
@@ -65,8 +68,8 @@ class _Watched(TinyTask):
 def test_extraction_writes_shards_as_it_goes(tmp_path):
     enc = PixelsEncoder(PIXELS_PREPROCESS)
     task = _Watched(tmp_path)
-    # 64 x 28 x 28 fp16 per image: about 100 kB, so every batch of 2 images fills a 150 kB shard.
-    fs = extract(task, [enc], FeatureCache(tmp_path), dense=True, batch_size=2, workers=0, shard_bytes=150_000,
+    # 64 x 28 x 28 fp16 per image: about 100 kB, so a 210 kB shard holds 2 images.
+    fs = extract(task, [enc], FeatureCache(tmp_path), dense=True, batch_size=2, workers=0, shard_bytes=210_000,
                  log=lambda *_: None)["pixels"]
     assert len(task.seen_shards) >= 4  # written before the pass ended, not all at once at the end
     assert isinstance(fs.patch, ShardedGrid) and len(fs.patch.parts) == 5 and fs.dense_mode == "cache"
