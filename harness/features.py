@@ -56,9 +56,10 @@ FEATURE_FORMAT = 1
 #: Dense rows are buffered until they fill a shard of about this size, then written: extraction holds at most one
 #: shard (or one batch, if larger) per encoder in memory, whatever the size of the task.
 SHARD_BYTES = 64 * 2**20
-#: Default disk budget of one dense entry (one encoder, one task). RAD-DINO's patch grid and 4 layers over CANDID-PTX
-#: (19,237 images at 518 px) take ~200 GB: above the budget, streaming gives way to re-encoding.
-DEFAULT_DENSE_BUDGET_GB = 100.0
+#: Default disk budget of one dense entry (one encoder, one task): a ViT-B/14 at 518 px (patch grid + 4 layers,
+#: 10.5 MB per image) fits over CANDID-PTX (19,237 images, 202 GB) and RSNA (26,684, 281 GB), whose segmentation
+#: heads would otherwise re-encode every batch of 24 epochs; an entry larger than the free disk is never written.
+DEFAULT_DENSE_BUDGET_GB = 300.0
 #: Batches each decoding worker prepares ahead, so the device never waits for the next batch while one is encoded.
 PREFETCH = 4
 _SAFETENSORS_DTYPES = {"F16": np.float16, "F32": np.float32}
