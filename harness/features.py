@@ -240,6 +240,7 @@ class Reencoder:
 
     def __init__(self, task: Task, encoder: Encoder, device: torch.device):
         self.task, self.encoder, self.device = task, encoder, device
+        encoder.to(device)  # its inputs go there; with cached global features nothing else has moved it
         self.last: tuple[bytes, list[np.ndarray]] = (b"", [])
 
     def read(self, rows: np.ndarray) -> list[np.ndarray]:
@@ -440,12 +441,12 @@ def _existing(path: Path) -> Path:
     return path
 
 
-def dense_storage(n_bytes: int, budget_gb: float, root: Path) -> str:
+def dense_storage(n_bytes: int, budget_gb: float, root: Path, reserved: int = 0) -> str:
     """Why a dense entry of `n_bytes` must not be cached (the empty string when it may): it exceeds the budget or
-    the free space on the cache's disk."""
+    the free space on the cache's disk, less the `reserved` bytes of the entries this pass will write before it."""
     if n_bytes > budget_gb * 1e9:
         return f"more than the dense-cache budget of {budget_gb:g} GB (--dense-cache-gb)"
-    free = shutil.disk_usage(_existing(root)).free
+    free = shutil.disk_usage(_existing(root)).free - reserved
     if n_bytes > free:
         return f"more than the {free / 1e9:.1f} GB free on the disk of the cache ({root}; --cache-dir)"
     return ""
@@ -473,6 +474,7 @@ def extract(
     out: dict[str, FeatureSet] = {}
     pending: list[tuple[Encoder, str, bool]] = []  # (encoder, key, write a dense entry)
     reencode: dict[str, list[tuple[int, ...]]] = {}  # encoder name -> row shapes of its dense grids
+    reserved = 0  # bytes of the dense entries this pass will write, all on the same disk
     for enc in encoders:
         key = cache_key(enc, digest, device)
         hit = cache.load(key, dense)
@@ -485,7 +487,7 @@ def extract(
         if dense:
             shapes = _dense_row_shapes(task, enc, device)
             size = n * sum(2 * math.prod(s) for s in shapes)  # float16
-            why = dense_storage(size, dense_budget_gb, cache.root)
+            why = dense_storage(size, dense_budget_gb, cache.root, reserved)
             if why:
                 log(f"  {enc.name}: dense features of {n} images would take {size / 1e9:.1f} GB, {why}: not cached; "
                     f"the segmentation heads re-encode each batch instead (same values, encoder time every epoch)")
@@ -495,6 +497,7 @@ def extract(
                     out[enc.name] = hit
                     continue
             else:
+                reserved += size
                 log(f"  {enc.name}: dense features ({size / 1e9:.2f} GB) cached in shards and streamed in batches")
         pending.append((enc, key, store_dense))
     if pending:

@@ -148,3 +148,22 @@ def test_reencode_fallback_gives_the_cached_results(tmp_path):
     assert said and "dense-cache budget of 0 GB (--dense-cache-gb)" in said[0]
     assert again.results == cached.results and section.rows == cached_section.rows
     assert again.files == cached.files
+
+
+def test_entries_of_one_pass_share_the_free_disk(tmp_path, monkeypatch):
+    """Two dense entries that each fit the free disk but not together: the first is cached, the second re-encoded,
+    and the log names the free space, not the budget, as the reason."""
+    import shutil
+    from collections import namedtuple
+
+    entry = 10 * 64 * 28 * 28 * 2  # TinyTask: 10 images of pixels' 64 x 28 x 28 fp16 grid
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(10**12, 0, int(1.5 * entry)))
+    second = PixelsEncoder(PIXELS_PREPROCESS, block=8)
+    second.name, second.weights_digest = "pixels-b", "other"
+    logs: list[str] = []
+    out = extract(TinyTask(), [PixelsEncoder(PIXELS_PREPROCESS), second], FeatureCache(tmp_path), dense=True,
+                  workers=0, log=logs.append)
+    assert out["pixels"].dense_mode == "cache" and out["pixels-b"].dense_mode == "re-encode"
+    assert any("pixels-b" in m and "free on the disk of the cache" in m for m in logs)
+    np.testing.assert_array_equal(out["pixels-b"].patch[[3, 1]], np.asarray(out["pixels"].patch)[[3, 1]])
