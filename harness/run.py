@@ -30,7 +30,7 @@ import harness.probes  # noqa: F401  (registers the protocols)
 import harness.tasks
 from baselines.registry import Encoder, WeightsMissing, build_encoder, default_weights_dir, registered, resolve_names
 from harness import stats
-from harness.features import FeatureCache, extract
+from harness.features import DEFAULT_DENSE_BUDGET_GB, FeatureCache, extract
 from harness.io import atomic_path, atomic_write_text, safe_name
 from harness.leaderboard import Section, render, section_from_json, section_to_json
 from harness.protocols import MIN_POSITIVE_PATIENTS, PROTOCOLS, TaskRun, feature_sets, label_status
@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "resized to its input size without cropping")
     p.add_argument("--batch-size", type=int, default=16, help="images per feature-extraction batch")
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers decoding images")
+    p.add_argument("--dense-cache-gb", type=float, default=DEFAULT_DENSE_BUDGET_GB,
+                   help="disk budget of one dense cache entry (one model, one task); a larger one is not cached and "
+                        "the segmentation heads re-encode each batch instead, with the same results")
     p.add_argument("--skip-bad", action="store_true",
                    help="skip (and count) missing or unreadable images instead of stopping")
     p.add_argument("--on-duplicate", choices=("merge", "error"), default="merge",
@@ -200,7 +203,7 @@ def evaluate_task(spec: TaskSpec, encoders: list[Encoder], args: argparse.Namesp
 
     def extract_for(sub: Task, encs: list[Encoder], dense: bool) -> dict:
         return extract(sub, encs, cache, dense=dense, batch_size=args.batch_size, workers=args.workers,
-                       device=device)
+                       device=device, dense_budget_gb=args.dense_cache_gb)
 
     # Everything the protocols declared, in as few passes as possible; then the global features of every image,
     # a cache hit by now.

@@ -107,7 +107,7 @@ def extract_features(pair: Pair, harness_argv: list[str]) -> list[str]:
     keys = []
     for part, dense in feature_sets(task, spec.protocols):
         feats = extract(part, [encoder], cache, dense=dense, batch_size=hargs.batch_size, workers=hargs.workers,
-                        device=device)
+                        device=device, dense_budget_gb=hargs.dense_cache_gb)
         keys.append(feats[encoder.name].key)
     return keys
 

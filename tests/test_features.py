@@ -108,17 +108,21 @@ def test_incomplete_entry_is_recomputed(tmp_path):
 _SAVER = """
 import sys
 import numpy as np
-from harness.features import FeatureCache, FeatureSet
+from harness.features import FeatureCache
 
 from pathlib import Path
 
 cache, role, n = FeatureCache(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 stop = Path(sys.argv[1] + ".writers-done")
 g = np.arange(40, dtype=np.float32).reshape(10, 4)
-dense = FeatureSet(g, np.zeros((10, 2, 3, 3), np.float16), (np.ones((10, 2, 3, 3), np.float16),))
+patch = np.arange(180, dtype=np.float16).reshape(10, 2, 3, 3)
 if role == "writer":
     for i in range(n):
-        cache.save("abcd", dense if i % 2 else FeatureSet(g), {"i": i})
+        dense = i % 2 == 1
+        w = cache.writer("abcd", dense, shard_bytes=100)  # 72 bytes a row: a shard per row
+        for s in range(0, 10, 3):
+            w.add(g[s:s + 3], [patch[s:s + 3], -patch[s:s + 3]] if dense else None)
+        w.publish({"i": i})
 else:
     seen, last = 0, False
     while not last:
@@ -127,7 +131,9 @@ else:
             if cache.has("abcd", want_dense):
                 fs = cache.load("abcd", want_dense)
                 assert fs is not None, "an entry has() reported was gone"
-                assert (fs.global_ == g).all() and (not want_dense or fs.patch.shape == (10, 2, 3, 3))
+                assert (fs.global_ == g).all()
+                if want_dense:  # every shard present and whole
+                    assert (fs.patch[:] == patch).all() and (fs.layers[0][::-1] == -patch[::-1]).all()
                 seen += 1
     assert seen, "the reader never saw an entry"
 """
@@ -152,3 +158,4 @@ def test_two_writers_and_a_reader_share_one_key(tmp_path):
     assert [p.returncode for p in procs] == [0, 0, 0], "\n".join(errors)
     shard = cache / "features" / "ab"
     assert sorted(p.name for p in shard.iterdir()) == ["abcd", "abcd.dense"]  # no temporary folder left over
+    assert len(list((shard / "abcd.dense").glob("dense-*.safetensors"))) == 10  # sharded

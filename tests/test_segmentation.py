@@ -17,12 +17,13 @@ from harness.features import FeatureCache, extract
 from harness.probes.segmentation import (
     SegBudget,
     build_head,
-    cached_features,
     channel_stats,
     dice_iou,
     fit_head,
     mask_to_input,
     prediction_to_mask,
+    read_levels,
+    read_targets,
     run_seg,
 )
 from harness.protocols import TaskRun
@@ -96,9 +97,9 @@ def test_head_training_is_seeded():
     levels = [rng.normal(size=(12, 8, 6, 6)).astype(np.float16)]
     targets = torch.from_numpy(rng.random((12, 1, 24, 24)) < 0.5).float()
     budget = SegBudget(epochs=2, batch_size=4, loss_size=24)
-    st = [channel_stats(lv) for lv in levels]
-    heads = [fit_head(build_head("multi-level", st, 1, budget, 0), cached_features(levels), targets, budget, 0)
-             for _ in range(2)]
+    st = channel_stats(levels)
+    heads = [fit_head(build_head("multi-level", st, 1, budget, 0), read_levels(levels), read_targets(targets), 12,
+                      budget, 0) for _ in range(2)]
     for a, b in zip(heads[0].state_dict().values(), heads[1].state_dict().values()):
         assert torch.equal(a, b)
 

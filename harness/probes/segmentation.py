@@ -27,14 +27,22 @@ positives on negative images that Dice cannot see. Intervals and paired deltas u
 the masked test images, resampled over the pseudonymous patient keys that the per-image file
 (``results/<task>/<model>.seg.parquet``) publishes, so every interval can be recomputed from it. Dense features
 that are not finite (e.g. an fp16 overflow in the cache) stop the protocol with the model, task and images named.
+
+Memory does not grow with the task. Dense features are read a batch of rows at a time from the grids extraction
+returns (the cache's shards, or re-encoded batches when the entry exceeded the disk budget); the placed targets go
+to shard files in a scratch folder ($TMPDIR) and masks are re-read from the task where they are needed. Every
+batch, sum and chunk is the one the in-memory computation would make, in the same order, so the numbers are
+bit-identical to holding everything in RAM.
 """
 from __future__ import annotations
 
 import io
 import math
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -46,7 +54,7 @@ from torch import nn
 from baselines.preprocess import Geometry, Preprocess, geometry, place, unplace
 from baselines.registry import Encoder
 from harness import stats
-from harness.features import FeatureSet
+from harness.features import FeatureSet, Grid, ShardWriter
 from harness.leaderboard import Cell, Section
 from harness.io import safe_name
 from harness.protocols import TaskRun, dense_view, register_protocol
@@ -127,7 +135,7 @@ class MultiLevelHead(nn.Module):
         return self.classify(self.refine(x))
 
 
-def levels_of(fs: FeatureSet, kind: str = "multi-level") -> list[np.ndarray]:
+def levels_of(fs: FeatureSet, kind: str = "multi-level") -> list[Grid]:
     """The grids a head of `kind` reads: the linear head the last layer's patch tokens; the multi-level head the
     intermediate layers, shallow to deep (or the patch grid alone when the encoder exposes none)."""
     if kind == "linear" or not fs.layers:
@@ -135,26 +143,34 @@ def levels_of(fs: FeatureSet, kind: str = "multi-level") -> list[np.ndarray]:
     return list(fs.layers)
 
 
-def channel_stats(grid: np.ndarray, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and std of an fp16 [N, C, h, w] grid, accumulated in float64 over chunks of images."""
-    total = np.zeros(grid.shape[1])
-    sq = np.zeros(grid.shape[1])
-    for s in range(0, len(grid), chunk):
-        x = grid[s:s + chunk].astype(np.float64)
-        total += x.sum(axis=(0, 2, 3))
-        sq += (x * x).sum(axis=(0, 2, 3))
-    n = grid.shape[0] * grid.shape[2] * grid.shape[3]
-    mean = total / n
-    std = np.sqrt(np.maximum(sq / n - mean * mean, 0.0))
-    return torch.tensor(mean, dtype=torch.float32), torch.tensor(np.maximum(std, 1e-4), dtype=torch.float32)
+def channel_stats(levels: list[Grid], rows: np.ndarray | None = None,
+                  chunk: int = 64) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-channel mean and std of each fp16 [N, C, h, w] grid over `rows` (default: all), accumulated in float64
+    over chunks of images; every level of a chunk is read before the next chunk (one encoder pass per chunk when
+    the grids are re-encoded)."""
+    rows = np.arange(len(levels[0])) if rows is None else np.asarray(rows)
+    total = [np.zeros(lv.shape[1]) for lv in levels]
+    sq = [np.zeros(lv.shape[1]) for lv in levels]
+    for s in range(0, len(rows), chunk):
+        for j, lv in enumerate(levels):
+            x = lv[rows[s:s + chunk]].astype(np.float64)
+            total[j] += x.sum(axis=(0, 2, 3))
+            sq[j] += (x * x).sum(axis=(0, 2, 3))
+    out = []
+    for lv, t, q in zip(levels, total, sq):
+        n = len(rows) * lv.shape[2] * lv.shape[3]
+        mean = t / n
+        std = np.sqrt(np.maximum(q / n - mean * mean, 0.0))
+        out.append((torch.tensor(mean, dtype=torch.float32), torch.tensor(np.maximum(std, 1e-4), dtype=torch.float32)))
+    return out
 
 
-def non_finite_rows(grids: list[np.ndarray], chunk: int = 64) -> np.ndarray:
+def non_finite_rows(grids: list[Grid], chunk: int = 64) -> np.ndarray:
     """Indices of the images with a NaN or infinite value in any of the [N, C, h, w] `grids` (chunked, so a large
-    fp16 cache never needs a full-size boolean copy)."""
+    fp16 cache is never read whole nor copied to a full-size boolean array)."""
     bad = np.zeros(len(grids[0]), dtype=bool)
-    for grid in grids:
-        for s in range(0, len(grid), chunk):
+    for s in range(0, len(bad), chunk):
+        for grid in grids:
             part = grid[s:s + chunk]
             bad[s:s + len(part)] |= ~np.isfinite(part).reshape(len(part), -1).all(axis=1)
     return np.flatnonzero(bad)
@@ -205,18 +221,23 @@ def seg_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float) -> 
 FeaturesOf = Callable[[np.ndarray], list[torch.Tensor]]
 
 
-def cached_features(levels: list[np.ndarray]) -> FeaturesOf:
-    """Batches of float32 grids read from cached fp16 arrays."""
-    return lambda idx: [torch.from_numpy(lv[idx].astype(np.float32)) for lv in levels]
+def read_levels(levels: list[Grid], rows: np.ndarray | None = None) -> FeaturesOf:
+    """idx -> float32 batches of the fp16 grids at rows `rows[idx]` (rows default: all), read when asked."""
+    rows = np.arange(len(levels[0])) if rows is None else np.asarray(rows)
+    return lambda idx: [torch.from_numpy(lv[rows[idx]].astype(np.float32)) for lv in levels]
 
 
-def fit_head(head: nn.Module, features_of: FeaturesOf, targets: torch.Tensor, budget: SegBudget,
-             seed: int) -> nn.Module:
-    """Train `head` on images 0..N-1: `features_of(idx)` gives their levels, `targets` [N, K, s, s] in [0, 1]
-    (the encoder's input square at the budget's loss size). AdamW, cosine learning rate over the fixed number of
-    steps, seeded batch order."""
-    n = len(targets)
-    size = targets.shape[-2:]
+def read_targets(targets: Grid | torch.Tensor, rows: np.ndarray | None = None) -> Callable[[np.ndarray], torch.Tensor]:
+    """idx -> float32 targets [b, K, s, s] at rows `rows[idx]` of fp16 targets (on disk or in memory)."""
+    rows = np.arange(len(targets)) if rows is None else np.asarray(rows)
+    return lambda idx: torch.as_tensor(targets[rows[idx]]).float()
+
+
+def fit_head(head: nn.Module, features_of: FeaturesOf, targets_of: Callable[[np.ndarray], torch.Tensor], n: int,
+             budget: SegBudget, seed: int) -> nn.Module:
+    """Train `head` on images 0..n-1: `features_of(idx)` gives their levels, `targets_of(idx)` [b, K, s, s] in
+    [0, 1] (the encoder's input square at the budget's loss size). AdamW, cosine learning rate over the fixed
+    number of steps, seeded batch order."""
     steps_per_epoch = math.ceil(n / budget.batch_size)
     total = budget.epochs * steps_per_epoch
     opt = torch.optim.AdamW(head.parameters(), lr=budget.lr, weight_decay=budget.weight_decay)
@@ -227,8 +248,10 @@ def fit_head(head: nn.Module, features_of: FeaturesOf, targets: torch.Tensor, bu
         order = torch.randperm(n, generator=gen).numpy()
         for s in range(0, n, budget.batch_size):
             idx = np.sort(order[s:s + budget.batch_size])
-            logits = F.interpolate(head(features_of(idx)), size=size, mode="bilinear", align_corners=False)
-            loss = seg_loss(logits, targets[idx].float(), budget.dice_weight)
+            target = targets_of(idx)
+            logits = F.interpolate(head(features_of(idx)), size=target.shape[-2:], mode="bilinear",
+                                   align_corners=False)
+            loss = seg_loss(logits, target, budget.dice_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -326,35 +349,38 @@ class HeadScores:
     preds: list[np.ndarray]   # bool [K, H, W] per test image (kept for the overlays only)
 
 
-def evaluate_encoder(fs: FeatureSet, pre: Preprocess, masks: list[np.ndarray], train: np.ndarray,
-                     test: np.ndarray, targets: torch.Tensor, budget: SegBudget, seed: int,
+def evaluate_encoder(fs: FeatureSet, pre: Preprocess, mask_of: Callable[[int], np.ndarray], train: np.ndarray,
+                     test: np.ndarray, targets: Grid | torch.Tensor, budget: SegBudget, seed: int,
                      keep_preds: set[int]) -> dict[str, HeadScores]:
-    """Train both heads on rows `train` of the masked subset and score rows `test` at mask resolution."""
-    n_classes = masks[0].shape[0]
-    out = {}
+    """Train both heads on rows `train` of the masked subset (features and fp16 `targets` read a batch at a time)
+    and score rows `test` at mask resolution: both heads in one pass, so each test mask (`mask_of(row)`) is read
+    once and, when re-encoding, each test batch is encoded once."""
+    n_classes = targets.shape[1]
+    heads, levels = {}, {}
     for kind in HEADS:
-        levels = levels_of(fs, kind)
-        train_levels = [lv[train] for lv in levels]
-        stats_ = [channel_stats(lv) for lv in train_levels]
-        head = fit_head(build_head(kind, stats_, n_classes, budget, seed), cached_features(train_levels),
-                        targets[train], budget, seed)
-        test_levels = [lv[test] for lv in levels]
-        dice = np.empty((len(test), n_classes))
-        iou = np.empty_like(dice)
-        anything = np.zeros((len(test), n_classes), dtype=bool)
-        preds = []
-        r = 0
-        for probs in predict_probabilities(head, cached_features(test_levels), len(test), pre.size):
-            for prob in probs:
-                truth = masks[test[r]]
-                pred = prediction_to_mask(prob, geometry(*truth.shape[-2:], pre))
-                dice[r], iou[r] = dice_iou(pred, truth)
-                anything[r] = pred.reshape(n_classes, -1).any(1)
+        levels[kind] = levels_of(fs, kind)
+        head = build_head(kind, channel_stats(levels[kind], train), n_classes, budget, seed)
+        heads[kind] = fit_head(head, read_levels(levels[kind], train), read_targets(targets, train), len(train),
+                               budget, seed)
+    dice = {kind: np.empty((len(test), n_classes)) for kind in HEADS}
+    iou = {kind: np.empty((len(test), n_classes)) for kind in HEADS}
+    anything = {kind: np.zeros((len(test), n_classes), dtype=bool) for kind in HEADS}
+    preds: dict[str, list[np.ndarray]] = {kind: [] for kind in HEADS}
+    streams = [predict_probabilities(heads[kind], read_levels(levels[kind], test), len(test), pre.size)
+               for kind in HEADS]
+    r = 0
+    for batches in zip(*streams):
+        for j in range(len(batches[0])):
+            truth = mask_of(int(test[r]))
+            geo = geometry(*truth.shape[-2:], pre)
+            for kind, probs in zip(HEADS, batches):
+                pred = prediction_to_mask(probs[j], geo)
+                dice[kind][r], iou[kind][r] = dice_iou(pred, truth)
+                anything[kind][r] = pred.reshape(n_classes, -1).any(1)
                 if r in keep_preds:
-                    preds.append(pred)
-                r += 1
-        out[kind] = HeadScores(dice, iou, anything, preds)
-    return out
+                    preds[kind].append(pred)
+            r += 1
+    return {kind: HeadScores(dice[kind], iou[kind], anything[kind], preds[kind]) for kind in HEADS}
 
 
 #: (results key, column title) of each per-structure metric; the FP rate is the one computed on empty truths.
@@ -391,16 +417,30 @@ def _not_evaluated(reason: str) -> Section:
     return Section(TITLE, [], {}, notes=[f"Nothing evaluated: {reason}."])
 
 
-def _load_masks(subset: Task) -> list[np.ndarray]:
-    masks = []
+def _mask(subset: Task, i: int) -> np.ndarray:
+    m = subset.load_mask(i)
+    if m is None or m.ndim != 3 or m.shape[0] != len(subset.mask_names):
+        raise TaskError(f"task {subset.name}: image {subset.table.image_ids[i]!r} is marked as having a mask "
+                        f"but load_mask returned {None if m is None else m.shape}; expected "
+                        f"[{len(subset.mask_names)}, H, W]")
+    return m.astype(bool)
+
+
+def placed_targets(subset: Task, placements: list[tuple[Geometry, ...]], loss_size: int,
+                   folder: Path) -> dict[tuple[Geometry, ...], Grid]:
+    """fp16 targets [N, K, loss_size, loss_size] of every mask for each placement (one geometry per mask), in one
+    pass over the masks, written to shard files in `folder` rather than held in memory (CANDID: 19k images x 3
+    structures at 112 px is 1.4 GB per placement)."""
+    writers = [ShardWriter(folder, f"targets{j}") for j in range(len(placements))]
     for i in range(len(subset)):
-        m = subset.load_mask(i)
-        if m is None or m.ndim != 3 or m.shape[0] != len(subset.mask_names):
-            raise TaskError(f"task {subset.name}: image {subset.table.image_ids[i]!r} is marked as having a mask "
-                            f"but load_mask returned {None if m is None else m.shape}; expected "
-                            f"[{len(subset.mask_names)}, H, W]")
-        masks.append(m.astype(bool))
-    return masks
+        m = _mask(subset, i)
+        for w, geos in zip(writers, placements):
+            w.add({"targets": mask_to_input(m, geos[i], loss_size).to(torch.float16).numpy()[None]})
+    return {key: w.grids()["targets"] for key, w in zip(placements, writers)}
+
+
+_MODES = {"memory": "held in memory", "cache": "streamed from the cache's shards",
+          "re-encode": "re-encoded every batch"}
 
 
 def masked_rows(task: Task) -> np.ndarray:
@@ -423,7 +463,6 @@ def run_seg(tr: TaskRun, encoders: list[Encoder], budget: SegBudget = BUDGET) ->
     dense = tr.extract(subset, encoders, True)
     for enc in encoders:  # before any training: fail in seconds, not after the other models' heads
         check_finite(dense[enc.name], enc.name, task.name, subset.table.image_ids)
-    masks = _load_masks(subset)
     train, test = np.flatnonzero(in_train), np.flatnonzero(in_test)
     names = list(task.mask_names)
     test_ids = [subset.table.image_ids[i] for i in test]
@@ -431,24 +470,28 @@ def run_seg(tr: TaskRun, encoders: list[Encoder], budget: SegBudget = BUDGET) ->
     # exactly from it (the bootstrap is deterministic in the sorted unique keys and the seed).
     test_keys = tr.patient_keys(rows[test])
     weights = stats.bootstrap_weights(test_keys, tr.weights.shape[0], tr.seed)
-    truth_any = np.array([[m[k].any() for k in range(len(names))] for m in (masks[i] for i in test)])
+    # One pass over the masks for their sizes and for which test truths are empty; masks are not kept (CANDID's are
+    # ~1 MB each) but read again where needed.
+    test_row = {int(i): r for r, i in enumerate(test)}
+    shapes, truth_any = [], np.zeros((len(test), len(names)), dtype=bool)
+    for i in range(len(subset)):
+        m = _mask(subset, i)
+        shapes.append(m.shape[-2:])
+        if i in test_row:
+            truth_any[test_row[i]] = m.reshape(len(names), -1).any(1)
     # The overlays show the same test images for every model: the first ones with something to segment.
     shown = [r for r in range(len(test)) if truth_any[r].any()][:N_OVERLAYS]
 
-    shapes = [m.shape[-2:] for m in masks]
-    targets_by_geometry: dict[tuple[Geometry, ...], torch.Tensor] = {}
+    placement = {enc.name: mask_placement_key(enc.preprocess, shapes) for enc in encoders}
     scores: dict[str, dict[str, HeadScores]] = {}
-    for enc in encoders:
-        pre = enc.preprocess
-        key = mask_placement_key(pre, shapes)
-        if key not in targets_by_geometry:
-            targets_by_geometry[key] = torch.stack(
-                [mask_to_input(m, geo, budget.loss_size) for m, geo in zip(masks, key)]).to(torch.float16)
-        t0, c0 = time.perf_counter(), time.process_time()
-        scores[enc.name] = evaluate_encoder(dense[enc.name], pre, masks, train, test, targets_by_geometry[key],
-                                            budget, tr.seed, set(shown))
-        print(f"  {enc.name}: segmentation heads trained and scored in {time.perf_counter() - t0:.1f} s "
-              f"({time.process_time() - c0:.1f} s CPU)")
+    with tempfile.TemporaryDirectory(prefix="raddino-seg-") as scratch:
+        targets = placed_targets(subset, list(dict.fromkeys(placement.values())), budget.loss_size, Path(scratch))
+        for enc in encoders:
+            t0, c0 = time.perf_counter(), time.process_time()
+            scores[enc.name] = evaluate_encoder(dense[enc.name], enc.preprocess, lambda i: _mask(subset, i), train,
+                                                test, targets[placement[enc.name]], budget, tr.seed, set(shown))
+            print(f"  {enc.name}: segmentation heads trained and scored in {time.perf_counter() - t0:.1f} s "
+                  f"({time.process_time() - c0:.1f} s CPU; dense features {_MODES[dense[enc.name].dense_mode]})")
 
     # Per (head, structure, metric): point and resampled mean over the images the metric is defined on.
     summary: dict[tuple, dict[str, dict]] = {}
@@ -515,7 +558,7 @@ def run_seg(tr: TaskRun, encoders: list[Encoder], budget: SegBudget = BUDGET) ->
             scores[enc.name], names, test_ids, test_keys, truth_any)
         if shown:
             images = [subset.load_image(int(test[r])) for r in shown]
-            truths = [masks[test[r]] for r in shown]
+            truths = [_mask(subset, int(test[r])) for r in shown]
             tr.files[f"{task_stem}_seg/{safe_name(enc.name)}.png"] = overlay_png(
                 images, truths, scores[enc.name]["multi-level"].preds)
 
