@@ -194,7 +194,7 @@ def test_dino_term_without_local_crops_divides_like_upstream():
 
 
 def test_probe_runs_at_start_every_n_and_at_the_end(blob_images, tmp_path):
-    cfg = tiny_cfg("eval.task=demo:n_patients=24,size=64", "eval.every=2", steps=3)
+    cfg = tiny_cfg("eval.task=demo:n_patients=150,size=64", "eval.every=2", steps=3)
     cfg.data.sources = [str(blob_images)]
     train(cfg, tmp_path)
     probes = [r for r in read_metrics(tmp_path) if "probe_macro_auroc" in r]
@@ -214,12 +214,12 @@ def test_probe_equals_the_harness_linear_probe_on_the_same_features(blob_images,
     from trainer.checkpoint import load_backbone
     from trainer.monitor import load_probe_data, teacher_features
 
-    cfg = tiny_cfg("eval.task=demo:n_patients=24,size=64", steps=2)
+    cfg = tiny_cfg("eval.task=demo:n_patients=150,size=64", steps=2)
     cfg.data.sources = [str(blob_images)]
     train(cfg, tmp_path)
     last = [r for r in read_metrics(tmp_path) if "probe_macro_auroc" in r][-1]
     teacher, cfg_dict = load_backbone(tmp_path)
-    data = load_probe_data("demo:n_patients=24,size=64", cfg_dict, None, 0, 0.3)
+    data = load_probe_data("demo:n_patients=150,size=64", cfg_dict, None, 0, 0.3)
     assert data.pixels.shape[-1] == checkpoint_preprocess(cfg_dict).size
     x = teacher_features(teacher, data.pixels, torch.device("cpu"))
     tr, te = data.split == "train", data.split == "test"

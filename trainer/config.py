@@ -170,8 +170,9 @@ def smoke() -> TrainConfig:
 def small() -> TrainConfig:
     """A recipe that learns from about 1k-20k radiographs on a CPU box or one GPU (README "Does it learn?").
 
-    The smoke geometry (vit_tiny width, 4 blocks, 112 px globals, 56 px locals) with the three changes the sweep on
-    the shared radiographs found necessary; each alone left the teacher's targets uniform:
+    The smoke geometry (vit_tiny width, 4 blocks, 112 px globals, 56 px locals) with the changes the sweep on the
+    shared radiographs points to. The first two are each necessary (runs s01 and s06 of the README's table: either
+    one alone leaves the teacher's targets uniform); the third is DINO v1's advice for small runs, not ablated:
     - no LayerScale: with DINOv2's 1e-5 every block starts as the identity, the normed CLS token is the same for
       every image (teacher feature std 0.0000 at step 1), and the DINO targets are uniform from the first step;
     - K = 256 prototypes for 32 images a step: Sinkhorn-Knopp spreads each image over at least K / (2 x batch)

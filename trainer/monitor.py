@@ -100,7 +100,7 @@ def probe_metrics(x: np.ndarray, data: ProbeData, seed: int) -> dict[str, float]
     aurocs = [roc_auc_score(data.labels[test][:, j], probe.scores[:, j])
               for j, lab in enumerate(probe.labels) if lab.evaluable]
     out["probe_macro_auroc"] = float(np.mean(aurocs)) if aurocs else math.nan
-    out["probe_labels"] = len(aurocs)
+    out["eval_labels"] = len(aurocs)
     known = data.sex != ""
     tr, te = train & known, test & known
     y_tr, y_te = (data.sex[tr] == "F").astype(int), (data.sex[te] == "F").astype(int)
@@ -126,5 +126,5 @@ class InTrainingProbe:
         t0 = time.perf_counter()
         x = teacher_features(backbone, self.data.pixels, self.device)
         row = {"iteration": iteration, **probe_metrics(x, self.data, self.seed)}
-        row["probe_seconds"] = time.perf_counter() - t0
+        row["eval_seconds"] = time.perf_counter() - t0
         return row

@@ -11,7 +11,8 @@ diagnostics and the probe):
   prototypes used   prototypes that are some image's argmax this step (1 = one prototype for everything)
   prototype gain    mean weight-norm gain of the teacher's prototypes (towards 0 flattens every distribution)
   lr, teacher temperature, momentum
-  probe             every ``probe_*`` metric, with its ``probe_*_lo`` / ``probe_*_hi`` interval as a band
+  probe             every ``probe_*`` score (AUROC, r), with its ``probe_*_lo`` / ``probe_*_hi`` interval as a band;
+  probe error       the ``probe_*_mae`` metrics (years), on their own axis
 
 `figure_data` returns exactly the series drawn, so what the PNG shows can be checked against the JSON lines.
 """
@@ -128,8 +129,14 @@ def figure_data(rows: list[dict]) -> list[Panel]:
                 panel.hlines.append((float(round(math.exp(ln_k.y[-1]))), "K"))
         panels.append(panel)
     probe = _probe_series(rows)
-    if probe:
-        panels.append(Panel("probe", probe))
+    # Scores in [-1, 1] (AUROC, r) and errors in the task's units (age MAE, years) get separate axes, so that
+    # neither squashes the other.
+    scores = [s for s in probe if not s.key.endswith("_mae")]
+    errors = [s for s in probe if s.key.endswith("_mae")]
+    if scores:
+        panels.append(Panel("probe", scores))
+    if errors:
+        panels.append(Panel("probe error (years)", errors))
     return panels
 
 
