@@ -97,6 +97,10 @@ def test_two_variants_train_evaluate_and_write_table_section_and_figure_then_a_r
     printed = capsys.readouterr().out
     assert "variant base: finished, skipped" in printed and "variant mim-off: finished, skipped" in printed
     assert {**checkpoint_times(base), **checkpoint_times(off)} == before, "a finished variant was retrained"
+    # Other settings in the same folder would mix two ablations: refused before anything trains.
+    assert main(argv(blob_images, out, "mim=on,off", steps=3)) == 2
+    assert "was trained with other settings (optim.total_iters: 2 -> 3" in capsys.readouterr().err
+    assert {**checkpoint_times(base), **checkpoint_times(off)} == before
 
 
 def test_an_ablation_interrupted_after_its_first_variant_resumes_there(blob_images, tmp_path, monkeypatch, capsys):
@@ -228,3 +232,24 @@ def test_a_sources_axis_trains_each_named_mix_and_data_fractions_subset_it(blob_
     with pytest.raises(ValueError, match="--data and a sources axis"):
         build_plan(build_parser().parse_args([*base, "--data", str(blob_images), "--mix", f"all={blob_images}",
                                               "--mix", f"mixed={half}"]))
+
+
+def test_slurm_training_jobs_get_the_trainer_arguments_of_the_validated_plan(blob_images, tmp_path):
+    """What an array task runs (trainer.train's command line) resolves to exactly the config validated here."""
+    import pickle
+
+    from harness.ablate import build_parser, build_plan, trainer_argv, variant_dir
+    from slurm.pretrain import PretrainJob
+    from trainer.config import load_config
+    from trainer.train import parse_args
+
+    args = build_parser().parse_args(argv(blob_images, tmp_path / "abl", "mim=on,off", "resolution=32,64",
+                                          "data=1.0,0.5"))
+    variants, cfgs = build_plan(args)
+    for v, cfg in zip(variants, cfgs):
+        targs = parse_args(trainer_argv(args, tmp_path / "abl", v))
+        job_cfg = load_config(targs.config, targs.overrides, steps=targs.steps)
+        job_cfg.data.sources = targs.data
+        assert job_cfg.to_dict() == cfg.to_dict(), v.name
+        assert targs.output == str(variant_dir(tmp_path / "abl", v))
+        pickle.dumps(PretrainJob(trainer_argv(args, tmp_path / "abl", v), variant_dir(tmp_path / "abl", v)))
