@@ -1,0 +1,678 @@
+"""``python -m harness.ablate``: a pretraining ablation as one command (train every variant, evaluate, tabulate, plot).
+
+    python -m harness.ablate --config small --data /data/cxr/train.csv --eval-task csv:/data/eval/labels.csv \\
+        --output ablations/mim-res --axes mim=on,off resolution=112,224 data=0.25,0.5,1.0
+
+Axes are named shortcuts for trainer settings; the first value of every axis is the base variant's:
+- ``mim=on,off``: iBOT masked-image modelling on, or off (loss.ibot_weight=0 and no masks sampled at all, so the
+  student sees the same unmasked crops as the teacher);
+- ``resolution=N,...``: crops.global_size = model.img_size = N, the local crops scaled with it (a multiple of the
+  patch size);
+- ``data=F,...``: a seeded fraction F of every source's images, written as a ``.txt`` manifest under
+  ``OUTPUT/data/``; smaller fractions are subsets of larger ones, so the axis varies the amount of data only;
+- ``sources=NAME,...``: a named mix of manifests given by ``--mix NAME=PATH@W,PATH@W`` (data diversity);
+- ``KEY=V1,V2``: any dotted trainer key (``loss.koleo_weight=0.1,0``).
+Variants change one axis at a time from the base, as ablation tables do (``--grid``: every combination). Every
+variant's config is built and validated before anything trains; a value the trainer rejects exits 2, naming the
+axis, the value and what it accepts.
+
+Layout of OUTPUT: ``plan.json`` (the variants and their trainer arguments), ``variants/<name>/`` (one trainer run
+each, ``--resume auto``: a finished variant is skipped and an interrupted one continues from its checkpoint),
+``eval/`` (``harness.run`` over every variant's teacher and the base's step-0 weights, reference = the base), then
+``ablation.md`` (a leaderboard section), ``ablation.parquet``/``.csv`` (one row per variant and metric) and
+``ablation.png`` (each metric with its CI per variant, grouped by axis; † = paired difference to the base
+significant after Holm). ``--slurm`` runs the training as a job array and the evaluation as a job that depends on it.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import math
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from harness.io import atomic_path, atomic_write_json, atomic_write_text, safe_name
+from trainer.config import TrainConfig, load_config
+
+SHORTCUTS = ("mim", "resolution", "data", "sources")
+PLAN = "plan.json"
+BASE = "base"
+INIT = "init"
+TABLE_COLUMNS = ("task", "axis", "value", "variant", "metric", "point", "lo", "hi", "delta", "delta_lo",
+                 "delta_hi", "p_holm", "significant")
+
+
+class AblationError(ValueError):
+    """A usage error found before anything trains (exit status 2)."""
+
+
+@dataclass(frozen=True)
+class Axis:
+    name: str
+    values: tuple[str, ...]
+
+
+@dataclass
+class Variant:
+    name: str                        # folder under OUTPUT/variants/ (also how the table names it)
+    axis: str                        # the axis it changes ("base"; "a+b" for a grid cell changing two)
+    value: str                       # its value(s) on that axis
+    settings: dict[str, str]         # every axis -> this variant's value
+    overrides: list[str]             # trainer key=value overrides (the ablation's own ones included)
+    sources: list[str]               # trainer --data
+    subsets: dict[str, list[str]] = field(default_factory=dict)  # data-fraction manifests to write: path -> lines
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Axes -> trainer settings
+
+
+def parse_axes(items: list[str]) -> list[Axis]:
+    axes: list[Axis] = []
+    for item in items:
+        name, sep, raw = item.partition("=")
+        values = tuple(v.strip() for v in raw.split(",") if v.strip())
+        if not sep or not name or not values:
+            raise AblationError(f"--axes {item!r}: expected NAME=V1,V2 (e.g. mim=on,off)")
+        if len(set(values)) != len(values):
+            raise AblationError(f"axis {name!r}: a value is repeated in {raw!r}")
+        if name in (a.name for a in axes):
+            raise AblationError(f"axis {name!r} is given twice")
+        if name not in SHORTCUTS and "." not in name:
+            raise AblationError(f"axis {name!r}: unknown; use {', '.join(SHORTCUTS)} or a dotted trainer key "
+                                "(e.g. loss.koleo_weight)")
+        axes.append(Axis(name, values))
+    if not axes:
+        raise AblationError("--axes: give at least one axis, e.g. mim=on,off")
+    return axes
+
+
+def parse_mixes(items: list[str]) -> dict[str, list[str]]:
+    """``--mix NAME=PATH@W,PATH@W`` -> {NAME: [PATH@W, ...]} (commas separate the sources of one mix)."""
+    mixes: dict[str, list[str]] = {}
+    for item in items:
+        name, sep, raw = item.partition("=")
+        sources = [s.strip() for s in raw.split(",") if s.strip()]
+        if not sep or not name or not sources:
+            raise AblationError(f"--mix {item!r}: expected NAME=PATH[@WEIGHT],PATH[@WEIGHT]")
+        mixes[name] = sources
+    return mixes
+
+
+def key_type(dotted: str) -> str:
+    """The type a dotted trainer key takes, for error messages (``float``, ``int | None``); '' if unknown."""
+    obj: Any = TrainConfig
+    for part in dotted.split("."):
+        if not (isinstance(obj, type) and dataclasses.is_dataclass(obj)):
+            return ""
+        hints = typing.get_type_hints(obj)
+        if part not in hints:
+            return ""
+        obj = hints[part]
+    return getattr(obj, "__name__", str(obj).replace("typing.", ""))
+
+
+def rejected(axis: str, value: str, accepted: str, why: str = "") -> AblationError:
+    return AblationError(f"axis {axis!r}: value {value!r} is not accepted{f' ({why})' if why else ''}; "
+                         f"accepted: {accepted}")
+
+
+def axis_overrides(axis: str, value: str, base: TrainConfig) -> list[str]:
+    """The trainer overrides one axis value stands for (``data`` and ``sources`` act on --data instead)."""
+    if axis == "mim":
+        if value not in ("on", "off"):
+            raise rejected(axis, value, "on, off")
+        if value == "off":
+            return ["loss.ibot_weight=0", "loss.mask_sample_probability=0"]
+        # "on" must mean on even when the base config turned it off: the trainer's defaults then.
+        loss = base.loss if base.loss.ibot_weight > 0 and base.loss.mask_sample_probability > 0 else type(base.loss)()
+        return [f"loss.ibot_weight={loss.ibot_weight}", f"loss.mask_sample_probability={loss.mask_sample_probability}"]
+    if axis == "resolution":
+        patch = base.model.patch_size
+        accepted = f"a multiple of model.patch_size={patch} that is at least {2 * patch}, e.g. {8 * patch}, {16 * patch}"
+        try:
+            size = int(value)
+        except ValueError:
+            raise rejected(axis, value, accepted) from None
+        if size % patch or size < 2 * patch:
+            raise rejected(axis, value, accepted)
+        # Locals keep their share of the global crop, on the patch grid (112/56 in small -> 224/112).
+        local = max(patch, round(size * base.crops.local_size / base.crops.global_size / patch) * patch)
+        return [f"crops.global_size={size}", f"model.img_size={size}", f"crops.local_size={local}"]
+    if axis in ("data", "sources"):
+        return []
+    return [f"{axis}={value}"]
+
+
+def fraction(value: str) -> float:
+    try:
+        f = float(value)
+    except ValueError:
+        f = math.nan
+    if not 0 < f <= 1:
+        raise rejected("data", value, "a fraction of the images in (0, 1], e.g. 0.25, 0.5, 1.0")
+    return f
+
+
+def subset_sources(sources: list[str], f: float, seed: int, folder: Path) -> tuple[list[str], dict[str, list[str]]]:
+    """A seeded fraction ``f`` of every source's images as ``.txt`` manifests (weights kept); nested: the images of
+    a smaller fraction are among those of a larger one (one permutation per source, cut at different lengths)."""
+    from trainer.data import parse_source, read_manifest
+
+    if f == 1.0:
+        return list(sources), {}
+    out, files = [], {}
+    for i, spec in enumerate(sources):
+        src = parse_source(spec)
+        paths = read_manifest(src.path)
+        order = np.random.default_rng([seed, i]).permutation(len(paths))
+        keep = sorted(order[:max(1, round(f * len(paths)))])
+        path = folder / f"data-{f:g}" / f"source{i}.txt"
+        files[str(path)] = [str(paths[j].resolve()) for j in keep]
+        out.append(str(path) if src.weight is None else f"{path}@{src.weight:g}")
+    return out, files
+
+
+def variant_settings(axes: list[Axis], grid: bool) -> list[dict[str, str]]:
+    """The base (first value of every axis), then one axis at a time from it, or every combination."""
+    base = {a.name: a.values[0] for a in axes}
+    if grid:
+        return [dict(zip(base, combo)) for combo in itertools.product(*(a.values for a in axes))]
+    out = [base]
+    for a in axes:
+        out += [{**base, a.name: v} for v in a.values[1:]]
+    return out
+
+
+def build_plan(args: argparse.Namespace) -> tuple[list[Variant], list[TrainConfig]]:
+    """Every variant with its trainer arguments and validated config; nothing is written or trained here."""
+    axes = parse_axes(args.axes)
+    mixes = parse_mixes(args.mix)
+    common = list(args.override)
+    try:
+        base_cfg = load_config(args.config, common, steps=args.steps)
+    except ValueError as e:
+        raise AblationError(str(e)) from e
+    names = {a.name for a in axes}
+    if "sources" in names:
+        for v in next(a for a in axes if a.name == "sources").values:
+            if v not in mixes:
+                raise rejected("sources", v, ", ".join(mixes) or "none: define mixes with --mix NAME=PATH@W,PATH@W")
+        if args.data:
+            raise AblationError("--data and a sources axis both name the data: put the --data manifests in a --mix")
+    elif not args.data:
+        raise AblationError("--data is required (or a sources axis with --mix)")
+    # Each value alone first, so that an error names the axis and value rather than a variant.
+    for a in axes:
+        for v in a.values:
+            if a.name == "data":
+                fraction(v)
+                continue
+            try:
+                load_config(args.config, common + axis_overrides(a.name, v, base_cfg), steps=args.steps)
+            except ValueError as e:
+                accepted = f"values of type {key_type(a.name)}" if key_type(a.name) else "a known trainer key"
+                raise rejected(a.name, v, accepted, str(e)) from e
+    variants, cfgs = [], []
+    out = Path(args.output)
+    first = {a.name: a.values[0] for a in axes}
+    for settings in variant_settings(axes, args.grid):
+        changed = [n for n in settings if settings[n] != first[n]]
+        name = safe_name("_".join(f"{n}-{settings[n]}" for n in changed)) or BASE
+        overrides = common + [o for n, v in settings.items() for o in axis_overrides(n, v, base_cfg)]
+        sources = mixes[settings["sources"]] if "sources" in settings else list(args.data)
+        subsets: dict[str, list[str]] = {}
+        if "data" in settings:
+            sources, subsets = subset_sources(sources, fraction(settings["data"]), args.seed, out / "data"
+                                              / safe_name(settings.get("sources", "data")))
+        try:
+            cfg = load_config(args.config, overrides, steps=args.steps)
+        except ValueError as e:
+            raise AblationError(f"variant {name}: {e}") from e
+        cfg.data.sources = sources
+        value = ",".join(settings[n] for n in changed) or ", ".join(f"{n}={x}" for n, x in settings.items())
+        variants.append(Variant(name, "+".join(changed) or BASE, value,
+                                settings, overrides, sources, subsets))
+        cfgs.append(cfg)
+    return variants, cfgs
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+
+
+def variant_dir(output: Path, v: Variant) -> Path:
+    return output / "variants" / v.name
+
+
+def finished(run: Path, cfg: TrainConfig) -> bool:
+    """The run's latest checkpoint is at this variant's last iteration."""
+    from trainer.checkpoint import latest_checkpoint
+
+    ckpt = latest_checkpoint(run)
+    return ckpt is not None and json.loads((ckpt / "state.json").read_text())["iteration"] >= cfg.optim.total_iters
+
+
+def check_existing(output: Path, variants: list[Variant], cfgs: list[TrainConfig]) -> None:
+    """A variant folder trained with other settings belongs to another ablation: refuse rather than mix them."""
+    from trainer.checkpoint import latest_checkpoint
+    from trainer.train import config_changes
+
+    for v, cfg in zip(variants, cfgs):
+        ckpt = latest_checkpoint(variant_dir(output, v))
+        changes = config_changes(ckpt / "config.yaml", cfg) if ckpt is not None else []
+        if changes:
+            raise AblationError(f"{variant_dir(output, v)} was trained with other settings ({'; '.join(changes)}): "
+                                "use another --output for a different ablation")
+
+
+def write_plan(output: Path, variants: list[Variant], args: argparse.Namespace) -> None:
+    for v in variants:
+        for path, lines in v.subsets.items():
+            atomic_write_text(Path(path), "".join(line + "\n" for line in lines))
+    atomic_write_json(output / PLAN, {
+        "config": args.config, "steps": args.steps, "eval_tasks": args.eval_task,
+        "variants": [{k: val for k, val in dataclasses.asdict(v).items() if k != "subsets"} for v in variants]})
+
+
+def trainer_argv(args: argparse.Namespace, output: Path, v: Variant) -> list[str]:
+    argv = ["--config", args.config, "--output", str(variant_dir(output, v))]
+    for s in v.sources:
+        argv += ["--data", s]
+    if args.steps is not None:
+        argv += ["--steps", str(args.steps)]
+    return argv + v.overrides
+
+
+def train_all(output: Path, variants: list[Variant], cfgs: list[TrainConfig]) -> bool:
+    """Train the unfinished variants one after the other; False when a signal stopped one (rerun to resume)."""
+    from trainer.train import train
+
+    for v, cfg in zip(variants, cfgs):
+        run = variant_dir(output, v)
+        if finished(run, cfg):
+            print(f"variant {v.name}: finished, skipped ({run})", flush=True)
+            continue
+        print(f"variant {v.name}: training {cfg.optim.total_iters} iterations in {run}", flush=True)
+        state = train(cfg, run, resume="auto")
+        if state.stopped_by is not None:
+            print(f"variant {v.name} stopped by {state.stopped_by} at iteration {state.iteration}; rerun the same "
+                  "command to resume it", file=sys.stderr)
+            return False
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation: harness.run, then the tidy table, the leaderboard section and the figure
+
+
+def model_names(output: Path, variants: list[Variant]) -> dict[str, tuple[str, str, str]]:
+    """``ckpt:`` encoder name -> (variant, axis, value), the base first (the reference), then its step-0 weights
+    unless the config turned them off (run.save_initial=false)."""
+    from trainer.checkpoint import latest_checkpoint
+
+    names = {f"ckpt:{variant_dir(output, v)}": (v.name, v.axis, v.value) for v in variants}
+    init = variant_dir(output, next(v for v in variants if v.name == BASE)) / INIT
+    if latest_checkpoint(init) is not None:
+        names[f"ckpt:{init}"] = (INIT, INIT, "step 0")
+    return names
+
+
+def harness_argv(output: Path, models: list[str], eval_tasks: list[str], extra: list[str]) -> list[str]:
+    return ["--models", ",".join(models), "--tasks", ",".join(eval_tasks), "--reference", models[0],
+            "--out", str(output / "eval"), *extra]
+
+
+def summary_at(node: dict, metric: str) -> dict | None:
+    """The summary (point, lo, hi) a ``paired_to_reference`` entry refers to, beside it in a protocol's results:
+    ``metric`` itself (seg), ``metrics/<metric>/macro`` (linear) or ``<a>/<b>`` for ``a_b`` (demographics)."""
+    a, _, b = metric.partition("_")
+    for path in ([metric], ["metrics", metric, "macro"], [a, b]):
+        cur: Any = node
+        for part in path:
+            cur = cur.get(part) if isinstance(cur, dict) else None
+        if isinstance(cur, dict) and "point" in cur:
+            return cur
+    return None
+
+
+def paired_paths(node: Any, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], str]]:
+    """(path, metric) of every paired comparison in a model's protocol results."""
+    if not isinstance(node, dict):
+        return []
+    found = [(path, m) for m in (node.get("paired_to_reference") or {})]
+    for k, v in node.items():
+        if k != "paired_to_reference":
+            found += paired_paths(v, (*path, k))
+    return found
+
+
+def node_at(node: Any, path: tuple[str, ...]) -> Any:
+    for part in path:
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def tidy_rows(eval_dir: Path, names: dict[str, tuple[str, str, str]]) -> list[dict]:
+    """One row per (task, variant, metric) from the results JSON of the leaderboards made for exactly these models."""
+    rows = []
+    for manifest in sorted((eval_dir / "results").glob("*.leaderboard.json")):
+        settings = json.loads(manifest.read_text())["settings"]
+        if [m for m, _ in settings["models"]] != list(names):
+            continue  # a leaderboard of an earlier evaluation with other variants
+        folder = manifest.parent / manifest.name.removesuffix(".leaderboard.json")
+        results = {m: json.loads((folder / f"{safe_name(m)}.json").read_text())["protocols"] for m in names}
+        metrics = list(dict.fromkeys(pm for m in names for pm in paired_paths(results[m])))
+        for path, metric in metrics:
+            for model, (variant, axis, value) in names.items():
+                s = summary_at(node_at(results[model], path) or {}, metric)
+                d = (node_at(results[model], (*path, "paired_to_reference")) or {}).get(metric) or {}
+                if s is None:
+                    continue
+                rows.append({"task": settings["task"], "axis": axis, "value": value, "variant": variant,
+                             "metric": "/".join((*path, metric)), "point": s.get("point"), "lo": s.get("lo"),
+                             "hi": s.get("hi"), "delta": d.get("delta"), "delta_lo": d.get("lo"),
+                             "delta_hi": d.get("hi"), "p_holm": d.get("p_holm"),
+                             "significant": d.get("p_holm") is not None and d["p_holm"] < 0.05})
+    return rows
+
+
+def write_table(output: Path, rows: list[dict]) -> None:
+    import polars as pl
+
+    schema = {c: pl.Float64 for c in ("point", "lo", "hi", "delta", "delta_lo", "delta_hi", "p_holm")}
+    df = pl.DataFrame(rows, schema={**{c: pl.Utf8 for c in TABLE_COLUMNS}, **schema, "significant": pl.Boolean})
+    with atomic_path(output / "ablation.parquet") as tmp:
+        df.write_parquet(tmp)
+    with atomic_path(output / "ablation.csv") as tmp:
+        df.write_csv(tmp)
+
+
+def write_section(output: Path, rows: list[dict], variants: list[Variant]) -> None:
+    from harness.leaderboard import Cell, Section, render
+
+    columns = list(dict.fromkeys(f"{r['task']}: {r['metric']}" for r in rows))
+    labels = {v.name: f"{v.name} ({', '.join(f'{k}={x}' for k, x in v.settings.items())})" for v in variants}
+    labels[INIT] = f"{INIT} (base, step 0)"
+    table: dict[str, dict[str, Cell]] = {}
+    for r in rows:
+        table.setdefault(labels[r["variant"]], {})[f"{r['task']}: {r['metric']}"] = Cell(
+            r["point"], r["lo"], r["hi"], r["significant"])
+    section = Section("Ablation", columns, table, notes=[
+        "Reference: the base variant; every variant differs from it in the axes its name gives. Full leaderboards "
+        "(per label, notes) in `eval/`."])
+    header = [("Variants", f"{len(variants)} trained in `variants/`, plus the base's step-0 weights"),
+              ("Table", "`ablation.parquet` / `ablation.csv`; figure `ablation.png`")]
+    atomic_write_text(output / "ablation.md", render("Ablation", header, [section]))
+
+
+def figure(rows: list[dict], base_settings: dict[str, str]):
+    """Per metric one panel: point and CI per variant, grouped by axis (the base, at its value, in every group of
+    one axis; the step-0 weights last); a dotted line at the base; † over a variant whose paired difference to the
+    base is significant after Holm. Each point's errorbar is labelled with its variant (what the tests read)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    metrics = list(dict.fromkeys((r["task"], r["metric"]) for r in rows))
+    others = dict.fromkeys(r["axis"] for r in rows if r["axis"] not in (*base_settings, BASE, INIT))
+    groups = [*base_settings, *others, INIT]
+    per_panel = len(rows) / max(len(metrics), 1) + len(groups)
+    fig = Figure(figsize=(max(6.0, 0.55 * per_panel + 2), 3.0 * len(metrics)), layout="constrained")
+    FigureCanvasAgg(fig)
+    panels = fig.subplots(len(metrics), 1, squeeze=False).ravel()
+    for ax, (task, metric) in zip(panels, metrics):
+        mine = [r for r in rows if (r["task"], r["metric"]) == (task, metric) and r["point"] is not None]
+        base = next((r for r in mine if r["variant"] == BASE), None)
+        x, ticks, labels = 0.0, [], []
+        for g in groups:
+            members = [r for r in mine if r["axis"] == g]
+            if g in base_settings and base is not None:
+                members.insert(0, {**base, "value": base_settings[g]})
+            if not members:
+                continue
+            start = x
+            for r in members:
+                is_base = r["variant"] == BASE
+                lo = r["lo"] if r["lo"] is not None else r["point"]
+                hi = r["hi"] if r["hi"] is not None else r["point"]
+                ax.errorbar([x], [r["point"]], yerr=[[r["point"] - lo], [hi - r["point"]]],
+                            fmt="s" if is_base else "o", capsize=3, label=r["variant"],
+                            color="black" if is_base else ("grey" if g == INIT else "tab:blue"))
+                if r["delta"] is not None:  # the paired difference to the base, † when significant after Holm
+                    ax.annotate(f"Δ {r['delta']:+.3f}{' †' if r['significant'] else ''}", (x, hi),
+                                xytext=(0, 3), textcoords="offset points", ha="center", va="bottom", fontsize=7)
+                ticks.append(x)
+                labels.append(r["value"])
+                x += 1
+            ax.text((start + x - 1) / 2, -0.16, g, transform=ax.get_xaxis_transform(), ha="center", va="top",
+                    fontsize=9, fontweight="bold")
+            x += 0.6
+        if base is not None:
+            ax.axhline(base["point"], color="black", linewidth=0.8, linestyle=":")
+        ax.set_xticks(ticks, labels, fontsize=8)
+        ax.set_xlim(-0.6, x - 1.0)  # x is past the last group here
+        ax.margins(y=0.15)  # room for the Δ labels above the intervals
+        ax.set_title(f"{task}: {metric}", fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle("Point and 95% CI per variant (square: base)\nΔ: paired difference to the base; † significant "
+                 "after Holm", fontsize=9)
+    return fig
+
+
+def evaluate(output: Path, extra_harness: list[str]) -> int:
+    """harness.run over every variant of OUTPUT/plan.json, then the table, the section and the figure."""
+    from harness.run import main as harness_main
+
+    plan = json.loads((output / PLAN).read_text())
+    variants = [Variant(**v) for v in plan["variants"]]
+    names = model_names(output, variants)
+    code = harness_main(harness_argv(output, list(names), plan["eval_tasks"], extra_harness))
+    if code != 0:
+        return code
+    rows = tidy_rows(output / "eval", names)
+    if not rows:
+        print("error: the evaluation wrote no paired comparison to tabulate", file=sys.stderr)
+        return 1
+    write_table(output, rows)
+    write_section(output, rows, variants)
+    fig = figure(rows, next(v for v in variants if v.name == BASE).settings)
+    with atomic_path(output / "ablation.png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    print(f"wrote {output / 'ablation.md'}, {output / 'ablation.parquet'}, {output / 'ablation.csv'}, "
+          f"{output / 'ablation.png'}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SLURM: the training jobs as one array, the evaluation as a job that depends on it
+
+
+def evaluate_job(output: Path, extra_harness: list[str]) -> str:
+    """The dependent job: `evaluate`, failing the job (so SLURM and submitit report it) on a non-zero status."""
+    code = evaluate(output, extra_harness)
+    if code != 0:
+        raise RuntimeError(f"the ablation's evaluation exited with {code} (see the log)")
+    return str(output / "ablation.png")
+
+
+def submit_slurm(args: argparse.Namespace, variants: list[Variant], cfgs: list[TrainConfig],
+                 extra_harness: list[str]) -> int:
+    from slurm.cluster import executor_parameters, make_executor, resolve_options, sbatch_script
+    from slurm.pretrain import PretrainJob
+
+    opts = resolve_options(args)
+    folder = (args.folder or args.output / "slurm").resolve() / "%j"
+    pending = [v for v, cfg in zip(variants, cfgs) if not finished(variant_dir(args.output, v), cfg)]
+    train_params = executor_parameters(opts, job_name="raddino-ablate-train", tasks_per_node=max(opts.gpus_per_node, 1),
+                                       array_parallelism=args.array_parallelism)
+
+    def eval_params(array_id: str | None) -> dict:
+        params = executor_parameters(opts, job_name="raddino-ablate-eval", gpus_per_node=args.eval_gpus)
+        if array_id is not None:
+            # afterok: evaluate complete runs only; kill-on-invalid-dep ends the job when a training job fails
+            # instead of leaving it pending forever.
+            params["dependency"] = f"afterok:{array_id}"
+            params["additional_parameters"] = {**params["additional_parameters"], "kill-on-invalid-dep": "yes"}
+        return params
+
+    if args.dry_run:
+        if pending:
+            print(f"\n# training array ({len(pending)} variants: {', '.join(v.name for v in pending)})\n"
+                  + sbatch_script(folder, train_params, array_size=len(pending)))
+        print("\n# evaluation (harness.run, table, figure)\n"
+              + sbatch_script(folder, eval_params("<array job id>" if pending else None)))
+        return 0
+    write_plan(args.output, variants, args)
+    array_id = None
+    if pending:
+        executor = make_executor(folder, train_params, args.max_requeues)
+        with executor.batch():  # one sbatch array for all of them
+            jobs = [executor.submit(PretrainJob(trainer_argv(args, args.output, v), variant_dir(args.output, v)))
+                    for v in pending]
+        array_id = jobs[0].job_id.split("_")[0]
+        for v, job in zip(pending, jobs):
+            print(f"submitted training of {v.name}: job {job.job_id}, log {job.paths.stdout}")
+    eval_job = make_executor(folder, eval_params(array_id)).submit(evaluate_job, args.output, extra_harness)
+    print(f"submitted evaluation: job {eval_job.job_id}, log {eval_job.paths.stdout}", flush=True)
+    if not args.wait:
+        return 0
+    try:
+        print(f"wrote {eval_job.result()}")
+    except Exception as e:  # submitit re-raises the job's error (or its cancellation) here
+        print(f"error: evaluation job {eval_job.job_id} failed: {str(e).strip().splitlines()[-1]}\n"
+              f"  log: {eval_job.paths.stderr}; a rerun of the same command resumes the unfinished variants",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from slurm.cluster import add_cluster_args
+
+    p = argparse.ArgumentParser(prog="python -m harness.ablate", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="trainer preset (smoke, small, rad-dino) or YAML file")
+    p.add_argument("--data", action="append", default=[],
+                   help="image manifest of every variant (repeatable, PATH@WEIGHT to mix); a data axis subsets it")
+    p.add_argument("--mix", action="append", default=[], metavar="NAME=PATH@W,PATH@W",
+                   help="a named mix of manifests, a value of the sources axis (repeatable)")
+    p.add_argument("--axes", nargs="+", required=True, metavar="NAME=V1,V2",
+                   help="mim=on,off resolution=N,.. data=F,.. sources=MIX,.. or KEY=V1,V2 for any dotted trainer "
+                        "key; the first value of each is the base's")
+    p.add_argument("--grid", action="store_true", help="every combination instead of one axis at a time")
+    p.add_argument("--output", required=True, type=Path, help="the ablation's folder (a rerun resumes it)")
+    p.add_argument("--steps", type=int, help="iterations of every variant (the warm-ups keep their share)")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="a trainer setting of every variant (repeatable)")
+    p.add_argument("--eval-task", action="append", required=True,
+                   help="harness task the variants are evaluated on (demo, csv:PATH, vindr, ...; repeatable)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data fractions and of the evaluation's split "
+                                                       "and bootstrap")
+    p.add_argument("--bootstrap", type=int, help="evaluation: patient-level bootstrap resamples (harness default)")
+    p.add_argument("--min-positive-patients", type=int,
+                   help="evaluation: positive (and negative) test patients a label needs (harness default)")
+    p.add_argument("--data-root", action="append", default=[], metavar="DIR|NAME=DIR",
+                   help="evaluation: folder of the registered datasets (as harness.run)")
+    p.add_argument("--cache-dir", help="evaluation: feature cache (as harness.run)")
+    p.add_argument("--eval-device", help="evaluation: device (as harness.run --device)")
+    s = p.add_argument_group("SLURM")
+    s.add_argument("--slurm", action="store_true", help="submit the training as a job array and the evaluation as "
+                                                        "a dependent job (the cluster options below)")
+    s.add_argument("--array-parallelism", type=int, default=16, help="training jobs running at once")
+    s.add_argument("--max-requeues", type=int, default=20, help="time-out requeues of a training job")
+    s.add_argument("--eval-gpus", type=int, default=0, help="GPUs of the evaluation job")
+    s.add_argument("--wait", action="store_true", help="wait for the evaluation job and report its result")
+    add_cluster_args(p)
+    return p
+
+
+def harness_options(args: argparse.Namespace) -> list[str]:
+    extra = ["--seed", str(args.seed)]
+    if args.bootstrap is not None:
+        extra += ["--bootstrap", str(args.bootstrap)]
+    if args.min_positive_patients is not None:
+        extra += ["--min-positive-patients", str(args.min_positive_patients)]
+    if args.cache_dir:
+        extra += ["--cache-dir", args.cache_dir]
+    if args.eval_device:
+        extra += ["--device", args.eval_device]
+    for root in args.data_root:
+        extra += ["--data-root", root]
+    return extra
+
+
+def check_inputs(args: argparse.Namespace, variants: list[Variant]) -> None:
+    """Manifests exist and the evaluation tasks can be read, so neither fails after hours of training."""
+    from harness.run import parse_data_roots, parse_task_spec, split_task_list
+    from harness.tasks.base import TaskContext, TaskError, build_task
+    from trainer.data import parse_source
+
+    for spec in dict.fromkeys(s for v in variants for s in v.sources if not s.startswith(str(args.output))):
+        if not parse_source(spec).path.exists():
+            raise AblationError(f"data manifest {parse_source(spec).path} does not exist")
+    root, named = parse_data_roots(args.data_root)
+    ctx = TaskContext(data_root=root, data_roots=named, seed=args.seed)
+    for raw in (t for task in args.eval_task for t in split_task_list(task)):
+        spec = parse_task_spec(raw)
+        try:
+            build_task(spec.name, spec.arg, ctx)
+        except (TaskError, KeyError, ValueError, OSError) as e:
+            raise AblationError(f"--eval-task {raw!r}: {e}") from e
+
+
+def print_plan(output: Path, variants: list[Variant], cfgs: list[TrainConfig]) -> None:
+    from trainer.checkpoint import latest_checkpoint
+
+    print(f"ablation {output}: {len(variants)} variants")
+    for v, cfg in zip(variants, cfgs):
+        run = variant_dir(output, v)
+        ckpt = latest_checkpoint(run)
+        status = ("finished" if finished(run, cfg) else
+                  f"resumes at {json.loads((ckpt / 'state.json').read_text())['iteration']}" if ckpt else "to train")
+        what = "base" if v.axis == BASE else ", ".join(f"{a}={x}" for a, x in zip(v.axis.split("+"),
+                                                                             v.value.split(",")))
+        print(f"  {v.name:<28} {what:<28} {cfg.optim.total_iters} it, {status}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.output = args.output.resolve()
+    try:
+        if args.steps is not None and args.steps < 1:
+            raise AblationError(f"--steps {args.steps}: must be >= 1")
+        if "," in str(args.output):
+            raise AblationError(f"--output {args.output}: no commas, please (the harness's --models is a comma list)")
+        variants, cfgs = build_plan(args)
+        check_inputs(args, variants)
+        check_existing(args.output, variants, cfgs)
+        if args.slurm:
+            from slurm.cluster import resolve_options
+
+            resolve_options(args)  # a bad --time or cluster file fails here, before the plan is printed
+    except (ValueError, FileNotFoundError) as e:  # AblationError and the trainer's and cluster's own ValueErrors
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print_plan(args.output, variants, cfgs)
+    if args.slurm:
+        return submit_slurm(args, variants, cfgs, harness_options(args))
+    if args.dry_run:
+        return 0
+    write_plan(args.output, variants, args)
+    if not train_all(args.output, variants, cfgs):
+        return 1
+    return evaluate(args.output, harness_options(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
