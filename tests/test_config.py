@@ -1,4 +1,7 @@
-"""trainer.config: every preset resolves to the config it gave when the presets were Python functions."""
+"""trainer.config: the YAML presets, with OmegaConf underneath.
+
+The golden file holds what each preset resolved to when the presets were Python functions.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -7,8 +10,9 @@ import typing
 from pathlib import Path
 
 import pytest
+import yaml
 
-from trainer.config import TrainConfig, load_config
+from trainer.config import TrainConfig, config_from_dict, load_config, plain, preset_names, save_config
 
 GOLDEN = Path(__file__).with_name("golden") / "presets.json"
 
@@ -45,3 +49,54 @@ def test_presets_resolve_to_the_golden_configs(preset, steps, overrides):
         f"preset {case_id(preset, steps, overrides)!r} changed; if that is intended, update {GOLDEN}")
     assert isinstance(cfg, TrainConfig)
     assert_tuples_stay_tuples(cfg)
+
+
+def test_presets_are_yaml_files_and_a_file_without_base_starts_from_rad_dino(tmp_path):
+    assert preset_names() == ["rad-dino", "small", "smoke"]
+    plain_file = tmp_path / "mine.yaml"
+    plain_file.write_text("# no base: the schema's defaults, which README documents as the rad-dino preset\n")
+    assert load_config(str(plain_file)) == load_config("rad-dino") == TrainConfig()
+
+
+def test_yaml_values_are_checked_and_converted_by_the_schema(tmp_path):
+    path = tmp_path / "run.yaml"
+    # 1e-4 without a dot is a string to PyYAML; a YAML list becomes a tuple; an int is accepted for a float.
+    path.write_text("base: small\noptim:\n  base_lr: 1e-4\n  weight_decay: 0\ncrops.blur_p: [0, 0.9, 0.5]\n")
+    cfg = load_config(str(path))
+    assert cfg.optim.base_lr == 1e-4 and type(cfg.optim.base_lr) is float
+    assert type(cfg.optim.weight_decay) is float
+    assert cfg.crops.blur_p == (0.0, 0.9, 0.5) and type(cfg.crops.blur_p) is tuple
+    assert cfg.head.out_dim == 256  # the small preset underneath
+    for text, message in [("optim:\n  lr: 1\n", "unknown key 'optim.lr'; known here: total_iters"),
+                          ("optim:\n  base_lr: fast\n", "optim.base_lr: expected float"),
+                          ("crops.global_scale: [0.5]\n", r"crops.global_scale: expected tuple\[float, float\]"),
+                          ("optim: 3\n", "'optim' is a section; give a mapping"),
+                          ("base: tiny\n", r"base 'tiny' is not a preset \(rad-dino, small, smoke\)"),
+                          ("- 1\n", "expected a mapping at the top level"),
+                          ("optim: [1,\n", "not a valid YAML config")]:
+        path.write_text(text)
+        with pytest.raises(ValueError, match=message) as e:
+            load_config(str(path))
+        assert str(path) in str(e.value)  # the file is named
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.depth=true", r"override 'model.depth=true': model.depth: expected int \| None"),
+    ("model=3", "'model' is a section"),
+    ("model.foo.bar=1", "unknown key 'model.foo'; known here: arch"),
+    ("optim.base_lr", "expected key=value"),
+])
+def test_override_errors_name_the_override_key_and_type(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config("smoke", [override])
+
+
+def test_saved_yaml_reads_back_with_pyyaml_and_rebuilds_the_config(tmp_path):
+    cfg = load_config("small", ["model.pretrained=/weights/rad-dino", "data.sources=[a.csv@0.5, b.csv@0.5]"])
+    save_config(cfg, tmp_path / "config.yaml")
+    raw = yaml.safe_load((tmp_path / "config.yaml").read_text())  # checkpoints and slurm.pretrain read it so
+    assert raw == plain(cfg.to_dict())
+    assert config_from_dict(raw) == cfg
+    with pytest.raises(ValueError, match="config dict: unknown key 'optim.lr'"):
+        config_from_dict({**raw, "optim": {**raw["optim"], "lr": 1}})
+
