@@ -1,4 +1,4 @@
-"""trainer.config: the YAML presets, with OmegaConf underneath.
+"""trainer.config (the YAML presets, OmegaConf underneath) and the trainer's --print-config and config/data errors.
 
 The golden file holds what each preset resolved to when the presets were Python functions.
 """
@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+import trainer.train
 from trainer.config import TrainConfig, config_from_dict, load_config, plain, preset_names, save_config
+from trainer.train import main
 
 GOLDEN = Path(__file__).with_name("golden") / "presets.json"
 
@@ -100,3 +102,58 @@ def test_saved_yaml_reads_back_with_pyyaml_and_rebuilds_the_config(tmp_path):
     with pytest.raises(ValueError, match="config dict: unknown key 'optim.lr'"):
         config_from_dict({**raw, "optim": {**raw["optim"], "lr": 1}})
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command line: --print-config, and config/data errors before any model is built
+
+
+@pytest.fixture
+def no_models(monkeypatch):
+    def never(cfg):
+        raise AssertionError("a model was built")
+
+    monkeypatch.setattr(trainer.train, "build_models", never)
+
+
+def test_print_config_prints_the_resolved_yaml_and_builds_nothing(tmp_path, capsys, no_models):
+    argv = ["--config", "smoke", "--steps", "100", "--data", str(tmp_path / "not-read"), "--print-config",
+            "optim.base_lr=2e-4"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []  # no run directory, and the data were not read
+    printed = yaml.safe_load(out)
+    assert printed["optim"]["warmup_iters"] == 10 and printed["optim"]["base_lr"] == 2e-4
+    expected = load_config("smoke", ["optim.base_lr=2e-4"], steps=100)
+    expected.data.sources = [str(tmp_path / "not-read")]
+    assert config_from_dict(printed) == expected
+    (tmp_path / "mine.yaml").write_text(out)  # README: the printed config is a file to start from
+    assert load_config(str(tmp_path / "mine.yaml")) == expected
+
+
+def test_output_is_required_unless_printing(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--config", "smoke"])
+    assert e.value.code == 2 and "--output" in capsys.readouterr().err
+
+
+def test_config_error_in_a_yaml_file_exits_2(tmp_path, capsys, no_models):
+    path = tmp_path / "run.yaml"
+    path.write_text("base: smoke\noptim:\n  lr: 1\n")
+    assert main(["--config", str(path), "--output", str(tmp_path / "run"), "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}: unknown key 'optim.lr'") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("case", ["no --data", "missing", "empty folder", "empty list"])
+def test_missing_or_empty_data_exits_2_before_any_model_is_built(tmp_path, capsys, no_models, case):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.txt").write_text("# nothing yet\n")
+    data, message = {"no --data": ([], "no data: pass --data MANIFEST"),
+                     "missing": ([str(tmp_path / "nope")], f"{tmp_path / 'nope'} does not exist: pass --data"),
+                     "empty folder": ([str(tmp_path / "empty")], "lists no images: a folder is searched"),
+                     "empty list": ([str(tmp_path / "notes.txt")], "lists no images")}[case]
+    argv = ["--config", "smoke", *[a for d in data for a in ("--data", d)], "--output", str(tmp_path / "run")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith("error: ") and message in err[-1]
+    assert not list((tmp_path / "run").glob("**/*.safetensors"))
