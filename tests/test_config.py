@@ -87,6 +87,7 @@ def test_yaml_values_are_checked_and_converted_by_the_schema(tmp_path):
     ("model=3", "'model' is a section"),
     ("model.foo.bar=1", "unknown key 'model.foo'; known here: arch"),
     ("optim.base_lr", "expected key=value"),
+    ("model.arch=vit_huge", "model.arch='vit_huge': use one of vit_tiny, vit_small, vit_base"),  # not in build_models
 ])
 def test_override_errors_name_the_override_key_and_type(override, message):
     with pytest.raises(ValueError, match=message):

@@ -26,6 +26,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from trainer.vit import PRESETS as VIT_PRESETS
+
 
 @dataclass
 class ModelConfig:
@@ -246,6 +248,8 @@ def save_config(cfg: TrainConfig, path: Path) -> None:
 def validate(cfg: TrainConfig) -> None:
     """Reject settings that would fail later, deep inside the loop, with a less helpful message."""
     c, o, l = cfg.crops, cfg.optim, cfg.loss
+    if cfg.model.arch not in VIT_PRESETS:
+        raise ValueError(f"model.arch={cfg.model.arch!r}: use one of {', '.join(VIT_PRESETS)}")
     for name, size in (("crops.global_size", c.global_size), ("crops.local_size", c.local_size)):
         if size % cfg.model.patch_size:
             raise ValueError(f"{name}={size} is not a multiple of model.patch_size={cfg.model.patch_size}")
