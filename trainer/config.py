@@ -1,6 +1,11 @@
-"""Training configuration: typed dataclasses, two presets, YAML files and dotted ``key=value`` overrides.
+"""Training configuration: typed dataclasses (the schema), YAML presets, and dotted ``key=value`` overrides.
 
-Resolution order: preset (or YAML file, which may name a ``base`` preset) -> ``key=value`` overrides -> ``--steps``.
+The dataclasses are the schema: every key, its type and its default (the defaults are the rad-dino preset).
+OmegaConf builds a structured config from them and checks every value set on it: unknown keys are rejected, an
+int is accepted for a float, a YAML list for a tuple. The presets are YAML files in trainer/configs/, each naming
+its ``base`` preset (none: the schema's defaults) and carrying the reasons for its values as comments.
+
+Resolution order: preset (or YAML file, which may name a ``base`` preset) -> ``--steps`` -> ``key=value`` overrides.
 The resolved config is written beside the checkpoints as ``config.yaml`` and is enough to rebuild the backbone.
 
 Iteration counts are explicit: DINOv2 calls 1250 iterations an "epoch" (reference §1.7, OFFICIAL_EPOCH_LENGTH),
@@ -8,15 +13,20 @@ which is not a pass over the data; here every schedule length is given in iterat
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-import types
 import typing
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from trainer.vit import PRESETS as VIT_PRESETS
 
 
 @dataclass
@@ -150,59 +160,12 @@ class TrainConfig:
         return asdict(self)
 
 
-def smoke() -> TrainConfig:
-    """A tiny run for CPUs: vit_tiny width with 4 blocks, 112 px globals, two 56 px locals, a small head.
-
-    Measured: about 3 steps/s (24 images/s) on one busy core of a 2-core machine (OMP_NUM_THREADS=1).
-    """
-    cfg = TrainConfig()
-    cfg.model = ModelConfig(arch="vit_tiny", depth=4, img_size=112, drop_path_rate=0.0)
-    cfg.head = HeadConfig(out_dim=1024, hidden_dim=256, bottleneck_dim=64)
-    cfg.crops = CropConfig(global_size=112, local_size=56, n_local=2)
-    cfg.optim = OptimConfig(total_iters=1000, batch_size_per_gpu=8, base_lr=1e-3, lr_scaling="none",
-                            warmup_iters=100, freeze_last_layer_iters=20, warmup_teacher_temp_iters=300)
-    cfg.loss = LossConfig(centering="sinkhorn_knopp")  # balanced targets even for small batches (§5.2)
-    cfg.data = DataConfig(num_workers=1, cache_images=True)
-    cfg.run = RunConfig(log_every=10, checkpoint_every=200, keep_last=2)
-    return cfg
+CONFIG_DIR = Path(__file__).with_name("configs")  # the presets, one YAML file each
 
 
-def small() -> TrainConfig:
-    """A recipe that learns from about 1k-20k radiographs on a CPU box or one GPU (README "Does it learn?").
-
-    The smoke geometry (vit_tiny width, 4 blocks, 112 px globals, 56 px locals) with the changes the sweep on the
-    shared radiographs points to. The first two are each necessary (runs s01 and s06 of the README's table: either
-    one alone leaves the teacher's targets uniform); the third is DINO v1's advice for small runs, not ablated:
-    - no LayerScale: with DINOv2's 1e-5 every block starts as the identity, the normed CLS token is the same for
-      every image (teacher feature std 0.0000 at step 1), and the DINO targets are uniform from the first step;
-    - K = 256 prototypes for 32 images a step: Sinkhorn-Knopp spreads each image over at least K / (2 x batch)
-      prototypes, so K = 1024 with batch 8 forces targets within a nat of ln K whatever the features say;
-    - a sharper, constant teacher temperature (0.04), a slower teacher (momentum 0.996 -> 1) and prototypes of unit
-      norm (their gains cannot decay), as DINO v1 recommends for small, unstable runs.
-    On a GPU scale the geometry, not the recipe: model.arch=vit_small model.depth=12 model.img_size=224
-    crops.global_size=224 crops.local_size=98 (and keep K / batch near 256 / 32, or raise the batch with K).
-    """
-    cfg = smoke()
-    cfg.model.layerscale_init = None
-    cfg.head = HeadConfig(out_dim=256, hidden_dim=256, bottleneck_dim=64, freeze_prototype_gain=True)
-    cfg.optim = OptimConfig(total_iters=3000, batch_size_per_gpu=32, base_lr=1e-3, lr_scaling="none",
-                            warmup_iters=300, freeze_last_layer_iters=60, momentum_teacher=0.996,
-                            teacher_temp=0.04, warmup_teacher_temp=0.04, warmup_teacher_temp_iters=0)
-    cfg.run = RunConfig(log_every=10, checkpoint_every=500, keep_last=2)
-    cfg.eval = EvalConfig(every=500)
-    return cfg
-
-
-def rad_dino() -> TrainConfig:
-    """ViT-B/14 at 518 px with the DINOv2 default recipe (reference §1.7) and RAD-DINO's geometry/statistics.
-
-    RAD-DINO's own override file (vitb14_cxr.yaml) is not readable here (reference §2.2), so the optimiser values
-    are DINOv2's defaults; override them on the command line when the paper's values are known.
-    """
-    return TrainConfig()
-
-
-PRESETS = {"smoke": smoke, "small": small, "rad-dino": rad_dino}
+def preset_names() -> list[str]:
+    """The presets --config accepts by name: the YAML files in trainer/configs/."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 
 
 def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = (), steps: int | None = None) -> TrainConfig:
@@ -212,32 +175,48 @@ def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = (), 
     share of the run (as DINOv2 "compresses" its schedules for a short phase, reference §1.7). Overrides come
     last, so an explicit ``optim.warmup_iters=...`` wins.
     """
-    if name_or_path in PRESETS:
-        cfg = PRESETS[name_or_path]()
+    if name_or_path in preset_names():
+        node = _load_yaml(CONFIG_DIR / f"{name_or_path}.yaml")
     else:
         path = Path(name_or_path)
         if not path.is_file():
-            raise ValueError(f"--config {name_or_path!r}: neither a preset ({', '.join(PRESETS)}) nor a YAML file")
-        raw = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
-        base = raw.pop("base", "rad-dino")
-        if base not in PRESETS:
-            raise ValueError(f"{path}: base {base!r} is not a preset ({', '.join(PRESETS)})")
-        cfg = PRESETS[base]()
-        _merge(cfg, raw, where=str(path))
+            raise ValueError(f"--config {name_or_path!r}: neither a preset ({', '.join(preset_names())}) "
+                             "nor a YAML file")
+        node = _load_yaml(path)
     if steps is not None:
-        rescale_iterations(cfg.optim, steps)
+        rescale_iterations(node.optim, steps)
     for item in overrides:
-        key, sep, value = item.partition("=")
+        key, sep, _ = item.partition("=")
         if not sep or not key:
             raise ValueError(f"override {item!r}: expected key=value, e.g. optim.base_lr=1e-4")
-        _set_dotted(cfg, key.strip(), yaml.safe_load(value), where=f"override {item!r}")
-    validate(cfg)
-    return cfg
+        with _reported(f"override {item!r}", key):
+            node = OmegaConf.merge(node, OmegaConf.from_dotlist([item]))
+    return _to_config(node, f"--config {name_or_path}")
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    """A YAML file on top of its ``base`` preset; without one, on the schema's defaults (= the rad-dino preset)."""
+    try:
+        # OmegaConf's YAML loader, unlike PyYAML's, reads 1e-4 (no dot) as a float.
+        raw = OmegaConf.to_container(OmegaConf.load(path))
+    except (yaml.YAMLError, OmegaConfBaseException) as e:
+        raise ValueError(f"{path}: not a valid YAML config: {e}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    base = raw.pop("base", None)
+    if base is None:
+        node = OmegaConf.structured(TrainConfig)
+    elif base in preset_names():
+        node = _load_yaml(CONFIG_DIR / f"{base}.yaml")
+    else:
+        raise ValueError(f"{path}: base {base!r} is not a preset ({', '.join(preset_names())})")
+    _update(node, raw, str(path))
+    return node
 
 
 def rescale_iterations(optim: OptimConfig, steps: int) -> None:
+    """Lay the schedules out for ``steps`` iterations. ``optim`` may be the structured config's node (typed as
+    OptimConfig), which checks each assignment."""
     if steps < 1:
         raise ValueError(f"--steps {steps}: must be >= 1")
     share = steps / optim.total_iters
@@ -249,22 +228,28 @@ def rescale_iterations(optim: OptimConfig, steps: int) -> None:
 
 def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
     """Rebuild a TrainConfig from its ``to_dict()`` form (e.g. a saved config.yaml)."""
-    cfg = TrainConfig()
-    _merge(cfg, raw, where="config dict")
-    validate(cfg)
-    return cfg
+    node = OmegaConf.structured(TrainConfig)
+    _update(node, raw, "config dict")
+    return _to_config(node, "config dict")
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    """The config as YAML (tuples as lists), as config.yaml holds it and --print-config prints it."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
 def save_config(cfg: TrainConfig, path: Path) -> None:
     """Write the resolved config as YAML, atomically."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(plain(cfg.to_dict()), sort_keys=False))
+    tmp.write_text(to_yaml(cfg))
     tmp.replace(path)
 
 
 def validate(cfg: TrainConfig) -> None:
     """Reject settings that would fail later, deep inside the loop, with a less helpful message."""
     c, o, l = cfg.crops, cfg.optim, cfg.loss
+    if cfg.model.arch not in VIT_PRESETS:
+        raise ValueError(f"model.arch={cfg.model.arch!r}: use one of {', '.join(VIT_PRESETS)}")
     for name, size in (("crops.global_size", c.global_size), ("crops.local_size", c.local_size)):
         if size % cfg.model.patch_size:
             raise ValueError(f"{name}={size} is not a multiple of model.patch_size={cfg.model.patch_size}")
@@ -287,69 +272,48 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"run.keep_last={cfg.run.keep_last} must be >= 1")
 
 
-def _merge(obj: Any, raw: dict[str, Any], where: str) -> None:
+def _update(node: DictConfig, raw: dict[str, Any], where: str) -> None:
+    """Set each key of a mapping (a section's mapping, or a dotted key as in an override) on a structured config."""
     for key, value in raw.items():
-        _set_dotted(obj, key, value, where)
+        with _reported(where, str(key)):
+            OmegaConf.update(node, str(key), value, merge=True)
 
 
-def _set_dotted(obj: Any, dotted: str, value: Any, where: str) -> None:
-    *parents, leaf = dotted.split(".")
-    for part in parents:
-        obj = _field_value(obj, part, dotted, where)
-    fields = {f.name: f for f in dataclasses.fields(obj)}
-    if leaf not in fields:
-        raise ValueError(f"{where}: unknown key {dotted!r}; known here: {', '.join(fields)}")
-    current = getattr(obj, leaf)
-    if dataclasses.is_dataclass(current):
-        if not isinstance(value, dict):
-            raise ValueError(f"{where}: {dotted!r} is a section; give a mapping or set its keys with dots")
-        _merge(current, value, where)
-        return
-    hint = typing.get_type_hints(type(obj))[leaf]
-    setattr(obj, leaf, _coerce(value, hint, f"{where}: {dotted}"))
+def _to_config(node: DictConfig, where: str) -> TrainConfig:
+    with _reported(where):
+        cfg = typing.cast(TrainConfig, OmegaConf.to_object(node))  # the dataclasses, tuples as tuples
+    validate(cfg)
+    return cfg
 
 
-def _field_value(obj: Any, part: str, dotted: str, where: str) -> Any:
-    if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
-        raise ValueError(f"{where}: unknown key {dotted!r}")
-    return getattr(obj, part)
+@contextlib.contextmanager
+def _reported(where: str, key: str | None = None) -> Iterator[None]:
+    """OmegaConf's errors as a ValueError naming the file or override, the key, and what it expects."""
+    try:
+        yield
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or key
+        if isinstance(e, (ConfigKeyError, ConfigAttributeError)):
+            section = getattr(e, "object_type", None)
+            known = (f"; known here: {', '.join(f.name for f in dataclasses.fields(section))}"
+                     if dataclasses.is_dataclass(section) else "")
+            raise ValueError(f"{where}: unknown key {key!r}{known}") from None
+        hint = _field_type(key) if key and isinstance(e, ValidationError) else None
+        if dataclasses.is_dataclass(hint):
+            raise ValueError(f"{where}: {key!r} is a section; give a mapping or set its keys with dots") from None
+        if hint is not None:
+            raise ValueError(f"{where}: {key}: expected {hint.__name__ if isinstance(hint, type) else hint}") from None
+        raise ValueError(f"{where}: {key + ': ' if key else ''}{str(e).splitlines()[0]}") from None
 
 
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    """Check (and gently convert: int -> float, list -> tuple) a YAML value against a field's type hint."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
+def _field_type(dotted: str) -> Any:
+    """The declared type of a dotted key of TrainConfig; None when there is no such field."""
+    hint: Any = TrainConfig
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(hint):
             return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, arg, where)
-            except ValueError as e:
-                errors.append(str(e))
-        raise ValueError(errors[0])
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ValueError(f"{where}: expected a list of {len(args)} values, got {value!r}")
-        return tuple(_coerce(v, a, where) for v, a in zip(value, args))
-    if origin is list:
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{where}: expected a list, got {value!r}")
-        return [_coerce(v, args[0], where) for v in value]
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):
-        try:  # YAML 1.1 reads "1e-4" (no dot) as a string
-            return float(value)
-        except ValueError:
-            pass
-    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)  # e.g. a path that YAML read as a number
-    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-        raise ValueError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
-    return value
+        hint = typing.get_type_hints(hint).get(part)
+    return hint
 
 
 def plain(obj: Any) -> Any:

@@ -66,7 +66,9 @@ def read_manifest(path: Path) -> list[Path]:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and _looks_like_image(p))
     elif not path.exists():
-        raise FileNotFoundError(f"data manifest {path} does not exist")
+        relative = "" if path.is_absolute() else f" (relative to {Path.cwd()})"
+        raise FileNotFoundError(f"data manifest {path} does not exist{relative}: pass --data an existing folder, "
+                                ".txt, .csv or .parquet list")
     elif path.suffix == ".txt":
         lines = (line.strip() for line in path.read_text().splitlines())
         files = [_resolve(path, line) for line in lines if line and not line.startswith("#")]
@@ -75,7 +77,8 @@ def read_manifest(path: Path) -> list[Path]:
     else:
         raise ValueError(f"data manifest {path}: use a folder, .txt, .csv or .parquet list")
     if not files:
-        raise ValueError(f"data manifest {path} lists no images")
+        raise ValueError(f"data manifest {path} lists no images: a folder is searched recursively for PNG/JPEG/DICOM "
+                         "files, a .txt lists one path a line, a .csv/.parquet in a path column")
     return files
 
 

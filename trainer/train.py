@@ -42,7 +42,7 @@ from trainer.checkpoint import (
     restore_state,
     save_checkpoint,
 )
-from trainer.config import TrainConfig, load_config, plain, save_config
+from trainer.config import TrainConfig, load_config, plain, save_config, to_yaml
 from trainer.crops import MultiCropAugmentation
 from trainer.data import SampleStream, make_loader
 from trainer.diagnostics import CollapseMonitor, step_diagnostics
@@ -333,7 +333,9 @@ def train(cfg: TrainConfig, output: str | Path, resume: str | None = None) -> Tr
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)
         setup_logging(output)
-    # The probe task is read before any model is built, so a wrong eval.task fails in seconds.
+    # The data and the probe task are read before any model is built, so that a wrong --data or eval.task fails in
+    # seconds, not after the 65,536-prototype head and the optimiser are built.
+    stream = open_data(cfg)
     probe = build_probe(cfg, device) if rank == 0 and cfg.eval.task else None
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
 
@@ -352,7 +354,6 @@ def train(cfg: TrainConfig, output: str | Path, resume: str | None = None) -> Tr
             save_initial(state, output, cfg)
 
     sched = Schedules.from_config(cfg.optim, peak_lr=cfg.optim.scaled_lr(world))
-    stream = SampleStream(cfg.data.sources, cfg.run.seed)
     batch_size = cfg.optim.batch_size_per_gpu
     loader = make_loader(stream, batch_size, cfg.data.load_size or cfg.crops.global_size, rank, world,
                          state.samples_seen, cfg.data.skip_bad, cfg.data.num_workers, device.type == "cuda",
@@ -436,6 +437,18 @@ def train(cfg: TrainConfig, output: str | Path, resume: str | None = None) -> Tr
                              state.stopped_by, state.iteration)
                 break
     return state
+
+
+class DataError(ValueError):
+    """--data names no manifest, a missing one, or one without images: reported before any model is built."""
+
+
+def open_data(cfg: TrainConfig) -> SampleStream:
+    """The sample stream of cfg.data.sources; trainer.data's errors name the manifest and the fix."""
+    try:
+        return SampleStream(cfg.data.sources, cfg.run.seed)
+    except (ValueError, OSError) as e:
+        raise DataError(str(e)) from e
 
 
 class ProbeTaskError(ValueError):
@@ -639,15 +652,21 @@ def setup_logging(output: Path) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m trainer.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True, help="a preset (smoke, rad-dino) or a YAML file")
+    p.add_argument("--config", required=True,
+                   help="a preset (small, smoke, rad-dino: trainer/configs/NAME.yaml) or a YAML file")
     p.add_argument("--data", action="append", default=[],
                    help="image manifest: folder, .txt, .csv or .parquet; PATH@WEIGHT to mix several (repeatable)")
-    p.add_argument("--output", required=True, help="run directory (config.yaml, checkpoints/, metrics.jsonl)")
+    p.add_argument("--output", help="run directory (config.yaml, checkpoints/, metrics.jsonl); required to train")
     p.add_argument("--steps", type=int, help="number of iterations; warm-ups are rescaled to keep their share")
     p.add_argument("--resume", help="'auto' (latest checkpoint in --output, if any) or a checkpoint directory")
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) unreadable images instead of stopping")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (preset, --steps, overrides, --data) as YAML and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. optim.base_lr=1e-4 crops.n_local=4")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.output is None and not args.print_config:
+        p.error("the following arguments are required: --output (or --print-config to only print the config)")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -661,9 +680,15 @@ def main(argv: list[str] | None = None) -> int:
         cfg.data.sources = args.data
     if args.skip_bad:
         cfg.data.skip_bad = True
+    if args.print_config:  # the data are not read: the config is what is asked for, e.g. to copy a preset
+        print(to_yaml(cfg), end="")
+        return 0
     setup_distributed()
     try:
         train(cfg, args.output, args.resume)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except ProbeTaskError as e:
         print(f"error: eval.task={cfg.eval.task!r}: {e}", file=sys.stderr)
         return 2
