@@ -150,14 +150,13 @@ def hub_snapshot(repo: HubRepo, weights: WeightFiles, cache: Path) -> tuple[Path
     snapshots = cache / repo_folder_name(repo_id=repo.repo_id, repo_type="model") / "snapshots"
     if not snapshots.is_dir():
         return None
-    ref_file = snapshots.parent / "refs" / repo.ref
-    preferred = ref_file.read_text().strip() if ref_file.is_file() else None
-    others = sorted((d for d in snapshots.iterdir() if d.is_dir() and d.name != preferred),
-                    key=lambda d: d.stat().st_mtime, reverse=True)
-    for revision in ([preferred] if preferred else []) + [d.name for d in others]:
+    newest_first = sorted((d for d in snapshots.iterdir() if d.is_dir()), key=lambda d: d.stat().st_mtime,
+                          reverse=True)
+    # The ref first (huggingface_hub resolves it through refs/<ref>), then every snapshot by its commit; the ref's
+    # own snapshot is looked at twice when incomplete, which costs a few stat calls.
+    for revision in [repo.ref] + [d.name for d in newest_first]:
         for files in repo.layouts:
-            # try_to_load_from_cache resolves the revision as huggingface_hub does and follows the blob symlinks:
-            # a file whose blob is missing (an interrupted download) counts as absent.
+            # A file whose blob is missing (an interrupted download) is a dangling symlink: not found.
             found = [try_to_load_from_cache(repo.repo_id, f, cache_dir=cache, revision=revision) for f in files]
             if all(isinstance(p, str) for p in found):
                 folder = Path(found[0]).parent
