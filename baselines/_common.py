@@ -1,8 +1,7 @@
-"""Helpers shared by the pretrained-encoder families: offline loading, safe checkpoint reading, exact state-dict
-loading, token grids, and the plain ViTs (official DINOv2, MRM, BiomedCLIP, OpenAI CLIP) run by `trainer.vit`."""
+"""Helpers shared by the pretrained-encoder families: safe checkpoint reading, exact state-dict loading, token grids,
+and the plain ViTs (official DINOv2, MRM, BiomedCLIP, OpenAI CLIP) run by `trainer.vit`."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -10,39 +9,15 @@ import torch
 import torch.nn as nn
 
 from baselines.preprocess import Preprocess
-from baselines.registry import Encoder, Features, WeightsMissing, sha256_files
+from baselines.registry import Encoder, Features, sha256_files
 from trainer.convert import config_from_dinov2_state_dict
 from trainer.vit import ViTConfig, VisionTransformer
-
-# Set before anything imports huggingface_hub: it reads these once, at import. Loading a model must never reach
-# the network; local_files_only=True on every call is the second guard.
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 # The OpenAI CLIP normalisation, shared by CLIP and BiomedCLIP.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def first_complete(folder: Path, layouts: tuple[tuple[str, ...], ...]) -> tuple[str, ...] | None:
-    """The first file layout (tuple of names) wholly present in `folder`, or None."""
-    for files in layouts:
-        if all((folder / f).is_file() for f in files):
-            return files
-    return None
-
-
-def require_layout(name: str, folder: Path, layouts: tuple[tuple[str, ...], ...], download: str) -> tuple[str, ...]:
-    """The first complete file layout in `folder`; else WeightsMissing naming the folder, every accepted layout and
-    the command that fetches the files on a machine with internet access."""
-    found = first_complete(folder, layouts) if folder.is_dir() else None
-    if found is None:
-        others = " | ".join(" + ".join(files) for files in layouts[1:])
-        hint = (f"Or instead: {others}. " if others else "") + f"To fetch them (with internet access): {download}"
-        raise WeightsMissing(name, folder, layouts[0], hint=hint)
-    return found
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -129,6 +104,7 @@ class ModuleEncoder(Encoder):
         self.model = model.eval()
         self.preprocess = preprocess
         self.weights_digest = sha256_files(weight_files)
+        self.weights_folder = weight_files[0].parent
         self._forward = forward
         for p in self.model.parameters():
             p.requires_grad_(False)

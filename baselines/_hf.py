@@ -1,11 +1,13 @@
-"""Loading Hugging Face ``transformers`` folders offline, and turning their outputs into Features."""
+"""Loading Hugging Face ``transformers`` folders offline, and turning their outputs into Features.
+
+Offline is per call (``local_files_only=True`` on a local folder), never ``HF_HUB_OFFLINE`` in ``os.environ``: that
+would change every other Hugging Face user in the process, and huggingface_hub reads it only once, at import."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
 
-# Importing baselines._common sets HF_HUB_OFFLINE before transformers is imported (lazily, below).
 from baselines._common import layer_indices, tokens_to_grid
 from baselines.registry import Features
 

@@ -16,15 +16,17 @@ import json
 from pathlib import Path
 
 from baselines._common import (CLIP_MEAN, CLIP_STD, ModuleEncoder, ProjectedViT, load_exact, projected_vit_features,
-                               read_state_dict, require_layout, timm_vit_config)
+                               read_state_dict, timm_vit_config)
 from baselines.preprocess import Preprocess
-from baselines.registry import Encoder, EncoderSpec, register_encoder
+from baselines.registry import Encoder, EncoderSpec, HubRepo, WeightFiles, register_encoder
 
 NATIVE = Preprocess(size=224, policy="resize_shortest_crop", interpolation="bicubic", mean=CLIP_MEAN, std=CLIP_STD,
                     channels=3)
 FILES = ("open_clip_config.json", "open_clip_pytorch_model.bin")
 DOWNLOAD = ("hf download microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224 open_clip_config.json "
             "open_clip_pytorch_model.bin --local-dir <weights-dir>/biomedclip")
+WEIGHTS = WeightFiles((FILES,), DOWNLOAD,
+                      hub=(HubRepo("microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224", (FILES,)),))
 
 
 def check_config(path: Path) -> None:
@@ -50,10 +52,9 @@ def load_biomedclip(folder: Path) -> ProjectedViT:
     return model.eval()
 
 
-@register_encoder("biomedclip", weights=FILES)
+@register_encoder("biomedclip", weights=WEIGHTS)
 def biomedclip(spec: EncoderSpec) -> Encoder:
     """BiomedCLIP ViT-B/16 image tower (open_clip folder, vision tower only)."""
-    require_layout(spec.name, spec.folder, (FILES,), DOWNLOAD)
-    folder = spec.folder
+    folder = spec.require_weights()
     return ModuleEncoder(spec.name, load_biomedclip(folder), spec.apply_policy(NATIVE), [folder / f for f in FILES],
                          projected_vit_features)

@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from baselines._common import ModuleEncoder, load_exact, read_state_dict, require_layout
+from baselines._common import ModuleEncoder, load_exact, read_state_dict
 from baselines.preprocess import Preprocess
-from baselines.registry import Encoder, EncoderSpec, Features, register_encoder
+from baselines.registry import Encoder, EncoderSpec, Features, HubRepo, WeightFiles, register_encoder
 
 # The reference resizes the short side to 512 and crops 448; `Preprocess` has one size, so the short side goes to
 # 448 and the crop keeps all of it (a slightly wider field of view than the reference's 87.5%).
@@ -32,6 +32,8 @@ NATIVE = Preprocess(size=448, resize=512, policy="resize_shortest_crop", interpo
 FILES = ("biovil_t_image_model_proj_size_128.pt",)
 DOWNLOAD = ("hf download microsoft/BiomedVLP-BioViL-T biovil_t_image_model_proj_size_128.pt --revision v1.0 "
             "--local-dir <weights-dir>/biovil-t")
+# The documented download pins the v1.0 tag, so a cached v1.0 snapshot is preferred over other revisions.
+WEIGHTS = WeightFiles((FILES,), DOWNLOAD, hub=(HubRepo("microsoft/BiomedVLP-BioViL-T", (FILES,), ref="v1.0"),))
 # Weights of the parts a single-image encoder never runs.
 UNUSED = ("encoder.vit_pooler.", "encoder.missing_previous_emb", "encoder.encoder.fc.", "projector.")
 
@@ -115,10 +117,9 @@ def biovil_t_features(model: BioViLTImage, pixels: torch.Tensor) -> Features:
     return Features(patch.mean(dim=(2, 3)), patch, tuple(stages))
 
 
-@register_encoder("biovil-t", weights=FILES)
+@register_encoder("biovil-t", weights=WEIGHTS)
 def biovil_t(spec: EncoderSpec) -> Encoder:
     """BioViL-T ResNet-50 image encoder (hi-ml-multimodal checkpoint), single-image path."""
-    require_layout(spec.name, spec.folder, (FILES,), DOWNLOAD)
-    folder = spec.folder
+    folder = spec.require_weights()
     return ModuleEncoder(spec.name, load_biovil_t(folder / FILES[0]), spec.apply_policy(NATIVE),
                          [folder / FILES[0]], biovil_t_features)

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from baselines._common import (CLIP_MEAN, CLIP_STD, ModuleEncoder, ProjectedViT, first_complete, load_exact,
-                               projected_vit_features, read_state_dict, require_layout, timm_vit_config)
+from baselines._common import (CLIP_MEAN, CLIP_STD, ModuleEncoder, ProjectedViT, load_exact, projected_vit_features,
+                               read_state_dict, timm_vit_config)
 from baselines._hf import clip_features, from_folder
 from baselines.preprocess import Preprocess
-from baselines.registry import Encoder, EncoderSpec, register_encoder
+from baselines.registry import Encoder, EncoderSpec, HubRepo, WeightFiles, register_encoder
 
 NATIVE = Preprocess(size=224, policy="resize_shortest_crop", interpolation="bicubic", mean=CLIP_MEAN, std=CLIP_STD,
                     channels=3)
@@ -98,8 +98,18 @@ def hf_vision_config(folder: Path):
     return CLIPVisionConfig.from_pretrained(str(folder), local_files_only=True)
 
 
-def _is_transformers_clip(folder: Path) -> bool:
+def _accepts(folder: Path, files: tuple[str, ...]) -> bool:
+    """timm's hub repos also hold a config.json + model.safetensors, in timm's own format: the transformers layout
+    counts only when its config.json is a transformers CLIP config."""
+    if files != HF_FILES:
+        return True
     return json.loads((folder / "config.json").read_text()).get("model_type") in ("clip", "clip_vision_model")
+
+
+WEIGHTS = WeightFiles((HF_FILES, OPEN_CLIP_SAFETENSORS, OPEN_CLIP_FILES), DOWNLOAD,
+                      hub=(HubRepo("openai/clip-vit-base-patch16", (HF_FILES,)),
+                           HubRepo("timm/vit_base_patch16_clip_224.openai", (OPEN_CLIP_SAFETENSORS,))),
+                      accepts=_accepts)
 
 
 def _quick_gelu(folder: Path) -> bool:
@@ -110,17 +120,13 @@ def _quick_gelu(folder: Path) -> bool:
     return True
 
 
-@register_encoder("clip", weights=HF_FILES)
+@register_encoder("clip", weights=WEIGHTS)
 def clip(spec: EncoderSpec) -> Encoder:
     """OpenAI CLIP ViT-B/16 image tower (transformers folder or open_clip checkpoint)."""
-    layouts = (HF_FILES, OPEN_CLIP_SAFETENSORS, OPEN_CLIP_FILES)
-    if first_complete(spec.folder, (HF_FILES,)) and not _is_transformers_clip(spec.folder):
-        layouts = layouts[1:]  # timm's hub repos also hold a config.json + model.safetensors, in timm's own format
-    files = require_layout(spec.name, spec.folder, layouts, DOWNLOAD)
-    paths = [spec.folder / f for f in files]
+    folder, files = spec.locate()
+    paths = [folder / f for f in files]
     pre = spec.apply_policy(NATIVE)
     if files == HF_FILES:
-        return ModuleEncoder(spec.name, from_folder("CLIPVisionModelWithProjection", spec.folder,
-                                                          hf_vision_config(spec.folder)), pre, paths, clip_features)
-    return ModuleEncoder(spec.name, load_open_clip(paths[0], _quick_gelu(spec.folder)), pre, paths,
-                         projected_vit_features)
+        return ModuleEncoder(spec.name, from_folder("CLIPVisionModelWithProjection", folder, hf_vision_config(folder)),
+                             pre, paths, clip_features)
+    return ModuleEncoder(spec.name, load_open_clip(paths[0], _quick_gelu(folder)), pre, paths, projected_vit_features)

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from baselines._common import IMAGENET_MEAN, IMAGENET_STD, ModuleEncoder, require_layout, vit_features
+from baselines._common import IMAGENET_MEAN, IMAGENET_STD, ModuleEncoder, vit_features
 from baselines._hf import dinov2_features, from_folder
 from baselines.preprocess import Preprocess
-from baselines.registry import Encoder, EncoderSpec, register_encoder
+from baselines.registry import Encoder, EncoderSpec, HubRepo, WeightFiles, register_encoder
 from trainer.convert import load_dinov2
 from trainer.vit import VisionTransformer
 
@@ -27,6 +27,8 @@ OFFICIAL_FILES = ("dinov2_vitb14_pretrain.pth",)
 DOWNLOAD = ("hf download facebook/dinov2-base config.json model.safetensors --local-dir <weights-dir>/dinov2-base "
             "(or: curl -L -o <weights-dir>/dinov2-base/dinov2_vitb14_pretrain.pth "
             "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_pretrain.pth)")
+# The official .pth is not on the hub, so only the transformers folder can come from the Hugging Face cache.
+WEIGHTS = WeightFiles((HF_FILES, OFFICIAL_FILES), DOWNLOAD, hub=(HubRepo("facebook/dinov2-base", (HF_FILES,)),))
 
 
 def load_official(path: Path) -> VisionTransformer:
@@ -38,12 +40,12 @@ def load_official(path: Path) -> VisionTransformer:
     return model
 
 
-@register_encoder("dinov2-base", weights=HF_FILES)
+@register_encoder("dinov2-base", weights=WEIGHTS)
 def dinov2_base(spec: EncoderSpec) -> Encoder:
     """DINOv2 ViT-B/14, ImageNet-domain (transformers folder or official .pth)."""
-    files = require_layout(spec.name, spec.folder, (HF_FILES, OFFICIAL_FILES), DOWNLOAD)
-    paths = [spec.folder / f for f in files]
+    folder, files = spec.locate()
+    paths = [folder / f for f in files]
     if files == HF_FILES:
-        return ModuleEncoder(spec.name, from_folder("Dinov2Model", spec.folder), spec.apply_policy(NATIVE), paths,
+        return ModuleEncoder(spec.name, from_folder("Dinov2Model", folder), spec.apply_policy(NATIVE), paths,
                              dinov2_features)
     return ModuleEncoder(spec.name, load_official(paths[0]), spec.apply_policy(NATIVE), paths, vit_features)

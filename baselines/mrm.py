@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from baselines._common import ModuleEncoder, load_exact, require_layout, timm_vit_config, vit_features
+from baselines._common import ModuleEncoder, load_exact, timm_vit_config, vit_features
 from baselines.preprocess import Preprocess
-from baselines.registry import Encoder, EncoderSpec, register_encoder
+from baselines.registry import Encoder, EncoderSpec, WeightFiles, register_encoder
 from trainer.vit import VisionTransformer
 
 NATIVE = Preprocess(size=224, policy="resize_shortest_crop", interpolation="bilinear", mean=(0.4978,), std=(0.2449,),
@@ -25,6 +25,8 @@ NATIVE = Preprocess(size=224, policy="resize_shortest_crop", interpolation="bili
 FILES = ("MRM.pth",)
 # Not on a model hub: the authors share it through a Google Drive link in their README.
 DOWNLOAD = ("download MRM.pth from the link in the README of github.com/RL4M/MRM-pytorch into <weights-dir>/mrm/")
+# No hub repo, so only <weights-dir>/mrm is searched.
+WEIGHTS = WeightFiles((FILES,), DOWNLOAD)
 ENCODER_KEYS = ("patch_embed.", "cls_token", "pos_embed", "blocks.", "norm.")
 
 
@@ -52,9 +54,8 @@ def load_mrm(path: Path) -> VisionTransformer:
     return model.eval()
 
 
-@register_encoder("mrm", weights=FILES)
+@register_encoder("mrm", weights=WEIGHTS)
 def mrm(spec: EncoderSpec) -> Encoder:
     """MRM ViT-B/16 (MRM.pth), CLS after the pretrained final norm."""
-    require_layout(spec.name, spec.folder, (FILES,), DOWNLOAD)
-    path = spec.folder / FILES[0]
+    path = spec.require_weights() / FILES[0]
     return ModuleEncoder(spec.name, load_mrm(path), spec.apply_policy(NATIVE), [path], vit_features)

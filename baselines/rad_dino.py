@@ -7,9 +7,9 @@ to [0, 1], normalise with the single CXR mean/std replicated over 3 channels.
 from __future__ import annotations
 
 from baselines._hf import dinov2_features, from_folder
-from baselines._common import ModuleEncoder, require_layout
+from baselines._common import ModuleEncoder
 from baselines.preprocess import Preprocess
-from baselines.registry import Encoder, EncoderSpec, register_encoder
+from baselines.registry import Encoder, EncoderSpec, HubRepo, WeightFiles, register_encoder
 
 NATIVE = Preprocess(size=518, policy="resize_shortest_crop", interpolation="bicubic", mean=(0.5307,), std=(0.2583,),
                     channels=3)
@@ -17,12 +17,12 @@ FILES = ("config.json", "model.safetensors")
 # The folder layout the README documents; preprocessor_config.json is fetched too, for reference, but not read.
 DOWNLOAD = ("hf download microsoft/rad-dino config.json model.safetensors preprocessor_config.json "
             "--local-dir <weights-dir>/rad-dino")
+WEIGHTS = WeightFiles((FILES,), DOWNLOAD, hub=(HubRepo("microsoft/rad-dino", (FILES,)),))
 
 
-@register_encoder("rad-dino", weights=FILES)
+@register_encoder("rad-dino", weights=WEIGHTS)
 def rad_dino(spec: EncoderSpec) -> Encoder:
     """RAD-DINO ViT-B/14 (transformers Dinov2Model folder)."""
-    require_layout(spec.name, spec.folder, (FILES,), DOWNLOAD)
-    folder = spec.folder
+    folder = spec.require_weights()
     model = from_folder("Dinov2Model", folder)
     return ModuleEncoder(spec.name, model, spec.apply_policy(NATIVE), [folder / f for f in FILES], dinov2_features)

@@ -10,6 +10,9 @@ import line in ``baselines/__init__.py``:
         ...
         return MyEncoder(...)
 
+A model published on the Hugging Face hub passes a `WeightFiles` instead, naming its repo(s): its weights are then
+also found in the user's Hugging Face cache (read offline), so nothing already downloaded there is fetched twice.
+
 A factory whose weights are absent raises `WeightsMissing`; ``--models all`` turns that into a listed skip
 ("put these files in that folder"), never a silently random model.
 """
@@ -51,6 +54,9 @@ class Encoder(ABC):
     #: features of the old code then stop matching, as the weights digest cannot tell.
     code_version: str = "1"
     device: torch.device = torch.device("cpu")
+    #: Where the weight files were read from (``--weights-dir/<model>`` or a Hugging Face cache snapshot), for the
+    #: user; not part of `identity`, so the same bytes found in another folder still hit the feature cache.
+    weights_folder: Path | None = None
 
     @abstractmethod
     def encode(self, pixels: torch.Tensor) -> Features:
@@ -76,39 +82,134 @@ class Encoder(ABC):
 
 
 class WeightsMissing(RuntimeError):
-    """The encoder's weight files are not where they should be. Carries the folder and the expected files."""
+    """The encoder's weight files are not where they should be. Carries the folder and the expected files, and for
+    a hub-hosted model the Hugging Face cache and repo ids also searched."""
 
-    def __init__(self, model: str, folder: Path, expected: tuple[str, ...], hint: str = ""):
+    def __init__(self, model: str, folder: Path, expected: tuple[str, ...], hint: str = "",
+                 hub_cache: Path | None = None, repos: tuple[str, ...] = ()):
         self.model, self.folder, self.expected = model, folder, expected
+        self.hub_cache, self.repos = hub_cache, repos
         files = ", ".join(expected) if expected else "(see README)"
         msg = f"{model}: weights not found in {folder}; expected {files}"
+        if hub_cache is not None and repos:
+            msg += (f". Not in the Hugging Face cache {hub_cache} ($HF_HUB_CACHE, else $HF_HOME/hub) either: no "
+                    f"complete snapshot of {' or '.join(repos)}")
         super().__init__(msg + (f". {hint}" if hint else ""))
+
+
+class HubRepo(NamedTuple):
+    """A Hugging Face hub repo publishing an encoder's weights: its id, which of the encoder's file layouts its
+    snapshots hold, and the ref the documented download names (preferred over other cached revisions)."""
+
+    repo_id: str
+    layouts: tuple[tuple[str, ...], ...]
+    ref: str = "main"
+
+
+@dataclass(frozen=True)
+class WeightFiles:
+    """Where an encoder's weights may be: `layouts` are the accepted file sets in ``<weights-dir>/<model>``, the
+    documented one first; `hub` the repos whose cached snapshots are searched when that folder lacks them;
+    `download` the command that fetches them; `accepts(folder, layout)` vetoes a layout whose files are present
+    but in another format (timm's hub repos ship a timm-format ``config.json`` + ``model.safetensors``)."""
+
+    layouts: tuple[tuple[str, ...], ...]
+    download: str = ""
+    hub: tuple[HubRepo, ...] = ()
+    accepts: Callable[[Path, tuple[str, ...]], bool] | None = None
+
+    def complete(self, folder: Path, layouts: tuple[tuple[str, ...], ...] | None = None) -> tuple[str, ...] | None:
+        """The first of `layouts` (default: all) wholly present in `folder` and accepted, or None."""
+        if not folder.is_dir():
+            return None
+        for files in self.layouts if layouts is None else layouts:
+            if all((folder / f).is_file() for f in files) and (self.accepts is None or self.accepts(folder, files)):
+                return files
+        return None
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache, with huggingface_hub's precedence (``$HF_HUB_CACHE``, the legacy
+    ``$HUGGINGFACE_HUB_CACHE``, ``$HF_HOME/hub``, ``$XDG_CACHE_HOME/huggingface/hub``), read from the environment
+    at each call: huggingface_hub's own constant is frozen when it is first imported."""
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(var):
+            return Path(os.path.expandvars(os.environ[var])).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.path.expandvars(os.environ["HF_HOME"])).expanduser() / "hub"
+    xdg = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
+    return xdg / "huggingface" / "hub"
+
+
+def hub_snapshot(repo: HubRepo, weights: WeightFiles, cache: Path) -> tuple[Path, tuple[str, ...]] | None:
+    """A cached snapshot of `repo` holding one of its layouts completely, read from disk only (never the network):
+    the snapshot `repo.ref` points to if complete, else the newest complete one. None when there is none."""
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.file_download import repo_folder_name
+
+    snapshots = cache / repo_folder_name(repo_id=repo.repo_id, repo_type="model") / "snapshots"
+    if not snapshots.is_dir():
+        return None
+    newest_first = sorted((d for d in snapshots.iterdir() if d.is_dir()), key=lambda d: d.stat().st_mtime,
+                          reverse=True)
+    # The ref first (huggingface_hub resolves it through refs/<ref>), then every snapshot by its commit; the ref's
+    # own snapshot is looked at twice when incomplete, which costs a few stat calls.
+    for revision in [repo.ref] + [d.name for d in newest_first]:
+        for files in repo.layouts:
+            # A file whose blob is missing (an interrupted download) is a dangling symlink: not found.
+            found = [try_to_load_from_cache(repo.repo_id, f, cache_dir=cache, revision=revision) for f in files]
+            if all(isinstance(p, str) for p in found):
+                folder = Path(found[0]).parent
+                if weights.complete(folder, (files,)):
+                    return folder, files
+    return None
 
 
 @dataclass(frozen=True)
 class EncoderSpec:
     """What a factory is given: the registered name, an optional argument (``ckpt:DIR`` -> ``DIR``), the
-    weights root and the input policy (native or harmonised)."""
+    weights root, the input policy (native or harmonised) and where the weights may be."""
 
     name: str
     arg: str | None = None
     weights_dir: Path | None = None
     input_policy: str = "native"
-    expected_files: tuple[str, ...] = ()
+    weights: WeightFiles | None = None
     folder_name: str = ""
 
     @property
     def folder(self) -> Path:
+        """``<weights-dir>/<model>``: the folder the user fills by hand, searched first."""
         root = self.weights_dir if self.weights_dir is not None else default_weights_dir()
         return root / (self.folder_name or self.name)
 
+    def locate(self) -> tuple[Path, tuple[str, ...]]:
+        """The folder to load from and the layout found there: `folder` when it holds an accepted layout, else a
+        complete snapshot of one of the hub repos in the Hugging Face cache; else WeightsMissing naming both places
+        and the fetch command."""
+        if self.weights is None:
+            raise ValueError(f"encoder {self.name!r} was registered without weight files")
+        w = self.weights
+        files = w.complete(self.folder)
+        if files is not None:
+            return self.folder, files
+        cache = hub_cache_dir()
+        for repo in w.hub:
+            hit = hub_snapshot(repo, w, cache)
+            if hit is not None:
+                return hit
+        others = " | ".join(" + ".join(f) for f in w.layouts[1:])
+        hint = f"Or instead: {others}. " if others else ""
+        if w.download:
+            hint += f"To fetch them (with internet access): {w.download}"
+            if w.hub:
+                hint += " (without --local-dir they land in the Hugging Face cache, which is searched too)"
+        raise WeightsMissing(self.name, self.folder, w.layouts[0], hint=hint.strip(),
+                             hub_cache=cache if w.hub else None, repos=tuple(r.repo_id for r in w.hub))
+
     def require_weights(self) -> Path:
-        """The model's weight folder, after checking every expected file is present."""
-        folder = self.folder
-        missing = [f for f in self.expected_files if not (folder / f).exists()]
-        if not folder.is_dir() or missing:
-            raise WeightsMissing(self.name, folder, self.expected_files)
-        return folder
+        """The folder holding the model's weights (see `locate`)."""
+        return self.locate()[0]
 
     def apply_policy(self, pre: Preprocess) -> Preprocess:
         if self.input_policy == "native":
@@ -129,11 +230,15 @@ def default_weights_dir() -> Path:
 @dataclass(frozen=True)
 class _Entry:
     factory: Callable[[EncoderSpec], Encoder]
-    expected_files: tuple[str, ...]
+    weights: WeightFiles | None
     folder_name: str
     takes_arg: bool
-    needs_weights: bool
     description: str = field(default="")
+
+    @property
+    def expected_files(self) -> tuple[str, ...]:
+        """The documented layout (what ``--list`` shows)."""
+        return self.weights.layouts[0] if self.weights is not None else ()
 
 
 _REGISTRY: dict[str, _Entry] = {}
@@ -142,20 +247,21 @@ _REGISTRY: dict[str, _Entry] = {}
 def register_encoder(
     name: str,
     *,
-    weights: tuple[str, ...] = (),
+    weights: WeightFiles | tuple[str, ...] = (),
     folder: str = "",
     takes_arg: bool = False,
     description: str = "",
 ) -> Callable[[Callable[[EncoderSpec], Encoder]], Callable[[EncoderSpec], Encoder]]:
-    """Register a factory under `name`. `weights` lists the files expected in ``<weights-dir>/<folder or name>``;
-    `takes_arg` makes it a parametrised family spelled ``name:ARG`` (e.g. ``ckpt:/runs/exp1``), never part of
+    """Register a factory under `name`. `weights` is a `WeightFiles`, or simply the files expected in
+    ``<weights-dir>/<folder or name>``; `takes_arg` makes it a parametrised family spelled ``name:ARG`` (e.g. ``ckpt:/runs/exp1``), never part of
     ``--models all``."""
 
     def deco(factory: Callable[[EncoderSpec], Encoder]) -> Callable[[EncoderSpec], Encoder]:
         if name in _REGISTRY:
             raise ValueError(f"encoder {name!r} registered twice")
         doc = description or ((factory.__doc__ or "").strip().splitlines() or [""])[0]
-        _REGISTRY[name] = _Entry(factory, tuple(weights), folder or name, takes_arg, bool(weights), doc)
+        files = weights if isinstance(weights, WeightFiles) else (WeightFiles((tuple(weights),)) if weights else None)
+        _REGISTRY[name] = _Entry(factory, files, folder or name, takes_arg, doc)
         return factory
 
     return deco
@@ -189,7 +295,7 @@ def build_encoder(name: str, weights_dir: Path | None = None, input_policy: str 
     if arg and not entry.takes_arg:
         raise ValueError(f"encoder {base!r} takes no argument (got {name!r})")
     spec = EncoderSpec(name=name, arg=arg or None, weights_dir=weights_dir, input_policy=input_policy,
-                       expected_files=entry.expected_files, folder_name=entry.folder_name)
+                       weights=entry.weights, folder_name=entry.folder_name)
     return entry.factory(spec)
 
 
@@ -201,3 +307,20 @@ def sha256_files(paths: list[Path], chunk: int = 1 << 20) -> str:
             while block := f.read(chunk):
                 h.update(block)
     return h.hexdigest()
+
+
+def weights_status(name: str, weights_dir: Path | None = None) -> str:
+    """Where a registered encoder's weights would be loaded from, found without loading them (for ``--list``):
+    ``present in FOLDER``, ``missing: MESSAGE`` (the WeightsMissing text: places searched, the fetch command), or
+    why the question does not apply."""
+    entry = _REGISTRY[name]
+    if entry.takes_arg:
+        return f"given as {name}:ARG"
+    if entry.weights is None:
+        return "none needed"
+    spec = EncoderSpec(name=name, weights_dir=weights_dir, weights=entry.weights, folder_name=entry.folder_name)
+    try:
+        folder, _ = spec.locate()
+    except WeightsMissing as e:
+        return f"missing: {e}"
+    return f"present in {folder}"

@@ -25,8 +25,25 @@ def _deterministic_torch():
 
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path, monkeypatch):
-    """Tests never read or write the user's cache (file-digest memo, default feature cache)."""
+    """Tests never read or write the user's caches (file-digest memo, default feature cache, and the Hugging Face
+    hub cache the encoders search for weights: a model cached there would otherwise load instead of a skip)."""
     monkeypatch.setenv("RADDINO_BENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-hub"))
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to resolve a host name or open a connection fails the test (requests, urllib3 and httpx all go
+    through these)."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model loader tried to reach the network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
 
 
 @pytest.fixture

@@ -2,8 +2,6 @@
 transformers' own forward; offline loading, missing files, digest, preprocessing, and the real ViT-B/14 shapes."""
 from __future__ import annotations
 
-import socket
-
 import numpy as np
 import pytest
 import torch
@@ -16,15 +14,6 @@ from baselines.registry import WeightsMissing, build_encoder, sha256_files
 
 TINY = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=2, intermediate_size=256, image_size=56,
             patch_size=14)
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model loader tried to open a network connection")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 def _save_tiny(folder) -> Dinov2Model:

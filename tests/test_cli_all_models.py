@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 
@@ -179,6 +180,8 @@ def test_empty_weights_folder_runs_the_floors_and_lists_every_skip(tmp_path, cap
         line = table[name]
         assert line.split()[1] == "skipped", line
         assert f"weights not found in {empty / name};" in line, line
+        # Every model but MRM is on the Hugging Face hub, whose cache was searched too (conftest points it at tmp).
+        assert (os.environ["HF_HUB_CACHE"] in line) == (name != "mrm"), line
         for f in SKIP_MENTIONS[name]:
             assert f in line, f"{name}: skip reason does not name {f}: {line}"
 
