@@ -28,7 +28,15 @@ from tabulate import tabulate
 import baselines  # noqa: F401  (registers the encoders)
 import harness.probes  # noqa: F401  (registers the protocols)
 import harness.tasks
-from baselines.registry import Encoder, WeightsMissing, build_encoder, default_weights_dir, registered, resolve_names
+from baselines.registry import (
+    Encoder,
+    WeightsMissing,
+    build_encoder,
+    default_weights_dir,
+    registered,
+    resolve_names,
+    weights_status,
+)
 from harness import stats
 from harness.features import DEFAULT_DENSE_BUDGET_GB, FeatureCache, extract
 from harness.io import atomic_path, atomic_write_text, safe_name
@@ -388,18 +396,29 @@ def print_summary(s: dict) -> None:
             print(f"  {item['file']}: {item['reason']}")
 
 
-def list_registered() -> None:
-    print(tabulate([[n, "name:ARG" if e.takes_arg else "", ", ".join(e.expected_files) or "(none)", e.description]
-                    for n, e in registered().items()], headers=["encoder", "form", "weight files", "what"]))
+def list_registered(weights_dir: Path | None) -> None:
+    """Encoders (with whether their weights are present, and where, found without loading them), tasks and
+    protocols."""
+    def where(name: str) -> str:
+        status = weights_status(name, weights_dir)
+        # The full WeightsMissing text (places searched, fetch command) is what `--models NAME` prints.
+        return status.split(";")[0] + f" (details: --models {name})" if status.startswith("missing") else status
+
+    print(tabulate([[n, "name:ARG" if e.takes_arg else "", ", ".join(e.expected_files) or "(none)", where(n),
+                     e.description] for n, e in registered().items()],
+                   headers=["encoder", "form", "weight files", "weights", "what"]))
     print()
     print(tabulate([[n, "name:ARG" if e.takes_arg else "", e.description]
                     for n, e in harness.tasks.base.registered_tasks().items()], headers=["task", "form", "what"]))
+    print()
+    print(tabulate([[p.name, "yes" if p.default else f"only as TASK:{p.name}", p.description]
+                    for p in PROTOCOLS.values()], headers=["protocol", "by default", "what"]))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.list:
-        list_registered()
+        list_registered(args.weights_dir)
         return 0
     if args.bootstrap < 1:
         print("error: --bootstrap must be at least 1", file=sys.stderr)

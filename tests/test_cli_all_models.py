@@ -264,3 +264,22 @@ def test_written_files_use_the_official_parameter_names(family):
                       norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_classes=0).state_dict()
         ours = _mrm_encoder()
     assert _names_and_shapes(ours) == _names_and_shapes(ref)
+
+
+def test_list_says_whose_weights_are_present_and_where_and_shows_the_protocols(tmp_path, capsys):
+    from harness.protocols import PROTOCOLS
+    from harness.run import main
+
+    weights = tmp_path / "weights"
+    _rad_dino(weights / "rad-dino")
+    assert main(["--list", "--weights-dir", str(weights)]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.strip()}
+    assert f"present in {weights / 'rad-dino'}" in lines["rad-dino"]
+    for name in PRETRAINED:
+        if name != "rad-dino":
+            assert "missing" in lines[name] and f"--models {name}" in lines[name], lines[name]
+    for name in FLOORS:
+        assert "none needed" in lines[name]
+    for name, p in PROTOCOLS.items():
+        assert name in lines and ("yes" in lines[name]) == p.default, lines[name]
