@@ -105,7 +105,8 @@ def test_protocol_scores_pairs_and_publishes_like_the_linear_probe():
     assert a["metrics"]["auroc"]["macro"]["point"] > 0.9 > 0.7 > b["metrics"]["auroc"]["macro"]["point"]
     assert section.rows["a"]["macro AUROC"].significant and b["paired_to_reference"] is None
     assert any("k = 7, temperature 0.1" in n for n in section.notes)
-    assert any("rare (" in n and "train 2+/" in n for n in section.notes)  # not evaluable, with its counts
+    # Not evaluable (its two positive images are one test patient's), reported with its counts.
+    assert any("rare (only one class in the training split: train 0+/80-, test 2+/38-)" in n for n in section.notes)
     # The published scores are the function's, per test image, with pseudonyms and no patient ids.
     t = tr.task.table
     train, test = tr.split == "train", tr.split == "test"
