@@ -116,6 +116,15 @@ def test_figure_plots_the_sections_numbers(ran):
     assert any("(synthetic_label_efficiency.png)" in n for n in section.notes)
 
 
+def test_no_evaluable_label_gives_n_e_cells_and_a_figure_that_says_so():
+    tr, encs = _run(fractions=(0.5, 1.0), draws=2)
+    tr.min_positive_patients = 50  # no label has that many test patients of each class
+    section = run_label_efficiency(tr, encs)
+    assert {c.note for row in section.rows.values() for c in row.values()} == {"n/e: no evaluable label"}
+    assert tr.files["synthetic_label_efficiency.png"].startswith(b"\x89PNG")
+    assert tr.results["a"][NAME]["curve"][0]["draw_points"] == []
+
+
 def test_label_efficiency_is_not_a_default_protocol():
     assert not PROTOCOLS[NAME].default
     assert NAME in run.parse_task_spec("demo:label-efficiency").protocols

@@ -71,17 +71,22 @@ def figure_png(curves: dict[str, list[dict]], title: str) -> tuple[bytes, "Figur
     ax = fig.subplots()
     for model, rows in curves.items():
         shown = [r for r in rows if r["macro_auroc"]["point"] is not None]
+        if not shown:
+            continue
         x = [r["fraction"] for r in shown]
         (line,) = ax.plot(x, [r["macro_auroc"]["point"] for r in shown], marker="o", label=model)
         banded = [r for r in shown if r["macro_auroc"]["lo"] is not None]
         ax.fill_between([r["fraction"] for r in banded], [r["macro_auroc"]["lo"] for r in banded],
                         [r["macro_auroc"]["hi"] for r in banded], color=line.get_color(), alpha=0.2, linewidth=0)
-    ax.set_xscale("log")
+    if ax.get_lines():
+        ax.set_xscale("log")
+        ax.legend(fontsize=7)
+    else:  # a log axis needs data: say why the figure is empty instead
+        ax.text(0.5, 0.5, "no evaluable label at any fraction", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("fraction of training patients")
     ax.set_ylabel("macro AUROC (95% CI)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     return buf.getvalue(), fig
