@@ -80,6 +80,10 @@ def figure_png(curves: dict[str, list[dict]], title: str) -> tuple[bytes, "Figur
                         [r["macro_auroc"]["hi"] for r in banded], color=line.get_color(), alpha=0.2, linewidth=0)
     if ax.get_lines():
         ax.set_xscale("log")
+        # Ticks at the fractions themselves, as percentages (the section's column names), not powers of ten.
+        fractions = sorted({r["fraction"] for rows in curves.values() for r in rows})
+        ax.set_xticks(fractions, [fraction_label(f) for f in fractions])
+        ax.minorticks_off()
         ax.legend(fontsize=7)
     else:  # a log axis needs data: say why the figure is empty instead
         ax.text(0.5, 0.5, "no evaluable label at any fraction", ha="center", va="center", transform=ax.transAxes)
