@@ -4,8 +4,9 @@ A protocol (linear probe, segmentation, demographics, ...) is a function that ta
 (`TaskRun`: the task, its patient-level split, the test set's bootstrap weights, the cached features) and the
 encoders, and returns one leaderboard `Section`; it records per-model results in ``tr.results[model][name]``,
 per-image linear-probe predictions in ``tr.predictions[model]`` (read by other protocols), and the files it
-publishes (parquet, PNG) in ``tr.files`` under ``results/<out_name>/`` or ``<out_name>_<protocol>/``: the run
-attributes each file to the protocol that added it, so re-running one protocol replaces exactly its files.
+publishes (parquet, PNG) in ``tr.files`` under ``results/<out_name>/`` or ``<out_name>_<protocol>/``, or as one
+figure beside the leaderboard (``<out_name>_label_efficiency.png``): the run attributes each file to the protocol
+that added it, so re-running one protocol replaces exactly its files.
 Adding one is a decorated function in ``harness/probes/`` plus its import line in ``harness/probes/__init__.py``.
 """
 from __future__ import annotations
@@ -30,6 +31,18 @@ from harness.tasks.base import Subset, Task
 MIN_POSITIVE_PATIENTS = 5
 
 
+@dataclass(frozen=True)
+class ProbeOptions:
+    """Settings of the protocols that take flags (``harness.run --knn-k`` etc.). Each protocol records the ones it
+    used in its section notes and results, not in the shared header: a one-protocol run may change them and is
+    still merged with the sections computed before."""
+    knn_k: int = 20                      # neighbours of the k-NN probe (DINO's default)
+    knn_temperature: float = 0.07        # vote weight exp(cos / T) of the k-NN probe (DINO's default)
+    #: fractions of the training patients the label-efficiency protocol refits the linear probe on
+    label_fractions: tuple[float, ...] = (0.01, 0.1, 1.0)
+    label_draws: int = 3                 # seeded patient draws per fraction below 1
+
+
 @dataclass
 class TaskRun:
     task: Task
@@ -52,6 +65,7 @@ class TaskRun:
     #: extra files to write beside the leaderboard (relative path -> bytes), e.g. PNG overlays; written
     #: atomically with everything else once every protocol has finished.
     files: dict[str, bytes] = field(default_factory=dict)
+    options: ProbeOptions = field(default_factory=ProbeOptions)
 
     def __post_init__(self) -> None:
         self.out_name = self.out_name or safe_name(self.task.name)

@@ -41,7 +41,8 @@ from harness import stats
 from harness.features import DEFAULT_DENSE_BUDGET_GB, FeatureCache, extract
 from harness.io import atomic_path, atomic_write_text, safe_name
 from harness.leaderboard import Section, render, section_from_json, section_to_json
-from harness.protocols import MIN_POSITIVE_PATIENTS, PROTOCOLS, TaskRun, feature_sets, label_status
+from harness.protocols import (MIN_POSITIVE_PATIENTS, PROTOCOLS, ProbeOptions, TaskRun, feature_sets,
+                               label_status)
 from harness.splits import make_split, pseudonym, split_hash, write_split
 from harness.tasks.base import Task, TaskContext, TaskError, TaskTable, build_task
 
@@ -122,6 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-positive-patients", type=int, default=MIN_POSITIVE_PATIENTS,
                    help="a label is evaluable (enters macro means and the tables) only with at least this many "
                         "test patients with a positive image, and as many with a negative one")
+    p.add_argument("--knn-k", type=int, default=ProbeOptions.knn_k,
+                   help="neighbours of the k-NN probe (clamped to the training split's size, with a note)")
+    p.add_argument("--knn-temperature", type=float, default=ProbeOptions.knn_temperature,
+                   help="temperature T of the k-NN probe's vote weights exp(cos / T)")
+    p.add_argument("--label-fractions", default=",".join(f"{f:g}" for f in ProbeOptions.label_fractions),
+                   help="comma list of fractions in (0, 1] of the training patients the label-efficiency protocol "
+                        "(TASK:label-efficiency) refits the linear probe on")
+    p.add_argument("--label-draws", type=int, default=ProbeOptions.label_draws,
+                   help="seeded patient draws per label-efficiency fraction below 1")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, the probe's CV and the bootstrap")
     p.add_argument("--test-fraction", type=float, default=0.3,
                    help="fraction of patients in the test split when the task has no predefined one")
@@ -220,7 +230,7 @@ def evaluate_task(spec: TaskSpec, encoders: list[Encoder], args: argparse.Namesp
     feats = extract_for(task, encoders, False)
     tr = TaskRun(task, split, split_hash(t.image_ids, list(split)), weights, feats, summary, extract=extract_for,
                  seed=args.seed, reference=reference, min_positive_patients=args.min_positive_patients,
-                 out_name=output_name(spec, task))
+                 out_name=output_name(spec, task), options=probe_options(args))
     sections: dict[str, Section] = {}
     owned: dict[str, list[str]] = {}
     for proto in spec.protocols:
@@ -257,6 +267,24 @@ def output_name(spec: TaskSpec, task: Task) -> str:
         value = Path(value).name if ("/" in value or os.sep in value) else value
         parts.append(safe_name(f"{key}_{value}" if sep else key))
     return "-".join([base, *parts])
+
+
+def parse_fractions(text: str) -> tuple[float, ...]:
+    """``--label-fractions``: sorted distinct fractions, each in (0, 1]; ValueError otherwise."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--label-fractions must be a comma list of numbers, got {text!r}") from None
+    bad = [v for v in values if not 0.0 < v <= 1.0]  # NaN fails the comparison too
+    if not values or bad:
+        raise ValueError(f"--label-fractions must be in (0, 1], got {text!r}")
+    return tuple(sorted(set(values)))
+
+
+def probe_options(args: argparse.Namespace) -> ProbeOptions:
+    """The protocols' own settings from the flags (already checked by `main`)."""
+    return ProbeOptions(knn_k=args.knn_k, knn_temperature=args.knn_temperature,
+                        label_fractions=parse_fractions(args.label_fractions), label_draws=args.label_draws)
 
 
 def split_description(t: TaskTable, split: np.ndarray, seed: int) -> str:
@@ -426,6 +454,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.min_positive_patients < 1:
         print("error: --min-positive-patients must be at least 1 (a label needs a positive patient to be scored)",
               file=sys.stderr)
+        return 2
+    if args.knn_k < 1 or not args.knn_temperature > 0:
+        print("error: --knn-k must be at least 1 and --knn-temperature positive", file=sys.stderr)
+        return 2
+    if args.label_draws < 1:
+        print("error: --label-draws must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        parse_fractions(args.label_fractions)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     names = resolve_names(args.models)
     explicit = {m.strip() for m in args.models.split(",")} - {"all"}

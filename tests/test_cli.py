@@ -66,6 +66,32 @@ def test_cli_end_to_end_on_csv(tmp_path, capsys):
     assert (out / "csv-data.md").read_text() == md
 
 
+def test_cli_knn_and_label_efficiency_sit_beside_the_linear_probe(tmp_path):
+    """k-NN runs by default and publishes its scores; label efficiency runs on request, is merged into the same
+    leaderboard after the k-NN section, and its figure is written beside the leaderboard."""
+    csv = _csv_set(tmp_path / "data")
+    out = tmp_path / "lb"
+    common = ["--models", "pixels", "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--bootstrap", "50",
+              "--workers", "0", "--min-positive-patients", "2"]
+    assert main([*common, "--tasks", f"csv:{csv}", "--knn-k", "3", "--knn-temperature", "0.2"]) == 0
+    preds = pl.read_parquet(out / "results/csv-data/pixels.knn.parquet")
+    assert set(preds.columns) == {"image_id", "patient_key", "label", "target", "score"}
+    assert "PID0" not in str(preds["patient_key"].to_list())
+    res = json.loads((out / "results/csv-data/pixels.json").read_text())
+    assert (res["protocols"]["knn"]["k"], res["protocols"]["knn"]["temperature"]) == (3, 0.2)
+    assert main([*common, "--tasks", f"csv:{csv}:label-efficiency", "--label-fractions", "0.5,1",
+                 "--label-draws", "2"]) == 0
+    md = (out / "csv-data.md").read_text()
+    titles = [line for line in md.splitlines() if line.startswith("## ")]
+    assert titles[:3] == ["## Linear probe (classification)", "## k-NN probe (classification)",
+                          "## Label efficiency (linear probe on a fraction of the training patients)"]
+    assert "k = 3, temperature 0.2" in md  # the kept k-NN section still says how it was computed
+    assert "](csv-data_label_efficiency.png)" in md
+    assert (out / "csv-data_label_efficiency.png").read_bytes().startswith(b"\x89PNG")
+    curve = json.loads((out / "results/csv-data/pixels.json").read_text())["protocols"]["label-efficiency"]["curve"]
+    assert [r["fraction"] for r in curve] == [0.5, 1.0] and [r["draws"] for r in curve] == [2, 1]
+
+
 def test_cli_bad_label_exits_nonzero_and_writes_nothing(tmp_path, capsys):
     csv = _csv_set(tmp_path / "data")
     csv.write_text(csv.read_text().replace("img/3_1.png,0,", "img/3_1.png,yes,").replace("img/3_1.png,1,", "img/3_1.png,yes,"))
@@ -106,7 +132,7 @@ def test_cli_on_shared_data(shared_cxr, tmp_path):
     assert "not found" not in proc.stderr
 
 
-def test_cli_end_to_end_on_demo_runs_all_three_protocols(tmp_path):
+def test_cli_end_to_end_on_demo_runs_every_default_protocol(tmp_path):
     out = tmp_path / "lb"
     assert main(["--models", "pixels", "--tasks", "demo:n_patients=30,size=64", "--out", str(out),
                  "--cache-dir", str(tmp_path / "c"), "--bootstrap", "50", "--workers", "0"]) == 0
@@ -114,8 +140,8 @@ def test_cli_end_to_end_on_demo_runs_all_three_protocols(tmp_path):
     name = "demo-n_patients_30-size_64"
     assert not (out / "demo.md").exists()
     md = (out / f"{name}.md").read_text()
-    for section in ("## Linear probe", "## Segmentation", "## Demographics"):
+    for section in ("## Linear probe", "## k-NN probe", "## Segmentation", "## Demographics"):
         assert section in md
     res = json.loads((out / f"results/{name}/pixels.json").read_text())
-    assert set(res["protocols"]) == {"linear", "seg", "demographics"}
+    assert set(res["protocols"]) == {"linear", "knn", "seg", "demographics"}
     assert (out / f"{name}_seg" / "pixels.png").stat().st_size > 0

@@ -91,9 +91,9 @@ def test_one_protocol_run_is_merged_and_leaves_nothing_stale(tmp_path, labelled,
     assert merged.index("## Linear probe") < merged.index("## Segmentation") < merged.index("## Demographics")
     assert "kept from an earlier run" in merged
     res = _strict((lb / "results/csv-data/pixels.json").read_text())
-    assert list(res["protocols"]) == ["linear", "demographics"]  # seg records nothing without masks
+    assert list(res["protocols"]) == ["linear", "knn", "demographics"]  # seg records nothing without masks
     files = {f.name for f in (lb / "results/csv-data").iterdir()}
-    assert files == {"pixels.json", "pixels.predictions.parquet", "pixels.demographics.parquet"}
+    assert files == {"pixels.json", "pixels.predictions.parquet", "pixels.knn.parquet", "pixels.demographics.parquet"}
     # Other settings: the old sections are not comparable, so they go, with their files.
     capsys.readouterr()
     assert _run(tmp_path, labelled, "--bootstrap", "100", task_suffix=":linear") == 0
@@ -101,6 +101,7 @@ def test_one_protocol_run_is_merged_and_leaves_nothing_stale(tmp_path, labelled,
     alone = (lb / "csv-data.md").read_text()
     assert "## Linear probe" in alone and "## Demographics" not in alone and "## Segmentation" not in alone
     assert not (lb / "results/csv-data/pixels.demographics.parquet").exists()
+    assert not (lb / "results/csv-data/pixels.knn.parquet").exists()
     assert list(_strict((lb / "results/csv-data/pixels.json").read_text())["protocols"]) == ["linear"]
 
 
