@@ -67,3 +67,12 @@ def blob_images(tmp_path_factory) -> Path:
             img += rng.uniform(0.3, 1.0) * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
         Image.fromarray((255 * img / img.max()).astype(np.uint8)).save(root / f"{i:02d}.png")
     return root
+
+
+@pytest.fixture
+def one_thread():
+    """In-process training on one thread: on a busy 2-core machine two OpenMP threads can run 10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -7,7 +7,6 @@ import os
 
 import polars as pl
 import pytest
-import torch
 import yaml
 from PIL import Image
 
@@ -27,13 +26,8 @@ TINY = ["model.arch=vit_tiny", "model.depth=2", "model.patch_size=8", "model.img
 TASK = "demo:n_patients=24,size=64:linear"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """In-process training on one thread: on a busy 2-core machine two OpenMP threads can run 10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# In-process training on one thread (the `one_thread` fixture of conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def argv(images, out, *axes: str, steps: int = 2) -> list[str]:

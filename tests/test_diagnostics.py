@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.config import load_config
 from trainer.diagnostics import CollapseMonitor, feature_std, mean_entropy, prototypes_used, step_diagnostics
 from trainer.heads import DINOHead
 from trainer.losses import DINOLoss
@@ -18,12 +17,8 @@ from trainer.train import main, param_groups, train
 from test_train import TINY, read_metrics, tiny_cfg  # noqa: F401  (the tiny run and its helpers)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# In-process training on one thread (the `one_thread` fixture of conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------------------------------------------

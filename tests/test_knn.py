@@ -11,24 +11,11 @@ from sklearn.neighbors import KNeighborsClassifier
 from harness import stats
 from harness.features import FeatureSet
 from harness.probes.knn import TITLE, knn_scores, run_knn
+from _synthetic_task import NamedEncoder, TableTask
 from harness.protocols import PROTOCOLS, ProbeOptions, TaskRun
-from harness.tasks.base import Task, TaskTable
+from harness.tasks.base import TaskTable
 
 
-class _Enc:
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-
-class _Table(Task):
-    def __init__(self, table: TaskTable) -> None:
-        self.name, self.table, self.skipped = "synthetic", table, []
-
-    def load_image(self, i: int) -> np.ndarray:
-        raise AssertionError("the k-NN protocol must not read images")
-
-    def content_digest(self) -> str:
-        return "synthetic"
 
 
 def _sklearn_votes(x_train, y_train, x_test, k, temperature):
@@ -90,9 +77,9 @@ def _run(k=20, temperature=0.07, n_patients=60, seed=0):
     test = np.flatnonzero(split == "test")
     weights = stats.bootstrap_weights([table.patient_ids[i] for i in test], 200, seed)
     feats = {"a": FeatureSet(x.astype(np.float32)), "b": FeatureSet(rng.normal(size=(n, 6)).astype(np.float32))}
-    tr = TaskRun(_Table(table), split, "hash", weights, feats, {}, extract=None, seed=0, reference="b",
+    tr = TaskRun(TableTask(table), split, "hash", weights, feats, {}, extract=None, seed=0, reference="b",
                  options=ProbeOptions(knn_k=k, knn_temperature=temperature))
-    return tr, [_Enc("a"), _Enc("b")]
+    return tr, [NamedEncoder("a"), NamedEncoder("b")]
 
 
 def test_protocol_scores_pairs_and_publishes_like_the_linear_probe():

@@ -9,24 +9,11 @@ from harness import stats
 from harness.features import FeatureSet
 from harness.probes.label_efficiency import NAME, draw_patients, figure_png, run_label_efficiency
 from harness.probes.linear import run_linear
+from _synthetic_task import NamedEncoder, TableTask
 from harness.protocols import PROTOCOLS, ProbeOptions, TaskRun
-from harness.tasks.base import Task, TaskTable
+from harness.tasks.base import TaskTable
 
 
-class _Enc:
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-
-class _Table(Task):
-    def __init__(self, table: TaskTable) -> None:
-        self.name, self.table, self.skipped = "synthetic", table, []
-
-    def load_image(self, i: int) -> np.ndarray:
-        raise AssertionError("the label-efficiency protocol must not read images")
-
-    def content_digest(self) -> str:
-        return "synthetic"
 
 
 def _run(fractions=(0.1, 0.3, 1.0), draws=3, n_patients=90, seed=0):
@@ -46,9 +33,9 @@ def _run(fractions=(0.1, 0.3, 1.0), draws=3, n_patients=90, seed=0):
     test = np.flatnonzero(split == "test")
     weights = stats.bootstrap_weights([table.patient_ids[i] for i in test], 100, seed)
     feats = {"a": FeatureSet(x.astype(np.float32)), "b": FeatureSet(rng.normal(size=(n, 8)).astype(np.float32))}
-    tr = TaskRun(_Table(table), split, "hash", weights, feats, {}, extract=None, seed=0, reference="a",
+    tr = TaskRun(TableTask(table), split, "hash", weights, feats, {}, extract=None, seed=0, reference="a",
                  options=ProbeOptions(label_fractions=fractions, label_draws=draws))
-    return tr, [_Enc("a"), _Enc("b")]
+    return tr, [NamedEncoder("a"), NamedEncoder("b")]
 
 
 @pytest.fixture(scope="module")

@@ -32,13 +32,8 @@ TINY = ["model.arch=vit_tiny", "model.depth=2", "model.patch_size=8", "model.img
         "run.log_every=1", "optim.freeze_last_layer_iters=1", "optim.warmup_teacher_temp_iters=3"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """In-process training on one thread: on a busy 2-core machine two OpenMP threads can run 10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# In-process training on one thread (the `one_thread` fixture of conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_cfg(*extra: str, steps: int = 4):

@@ -19,7 +19,8 @@ import numpy as np
 from baselines.registry import Encoder
 from harness import stats
 from harness.io import safe_name
-from harness.leaderboard import Cell, Section
+from harness.leaderboard import Section
+from harness.probes.linear import CLASSIFICATION_METRICS, classification_rows, paired_record
 from harness.protocols import TaskRun, label_status, parquet_bytes, register_protocol
 
 TITLE = "k-NN probe (classification)"
@@ -91,8 +92,7 @@ def run_knn(tr: TaskRun, encoders: list[Encoder]) -> Section:
                 for j, (n, why) in enumerate(zip(t.label_names, reasons)) if not evaluable[j]]
     if not_eval:
         notes.append("Not evaluable, left out of macro means: " + "; ".join(not_eval) + ".")
-    metrics = (("auroc", "AUROC"), ("auprc", "AUPRC"))
-    columns = [f"macro {title}" for _, title in metrics] + [f"{n} AUPRC" for n in names]
+    columns = [f"macro {title}" for _, title in CLASSIFICATION_METRICS] + [f"{n} AUPRC" for n in names]
     if not len(ok) or k < 1:
         for enc in encoders:
             tr.results.setdefault(enc.name, {})["knn"] = {**setting, "metrics": None, "paired_to_reference": None}
@@ -109,21 +109,10 @@ def run_knn(tr: TaskRun, encoders: list[Encoder]) -> Section:
             {"image_id": t.image_ids[i], "patient_key": key, "label": n, "target": int(y[i, j]), "score": float(s)}
             for jj, (j, n) in enumerate(zip(ok, names))
             for i, key, s in zip(test_rows, test_keys, scores[:, jj])])
-    paired = {m: stats.compare_to_reference({e.name: resampled[e.name][m] for e in encoders},
-                                            {e.name: summaries[e.name][m]["macro"]["point"] for e in encoders},
-                                            tr.reference) for m, _ in metrics}
-    rows: dict[str, dict[str, Cell]] = {}
+    rows, paired = classification_rows(summaries, resampled, names, tr.reference)
     for enc in encoders:
-        s = summaries[enc.name]
-        row = {}
-        for m, title in metrics:
-            p_holm = paired[m][enc.name]["p_holm"] if enc.name != tr.reference else None
-            row[f"macro {title}"] = Cell.from_summary(s[m]["macro"], p_holm is not None and p_holm < 0.05)
-        for n in names:
-            row[f"{n} AUPRC"] = Cell.from_summary(s["auprc"]["per_label"][n])
-        rows[enc.name] = row
         tr.results.setdefault(enc.name, {})["knn"] = {
-            **setting, "metrics": s,
-            "paired_to_reference": None if enc.name == tr.reference else {m: paired[m][enc.name] for m, _ in metrics},
+            **setting, "metrics": summaries[enc.name],
+            "paired_to_reference": paired_record(paired, enc.name, tr.reference),
         }
     return Section(TITLE, columns, rows, notes=notes)

@@ -23,6 +23,8 @@ from harness.leaderboard import Cell, Section
 from harness.io import safe_name
 from harness.protocols import TaskRun, label_status, parquet_bytes, register_protocol
 
+#: The classification sections' headline metrics: (results key, column title).
+CLASSIFICATION_METRICS = (("auroc", "AUROC"), ("auprc", "AUPRC"))
 DEFAULT_CS = tuple(float(c) for c in np.logspace(-4, 1, 6))
 MAX_ITER = 2000
 
@@ -159,8 +161,7 @@ def run_linear(tr: TaskRun, encoders: list[Encoder]) -> Section:
     labels = probes[encoders[0].name].labels
     ok = [j for j, lab in enumerate(labels) if lab.evaluable]
     names = [t.label_names[j] for j in ok]
-    metrics = (("auroc", "AUROC"), ("auprc", "AUPRC"))
-    columns = [f"macro {title}" for _, title in metrics] + [f"{n} AUPRC" for n in names]
+    columns = [f"macro {title}" for _, title in CLASSIFICATION_METRICS] + [f"{n} AUPRC" for n in names]
     notes = [f"Per-label columns: AUPRC (the paper's headline classification metric). Reference for paired "
              f"differences: `{tr.reference}`."]
     not_eval = [lab for lab in labels if not lab.evaluable]
@@ -195,23 +196,35 @@ def run_linear(tr: TaskRun, encoders: list[Encoder]) -> Section:
             for i, k, s in zip(test_rows, test_keys, scores[:, jj])]
         tr.files[f"results/{tr.out_name}/{safe_name(enc.name)}.predictions.parquet"] = parquet_bytes(
             tr.predictions[enc.name])
-    paired = {m: stats.compare_to_reference({e.name: resampled[e.name][m] for e in encoders},
-                                            {e.name: summaries[e.name][m]["macro"]["point"] for e in encoders},
-                                            tr.reference) for m, _ in metrics}
-    rows: dict[str, dict[str, Cell]] = {}
+    rows, paired = classification_rows(summaries, resampled, names, tr.reference)
     for enc in encoders:
-        s = summaries[enc.name]
-        row = {}
-        for m, title in metrics:
-            mac = s[m]["macro"]
-            p_holm = paired[m][enc.name]["p_holm"] if enc.name != tr.reference else None
-            row[f"macro {title}"] = Cell.from_summary(mac, p_holm is not None and p_holm < 0.05)
-        for n in names:
-            row[f"{n} AUPRC"] = Cell.from_summary(s["auprc"]["per_label"][n])
-        rows[enc.name] = row
         tr.results.setdefault(enc.name, {})["linear"] = {
-            "metrics": s,
-            "paired_to_reference": None if enc.name == tr.reference else {m: paired[m][enc.name] for m, _ in metrics},
+            "metrics": summaries[enc.name], "paired_to_reference": paired_record(paired, enc.name, tr.reference),
             "labels": [vars(lab) for lab in probes[enc.name].labels],
         }
     return Section("Linear probe (classification)", columns, rows, notes=notes)
+
+
+def classification_rows(summaries: dict[str, dict], resampled: dict[str, dict], names: list[str], reference: str
+                        ) -> tuple[dict[str, dict[str, Cell]], dict[str, dict]]:
+    """The cells of a classification section (macro AUROC and AUPRC, † where the paired difference to the reference
+    is significant after Holm; per-label AUPRC) and the paired comparisons, from each model's bootstrap summary on
+    the shared resamples. Models keep the order of `summaries`."""
+    paired = {m: stats.compare_to_reference({name: r[m] for name, r in resampled.items()},
+                                            {name: s[m]["macro"]["point"] for name, s in summaries.items()},
+                                            reference) for m, _ in CLASSIFICATION_METRICS}
+    rows: dict[str, dict[str, Cell]] = {}
+    for name, s in summaries.items():
+        row = {}
+        for m, title in CLASSIFICATION_METRICS:
+            p_holm = paired[m][name]["p_holm"] if name != reference else None
+            row[f"macro {title}"] = Cell.from_summary(s[m]["macro"], p_holm is not None and p_holm < 0.05)
+        for n in names:
+            row[f"{n} AUPRC"] = Cell.from_summary(s["auprc"]["per_label"][n])
+        rows[name] = row
+    return rows, paired
+
+
+def paired_record(paired: dict[str, dict], name: str, reference: str) -> dict | None:
+    """A model's paired comparisons for its results JSON (None for the reference itself)."""
+    return None if name == reference else {m: paired[m][name] for m, _ in CLASSIFICATION_METRICS}
