@@ -1,6 +1,6 @@
 """DINOv2 + iBOT + KoLeo pretraining (the RAD-DINO recipe), readable top to bottom.
 
-    python -m trainer.train --config smoke --data /path/to/images --output runs/smoke
+    python -m trainer.train --config small --data /path/to/images --output runs/small eval.task=csv:labels.csv
     torchrun --nproc_per_node 4 -m trainer.train --config rad-dino --data train.csv --output runs/rd --resume auto
 
 One step (reference §1.4, §1.8):
