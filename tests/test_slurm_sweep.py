@@ -67,11 +67,12 @@ def test_sweep_lists_failures_retries_them_and_writes_the_leaderboard(tmp_path, 
     report = capsys.readouterr().out
     assert "2 feature job(s) to run, 0 cached" in report
     boards = list(out.glob("*.md"))
-    assert [b.name for b in boards] == ["demo.md"]
+    name = "demo-n_patients_20"  # the task's options that change its numbers are part of its output name
+    assert [b.name for b in boards] == [f"{name}.md"]
     text = boards[0].read_text()
     for model in MODELS.split(","):
         assert f"`{model}`" in text or f"| {model} " in text, text
-        assert (out / "results" / "demo" / f"{model}.json").is_file()
+        assert (out / "results" / name / f"{model}.json").is_file()
     record = json.loads((folder / "sweep.json").read_text())
     assert len(record["features"]) == 2 and record["probe"]["job_id"]
 
