@@ -421,7 +421,7 @@ def train(cfg: TrainConfig, output: str | Path, resume: str | None = None) -> Tr
             state.iteration += 1
             state.samples_seen += batch_size * world
             meter.record(state.iteration, cfg.optim.total_iters, logged, batch["n_bad"], values, diagnostics)
-            collapsed = watch_collapse(monitor, state.iteration, diagnostics, cfg) if diagnostics else False
+            collapsed = watch_collapse(monitor, state.iteration, diagnostics, cfg, device) if diagnostics else False
             stopping = stop.agreed(device) or collapsed
             if probe is not None and (stopping or state.iteration == cfg.optim.total_iters
                                       or (cfg.eval.every and state.iteration % cfg.eval.every == 0)):
@@ -500,12 +500,13 @@ def student_losses(cfg: TrainConfig, dino_loss: DINOLoss, ibot_loss: iBOTPatchLo
 
 
 def watch_collapse(monitor: CollapseMonitor, iteration: int, diagnostics: dict[str, float],
-                   cfg: TrainConfig) -> bool:
+                   cfg: TrainConfig, device: torch.device) -> bool:
     """Warn (once per kind of collapse) when the targets have been degenerate for a whole window; True when the
     run was asked to stop on collapse (run.stop_on_collapse). The verdict is rank 0's; stopping is agreed on all
     ranks because every rank sees the same all-reduced targets only approximately, so rank 0 decides for all."""
     verdict = monitor.update(iteration, diagnostics)
-    collapse = torch.tensor([1.0 if verdict is not None and cfg.run.stop_on_collapse else 0.0])
+    # On the training device: NCCL broadcasts CUDA tensors only.
+    collapse = torch.tensor([1.0 if verdict is not None and cfg.run.stop_on_collapse else 0.0], device=device)
     if verdict is not None and monitor.reported != verdict.kind:
         monitor.reported = verdict.kind
         if rank_and_world()[0] == 0:
