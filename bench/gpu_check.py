@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import gc
 import importlib.metadata
 import math
@@ -250,7 +251,7 @@ def check_packing(p: Profile, report: Report) -> None:
     for packed in (False, True, True, False):
         torch.manual_seed(0)
         step = make_step(cfg, p.batch, packed, p.device, p.bf16)
-        seconds = median_seconds(lambda: step(1), p.bench_steps, p.device)
+        seconds = median_seconds(functools.partial(step, 1), p.bench_steps, p.device)
         throughput[packed].append(p.batch / seconds)
         del step
         free_memory(p.device)

@@ -25,6 +25,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -50,6 +51,9 @@ from trainer.heads import DINOHead
 from trainer.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from trainer.masking import sample_masks
 from trainer.schedules import Schedules
+
+if TYPE_CHECKING:  # the probe pulls in the harness, which only runs with eval.task set
+    from trainer.monitor import InTrainingProbe
 
 log = logging.getLogger("trainer")
 
