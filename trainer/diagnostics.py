@@ -104,7 +104,7 @@ class CollapseVerdict:
             what = (f"teacher targets are one-hot on the same prototype: CLS target entropy {self.entropy:.4f} "
                     f"since iteration {self.since}")
             fix = ("likely causes: too much sharpening without balancing (use loss.centering=sinkhorn_knopp, raise "
-                   "optim.teacher_temp, or raise loss.center_momentum's effect by a longer warm-up)")
+                   "optim.teacher_temp, or lengthen optim.warmup_teacher_temp_iters)")
         return f"collapse: {what}. {fix}."
 
 

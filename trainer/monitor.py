@@ -65,8 +65,7 @@ def load_probe_data(spec: str, cfg_dict: dict, data_root: str | None, seed: int,
     # The same evaluable labels as harness.run with its default --min-positive-patients.
     evaluable, reasons = label_status(task, split, MIN_POSITIVE_PATIENTS)
     pre = checkpoint_preprocess(cfg_dict)
-    pixels = torch.cat([preprocess_batch([torch.from_numpy(task.load_image(i))[None]], pre)
-                        for i in range(len(task))])
+    pixels = preprocess_batch([torch.from_numpy(task.load_image(i))[None] for i in range(len(task))], pre)
     return ProbeData(task.name, pixels, split, np.asarray(t.patient_ids), t.labels.astype(int), list(t.label_names),
                      np.array([s or "" for s in t.sex]), np.asarray(t.age, dtype=float),
                      {j: why for j, why in enumerate(reasons) if not evaluable[j]})

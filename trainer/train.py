@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import yaml
 import torch.distributed as dist
+import yaml
 from safetensors.torch import load_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -43,7 +43,7 @@ from trainer.checkpoint import (
     restore_state,
     save_checkpoint,
 )
-from trainer.config import TrainConfig, load_config, plain, save_config, to_yaml
+from trainer.config import TrainConfig, load_config, save_config, to_yaml
 from trainer.crops import MultiCropAugmentation
 from trainer.data import SampleStream, make_loader
 from trainer.diagnostics import CollapseMonitor, step_diagnostics
@@ -562,7 +562,7 @@ def config_changes(saved: Path, cfg: TrainConfig) -> list[str]:
     if not saved.is_file():
         return []
     old = _flatten(yaml.safe_load(saved.read_text()) or {})
-    new = _flatten(yaml.safe_load(yaml.safe_dump(plain(cfg.to_dict()))))
+    new = _flatten(yaml.safe_load(to_yaml(cfg)))  # the form config.yaml holds: tuples as lists
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
             if old.get(k) != new.get(k) and k != "data.sources"]
 
@@ -609,8 +609,7 @@ class Meter:
                "teacher_temp": values["teacher_temp"],
                "images_per_s": self.steps * self.images_per_step / elapsed, "memory_mb": memory_mb(self.device),
                "skipped_images": self.n_bad, **diagnostics}
-        with open(self.jsonl, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        self._append(row)
         eta = elapsed / self.steps * (total - iteration)
         log.info("it %d/%d  loss %.4f (dino %.4f ibot %.4f koleo %.4f)  H(t) %.3f/%.3f patch %.3f (ln K %.3f)  "
                  "KL(t|s) %.3f  std %.4f  protos %d  lr %.3g  mom %.4f  %.1f img/s  %.0f MB  eta %s%s",
@@ -622,16 +621,18 @@ class Meter:
                  f"  skipped {self.n_bad} unreadable" if self.n_bad else "")
         self.t0, self.steps = time.perf_counter(), 0
 
-
     def probe(self, row: dict[str, float]) -> None:
         """One in-training probe result: its own JSON line (keys probe_*) and a log line."""
         if self.jsonl is None:
             return
-        with open(self.jsonl, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        self._append(row)
         shown = "  ".join(f"{k.removeprefix('probe_')} {v:.4f}" for k, v in row.items()
                           if k.startswith("probe_") and isinstance(v, float))
         log.info("probe it %d  %s", row["iteration"], shown)
+
+    def _append(self, row: dict) -> None:
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 def format_seconds(s: float) -> str:
