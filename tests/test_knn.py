@@ -9,11 +9,9 @@ import pytest
 from sklearn.neighbors import KNeighborsClassifier
 
 from harness import stats
-from harness.features import FeatureSet
 from harness.probes.knn import TITLE, knn_scores, run_knn
-from _synthetic_task import NamedEncoder, TableTask
-from harness.protocols import PROTOCOLS, ProbeOptions, TaskRun
-from harness.tasks.base import TaskTable
+from _synthetic_task import synthetic_run
+from harness.protocols import PROTOCOLS, ProbeOptions
 
 
 
@@ -71,15 +69,9 @@ def _run(k=20, temperature=0.07, n_patients=60, seed=0):
     rare[:2] = 1
     x = rng.normal(size=(n, 6))
     x[:, 0] += 3.0 * label
-    table = TaskTable([f"img{i}" for i in range(n)], [f"P{p}" for p in pid], ["finding", "rare"],
-                      np.stack([label, rare], 1), [None] * n, np.full(n, np.nan))
-    split = np.where(pid % 3 == 0, "test", "train")
-    test = np.flatnonzero(split == "test")
-    weights = stats.bootstrap_weights([table.patient_ids[i] for i in test], 200, seed)
-    feats = {"a": FeatureSet(x.astype(np.float32)), "b": FeatureSet(rng.normal(size=(n, 6)).astype(np.float32))}
-    tr = TaskRun(TableTask(table), split, "hash", weights, feats, {}, extract=None, seed=0, reference="b",
-                 options=ProbeOptions(knn_k=k, knn_temperature=temperature))
-    return tr, [NamedEncoder("a"), NamedEncoder("b")]
+    features = {"a": x, "b": rng.normal(size=(n, 6))}
+    return synthetic_run(pid, ["finding", "rare"], np.stack([label, rare], 1), features, "b",
+                         ProbeOptions(knn_k=k, knn_temperature=temperature), 200, seed)
 
 
 def test_protocol_scores_pairs_and_publishes_like_the_linear_probe():

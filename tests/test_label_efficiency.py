@@ -5,13 +5,10 @@ import numpy as np
 import pytest
 
 import harness.run as run
-from harness import stats
-from harness.features import FeatureSet
 from harness.probes.label_efficiency import NAME, draw_patients, figure_png, run_label_efficiency
 from harness.probes.linear import run_linear
-from _synthetic_task import NamedEncoder, TableTask
-from harness.protocols import PROTOCOLS, ProbeOptions, TaskRun
-from harness.tasks.base import TaskTable
+from _synthetic_task import synthetic_run
+from harness.protocols import PROTOCOLS, ProbeOptions
 
 
 
@@ -27,15 +24,9 @@ def _run(fractions=(0.1, 0.3, 1.0), draws=3, n_patients=90, seed=0):
     x = rng.normal(size=(n, 8))
     x[:, 0] += 2.0 * common
     x[:, 1] += 2.0 * scarce
-    table = TaskTable([f"img{i}" for i in range(n)], [f"P{p}" for p in pid], ["common", "scarce"],
-                      np.stack([common, scarce], 1), [None] * n, np.full(n, np.nan))
-    split = np.where(pid % 3 == 0, "test", "train")
-    test = np.flatnonzero(split == "test")
-    weights = stats.bootstrap_weights([table.patient_ids[i] for i in test], 100, seed)
-    feats = {"a": FeatureSet(x.astype(np.float32)), "b": FeatureSet(rng.normal(size=(n, 8)).astype(np.float32))}
-    tr = TaskRun(TableTask(table), split, "hash", weights, feats, {}, extract=None, seed=0, reference="a",
-                 options=ProbeOptions(label_fractions=fractions, label_draws=draws))
-    return tr, [NamedEncoder("a"), NamedEncoder("b")]
+    features = {"a": x, "b": rng.normal(size=(n, 8))}
+    return synthetic_run(pid, ["common", "scarce"], np.stack([common, scarce], 1), features, "a",
+                         ProbeOptions(label_fractions=fractions, label_draws=draws), 100, seed)
 
 
 @pytest.fixture(scope="module")
