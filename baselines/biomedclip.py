@@ -18,7 +18,7 @@ from pathlib import Path
 from baselines._common import (CLIP_MEAN, CLIP_STD, ModuleEncoder, ProjectedViT, load_exact, projected_vit_features,
                                read_state_dict, timm_vit_config)
 from baselines.preprocess import Preprocess
-from baselines.registry import Encoder, EncoderSpec, HubRepo, WeightFiles, register_encoder
+from baselines.registry import Encoder, EncoderSpec, HubRepo, WeightFiles
 
 NATIVE = Preprocess(size=224, policy="resize_shortest_crop", interpolation="bicubic", mean=CLIP_MEAN, std=CLIP_STD,
                     channels=3)
@@ -52,7 +52,6 @@ def load_biomedclip(folder: Path) -> ProjectedViT:
     return model.eval()
 
 
-@register_encoder("biomedclip", weights=WEIGHTS)
 def biomedclip(spec: EncoderSpec) -> Encoder:
     """BiomedCLIP ViT-B/16 image tower (open_clip folder, vision tower only)."""
     folder = spec.require_weights()

@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from baselines._common import ModuleEncoder, load_exact, read_state_dict
 from baselines.preprocess import Preprocess
-from baselines.registry import Encoder, EncoderSpec, Features, HubRepo, WeightFiles, register_encoder
+from baselines.registry import Encoder, EncoderSpec, Features, HubRepo, WeightFiles
 
 # The reference resizes the short side to 512 and crops 448; `Preprocess` has one size, so the short side goes to
 # 448 and the crop keeps all of it (a slightly wider field of view than the reference's 87.5%).
@@ -117,7 +117,6 @@ def biovil_t_features(model: BioViLTImage, pixels: torch.Tensor) -> Features:
     return Features(patch.mean(dim=(2, 3)), patch, tuple(stages))
 
 
-@register_encoder("biovil-t", weights=WEIGHTS)
 def biovil_t(spec: EncoderSpec) -> Encoder:
     """BioViL-T ResNet-50 image encoder (hi-ml-multimodal checkpoint), single-image path."""
     folder = spec.require_weights()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from baselines.floors import ViTEncoder
 from baselines.preprocess import Preprocess
-from baselines.registry import Encoder, EncoderSpec, WeightsMissing, register_encoder, sha256_files
+from baselines.registry import Encoder, EncoderSpec, WeightsMissing, sha256_files
 
 CKPT_FILES = ("model.safetensors", "config.yaml", "state.json")
 
@@ -43,7 +43,6 @@ def find_checkpoint(name: str, path: Path) -> Path:
     return ckpt
 
 
-@register_encoder("ckpt", takes_arg=True, description="teacher of a raddino-bench training run: ckpt:RUN_OR_CKPT_DIR")
 def ckpt(spec: EncoderSpec) -> Encoder:
     from trainer.checkpoint import load_backbone
 

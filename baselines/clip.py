@@ -23,7 +23,7 @@ from baselines._common import (CLIP_MEAN, CLIP_STD, ModuleEncoder, ProjectedViT,
                                read_state_dict, timm_vit_config)
 from baselines._hf import clip_features, from_folder
 from baselines.preprocess import Preprocess
-from baselines.registry import Encoder, EncoderSpec, HubRepo, WeightFiles, register_encoder
+from baselines.registry import Encoder, EncoderSpec, HubRepo, WeightFiles
 
 NATIVE = Preprocess(size=224, policy="resize_shortest_crop", interpolation="bicubic", mean=CLIP_MEAN, std=CLIP_STD,
                     channels=3)
@@ -120,7 +120,6 @@ def _quick_gelu(folder: Path) -> bool:
     return True
 
 
-@register_encoder("clip", weights=WEIGHTS)
 def clip(spec: EncoderSpec) -> Encoder:
     """OpenAI CLIP ViT-B/16 image tower (transformers folder or open_clip checkpoint)."""
     folder, files = spec.locate()

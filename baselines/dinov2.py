@@ -14,7 +14,7 @@ from pathlib import Path
 from baselines._common import IMAGENET_MEAN, IMAGENET_STD, ModuleEncoder, vit_features
 from baselines._hf import dinov2_features, from_folder
 from baselines.preprocess import Preprocess
-from baselines.registry import Encoder, EncoderSpec, HubRepo, WeightFiles, register_encoder
+from baselines.registry import Encoder, EncoderSpec, HubRepo, WeightFiles
 from trainer.convert import load_dinov2
 from trainer.vit import VisionTransformer
 
@@ -40,7 +40,6 @@ def load_official(path: Path) -> VisionTransformer:
     return model
 
 
-@register_encoder("dinov2-base", weights=WEIGHTS)
 def dinov2_base(spec: EncoderSpec) -> Encoder:
     """DINOv2 ViT-B/14, ImageNet-domain (transformers folder or official .pth)."""
     folder, files = spec.locate()

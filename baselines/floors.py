@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from baselines._common import vit_features
 from baselines.preprocess import Preprocess
-from baselines.registry import Encoder, EncoderSpec, Features, register_encoder
+from baselines.registry import Encoder, EncoderSpec, Features
 
 PIXELS_PREPROCESS = Preprocess(size=224, policy="resize_stretch", interpolation="area", mean=(0.5,), std=(0.25,),
                                channels=1)
@@ -67,12 +67,10 @@ def state_dict_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-@register_encoder("pixels", description="the downsampled image itself (weight-free floor)")
 def pixels(spec: EncoderSpec) -> Encoder:
     return PixelsEncoder(spec.apply_policy(PIXELS_PREPROCESS))
 
 
-@register_encoder("random-vit", description="ViT-S/14, fixed seed, random weights (weight-free floor)")
 def random_vit(spec: EncoderSpec) -> Encoder:
     from trainer.vit import vit_small
 

@@ -17,7 +17,7 @@ import torch
 
 from baselines._common import ModuleEncoder, load_exact, timm_vit_config, vit_features
 from baselines.preprocess import Preprocess
-from baselines.registry import Encoder, EncoderSpec, WeightFiles, register_encoder
+from baselines.registry import Encoder, EncoderSpec, WeightFiles
 from trainer.vit import VisionTransformer
 
 NATIVE = Preprocess(size=224, policy="resize_shortest_crop", interpolation="bilinear", mean=(0.4978,), std=(0.2449,),
@@ -54,7 +54,6 @@ def load_mrm(path: Path) -> VisionTransformer:
     return model.eval()
 
 
-@register_encoder("mrm", weights=WEIGHTS)
 def mrm(spec: EncoderSpec) -> Encoder:
     """MRM ViT-B/16 (MRM.pth), CLS after the pretrained final norm."""
     path = spec.require_weights() / FILES[0]

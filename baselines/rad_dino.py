@@ -9,7 +9,7 @@ from __future__ import annotations
 from baselines._hf import dinov2_features, from_folder
 from baselines._common import ModuleEncoder
 from baselines.preprocess import Preprocess
-from baselines.registry import Encoder, EncoderSpec, HubRepo, WeightFiles, register_encoder
+from baselines.registry import Encoder, EncoderSpec, HubRepo, WeightFiles
 
 NATIVE = Preprocess(size=518, policy="resize_shortest_crop", interpolation="bicubic", mean=(0.5307,), std=(0.2583,),
                     channels=3)
@@ -20,7 +20,6 @@ DOWNLOAD = ("hf download microsoft/rad-dino config.json model.safetensors prepro
 WEIGHTS = WeightFiles((FILES,), DOWNLOAD, hub=(HubRepo("microsoft/rad-dino", (FILES,)),))
 
 
-@register_encoder("rad-dino", weights=WEIGHTS)
 def rad_dino(spec: EncoderSpec) -> Encoder:
     """RAD-DINO ViT-B/14 (transformers Dinov2Model folder)."""
     folder = spec.require_weights()

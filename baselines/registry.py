@@ -1,17 +1,24 @@
-"""The encoder contract and the registry every encoder family adds itself to.
+"""The encoder contract and the encoder registry: one table line per model.
 
 An encoder is a frozen image model with a name, its native preprocessing as data and one method,
-``encode(pixels) -> Features``. Adding a model is one decorated factory in a new file of ``baselines/`` plus its
-import line in ``baselines/__init__.py``:
+``encode(pixels) -> Features``. Adding a model is a factory in a new file of ``baselines/`` plus one line in the
+`ENCODERS` table at the end of this file (nothing else imports it: the file is loaded the first time the model is
+built or its weights are looked up):
 
-    @register_encoder("my-model", weights=("config.json", "model.safetensors"))
+    # baselines/my_model.py
+    WEIGHTS = WeightFiles((("config.json", "model.safetensors"),), "hf download org/my-model --local-dir ...")
+
     def my_model(spec: EncoderSpec) -> Encoder:
         folder = spec.require_weights()          # raises WeightsMissing naming the folder and files
         ...
         return MyEncoder(...)
 
-A model published on the Hugging Face hub passes a `WeightFiles` instead, naming its repo(s): its weights are then
-also found in the user's Hugging Face cache (read offline), so nothing already downloaded there is fetched twice.
+    # the table below
+    ENCODERS.register("my-model", "baselines.my_model:my_model", weights="baselines.my_model:WEIGHTS",
+                      description="what it is")
+
+A model published on the Hugging Face hub names its repo(s) in its `WeightFiles`: its weights are then also found
+in the user's Hugging Face cache (read offline), so nothing already downloaded there is fetched twice.
 
 A factory whose weights are absent raises `WeightsMissing`; ``--models all`` turns that into a listed skip
 ("put these files in that folder"), never a silently random model.
@@ -21,13 +28,14 @@ from __future__ import annotations
 import hashlib
 import os
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
 
 import torch
 
 from baselines.preprocess import Preprocess
+from harness.registry import Entry, Registry, resolve
 
 WEIGHTS_ENV = "RADDINO_BENCH_WEIGHTS"
 
@@ -228,56 +236,39 @@ def default_weights_dir() -> Path:
 
 
 @dataclass(frozen=True)
-class _Entry:
-    factory: Callable[[EncoderSpec], Encoder]
-    weights: WeightFiles | None
-    folder_name: str
-    takes_arg: bool
-    description: str = field(default="")
+class EncoderEntry(Entry):
+    """An encoder's table line. `weights`: where its files may be, either the lazy target of a `WeightFiles`
+    (``"baselines.clip:WEIGHTS"``, read without building the model) or simply the files expected in
+    ``<weights-dir>/<folder or name>``; empty for a weight-free encoder. `takes_arg` makes it a parametrised
+    family spelled ``name:ARG`` (e.g. ``ckpt:/runs/exp1``), never part of ``--models all``."""
+
+    weights: str | tuple[str, ...] = ()
+    folder: str = ""
+    takes_arg: bool = False
+
+    @property
+    def weight_files(self) -> WeightFiles | None:
+        if isinstance(self.weights, str):
+            return resolve(self.weights)
+        return WeightFiles((tuple(self.weights),)) if self.weights else None
 
     @property
     def expected_files(self) -> tuple[str, ...]:
         """The documented layout (what ``--list`` shows)."""
-        return self.weights.layouts[0] if self.weights is not None else ()
+        files = self.weight_files
+        return files.layouts[0] if files is not None else ()
 
 
-_REGISTRY: dict[str, _Entry] = {}
-
-
-def register_encoder(
-    name: str,
-    *,
-    weights: WeightFiles | tuple[str, ...] = (),
-    folder: str = "",
-    takes_arg: bool = False,
-    description: str = "",
-) -> Callable[[Callable[[EncoderSpec], Encoder]], Callable[[EncoderSpec], Encoder]]:
-    """Register a factory under `name`. `weights` is a `WeightFiles`, or simply the files expected in
-    ``<weights-dir>/<folder or name>``; `takes_arg` makes it a parametrised family spelled ``name:ARG`` (e.g. ``ckpt:/runs/exp1``), never part of
-    ``--models all``."""
-
-    def deco(factory: Callable[[EncoderSpec], Encoder]) -> Callable[[EncoderSpec], Encoder]:
-        if name in _REGISTRY:
-            raise ValueError(f"encoder {name!r} registered twice")
-        doc = description or ((factory.__doc__ or "").strip().splitlines() or [""])[0]
-        files = weights if isinstance(weights, WeightFiles) else (WeightFiles((tuple(weights),)) if weights else None)
-        _REGISTRY[name] = _Entry(factory, files, folder or name, takes_arg, doc)
-        return factory
-
-    return deco
-
-
-def registered() -> dict[str, _Entry]:
-    return dict(_REGISTRY)
+ENCODERS: Registry[EncoderEntry] = Registry("encoder", EncoderEntry)
 
 
 def resolve_names(models: str) -> list[str]:
-    """``all`` -> every registered non-parametrised encoder, in registration order; else the comma list."""
+    """``all`` -> every registered non-parametrised encoder, in table order; else the comma list."""
     names = [m.strip() for m in models.split(",") if m.strip()]
     out: list[str] = []
     for n in names:
         if n == "all":
-            out += [k for k, e in _REGISTRY.items() if not e.takes_arg]
+            out += [k for k, e in ENCODERS.entries.items() if not e.takes_arg]
         else:
             out.append(n)
     return list(dict.fromkeys(out))
@@ -286,17 +277,14 @@ def resolve_names(models: str) -> list[str]:
 def build_encoder(name: str, weights_dir: Path | None = None, input_policy: str = "native") -> Encoder:
     """Instantiate a registered encoder by its spelled name (``rad-dino``, ``ckpt:DIR``)."""
     base, _, arg = name.partition(":")
-    entry = _REGISTRY.get(base)
-    if entry is None:
-        known = ", ".join(sorted(_REGISTRY))
-        raise KeyError(f"unknown encoder {name!r}; registered: {known}")
+    entry = ENCODERS.get(base)
     if entry.takes_arg and not arg:
         raise ValueError(f"encoder {base!r} needs an argument: spell it {base}:ARG")
     if arg and not entry.takes_arg:
         raise ValueError(f"encoder {base!r} takes no argument (got {name!r})")
     spec = EncoderSpec(name=name, arg=arg or None, weights_dir=weights_dir, input_policy=input_policy,
-                       weights=entry.weights, folder_name=entry.folder_name)
-    return entry.factory(spec)
+                       weights=entry.weight_files, folder_name=entry.folder)
+    return entry.load()(spec)
 
 
 def sha256_files(paths: list[Path], chunk: int = 1 << 20) -> str:
@@ -313,14 +301,35 @@ def weights_status(name: str, weights_dir: Path | None = None) -> str:
     """Where a registered encoder's weights would be loaded from, found without loading them (for ``--list``):
     ``present in FOLDER``, ``missing: MESSAGE`` (the WeightsMissing text: places searched, the fetch command), or
     why the question does not apply."""
-    entry = _REGISTRY[name]
+    entry = ENCODERS.get(name)
     if entry.takes_arg:
         return f"given as {name}:ARG"
-    if entry.weights is None:
+    weights = entry.weight_files
+    if weights is None:
         return "none needed"
-    spec = EncoderSpec(name=name, weights_dir=weights_dir, weights=entry.weights, folder_name=entry.folder_name)
+    spec = EncoderSpec(name=name, weights_dir=weights_dir, weights=weights, folder_name=entry.folder)
     try:
         folder, _ = spec.locate()
     except WeightsMissing as e:
         return f"missing: {e}"
     return f"present in {folder}"
+
+
+# --- the table: one line per encoder, in the order of --list and --models all ------------------------------------
+ENCODERS.register("pixels", "baselines.floors:pixels", description="the downsampled image itself (weight-free floor)")
+ENCODERS.register("random-vit", "baselines.floors:random_vit",
+                  description="ViT-S/14, fixed seed, random weights (weight-free floor)")
+ENCODERS.register("rad-dino", "baselines.rad_dino:rad_dino", weights="baselines.rad_dino:WEIGHTS",
+                  description="RAD-DINO ViT-B/14 (transformers Dinov2Model folder).")
+ENCODERS.register("dinov2-base", "baselines.dinov2:dinov2_base", weights="baselines.dinov2:WEIGHTS",
+                  description="DINOv2 ViT-B/14, ImageNet-domain (transformers folder or official .pth).")
+ENCODERS.register("clip", "baselines.clip:clip", weights="baselines.clip:WEIGHTS",
+                  description="OpenAI CLIP ViT-B/16 image tower (transformers folder or open_clip checkpoint).")
+ENCODERS.register("biomedclip", "baselines.biomedclip:biomedclip", weights="baselines.biomedclip:WEIGHTS",
+                  description="BiomedCLIP ViT-B/16 image tower (open_clip folder, vision tower only).")
+ENCODERS.register("biovil-t", "baselines.biovil_t:biovil_t", weights="baselines.biovil_t:WEIGHTS",
+                  description="BioViL-T ResNet-50 image encoder (hi-ml-multimodal checkpoint), single-image path.")
+ENCODERS.register("mrm", "baselines.mrm:mrm", weights="baselines.mrm:WEIGHTS",
+                  description="MRM ViT-B/16 (MRM.pth), CLS after the pretrained final norm.")
+ENCODERS.register("ckpt", "baselines.ckpt:ckpt", takes_arg=True,
+                  description="teacher of a raddino-bench training run: ckpt:RUN_OR_CKPT_DIR")

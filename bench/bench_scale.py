@@ -12,7 +12,7 @@ encoder pass over 16k images would take hours on a CPU):
   features (one label, 20% prevalence, 70/30 patient split);
 - bootstrap: 1000 patient-bootstrap resamples of AUROC/AUPRC for 14 labels over N test images (the resampled
   weight matrix of `harness.stats`);
-- seg: the whole segmentation protocol (`run_seg`: both heads, scoring at mask resolution, bootstrap, per-image
+- seg: the whole segmentation protocol (`segmentation.fit_and_score`: both heads, scoring at mask resolution, bootstrap, per-image
   file, overlays) streaming generated dense features (patch grid + 2 layers, 128 x 16 x 16 fp16 each, i.e. a ViT
   at 224 px; 196 kB per image) from a cache entry written beforehand by an untimed preparation subprocess, with
   128 px elliptical masks; --seg-epochs epochs (default 1, the protocol's budget has 12: time scales with it);
@@ -202,7 +202,7 @@ def stage_seg_prepare(n: int, work: Path, args: argparse.Namespace) -> dict:
 def stage_seg(n: int, work: Path, args: argparse.Namespace) -> dict:
     from harness import stats
     from harness.features import FeatureCache
-    from harness.probes.segmentation import BUDGET, run_seg
+    from harness.probes.segmentation import BUDGET, fit_and_score
     from harness.protocols import TaskRun
 
     task, enc = _seg_task(n), _seg_encoder()
@@ -217,8 +217,8 @@ def stage_seg(n: int, work: Path, args: argparse.Namespace) -> dict:
                  reference=enc.name)
     budget = dataclasses.replace(BUDGET, epochs=args.seg_epochs)
     t0, c0 = time.perf_counter(), time.process_time()
-    run_seg(tr, [enc], budget)
-    dice = tr.results[enc.name]["seg"]["heads"]["multi-level"]["lungs"]["dice"]["point"]
+    result = fit_and_score(tr, [enc], budget)
+    dice = result.to_record(enc.name)["heads"]["multi-level"]["lungs"]["dice"]["point"]
     return {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0, "dice": dice}
 
 

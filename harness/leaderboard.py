@@ -1,17 +1,20 @@
-"""Markdown leaderboards, and the check that a committed leaderboard still matches a fresh run.
+"""Markdown leaderboards, and the check that committed leaderboards still match a fresh run.
 
 A leaderboard is ``<out>/<task>.md``: a header saying exactly what it was computed on (dataset size, split sizes
 and hash, seeds, resamples, input policy, reference model, date), then one section per protocol, each a table
 with models as rows and metrics as columns, cells ``0.873 [0.851, 0.894]``. The best point estimate per column
-is bold; ``†`` marks a paired difference to the reference model that is significant after Holm correction.
+is bold; ``†`` marks a paired difference to the reference model that is significant after Holm correction. Every
+number shown with an interval is also a row of the task's tidy table (``<out>/results/<task>.csv``, see
+`harness.tidy`), which is what the check compares.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tabulate import tabulate
+
+from harness import tidy
 
 SIGNIFICANT = "†"
 REFRESH_COMMAND = "bash leaderboards/refresh.sh"
@@ -96,10 +99,7 @@ def render(title: str, header: list[tuple[str, str]], sections: list[Section]) -
     return "\n".join(lines) + "\n" + "\n".join(render_section(s) for s in sections)
 
 
-# --- comparing a fresh leaderboard with a committed one -------------------------------------------------------
-
-_NUM = re.compile(r"-?\d+\.\d+|-?\d+")
-
+# --- comparing fresh leaderboards with the committed ones -----------------------------------------------------
 
 @dataclass
 class Mismatch:
@@ -112,58 +112,32 @@ class Mismatch:
         return f"{self.file}: {self.where}: committed {self.committed!r}, fresh run {self.fresh!r}"
 
 
-def _tables(md: str) -> dict[tuple[str, str], dict[str, str]]:
-    """(section, model) -> {column: cell text} for every table row under a '## ' heading."""
-    out: dict[tuple[str, str], dict[str, str]] = {}
-    section, headers = "", []
-    for line in md.splitlines():
-        if line.startswith("## "):
-            section, headers = line[3:].strip(), []
-        elif line.startswith("|"):
-            cells = [c.strip() for c in line.strip().strip("|").split("|")]
-            if not headers:
-                headers = cells
-            elif not set("".join(cells)) <= set("-: "):
-                out[(section, cells[0])] = dict(zip(headers[1:], cells[1:]))
-        else:
-            headers = [] if not line.strip() else headers
-    return out
-
-
-def compare(committed_md: str, fresh_md: str, file: str, tol: float = 0.002) -> list[Mismatch]:
-    """Every table cell of the committed file must be in the fresh one with the same numbers (within `tol`).
-    Bold and significance marks are ignored (a p-value at the threshold may flip them); text must match."""
-    a, b = _tables(committed_md), _tables(fresh_md)
-    out = []
-    for key in sorted(set(a) | set(b)):
-        where = f"section '{key[0]}', row '{key[1]}'"
-        if key not in a or key not in b:
-            out.append(Mismatch(file, where, "present" if key in a else "absent", "present" if key in b else "absent"))
-            continue
-        for col in sorted(set(a[key]) | set(b[key])):
-            ca = a[key].get(col, "").replace("**", "").replace(SIGNIFICANT, "").strip()
-            cb = b[key].get(col, "").replace("**", "").replace(SIGNIFICANT, "").strip()
-            na, nb = _NUM.findall(ca), _NUM.findall(cb)
-            same_text = _NUM.sub("#", ca) == _NUM.sub("#", cb)
-            if not same_text or len(na) != len(nb) or any(abs(float(x) - float(y)) > tol for x, y in zip(na, nb)):
-                out.append(Mismatch(file, f"{where}, column '{col}'", ca, cb))
-    return out
+def compare_tables(committed: Path, fresh: Path, tol: float = 0.002) -> list[Mismatch]:
+    """The committed tidy table against the fresh one: equal when the CSV text is; otherwise every row present in
+    only one of them and every number that moved by more than `tol` (n_valid exactly), one mismatch each."""
+    if committed.read_bytes() == fresh.read_bytes():
+        return []
+    return [Mismatch(fresh.name, f"{row}, {col}", a, b)
+            for row, col, a, b in tidy.differences(tidy.read(committed), tidy.read(fresh), tol)]
 
 
 def check_dirs(committed: Path, fresh: Path, tol: float = 0.002) -> list[Mismatch]:
-    """Compare every leaderboard in `fresh` with its committed twin (a missing committed file is a mismatch)."""
-    out = []
-    for f in sorted(Path(fresh).glob("*.md")):
-        c = Path(committed) / f.name
+    """Every leaderboard in `fresh` must have a committed twin, and every tidy table (``results/<task>.csv``) must
+    match its committed twin within `tol`."""
+    committed, fresh = Path(committed), Path(fresh)
+    out = [Mismatch(f.name, "whole file", "absent", "present")
+           for f in sorted(fresh.glob("*.md")) if not (committed / f.name).exists()]
+    for f in sorted((fresh / "results").glob("*.csv")):
+        c = committed / "results" / f.name
         if not c.exists():
-            out.append(Mismatch(f.name, "whole file", "absent", "present"))
+            out.append(Mismatch(f"results/{f.name}", "whole file", "absent", "present"))
             continue
-        out += compare(c.read_text(), f.read_text(), f.name, tol)
+        out += compare_tables(c, f, tol)
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m harness.leaderboard check COMMITTED_DIR FRESH_DIR``: exit 1 listing every stale cell."""
+    """``python -m harness.leaderboard check COMMITTED_DIR FRESH_DIR``: exit 1 listing every stale number."""
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m harness.leaderboard")
@@ -173,12 +147,16 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("fresh", type=Path)
     c.add_argument("--tol", type=float, default=0.002)
     args = p.parse_args(argv)
-    bad = check_dirs(args.committed, args.fresh, args.tol)
-    n = len(list(Path(args.fresh).glob("*.md")))
+    try:
+        bad = check_dirs(args.committed, args.fresh, args.tol)
+    except ValueError as e:  # a table that cannot be read names its file
+        print(f"error: {e}")
+        return 2
+    n = len(list((Path(args.fresh) / "results").glob("*.csv")))
     if not bad:
-        print(f"leaderboards up to date: {n} file(s) match within {args.tol}")
+        print(f"leaderboards up to date: {n} results table(s) match within {args.tol}")
         return 0
-    print(f"{len(bad)} stale leaderboard cell(s) (tolerance {args.tol}):")
+    print(f"{len(bad)} stale leaderboard number(s) (tolerance {args.tol}):")
     for m in bad:
         print(f"  {m}")
     print(f"refresh them with: {REFRESH_COMMAND}   (then commit leaderboards/)")

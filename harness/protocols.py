@@ -1,30 +1,39 @@
-"""The protocol registry, and what every protocol of one task shares.
+"""What every protocol of one task shares, and what a protocol returns.
 
-A protocol (linear probe, segmentation, demographics, ...) is a function that takes the task's shared state
-(`TaskRun`: the task, its patient-level split, the test set's bootstrap weights, the cached features) and the
-encoders, and returns one leaderboard `Section`; it records per-model results in ``tr.results[model][name]``,
-per-image linear-probe predictions in ``tr.predictions[model]`` (read by other protocols), and the files it
-publishes (parquet, PNG) in ``tr.files`` under ``results/<out_name>/`` or ``<out_name>_<protocol>/``, or as one
-figure beside the leaderboard (``<out_name>_label_efficiency.png``): the run attributes each file to the protocol
-that added it, so re-running one protocol replaces exactly its files.
-Adding one is a decorated function in ``harness/probes/`` plus its import line in ``harness/probes/__init__.py``.
+A protocol (linear probe, segmentation, demographics, ...) is a function registered in ``harness/probes/__init__.py``
+that takes the task's shared state (`TaskRun`: the task, its patient-level split, the test set's bootstrap weights,
+the cached features), the encoders and the results of the protocols it runs after, and returns a `ProtocolResult`:
+the leaderboard section, per-model records (``results/<out_name>/<model>.json``), per-image prediction rows (the
+linear probe's, which demographics scores per subgroup), the files it publishes (parquet, PNG) under
+``results/<out_name>/`` or ``<out_name>_<protocol>/``, or as one figure beside the leaderboard
+(``<out_name>_label_efficiency.png``), and the rows of the tidy results table (`harness.tidy`). Nothing is written
+until every protocol of the task has finished: `harness.run.write_outputs` writes it all, and a re-run of one
+protocol replaces exactly that protocol's files.
 """
 from __future__ import annotations
 
+import copy
 import io
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Callable
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import polars as pl
 
-from baselines.registry import Encoder
 from harness import stats
-from harness.features import FeatureSet
 from harness.io import safe_name
 from harness.leaderboard import Section
+from harness.probes import PROTOCOLS
+from harness.registry import resolve
 from harness.splits import pseudonym
 from harness.tasks.base import Subset, Task
+from harness.tidy import TidyRow
+
+if TYPE_CHECKING:
+    from baselines.registry import Encoder
+    from harness.features import FeatureSet
 
 #: Default of --min-positive-patients: a label enters macro means only with this many positive (and negative)
 #: test patients; below it a percentile interval is dominated by whether its few patients are drawn.
@@ -60,24 +69,47 @@ class TaskRun:
     #: stem of the task's output files (leaderboard, results folder, extra files): the task name plus the options
     #: that change its numbers; defaults to the task name
     out_name: str = ""
-    results: dict[str, dict] = field(default_factory=dict)          # model -> protocol -> JSON-able results
-    predictions: dict[str, list[dict]] = field(default_factory=dict)  # model -> rows of per-image predictions
-    #: extra files to write beside the leaderboard (relative path -> bytes), e.g. PNG overlays; written
-    #: atomically with everything else once every protocol has finished.
-    files: dict[str, bytes] = field(default_factory=dict)
     options: ProbeOptions = field(default_factory=ProbeOptions)
 
     def __post_init__(self) -> None:
         self.out_name = self.out_name or safe_name(self.task.name)
-
 
     def patient_keys(self, rows: np.ndarray) -> list[str]:
         """Pseudonyms of the patients of `rows`: what outputs carry and what the bootstrap draws over."""
         return [pseudonym(self.task.table.patient_ids[r], self.task.name) for r in rows]
 
 
+@dataclass(frozen=True)
+class ProtocolResult:
+    """Everything one protocol computed on one task, read-only once made (a protocol that runs after this one reads
+    it, it cannot change it). `records`: model -> what ``results/<task>/<model>.json`` holds under
+    ``protocols.<name>``; `predictions`: model -> per-image rows (image_id, patient_key, label, target, score) for
+    protocols that score the task's labels per image; `files`: relative path (under the output folder) -> bytes;
+    `tidy`: the protocol's rows of the tidy results table."""
+
+    name: str
+    section: Section
+    records: Mapping[str, dict] = field(default_factory=dict)
+    predictions: Mapping[str, tuple[dict, ...]] = field(default_factory=dict)
+    files: Mapping[str, bytes] = field(default_factory=dict)
+    tidy: tuple[TidyRow, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("records", "predictions", "files"):
+            object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
+        object.__setattr__(self, "tidy", tuple(self.tidy))
+
+    def to_section(self) -> Section:
+        """The leaderboard section (a copy: rendering or merging it leaves the result as computed)."""
+        return copy.deepcopy(self.section)
+
+    def to_record(self, model: str) -> dict | None:
+        """What the model's results file holds for this protocol (a copy), or None when it recorded nothing."""
+        return copy.deepcopy(self.records.get(model))
+
+
 def parquet_bytes(rows: list[dict]) -> bytes:
-    """Rows of per-image values as a parquet file's bytes, for `TaskRun.files`."""
+    """Rows of per-image values as a parquet file's bytes, for `ProtocolResult.files`."""
     buf = io.BytesIO()
     pl.DataFrame(rows).write_parquet(buf)
     return buf.getvalue()
@@ -107,37 +139,6 @@ def label_status(task: Task, split: np.ndarray, min_patients: int) -> tuple[np.n
     return ok, reasons
 
 
-ProtocolFn = Callable[[TaskRun, list[Encoder]], Section]
-
-
-@dataclass(frozen=True)
-class Protocol:
-    name: str
-    run: ProtocolFn
-    default: bool
-    description: str
-    #: rows of a task whose dense features (patch grids, layers) the protocol reads; None = global only
-    dense_rows: Callable[[Task], np.ndarray] | None = None
-
-
-PROTOCOLS: dict[str, Protocol] = {}
-
-
-def register_protocol(name: str, *, default: bool = True, description: str = "",
-                      dense_rows: Callable[[Task], np.ndarray] | None = None) -> Callable[[ProtocolFn], ProtocolFn]:
-    """`default`: part of a task's protocols when the task spec names none. `dense_rows`: which images the
-    protocol needs dense features of, declared up front so one extraction pass can serve every protocol (and a
-    SLURM sweep can extract them in its feature jobs)."""
-
-    def deco(fn: ProtocolFn) -> ProtocolFn:
-        if name in PROTOCOLS:
-            raise ValueError(f"protocol {name!r} registered twice")
-        PROTOCOLS[name] = Protocol(name, fn, default, description, dense_rows)
-        return fn
-
-    return deco
-
-
 def dense_view(task: Task, rows: np.ndarray) -> Task:
     """The images `rows` as a task: the task itself when that is every image (so one cache entry holds its global
     and dense features), else a Subset."""
@@ -149,8 +150,8 @@ def feature_sets(task: Task, protocols: tuple[str, ...]) -> list[tuple[Task, boo
     features of every image always, plus each protocol's dense rows."""
     dense: dict[bytes, Task] = {}
     for name in protocols:
-        fn = PROTOCOLS[name].dense_rows
-        rows = np.asarray(fn(task), dtype=int) if fn is not None else np.array([], dtype=int)
+        target = PROTOCOLS.get(name).dense_rows
+        rows = np.asarray(resolve(target)(task), dtype=int) if target else np.array([], dtype=int)
         if rows.size:
             dense.setdefault(rows.tobytes(), dense_view(task, rows))
     sets = [(view, True) for view in dense.values()]

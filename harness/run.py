@@ -25,26 +25,24 @@ import numpy as np
 import torch
 from tabulate import tabulate
 
-import baselines  # noqa: F401  (registers the encoders)
-import harness.probes  # noqa: F401  (registers the protocols)
-import harness.tasks
 from baselines.registry import (
+    ENCODERS,
     Encoder,
     WeightsMissing,
     build_encoder,
     default_weights_dir,
-    registered,
     resolve_names,
     weights_status,
 )
-from harness import stats
+from harness import stats, tidy
 from harness.features import DEFAULT_DENSE_BUDGET_GB, FeatureCache, extract
 from harness.io import atomic_path, atomic_write_text, safe_name
-from harness.leaderboard import Section, render, section_from_json, section_to_json
-from harness.protocols import (MIN_POSITIVE_PATIENTS, PROTOCOLS, ProbeOptions, TaskRun, feature_sets,
+from harness.leaderboard import render, section_from_json, section_to_json
+from harness.probes import PROTOCOLS
+from harness.protocols import (MIN_POSITIVE_PATIENTS, ProbeOptions, ProtocolResult, TaskRun, feature_sets,
                                label_status)
 from harness.splits import make_split, pseudonym, split_hash, write_split
-from harness.tasks.base import Task, TaskContext, TaskError, TaskTable, build_task
+from harness.tasks.base import TASKS, Task, TaskContext, TaskError, TaskTable, build_task
 
 
 @dataclass
@@ -55,16 +53,17 @@ class TaskSpec:
 
 
 def parse_task_spec(spec: str) -> TaskSpec:
-    """``demo``, ``demo:linear``, ``csv:PATH``, ``csv:PATH:linear``: a trailing protocol name picks protocols."""
+    """``demo``, ``demo:linear``, ``csv:PATH``, ``csv:PATH:linear``: a trailing protocol name picks protocols. The
+    protocols come in run order, with those they depend on (``demo:demographics`` runs the linear probe first)."""
     name, _, rest = spec.partition(":")
-    protocols = tuple(p.name for p in PROTOCOLS.values() if p.default)
+    protocols = tuple(n for n, p in PROTOCOLS.entries.items() if p.default)
     if rest:
         head, _, tail = rest.rpartition(":")
         if tail in PROTOCOLS:
             protocols, rest = (tail,), head
         elif not head and rest in PROTOCOLS:
             protocols, rest = (rest,), ""
-    return TaskSpec(name, rest or None, protocols)
+    return TaskSpec(name, rest or None, PROTOCOLS.ordered(protocols))
 
 
 def split_task_list(tasks: str) -> list[str]:
@@ -231,15 +230,14 @@ def evaluate_task(spec: TaskSpec, encoders: list[Encoder], args: argparse.Namesp
     tr = TaskRun(task, split, split_hash(t.image_ids, list(split)), weights, feats, summary, extract=extract_for,
                  seed=args.seed, reference=reference, min_positive_patients=args.min_positive_patients,
                  out_name=output_name(spec, task), options=probe_options(args))
-    sections: dict[str, Section] = {}
-    owned: dict[str, list[str]] = {}
-    for proto in spec.protocols:
+    results: dict[str, ProtocolResult] = {}
+    for proto in PROTOCOLS.ordered(spec.protocols):
+        entry = PROTOCOLS.get(proto)
         print(f"protocol {proto} ...")
-        before = set(tr.files)
-        sections[proto] = PROTOCOLS[proto].run(tr, encoders)
-        owned[proto] = sorted(set(tr.files) - before)
+        # A protocol gets the results of those it runs after, in the order it declares them.
+        results[proto] = entry.load()(tr, encoders, *(results[dep] for dep in entry.after))
 
-    return write_outputs(tr, encoders, sections, owned, args)
+    return write_outputs(tr, encoders, results, args)
 
 
 #: ``results/<name><MANIFEST>``, beside the task's results folder (whose *.json are one per model): the settings
@@ -331,27 +329,39 @@ def _read_json(path: Path) -> dict | None:
     return obj if isinstance(obj, dict) else None
 
 
-def write_outputs(tr: TaskRun, encoders: list[Encoder], sections: dict[str, Section], owned: dict[str, list[str]],
+def _read_tidy(path: Path) -> list[tidy.TidyRow] | None:
+    """The rows of a tidy table written by an earlier run; None when absent or unreadable."""
+    try:
+        return tidy.read(path)
+    except (OSError, ValueError):
+        return None
+
+
+def write_outputs(tr: TaskRun, encoders: list[Encoder], results: dict[str, ProtocolResult],
                   args: argparse.Namespace) -> Path:
-    """Split file, per-model results, the protocols' files, then the leaderboard: each atomically.
+    """Split file, per-model results, the protocols' files, the tidy table, then the leaderboard: each atomically.
 
     A run of some protocols into a folder that holds a leaderboard of the same task with the same settings
-    replaces those protocols' sections, results and files and keeps the others. With other settings (or no
-    manifest) the old sections are not comparable: they are dropped with a note. Either way, files of the old
-    leaderboard that this one does not list are deleted, so nothing stale stays beside the new files."""
+    replaces those protocols' sections, results, files and tidy rows and keeps the others. With other settings (or
+    no manifest, or no tidy table: an older version's output) the old sections are not comparable: they are dropped
+    with a note. Either way, files of the old leaderboard that this one does not list are deleted, so nothing stale
+    stays beside the new files."""
     task, t, summary, reference, out = tr.task, tr.task.table, tr.summary, tr.reference, args.out
     name = tr.out_name
     folder = out / "results" / name
     settings = run_settings(tr, encoders, args)
     manifest = out / "results" / f"{name}{MANIFEST}"
+    tidy_paths = (out / "results" / f"{name}.parquet", out / "results" / f"{name}.csv")
     old = _read_json(manifest)
-    same = old is not None and old.get("settings") == settings
+    old_tidy = _read_tidy(tidy_paths[0]) if old is not None else None
+    same = old is not None and old.get("settings") == settings and old_tidy is not None
     if not same and (old is not None or (out / f"{name}.md").exists()):
         print(f"note: {out / (name + '.md')} was computed with other settings (or by an older version): its "
               "sections are replaced, not merged")
-    kept = {p: v for p, v in old["protocols"].items() if p not in sections} if same else {}
-    order = [p for p in PROTOCOLS if p in kept or p in sections]
-    files = {p: owned[p] if p in sections else kept[p]["files"] for p in order}
+    kept = {p: v for p, v in old["protocols"].items() if p not in results} if same else {}
+    # Leaderboard order: the whole table's run order, whichever protocols this run computed.
+    order = [p for p in PROTOCOLS.ordered(PROTOCOLS) if p in kept or p in results]
+    files = {p: sorted(results[p].files) if p in results else kept[p]["files"] for p in order}
     model_files = [f"results/{name}/{safe_name(e.name)}.json" for e in encoders]
     listed = {f for p in order for f in files[p]} | set(model_files)
 
@@ -359,8 +369,9 @@ def write_outputs(tr: TaskRun, encoders: list[Encoder], sections: dict[str, Sect
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
     prov = provenance()
     for enc, rel in zip(encoders, model_files):
-        earlier = _read_json(out / rel) if same else None
-        results = {**(earlier or {}).get("protocols", {}), **tr.results.get(enc.name, {})}
+        earlier = (_read_json(out / rel) or {}).get("protocols", {}) if same else {}
+        records = {p: earlier[p] for p in kept if p in earlier}
+        records.update({p: r.to_record(enc.name) for p, r in results.items() if enc.name in r.records})
         res = {
             "task": task.name, "model": enc.name, "encoder": enc.identity(), "input_policy": args.input_policy,
             "split": {"hash": tr.split_hash, "seed": args.seed, "file": f"splits/{name}.csv",
@@ -369,16 +380,23 @@ def write_outputs(tr: TaskRun, encoders: list[Encoder], sections: dict[str, Sect
                           "drawn_over": "sorted patient_key",
                           "conditioned_on": "a positive and a negative patient of every evaluable label",
                           "min_positive_patients": args.min_positive_patients},
-            "reference": reference, "dataset": summary, "protocols": {p: results[p] for p in order if p in results},
+            "reference": reference, "dataset": summary, "protocols": {p: records[p] for p in order if p in records},
             "provenance": prov, "date": date,
         }
         write_json(out / rel, res)
-    for rel, blob in tr.files.items():
-        with atomic_path(out / rel) as tmp:
-            tmp.write_bytes(blob)
-    all_sections = {p: sections[p] if p in sections else section_from_json(kept[p]["section"]) for p in order}
+    for result in results.values():
+        for rel, blob in result.files.items():
+            with atomic_path(out / rel) as tmp:
+                tmp.write_bytes(blob)
+    rows = [r for p in order for r in (results[p].tidy if p in results else
+                                       [r for r in old_tidy or [] if r.protocol == p])]
+    with atomic_path(tidy_paths[0]) as tmp:
+        tmp.write_bytes(tidy.parquet_bytes(rows))
+    atomic_write_text(tidy_paths[1], tidy.csv_text(rows))
+    all_sections = {p: results[p].to_section() if p in results else section_from_json(kept[p]["section"])
+                    for p in order}
     write_json(manifest, {"settings": settings, "protocols": {
-        p: {"section": section_to_json(all_sections[p]), "files": files[p], "date": date if p in sections else
+        p: {"section": section_to_json(all_sections[p]), "files": files[p], "date": date if p in results else
             kept[p]["date"]} for p in order}})
     aggregation = summary.get("reader_aggregation")
     header = [
@@ -396,7 +414,7 @@ def write_outputs(tr: TaskRun, encoders: list[Encoder], sections: dict[str, Sect
         ("Input policy", args.input_policy),
         ("Reference", f"`{reference}`"),
         ("Generated", f"{date} by `python -m harness.run` (results in `results/{name}/`)"
-                      + ("" if len(sections) == len(order) else "; sections " + ", ".join(
+                      + ("" if len(results) == len(order) else "; sections " + ", ".join(
                           f"{p} of {kept[p]['date']}" for p in order if p in kept) + " kept from an earlier run")),
     ]
     md = render(f"Leaderboard: {task.name}", header, [all_sections[p] for p in order])
@@ -426,21 +444,21 @@ def print_summary(s: dict) -> None:
 
 def list_registered(weights_dir: Path | None) -> None:
     """Encoders (with whether their weights are present, and where, found without loading them), tasks and
-    protocols."""
+    protocols, in table order."""
     def where(name: str) -> str:
         status = weights_status(name, weights_dir)
         # The full WeightsMissing text (places searched, fetch command) is what `--models NAME` prints.
         return status.split(";")[0] + f" (details: --models {name})" if status.startswith("missing") else status
 
     print(tabulate([[n, "name:ARG" if e.takes_arg else "", ", ".join(e.expected_files) or "(none)", where(n),
-                     e.description] for n, e in registered().items()],
+                     e.description] for n, e in ENCODERS.entries.items()],
                    headers=["encoder", "form", "weight files", "weights", "what"]))
     print()
-    print(tabulate([[n, "name:ARG" if e.takes_arg else "", e.description]
-                    for n, e in harness.tasks.base.registered_tasks().items()], headers=["task", "form", "what"]))
+    print(tabulate([[n, "name:ARG" if e.takes_arg else "", e.description] for n, e in TASKS.entries.items()],
+                   headers=["task", "form", "what"]))
     print()
-    print(tabulate([[p.name, "yes" if p.default else f"only as TASK:{p.name}", p.description]
-                    for p in PROTOCOLS.values()], headers=["protocol", "by default", "what"]))
+    print(tabulate([[n, "yes" if p.default else f"only as TASK:{n}", ", ".join(p.after), p.description]
+                    for n, p in PROTOCOLS.entries.items()], headers=["protocol", "by default", "runs after", "what"]))
 
 
 def main(argv: list[str] | None = None) -> int:

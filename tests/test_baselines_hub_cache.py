@@ -143,9 +143,9 @@ def test_clip_transformers_folder_loads_from_the_hf_cache(tmp_path, empty_weight
 
 
 def test_import_and_build_leave_the_environment_alone(tmp_path):
-    """In a fresh interpreter (imports happen once per process): importing the baselines and the linear probe, then
-    building an encoder from --weights-dir and from the hub cache, changes no environment variable and opens no
-    connection."""
+    """In a fresh interpreter (imports happen once per process): importing every registered encoder family, task
+    and protocol, then building an encoder from --weights-dir and from the hub cache, changes no environment
+    variable and opens no connection."""
     tiny_dinov2(tmp_path / "weights" / "rad-dino")
     tiny_dinov2(tmp_path / "stage")
     publish(tmp_path / "stage", RAD_DINO, "a" * 40)
@@ -161,8 +161,13 @@ socket.socket.connect = socket.create_connection = socket.getaddrinfo = refuse
 # OpenMP's): imported before the snapshot, so that only our modules are under test.
 import polars, sklearn.linear_model
 before = dict(os.environ)
-import baselines, harness.probes.linear
-from baselines.registry import build_encoder
+from baselines.registry import ENCODERS, build_encoder
+from harness.probes import PROTOCOLS
+from harness.tasks import TASKS
+# Every module a table line points at (each imported on first use), not only those a run happens to load.
+for table in (ENCODERS, TASKS, PROTOCOLS):
+    for name in table:
+        table.load(name)
 own = build_encoder("rad-dino", weights_dir=Path({str(tmp_path / "weights")!r}))
 cached = build_encoder("rad-dino", weights_dir=Path({str(tmp_path / "empty")!r}))
 assert own.weights_folder != cached.weights_folder

@@ -1,9 +1,12 @@
 """``python -m harness.run --models all`` end to end, with an empty weights folder and with a full one.
 
-Empty: only the weight-free floors (pixels, random-vit) run; every pretrained model is listed as skipped, naming
-its folder and the files to put there. Full: every family's folder holds a small random model written in that
-model's published file layout, and all eight encoders get a leaderboard row and a results file carrying the digest
-of the weight files they loaded.
+The models expected are the registry's (every encoder of the table but the parametrised ``ckpt:DIR``), so a model
+added to the table is expected here too: it must then get its files below. Empty: only the weight-free floors
+(pixels, random-vit) run; every pretrained model is listed as skipped, naming its folder and the files to put there.
+Full: every family's folder holds a small random model written in that model's published file layout, and every
+encoder gets a leaderboard row and a results file carrying the digest of the weight files it loaded. An encoder
+registered by one table line from a package of its own shows up in ``--list`` and ``--models all`` with no other
+edit.
 
 The weight files are written without the reference libraries, so this runs in any environment: transformers' own
 ``save_pretrained`` for the transformers folders, and for the other formats our re-implementations' state dicts,
@@ -17,6 +20,7 @@ import hashlib
 import json
 import os
 import re
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -25,11 +29,15 @@ from transformers import CLIPConfig, CLIPModel, Dinov2Config, Dinov2Model
 
 from _baseline_refs import randomise_, reference
 from baselines.biovil_t import BioViLTImage
+from baselines.registry import ENCODERS
+from harness.probes import PROTOCOLS
 from harness.run import main
 from trainer.vit import ViTConfig, VisionTransformer
 
-FLOORS = ("pixels", "random-vit")
-PRETRAINED = ("rad-dino", "dinov2-base", "clip", "biomedclip", "biovil-t", "mrm")
+# What --models all means, read from the table: the weight-free floors and the models with weight files.
+ALL = tuple(n for n, e in ENCODERS.entries.items() if not e.takes_arg)
+FLOORS = tuple(n for n in ALL if ENCODERS.get(n).weight_files is None)
+PRETRAINED = tuple(n for n in ALL if n not in FLOORS)
 # Every file name a skip message must mention: the documented layout, plus the alternative layouts where a loader
 # accepts more than one. Written out here, not read from the loaders, so a loader that changes them fails this test.
 SKIP_MENTIONS = {
@@ -168,6 +176,12 @@ WRITERS = {"rad-dino": _rad_dino, "dinov2-base": _dinov2_base, "clip": _clip, "b
 
 # ---------------------------------------------------------------------------------------------------- the tests
 
+def test_every_registered_model_has_its_expectations_here():
+    """A model added to the table needs its skip message's file names and a writer of small weights above."""
+    assert FLOORS == ("pixels", "random-vit")  # the leaderboards' floors, weight-free
+    assert set(SKIP_MENTIONS) == set(PRETRAINED) == set(WRITERS)
+
+
 def test_empty_weights_folder_runs_the_floors_and_lists_every_skip(tmp_path, capsys):
     empty = tmp_path / "weights"
     empty.mkdir()
@@ -180,8 +194,8 @@ def test_empty_weights_folder_runs_the_floors_and_lists_every_skip(tmp_path, cap
         line = table[name]
         assert line.split()[1] == "skipped", line
         assert f"weights not found in {empty / name};" in line, line
-        # Every model but MRM is on the Hugging Face hub, whose cache was searched too (conftest points it at tmp).
-        assert (os.environ["HF_HUB_CACHE"] in line) == (name != "mrm"), line
+        # A model published on the Hugging Face hub is searched in its cache too (conftest points it at tmp).
+        assert (os.environ["HF_HUB_CACHE"] in line) == bool(ENCODERS.get(name).weight_files.hub), line
         for f in SKIP_MENTIONS[name]:
             assert f in line, f"{name}: skip reason does not name {f}: {line}"
 
@@ -267,9 +281,6 @@ def test_written_files_use_the_official_parameter_names(family):
 
 
 def test_list_says_whose_weights_are_present_and_where_and_shows_the_protocols(tmp_path, capsys):
-    from harness.protocols import PROTOCOLS
-    from harness.run import main
-
     weights = tmp_path / "weights"
     _rad_dino(weights / "rad-dino")
     assert main(["--list", "--weights-dir", str(weights)]) == 0
@@ -281,5 +292,52 @@ def test_list_says_whose_weights_are_present_and_where_and_shows_the_protocols(t
             assert "missing" in lines[name] and f"--models {name}" in lines[name], lines[name]
     for name in FLOORS:
         assert "none needed" in lines[name]
-    for name, p in PROTOCOLS.items():
+    for name, p in PROTOCOLS.entries.items():
         assert name in lines and ("yes" in lines[name]) == p.default, lines[name]
+    assert lines["demographics"].split()[2] == "linear"  # the protocol it runs after
+
+
+TOY_ENCODER = """
+import torch
+import torch.nn.functional as F
+
+from baselines.preprocess import Preprocess
+from baselines.registry import Encoder, EncoderSpec, Features
+
+
+class Toy(Encoder):
+    def __init__(self, name):
+        self.name, self.weights_digest = name, "0" * 64
+        self.preprocess = Preprocess(size=32, policy="resize_stretch", interpolation="area", mean=(0.5,),
+                                     std=(0.25,), channels=1)
+
+    def encode(self, pixels):
+        grid = F.avg_pool2d(pixels, 4)
+        return Features(global_=grid.flatten(1), patch=grid)
+
+
+def build(spec: EncoderSpec) -> Encoder:
+    return Toy(spec.name)
+"""
+
+
+def test_an_encoder_added_by_one_table_line_is_listed_and_part_of_all(tmp_path, monkeypatch, capsys):
+    package = f"toy_{tmp_path.name.replace('-', '_')}"  # its own name: the registry caches what it imported
+    (tmp_path / "src" / package).mkdir(parents=True)
+    (tmp_path / "src" / package / "__init__.py").write_text("")
+    (tmp_path / "src" / package / "toy.py").write_text(textwrap.dedent(TOY_ENCODER))
+    monkeypatch.syspath_prepend(str(tmp_path / "src"))
+    monkeypatch.setattr(ENCODERS, "entries", dict(ENCODERS.entries))  # the table as it was, after the test
+    ENCODERS.register("toy", f"{package}.toy:build", description="a test's own encoder")
+
+    assert main(["--list"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert "a test's own encoder" in lines["toy"] and "none needed" in lines["toy"]
+
+    empty = tmp_path / "weights"
+    empty.mkdir()
+    assert _run(tmp_path, empty) == 0
+    table = _encoder_table(capsys.readouterr().out)
+    assert table["toy"].split()[1] == "ready"
+    rows = _linear_rows((tmp_path / "lb" / f"{OUT_NAME}.md").read_text())
+    assert list(rows) == [*FLOORS, "toy"] and CELL.match(rows["toy"]["macro AUROC"])

@@ -5,13 +5,10 @@ import pytest
 
 from harness import stats
 from harness.features import FeatureSet
-from harness.probes.demographics import (
-    age_bands,
-    age_probe,
-    choose_alpha,
-    run_demographics,
-)
-from harness.protocols import TaskRun
+from harness.leaderboard import Section
+from harness.probes import demographics, linear
+from harness.probes.demographics import age_bands, age_probe, choose_alpha
+from harness.protocols import ProtocolResult, TaskRun
 from harness.tasks.base import Task, TaskTable
 
 
@@ -63,10 +60,16 @@ def _run(n_patients=90, seed=0, shuffle=False, gap=False, missing=0):
     return tr, [_Enc("a"), _Enc("b")]
 
 
+def _demographics(tr, encs):
+    """The protocol as the runner calls it: after the linear probe, with its result."""
+    return demographics.fit_and_score(tr, encs, linear.fit_and_score(tr, encs))
+
+
 def test_planted_signal_is_recovered_and_noise_is_not():
     tr, encs = _run()
-    section = run_demographics(tr, encs)
-    a, b = tr.results["a"]["demographics"], tr.results["b"]["demographics"]
+    result = _demographics(tr, encs)
+    section = result.to_section()
+    a, b = result.to_record("a"), result.to_record("b")
     assert a["sex"]["auroc"]["point"] > 0.9 and a["sex"]["auroc"]["lo"] > 0.8
     assert a["age"]["r"]["point"] > 0.8 and a["age"]["r2"]["point"] > 0.5
     assert a["age"]["mae"]["point"] < 0.6 * np.std(tr.task.table.age)  # far better than predicting the mean
@@ -81,8 +84,7 @@ def test_planted_signal_is_recovered_and_noise_is_not():
 
 def test_shuffled_labels_give_chance():
     tr, encs = _run(shuffle=True, seed=3)
-    run_demographics(tr, encs)
-    a = tr.results["a"]["demographics"]
+    a = _demographics(tr, encs).to_record("a")
     assert a["sex"]["auroc"]["lo"] < 0.5 < a["sex"]["auroc"]["hi"]
     assert a["age"]["r"]["lo"] < 0.0 < a["age"]["r"]["hi"] or a["age"]["r"]["point"] is None
     assert a["age"]["r2"]["point"] < 0.1
@@ -90,9 +92,10 @@ def test_shuffled_labels_give_chance():
 
 def test_missing_sex_and_age_are_excluded_and_counted():
     tr, encs = _run(missing=7)
-    section = run_demographics(tr, encs)
+    result = _demographics(tr, encs)
+    section = result.to_section()
     t, split = tr.task.table, tr.split
-    res = tr.results["a"]["demographics"]
+    res = result.to_record("a")
     unknown_sex_test = sum(1 for s, sp in zip(t.sex, split) if s is None and sp == "test")
     unknown_age_test = int((~np.isfinite(t.age) & (split == "test")).sum())
     assert res["missing"]["sex_unknown"]["test"] == unknown_sex_test > 0
@@ -103,32 +106,54 @@ def test_missing_sex_and_age_are_excluded_and_counted():
                for n in section.notes)
 
 
-def test_subgroup_view_finds_a_gap_that_exists_and_refits_when_linear_did_not_run():
+def test_subgroup_view_finds_a_gap_that_exists():
     tr, encs = _run(gap=True, n_patients=150)
-    section = run_demographics(tr, encs)
-    sub = tr.results["a"]["demographics"]["subgroups"]
-    assert sub["source"] == "refitted linear probe"
+    result = _demographics(tr, encs)
+    section = result.to_section()
+    sub = result.to_record("a")["subgroups"]
+    assert sub["source"] == "linear protocol predictions"
     men, women = (sub["sex"]["groups"][g]["macro_auroc"]["point"] for g in ("M", "F"))
     assert men > 0.85 and women < 0.7
     assert sub["sex"]["gap"]["lo"] > 0  # men minus women, interval clear of 0
     assert section.rows["a"]["gap men−women"].point is None  # shown as text, never ranked/bolded
     assert section.rows["a"]["gap men−women"].note.startswith("+")
-    assert any("refitted" in n for n in section.notes)
 
 
-def test_subgroup_view_uses_linear_protocol_predictions():
+def test_subgroup_view_scores_the_linear_protocols_predictions():
     tr, encs = _run()
     t = tr.task.table
     test = np.flatnonzero(tr.split == "test")
-    for e in encs:  # what the linear protocol leaves behind: here, perfect scores
-        tr.results[e.name] = {"linear": {}}
-        tr.predictions[e.name] = [{"image_id": t.image_ids[i], "patient_key": "k", "label": "finding",
-                                   "target": int(t.labels[i, 0]), "score": float(t.labels[i, 0])} for i in test]
-    run_demographics(tr, encs)
-    sub = tr.results["b"]["demographics"]["subgroups"]
+    # A linear result whose predictions are perfect scores: the subgroup view must score exactly these.
+    rows = tuple({"image_id": t.image_ids[i], "patient_key": "k", "label": "finding", "target": int(t.labels[i, 0]),
+                  "score": float(t.labels[i, 0])} for i in test)
+    perfect = ProtocolResult("linear", Section("Linear", [], {}), predictions={e.name: rows for e in encs})
+    sub = demographics.fit_and_score(tr, encs, perfect).to_record("b")["subgroups"]
     assert sub["source"] == "linear protocol predictions"
     assert sub["sex"]["groups"]["M"]["macro_auroc"]["point"] == 1.0
     assert sub["sex"]["gap"]["point"] == 0.0
+
+
+def test_tidy_rows_are_the_sections_numbers_named_as_its_columns():
+    tr, encs = _run(gap=True, n_patients=150)
+    result = _demographics(tr, encs)
+    rows = {(r.model, r.metric, r.label): r for r in result.tidy}
+    b = result.to_record("b")
+    for metric, record in (("sex_auroc", b["sex"]["auroc"]), ("age_mae", b["age"]["mae"]), ("age_r", b["age"]["r"])):
+        row = rows["b", metric, ""]
+        assert (row.point, row.lo, row.hi, row.n_valid) == (record["point"], record["lo"], record["hi"],
+                                                            record["n_valid"])
+        assert (row.delta, row.p_holm) == (b["paired_to_reference"][metric]["delta"],
+                                           b["paired_to_reference"][metric]["p_holm"])
+        assert rows["a", metric, ""].delta is None and rows["a", metric, ""].p_holm is None  # the reference
+    sub = b["subgroups"]
+    assert rows["b", "subgroup_auroc", "men"].point == sub["sex"]["groups"]["M"]["macro_auroc"]["point"]
+    assert rows["b", "subgroup_auroc", "women"].hi == sub["sex"]["groups"]["F"]["macro_auroc"]["hi"]
+    assert rows["b", "subgroup_gap", "men-women"].lo == sub["sex"]["gap"]["lo"]
+    # One row per subgroup column of the section, labelled as the column names its group.
+    assert {label for _, m, label in rows if m == "subgroup_auroc"} == {"men", "women", "age <50", "age 50-69",
+                                                                        "age 70+"}
+    assert {label for _, m, label in rows if m == "subgroup_gap"} == {"men-women", "<50 - 70+"}
+    assert {r.protocol for r in result.tidy} == {"demographics"} and {r.task for r in result.tidy} == {"synthetic"}
 
 
 def test_age_probe_penalty_is_chosen_by_grouped_cv():

@@ -9,9 +9,10 @@ import pytest
 from sklearn.neighbors import KNeighborsClassifier
 
 from harness import stats
-from harness.probes.knn import TITLE, knn_scores, run_knn
+from harness.probes import PROTOCOLS
+from harness.probes.knn import TITLE, fit_and_score, knn_scores
 from _synthetic_task import synthetic_run
-from harness.protocols import PROTOCOLS, ProbeOptions
+from harness.protocols import ProbeOptions
 
 
 
@@ -76,10 +77,11 @@ def _run(k=20, temperature=0.07, n_patients=60, seed=0):
 
 def test_protocol_scores_pairs_and_publishes_like_the_linear_probe():
     tr, encs = _run(k=7, temperature=0.1)
-    section = run_knn(tr, encs)
+    result = fit_and_score(tr, encs)
+    section = result.to_section()
     assert section.title == TITLE
     assert section.columns == ["macro AUROC", "macro AUPRC", "finding AUPRC"]
-    a, b = tr.results["a"]["knn"], tr.results["b"]["knn"]
+    a, b = result.to_record("a"), result.to_record("b")
     assert (a["k"], a["k_requested"], a["temperature"]) == (7, 7, 0.1)
     assert a["metrics"]["auroc"]["macro"]["point"] > 0.9 > 0.7 > b["metrics"]["auroc"]["macro"]["point"]
     assert section.rows["a"]["macro AUROC"].significant and b["paired_to_reference"] is None
@@ -91,7 +93,7 @@ def test_protocol_scores_pairs_and_publishes_like_the_linear_probe():
     train, test = tr.split == "train", tr.split == "test"
     x = tr.features["a"].global_
     expected = knn_scores(x[train], t.labels[train][:, :1], x[test], 7, 0.1)[:, 0]
-    df = pl.read_parquet(io.BytesIO(tr.files["results/synthetic/a.knn.parquet"]))
+    df = pl.read_parquet(io.BytesIO(result.files["results/synthetic/a.knn.parquet"]))
     np.testing.assert_array_equal(df["score"].to_numpy(), expected)
     assert set(df["label"]) == {"finding"}
     assert set(df["patient_key"]) == set(tr.patient_keys(np.flatnonzero(test)))
@@ -104,12 +106,13 @@ def test_protocol_scores_pairs_and_publishes_like_the_linear_probe():
 def test_protocol_clamps_k_to_the_training_split_and_says_so():
     tr, encs = _run(k=500, n_patients=30)
     n_train = int((tr.split == "train").sum())
-    section = run_knn(tr, encs)
-    assert tr.results["a"]["knn"]["k"] == n_train and tr.results["a"]["knn"]["k_requested"] == 500
+    result = fit_and_score(tr, encs)
+    section = result.to_section()
+    assert result.to_record("a")["k"] == n_train and result.to_record("a")["k_requested"] == 500
     assert any(f"--knn-k 500 is more than the {n_train} training images: clamped" in n for n in section.notes)
 
 
 def test_knn_is_a_default_protocol_right_after_the_linear_probe():
-    names = list(PROTOCOLS)
-    assert PROTOCOLS["knn"].default
+    names = PROTOCOLS.ordered(PROTOCOLS)
+    assert PROTOCOLS.get("knn").default
     assert names.index("knn") == names.index("linear") + 1

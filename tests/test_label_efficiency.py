@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 
 import harness.run as run
-from harness.probes.label_efficiency import NAME, draw_patients, figure_png, run_label_efficiency
-from harness.probes.linear import run_linear
+from harness.probes import PROTOCOLS
+from harness.probes import label_efficiency, linear
+from harness.probes.label_efficiency import NAME, draw_patients, figure_png
 from _synthetic_task import synthetic_run
-from harness.protocols import PROTOCOLS, ProbeOptions
+from harness.protocols import ProbeOptions
 
 
 
@@ -32,25 +33,34 @@ def _run(fractions=(0.1, 0.3, 1.0), draws=3, n_patients=90, seed=0):
 @pytest.fixture(scope="module")
 def ran():
     tr, encs = _run()
-    section = run_label_efficiency(tr, encs)
-    return tr, encs, section
+    result = label_efficiency.fit_and_score(tr, encs)
+    return tr, encs, result
 
 
 def test_the_whole_training_split_is_the_linear_probe_exactly(ran):
-    tr, encs, section = ran
+    tr, encs, result = ran
     lin, lencs = _run()
-    run_linear(lin, lencs)
+    lin_result = linear.fit_and_score(lin, lencs)
     for enc in encs:
-        full = tr.results[enc.name][NAME]["curve"][-1]
+        full = result.to_record(enc.name)["curve"][-1]
         assert full["fraction"] == 1.0 and full["draws"] == 1 and full["patients"] == 60
-        assert full["macro_auroc"] == lin.results[enc.name]["linear"]["metrics"]["auroc"]["macro"]
-    assert section.rows["b"]["100% (60 patients)"].point == lin.results["b"]["linear"]["metrics"]["auroc"]["macro"][
-        "point"]
+        assert full["macro_auroc"] == lin_result.to_record(enc.name)["metrics"]["auroc"]["macro"]
+    assert result.section.rows["b"]["100% (60 patients)"].point == \
+        lin_result.to_record("b")["metrics"]["auroc"]["macro"]["point"]
+    # The tidy rows of the curve: one per model and fraction, labelled macro@<fraction>.
+    rows = {(r.model, r.label): r for r in result.tidy}
+    assert {label for _, label in rows} == {"macro@0.1", "macro@0.3", "macro@1"}
+    assert {r.metric for r in result.tidy} == {"auroc"} and {r.protocol for r in result.tidy} == {NAME}
+    full = result.to_record("b")["curve"][-1]
+    assert (rows["b", "macro@1"].point, rows["b", "macro@1"].lo) == (full["macro_auroc"]["point"],
+                                                                    full["macro_auroc"]["lo"])
+    assert rows["b", "macro@1"].p_holm == full["paired_to_reference"]["p_holm"] and rows["a", "macro@1"].delta is None
 
 
 def test_a_fraction_without_a_positive_patient_reports_the_label_with_its_counts(ran):
-    tr, _, section = ran
-    curve = tr.results["a"][NAME]["curve"]
+    tr, _, result = ran
+    section = result.section
+    curve = result.to_record("a")["curve"]
     assert [r["fraction"] for r in curve] == [0.1, 0.3, 1.0]
     assert [r["patients"] for r in curve] == [6, 18, 60]
     # 6 of 60 training patients drawn: not every draw holds one of the 3 positive "scarce" patients.
@@ -76,10 +86,11 @@ def test_draws_are_seeded_nested_and_subsets_of_the_patients():
 
 
 def test_figure_plots_the_sections_numbers(ran):
-    tr, encs, section = ran
-    curves = {e.name: tr.results[e.name][NAME]["curve"] for e in encs}
+    tr, encs, result = ran
+    section = result.section
+    curves = {e.name: result.to_record(e.name)["curve"] for e in encs}
     png, fig = figure_png(curves, "synthetic: label efficiency")
-    assert tr.files["synthetic_label_efficiency.png"] == png and png.startswith(b"\x89PNG")
+    assert result.files["synthetic_label_efficiency.png"] == png and png.startswith(b"\x89PNG")
     ax = fig.axes[0]
     for line, enc in zip(ax.get_lines(), encs):
         assert line.get_label() == enc.name
@@ -97,14 +108,15 @@ def test_figure_plots_the_sections_numbers(ran):
 def test_no_evaluable_label_gives_n_e_cells_and_a_figure_that_says_so():
     tr, encs = _run(fractions=(0.5, 1.0), draws=2)
     tr.min_positive_patients = 50  # no label has that many test patients of each class
-    section = run_label_efficiency(tr, encs)
-    assert {c.note for row in section.rows.values() for c in row.values()} == {"n/e: no evaluable label"}
-    assert tr.files["synthetic_label_efficiency.png"].startswith(b"\x89PNG")
-    assert tr.results["a"][NAME]["curve"][0]["draw_points"] == []
+    result = label_efficiency.fit_and_score(tr, encs)
+    assert {c.note for row in result.section.rows.values() for c in row.values()} == {"n/e: no evaluable label"}
+    assert result.files["synthetic_label_efficiency.png"].startswith(b"\x89PNG")
+    assert result.to_record("a")["curve"][0]["draw_points"] == []
+    assert result.tidy == ()  # nothing evaluable: no number to tabulate
 
 
 def test_label_efficiency_is_not_a_default_protocol():
-    assert not PROTOCOLS[NAME].default
+    assert not PROTOCOLS.get(NAME).default
     assert NAME in run.parse_task_spec("demo:label-efficiency").protocols
 
 

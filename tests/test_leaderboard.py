@@ -1,6 +1,8 @@
 import re
 
-from harness.leaderboard import Cell, Section, check_dirs, compare, render
+from harness import tidy
+from harness.leaderboard import Cell, Section, check_dirs, main, render
+from harness.tidy import TidyRow
 
 
 def _md(auroc=0.8123, note=None):
@@ -9,28 +11,51 @@ def _md(auroc=0.8123, note=None):
     return render("Leaderboard: t", [("Generated", "2026-01-01")], [Section("Linear", ["AUROC", "AUPRC"], rows)])
 
 
+def _rows(auroc=0.8123, extra=()):
+    return [TidyRow("t", "pixels", "linear", "auroc", "macro", auroc, 0.7, 0.9, None, None, 1000),
+            TidyRow("t", "random-vit", "linear", "auroc", "macro", 0.75, 0.6, 0.85, -0.06, 0.01, 1000), *extra]
+
+
+def _lb(folder, rows, md=True):
+    (folder / "results").mkdir(parents=True)
+    if md:
+        (folder / "t.md").write_text(_md())
+    (folder / "results" / "t.csv").write_text(tidy.csv_text(rows))
+    return folder
+
+
 def test_render_bolds_best_and_marks_significance():
     md = _md()
     assert "| pixels" in md and "**0.812** [0.700, 0.900]" in md
     assert "0.750 [0.600, 0.850] †" in md
 
 
-def test_compare_tolerates_small_drift_and_dates():
-    assert compare(_md(0.8123), _md(0.8131).replace("2026-01-01", "2027-02-02"), "t.md") == []
+def test_check_tolerates_small_drift(tmp_path):
+    assert check_dirs(_lb(tmp_path / "a", _rows(0.8123)), _lb(tmp_path / "b", _rows(0.8131))) == []
 
 
-def test_compare_names_the_stale_cell():
-    bad = compare(_md(0.8123), _md(0.8500), "t.md")
-    assert len(bad) == 1 and "row 'pixels'" in bad[0].where and "column 'AUROC'" in bad[0].where
-    assert "0.812" in bad[0].committed and "0.850" in bad[0].fresh
+def test_check_names_the_stale_row_and_column(tmp_path, capsys):
+    bad = check_dirs(_lb(tmp_path / "a", _rows(0.8123)), _lb(tmp_path / "b", _rows(0.8500)))
+    assert len(bad) == 1
+    assert "model='pixels' protocol='linear' metric='auroc' label='macro', point" in bad[0].where
+    assert (bad[0].committed, bad[0].fresh) == ("0.8123", "0.85")
+    assert main(["check", str(tmp_path / "a"), str(tmp_path / "b")]) == 1
+    assert "1 stale leaderboard number(s)" in capsys.readouterr().out
 
 
-def test_compare_catches_text_and_missing_rows(tmp_path):
-    assert compare(_md(note="n/e"), _md(note="n/e: 0 positives"), "t.md")
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    (tmp_path / "b" / "t.md").write_text(_md())
-    assert check_dirs(tmp_path / "a", tmp_path / "b")[0].committed == "absent"
+def test_check_catches_rows_nulls_counts_and_missing_files(tmp_path):
+    extra = TidyRow("t", "pixels", "knn", "auprc", "nodule", 0.3, None, None, None, None, 990)
+    committed = _lb(tmp_path / "a", _rows())
+    fresh = _lb(tmp_path / "b", _rows(extra=[extra]))
+    assert [(m.where.split(",")[0], m.committed, m.fresh) for m in check_dirs(committed, fresh)] == [
+        ("task='t' model='pixels' protocol='knn' metric='auprc' label='nodule'", "absent", "present")]
+    changed = [extra._replace(n_valid=989, lo=0.1)]
+    assert {m.where.rsplit(", ", 1)[1] for m in check_dirs(_lb(tmp_path / "c", _rows(extra=[extra])),
+                                                           _lb(tmp_path / "d", _rows(extra=changed)))} == {
+        "lo", "n_valid"}
+    (tmp_path / "e").mkdir()
+    missing = check_dirs(tmp_path / "e", committed)
+    assert {(m.file, m.committed) for m in missing} == {("t.md", "absent"), ("results/t.csv", "absent")}
 
 
 def test_legend_says_holm_is_per_column_and_partial_resamples_are_shown():

@@ -24,7 +24,7 @@ from harness.probes.segmentation import (
     prediction_to_mask,
     read_levels,
     read_targets,
-    run_seg,
+    fit_and_score,
 )
 from harness.protocols import TaskRun
 from harness.splits import pseudonym
@@ -158,20 +158,27 @@ def _task_run(task, tmp_path, reference="pixels"):
 def test_protocol_end_to_end(tmp_path):
     task = _Masked()
     tr = _task_run(task, tmp_path)
-    section = run_seg(tr, _encoders(), SegBudget(epochs=15, batch_size=8, loss_size=32))
+    result = fit_and_score(tr, _encoders(), SegBudget(epochs=15, batch_size=8, loss_size=32))
+    section = result.to_section()
     assert section.columns == ["lungs Dice (linear)", "lungs IoU (linear)", "lungs Dice (multi-level)",
                                "lungs IoU (multi-level)"]
-    res = tr.results["pixels"]["seg"]
+    res = result.to_record("pixels")
     n_masked_test = int((task.table.has_mask & (tr.split == "test")).sum())
     assert res["test_images"] == n_masked_test and res["heads"]["linear"]["lungs"]["n_scored"] == n_masked_test
     ml = res["heads"]["multi-level"]["lungs"]["dice"]
     assert ml["point"] > 0.85 and ml["lo"] <= ml["point"] <= ml["hi"]
     # The crop model loses the top and bottom of the portrait images' lungs, and is scored for it.
-    crop = tr.results["pixels-crop"]["seg"]["heads"]["multi-level"]["lungs"]
+    crop = result.to_record("pixels-crop")["heads"]["multi-level"]["lungs"]
     assert crop["dice"]["point"] < ml["point"]
     assert crop["paired_to_reference"]["dice"]["delta"] == pytest.approx(crop["dice"]["point"] - ml["point"])
-    json.dumps(tr.results)  # JSON-ready
-    png = tr.files["tiny-seg_seg/pixels.png"]
+    json.dumps(dict(result.records))  # JSON-ready
+    # The tidy rows: one per cell, metric <metric>_<head>, label the structure, the paired delta of the crop model.
+    rows = {(r.model, r.metric, r.label): r for r in result.tidy}
+    assert {m for _, m, _ in rows} == {"dice_linear", "iou_linear", "dice_multi-level", "iou_multi-level"}
+    assert rows["pixels-crop", "dice_multi-level", "lungs"].point == crop["dice"]["point"]
+    assert rows["pixels-crop", "dice_multi-level", "lungs"].delta == crop["paired_to_reference"]["dice"]["delta"]
+    assert rows["pixels", "iou_linear", "lungs"].n_valid == res["heads"]["linear"]["lungs"]["iou"]["n_valid"]
+    png = result.files["tiny-seg_seg/pixels.png"]
     with Image.open(io.BytesIO(png)) as im:
         assert im.format == "PNG" and im.height == 4 * 160 + 3 * 4  # a row per shown test image
     assert any("(tiny-seg_seg/pixels-crop.png)" in n for n in section.notes)
@@ -193,9 +200,11 @@ class _TwoStructures(_Masked):
 def test_several_structures_and_empty_truths(tmp_path):
     task = _TwoStructures()
     tr = _task_run(task, tmp_path)
-    section = run_seg(tr, _encoders()[:1], SegBudget(epochs=3, batch_size=8, loss_size=32))
+    result = fit_and_score(tr, _encoders()[:1], SegBudget(epochs=3, batch_size=8, loss_size=32))
+    section = result.to_section()
     assert len(section.columns) == 10 and "tube Dice (multi-level)" in section.columns  # + tube FP rate per head
-    tube = tr.results["pixels"]["seg"]["heads"]["linear"]["tube"]
+    assert len(result.tidy) == 10  # a row per cell
+    tube = result.to_record("pixels")["heads"]["linear"]["tube"]
     test = np.flatnonzero(task.table.has_mask & (tr.split == "test"))
     assert tube["n_scored"] == sum(i % 4 == 0 for i in test) > 0
     assert tube["n_empty_truth"] == len(test) - tube["n_scored"] > 0
@@ -204,8 +213,9 @@ def test_several_structures_and_empty_truths(tmp_path):
 
 def test_task_without_masks_says_why(tmp_path):
     task = _Masked(n=12, with_masks=False)
-    section = run_seg(_task_run(task, tmp_path), _encoders())
-    assert section.rows == {} and "has no masks" in section.notes[0]
+    result = fit_and_score(_task_run(task, tmp_path), _encoders())
+    assert result.section.rows == {} and "has no masks" in result.section.notes[0]
+    assert not result.records and not result.files and not result.tidy
 
 
 def _crop(name, resize=None):
@@ -225,8 +235,8 @@ def test_a_models_scores_do_not_depend_on_the_other_models_in_the_run(tmp_path):
     def scores(*names):
         encoders = [_crop(n, resize=40 if n == "zoom" else None) for n in names]
         tr = _task_run(_Masked(), tmp_path, reference=names[0])
-        run_seg(tr, encoders, budget)
-        return {m: {kind: {metric: tr.results[m]["seg"]["heads"][kind]["lungs"][metric]
+        result = fit_and_score(tr, encoders, budget)
+        return {m: {kind: {metric: result.to_record(m)["heads"][kind]["lungs"][metric]
                            for metric in ("dice", "iou")} for kind in ("linear", "multi-level")} for m in names}
 
     alone = {**scores("crop"), **scores("zoom")}
@@ -250,7 +260,7 @@ def test_non_finite_dense_features_name_the_model_task_and_images(tmp_path):
     overflow = PixelsEncoder(Preprocess(size=32, policy="resize_stretch", interpolation="area", mean=(0.0,),
                                         std=(0.55 / 65504,), channels=1), block=4)
     with pytest.raises(TaskError) as err:
-        run_seg(_task_run(task, tmp_path), [overflow], SegBudget(epochs=1, batch_size=8, loss_size=32))
+        fit_and_score(_task_run(task, tmp_path), [overflow], SegBudget(epochs=1, batch_size=8, loss_size=32))
     msg = str(err.value)
     assert "pixels" in msg and "tiny-seg" in msg and "'im4'" in msg
     assert not any(f"'im{i}'" in msg for i in range(len(task)) if i != 4)
@@ -262,13 +272,14 @@ def test_empty_truth_false_positives_are_a_column_with_an_interval(tmp_path):
     empty-truth test images with any predicted pixel is its own column (lower is better), with a bootstrap CI."""
     task = _TwoStructures()
     tr = _task_run(task, tmp_path)
-    section = run_seg(tr, _encoders()[:1], SegBudget(epochs=3, batch_size=8, loss_size=32))
+    result = fit_and_score(tr, _encoders()[:1], SegBudget(epochs=3, batch_size=8, loss_size=32))
+    section = result.to_section()
     for kind in ("linear", "multi-level"):
         col = f"tube empty-truth FP rate ({kind})"
         assert col in section.columns and section.higher_is_better[col] is False
         assert f"lungs empty-truth FP rate ({kind})" not in section.columns  # every test image has lungs
         cell = section.rows["pixels"][col]
-        fp = tr.results["pixels"]["seg"]["heads"][kind]["tube"]["empty_truth_fp_rate"]
+        fp = result.to_record("pixels")["heads"][kind]["tube"]["empty_truth_fp_rate"]
         assert cell.point == fp["point"] and cell.lo == fp["lo"] and cell.hi == fp["hi"]
         assert 0.0 <= fp["lo"] <= fp["point"] <= fp["hi"] <= 1.0
     assert any("empty-truth FP rate" in n and "any predicted pixel" in n for n in section.notes)
@@ -279,8 +290,8 @@ def test_per_image_scores_are_published_and_reproduce_the_intervals(tmp_path):
     structure, keyed by the pseudonymous patient_key: enough to recompute every segmentation interval exactly."""
     task = _TwoStructures()
     tr = _task_run(task, tmp_path)
-    run_seg(tr, _encoders()[:1], SegBudget(epochs=3, batch_size=8, loss_size=32))
-    df = pl.read_parquet(io.BytesIO(tr.files["results/tiny-seg/pixels.seg.parquet"]))
+    result = fit_and_score(tr, _encoders()[:1], SegBudget(epochs=3, batch_size=8, loss_size=32))
+    df = pl.read_parquet(io.BytesIO(result.files["results/tiny-seg/pixels.seg.parquet"]))
     assert set(df.columns) == {"image_id", "patient_key", "head", "structure", "truth_empty", "predicted_any",
                                "dice", "iou"}
     test = np.flatnonzero(task.table.has_mask & (tr.split == "test"))
@@ -289,7 +300,7 @@ def test_per_image_scores_are_published_and_reproduce_the_intervals(tmp_path):
     assert not raw & set(df["patient_key"])
     expected_keys = {pseudonym(task.table.patient_ids[i], task.name) for i in test}
     assert set(df["patient_key"]) == expected_keys
-    res = tr.results["pixels"]["seg"]["heads"]
+    res = result.to_record("pixels")["heads"]
     for (kind, structure), part in df.group_by(["head", "structure"]):
         w = stats.bootstrap_weights(part["patient_key"].to_list(), tr.weights.shape[0], tr.seed)
         scored = ~part["truth_empty"].to_numpy()

@@ -13,7 +13,7 @@ from baselines.floors import PIXELS_PREPROCESS, PixelsEncoder
 from baselines.registry import build_encoder
 from harness import stats
 from harness.features import FeatureCache, FeatureSet, ShardedGrid, ShardWriter, extract
-from harness.probes.segmentation import SegBudget, mask_placement_key, mask_to_input, placed_targets, run_seg
+from harness.probes.segmentation import SegBudget, mask_placement_key, fit_and_score, mask_to_input, placed_targets
 from harness.protocols import TaskRun
 from harness.tasks.demo import DemoTask, PhantomConfig
 from test_features import TinyTask
@@ -98,8 +98,7 @@ def _run(task, encoders, tmp_path, *, in_memory=False, **extract_kw):
         return out
 
     tr = TaskRun(task, split, "h", weights, {}, {}, extract=ex, seed=0, reference=encoders[0].name)
-    section = run_seg(tr, encoders, BUDGET)
-    return tr, section, logs
+    return fit_and_score(tr, encoders, BUDGET), logs
 
 
 def test_streaming_gives_the_in_memory_numbers_on_the_demo_task(tmp_path):
@@ -108,12 +107,12 @@ def test_streaming_gives_the_in_memory_numbers_on_the_demo_task(tmp_path):
     operation is the one the in-memory path makes."""
     task = _demo()
     encoders = [PixelsEncoder(PIXELS_PREPROCESS), build_encoder("random-vit")]
-    memory, mem_section, _ = _run(task, encoders, tmp_path / "a", in_memory=True)
-    streamed, section, _ = _run(task, encoders, tmp_path / "b", shard_bytes=200_000)  # several shards per grid
+    memory, _ = _run(task, encoders, tmp_path / "a", in_memory=True)
+    streamed, _ = _run(task, encoders, tmp_path / "b", shard_bytes=200_000)  # several shards per grid
     entries = list((tmp_path / "b").rglob("*.dense"))
     assert len(entries) == 2 and all(len(list(e.glob("dense-*.safetensors"))) > 1 for e in entries)
-    assert streamed.results == memory.results
-    assert section.rows == mem_section.rows
+    assert streamed.records == memory.records and streamed.tidy == memory.tidy
+    assert streamed.section.rows == memory.section.rows
     for name, data in memory.files.items():
         assert streamed.files[name] == data, name
     dice = pl.read_parquet(io.BytesIO(streamed.files["results/demo/random-vit.seg.parquet"]))["dice"]
@@ -140,13 +139,13 @@ def test_reencode_fallback_gives_the_cached_results(tmp_path):
     on its own; a transformer's batched matmuls may round differently with the batch's composition, which the fp16
     cache format mostly (not always) absorbs, so for those the results agree to float tolerance."""
     task = _Masked()
-    cached, cached_section, _ = _run(task, _encoders(), tmp_path / "cached")
-    again, section, logs = _run(task, _encoders(), tmp_path / "reencode", dense_budget_gb=0.0)
+    cached, _ = _run(task, _encoders(), tmp_path / "cached")
+    again, logs = _run(task, _encoders(), tmp_path / "reencode", dense_budget_gb=0.0)
     assert not list((tmp_path / "reencode").rglob("*.dense"))  # nothing dense cached
     assert list((tmp_path / "reencode").rglob("global.safetensors"))  # the global features still are
     said = [m for m in logs if "re-encode" in m]
     assert said and "dense-cache budget of 0 GB (--dense-cache-gb)" in said[0]
-    assert again.results == cached.results and section.rows == cached_section.rows
+    assert again.records == cached.records and again.section.rows == cached.section.rows
     assert again.files == cached.files
 
 

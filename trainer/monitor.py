@@ -49,7 +49,6 @@ def load_probe_data(spec: str, cfg_dict: dict, data_root: str | None, seed: int,
 
     Raises the harness's own TaskError / ValueError for a missing file or an unknown task.
     """
-    import harness.tasks  # noqa: F401  (registers the tasks)
     from baselines.ckpt import checkpoint_preprocess
     from baselines.preprocess import preprocess_batch
     from harness.protocols import MIN_POSITIVE_PATIENTS, label_status

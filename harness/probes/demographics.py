@@ -7,8 +7,9 @@ Two probes on the same standardised global features as the linear probe, fitted 
   statsmodels OLS of true on predicted age, with patient-clustered standard errors, gives the calibration slope
   and intercept (a ridge probe shrinks towards the mean age: slope > 1) in the results JSON.
 
-Subgroup view: the linear probe's test scores for the task's own labels (taken from the linear protocol when it
-ran, refitted here otherwise) are scored separately for men and women and per age band, macro AUROC over the
+Subgroup view: the linear probe's test scores for the task's own labels (the predictions of the linear protocol,
+which this one runs after, so the view scores exactly the probe of the leaderboard's linear section) are scored
+separately for men and women and per age band, macro AUROC over the
 labels evaluable in every group of the view (--min-positive-patients positive and negative patients within each
 group), with the gap between groups (men - women; youngest - oldest band).
 A gap's interval covering 0 means no detectable dependence on that attribute at this sample size.
@@ -22,19 +23,25 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from sklearn.linear_model import Ridge
 from sklearn.model_selection import GroupKFold
 from sklearn.preprocessing import StandardScaler
 
-from baselines.registry import Encoder
 from harness import stats
 from harness.leaderboard import Cell, Section
 from harness.io import safe_name
-from harness.probes.linear import grid_edge, linear_probe
-from harness.protocols import TaskRun, parquet_bytes, register_protocol
+from harness.probes.linear import LabelResult, grid_edge, linear_probe
+from harness.protocols import ProtocolResult, TaskRun, parquet_bytes
+from harness.tasks.base import TaskTable
+from harness.tidy import TidyRow, rows_of
 
+if TYPE_CHECKING:
+    from baselines.registry import Encoder
+
+NAME = "demographics"
 TITLE = "Demographics (sex, age) and subgroup performance"
 DEFAULT_ALPHAS = tuple(float(a) for a in np.logspace(-1, 5, 7))
 #: (lower bound inclusive, upper bound exclusive, name); youngest first, the gap is first minus last.
@@ -160,166 +167,235 @@ def subgroup_auroc(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray, 
     return out
 
 
-def _linear_scores(tr: TaskRun, enc: Encoder, test_rows: np.ndarray) -> tuple[np.ndarray, bool]:
-    """[n_test, L] linear-probe scores of the task's labels (NaN where not evaluable): the linear protocol's own
-    predictions when it ran, else a fresh fit of the same probe. Returns (scores, refitted)."""
-    t = tr.task.table
+def linear_scores(linear: ProtocolResult, model: str, t: TaskTable, test_rows: np.ndarray) -> np.ndarray:
+    """[n_test, L] test scores of the task's labels from the linear protocol's predictions (NaN where a label was
+    not evaluable)."""
     scores = np.full((len(test_rows), len(t.label_names)), np.nan)
-    if "linear" in tr.results.get(enc.name, {}):
-        position = {t.image_ids[r]: k for k, r in enumerate(test_rows)}
-        column = {n: j for j, n in enumerate(t.label_names)}
-        for row in tr.predictions.get(enc.name, []):
-            if row["label"] in column and row["image_id"] in position:
-                scores[position[row["image_id"]], column[row["label"]]] = row["score"]
-        return scores, False
-    train = tr.split == "train"
-    x = tr.features[enc.name].global_
-    probe = linear_probe(x[train], t.labels[train].astype(int), np.asarray(t.patient_ids)[train], x[test_rows],
-                         t.labels[test_rows].astype(int), t.label_names, seed=tr.seed)
-    return probe.scores, True
+    position = {t.image_ids[r]: k for k, r in enumerate(test_rows)}
+    column = {n: j for j, n in enumerate(t.label_names)}
+    for row in linear.predictions.get(model, ()):
+        if row["label"] in column and row["image_id"] in position:
+            scores[position[row["image_id"]], column[row["label"]]] = row["score"]
+    return scores
 
 
-# ----------------------------------------------------------------------------------------------------- protocol
+# -------------------------------------------------------------------------------------------- fitting, scoring
 
-@register_protocol("demographics", description="sex (logistic, AUROC) and age (ridge; MAE, R2, r) from global "
-                                               "features; classification AUROC per sex and age band")
-def run_demographics(tr: TaskRun, encoders: list[Encoder]) -> Section:
+@dataclass
+class Cohort:
+    """Which images each demographic probe trains and scores on: rows of known sex and of known age in each
+    split (`sex_cols` / `age_cols`: their positions among the test rows, i.e. columns of the bootstrap weights),
+    whether each probe can be fitted at all, and the subgroups of the test rows (bool masks) for the view."""
+
+    train_rows: np.ndarray
+    test_rows: np.ndarray
+    sex: np.ndarray          # 'M', 'F' or '' per image of the task
+    age: np.ndarray          # float, NaN unknown
+    missing: dict
+    sex_train: np.ndarray
+    sex_test: np.ndarray
+    sex_cols: np.ndarray
+    age_train: np.ndarray
+    age_test: np.ndarray
+    age_cols: np.ndarray
+    sex_ok: bool
+    age_ok: bool
+    sex_groups: dict[str, np.ndarray]
+    band_groups: dict[str, np.ndarray]
+
+    def female(self, rows: np.ndarray) -> np.ndarray:
+        """The sex probe's target (F = 1) of `rows`."""
+        return (self.sex[rows] == "F").astype(int)
+
+
+def cohort(tr: TaskRun) -> Cohort:
     t = tr.task.table
-    seed, reference = tr.seed, tr.reference
-    groups = np.asarray(t.patient_ids)
     train_rows, test_rows = np.flatnonzero(tr.split == "train"), np.flatnonzero(tr.split == "test")
     sex = np.array([s or "" for s in t.sex])
     age = np.asarray(t.age, dtype=float)
-    counts = {
+    missing = {
         "sex_unknown": {"train": int((sex[train_rows] == "").sum()), "test": int((sex[test_rows] == "").sum())},
         "age_unknown": {"train": int((~np.isfinite(age[train_rows])).sum()),
                         "test": int((~np.isfinite(age[test_rows])).sum())},
     }
     sex_tr, sex_te = train_rows[sex[train_rows] != ""], test_rows[sex[test_rows] != ""]
     age_tr, age_te = train_rows[np.isfinite(age[train_rows])], test_rows[np.isfinite(age[test_rows])]
-    sex_cols = np.flatnonzero(sex[test_rows] != "")     # columns of tr.weights
-    age_cols = np.flatnonzero(np.isfinite(age[test_rows]))
-    y_sex_tr, y_sex_te = (sex[sex_tr] == "F").astype(int), (sex[sex_te] == "F").astype(int)
-    sex_ok = len(np.unique(y_sex_tr)) == 2 and len(np.unique(y_sex_te)) == 2
-    age_ok = len(age_tr) >= MIN_AGE_TRAIN and len(age_te) >= 2 and np.ptp(age[age_te]) > 0
-
-    # Subgroup masks over the test rows; the view needs both sexes / at least two age bands in the test split.
-    sex_groups = {"M": sex[test_rows] == "M", "F": sex[test_rows] == "F"}
+    y_tr, y_te = (sex[sex_tr] == "F").astype(int), (sex[sex_te] == "F").astype(int)
+    # The view needs both sexes / at least two age bands in the test split.
     bands = age_bands(age[test_rows])
-    band_groups = {name: bands == b for b, (_, _, name) in enumerate(AGE_BANDS) if (bands == b).any()}
-    y_test = t.labels[test_rows].astype(int)
-    test_keys = tr.patient_keys(test_rows)
+    return Cohort(
+        train_rows, test_rows, sex, age, missing, sex_tr, sex_te, np.flatnonzero(sex[test_rows] != ""),
+        age_tr, age_te, np.flatnonzero(np.isfinite(age[test_rows])),
+        sex_ok=len(np.unique(y_tr)) == 2 and len(np.unique(y_te)) == 2,
+        age_ok=len(age_tr) >= MIN_AGE_TRAIN and len(age_te) >= 2 and np.ptp(age[age_te]) > 0,
+        sex_groups={"M": sex[test_rows] == "M", "F": sex[test_rows] == "F"},
+        band_groups={name: bands == b for b, (_, _, name) in enumerate(AGE_BANDS) if (bands == b).any()})
 
-    per_model: dict[str, dict] = {}
-    resampled: dict[str, dict[str, np.ndarray]] = {m: {} for m in ("sex_auroc", "age_mae", "age_r2", "age_r")}
-    points: dict[str, dict[str, float]] = {m: {} for m in resampled}
-    refitted = []
-    for enc in encoders:
-        x = tr.features[enc.name].global_
-        res: dict = {"missing": counts}
-        sex_score, age_pred = np.full(len(test_rows), np.nan), np.full(len(test_rows), np.nan)
-        if sex_ok:
-            probe = linear_probe(x[sex_tr], y_sex_tr[:, None], groups[sex_tr], x[sex_te], y_sex_te[:, None],
-                                 ["female"], seed=seed)
-            s = probe.scores[:, 0]
-            boot = stats.binary_metrics(s, y_sex_te, tr.weights[:, sex_cols])["auroc"][:, 0]
-            point = float(stats.binary_metrics(s, y_sex_te)["auroc"][0, 0])
-            resampled["sex_auroc"][enc.name], points["sex_auroc"][enc.name] = boot, point
-            lab = probe.labels[0]
-            res["sex"] = {"auroc": stats.summarise(point, boot), "C": lab.C, "C_at_edge": lab.C_at_edge,
-                          "cv_auroc": lab.cv_auroc, "fits": lab.fits, "not_converged": lab.not_converged,
-                          "n_train": len(sex_tr), "n_test": len(sex_te), "positive_class": "F"}
-            sex_score[sex_cols] = s
-        if age_ok:
-            ap = age_probe(x[age_tr], age[age_tr], groups[age_tr], x[age_te], seed=seed)
-            y, w = age[age_te], tr.weights[:, age_cols]
-            pred = ap.predictions
-            err = np.abs(pred - y)
-            for m, p, b in (("age_mae", err.mean(), stats.weighted_mean(err, w)),
-                            ("age_r2", stats.weighted_r2(y, pred)[0], stats.weighted_r2(y, pred, w)),
-                            ("age_r", stats.weighted_pearson(y, pred)[0], stats.weighted_pearson(y, pred, w))):
-                resampled[m][enc.name], points[m][enc.name] = b, float(p)
-            res["age"] = {m.removeprefix("age_"): stats.summarise(points[m][enc.name], resampled[m][enc.name])
-                          for m in ("age_mae", "age_r2", "age_r")}
-            res["age"].update(alpha=ap.alpha, alpha_at_edge=grid_edge(DEFAULT_ALPHAS, ap.alpha)
-                              if np.isfinite(ap.cv_mae) else "", cv_mae=ap.cv_mae, n_train=len(age_tr),
-                              n_test=len(age_te), calibration=calibration(y, pred, groups[age_te]))
-            age_pred[age_cols] = pred
-        scores, was_refitted = _linear_scores(tr, enc, test_rows)
-        if was_refitted:
-            refitted.append(enc.name)
-        res["subgroups"] = {
-            "source": "refitted linear probe" if was_refitted else "linear protocol predictions",
-            "sex": subgroup_auroc(scores, y_test, tr.weights, sex_groups, t.label_names, test_keys,
-                                  tr.min_positive_patients)
-            if all(g.any() for g in sex_groups.values()) else None,
-            "age": subgroup_auroc(scores, y_test, tr.weights, band_groups, t.label_names, test_keys,
-                                  tr.min_positive_patients)
-            if len(band_groups) >= 2 else None,
-        }
-        per_model[enc.name] = res
-        # Per test image, so every interval above can be recomputed from the published files (missing: null).
-        tr.files[f"results/{tr.out_name}/{safe_name(enc.name)}.demographics.parquet"] = parquet_bytes([
-            {"image_id": t.image_ids[r], "patient_key": k, "sex": sex[r] or None, "sex_score": _num(sc),
-             "age": _num(age[r]), "age_pred": _num(ap_)}
-            for r, k, sc, ap_ in zip(test_rows, test_keys, sex_score, age_pred)])
 
-    paired = {m: stats.compare_to_reference(resampled[m], points[m], reference)
-              for m in resampled if reference in resampled[m]}
-    for enc in encoders:
-        per_model[enc.name]["paired_to_reference"] = None if enc.name == reference else {
-            m: paired[m][enc.name] for m in paired}
-        tr.results.setdefault(enc.name, {})["demographics"] = per_model[enc.name]
+@dataclass
+class Fitted:
+    """One model's demographic probes: the sex probe (its label record and test scores, over `sex_test`) and the
+    age probe (over `age_test`), None where the cohort cannot fit them."""
 
-    columns = ["sex AUROC (F vs M)", "age MAE (years)", "age R²", "age Pearson r"]
-    band_names = list(band_groups)
-    sub_cols = ["AUROC men", "AUROC women", "gap men−women"]
-    if len(band_names) >= 2:
-        sub_cols += [f"AUROC age {b}" for b in band_names] + [f"gap {band_names[0]} − {band_names[-1]}"]
-    columns += sub_cols
+    sex: LabelResult | None
+    sex_scores: np.ndarray | None
+    age: AgeProbe | None
+
+
+def fit_probes(tr: TaskRun, c: Cohort, x: np.ndarray) -> Fitted:
+    """Fit the sex and age probes of one model's global features `x` on the training rows of known value."""
+    groups = np.asarray(tr.task.table.patient_ids)
+    sex_lab, sex_scores, age = None, None, None
+    if c.sex_ok:
+        probe = linear_probe(x[c.sex_train], c.female(c.sex_train)[:, None], groups[c.sex_train], x[c.sex_test],
+                             c.female(c.sex_test)[:, None], ["female"], seed=tr.seed)
+        sex_lab, sex_scores = probe.labels[0], probe.scores[:, 0]
+    if c.age_ok:
+        age = age_probe(x[c.age_train], c.age[c.age_train], groups[c.age_train], x[c.age_test], seed=tr.seed)
+    return Fitted(sex_lab, sex_scores, age)
+
+
+#: metric -> model -> (point, [B] resampled values) of the demographic probes' headline metrics
+Scores = dict[str, dict[str, tuple[float, np.ndarray]]]
+METRICS = ("sex_auroc", "age_mae", "age_r2", "age_r")
+
+
+def score_probes(c: Cohort, fitted: Fitted, weights: np.ndarray) -> dict[str, tuple[float, np.ndarray]]:
+    """Sex AUROC, age MAE, R² and Pearson r of one model on the shared resamples (restricted to the test images of
+    known value), for the metrics its cohort could fit."""
+    out = {}
+    if fitted.sex is not None:
+        s, y = fitted.sex_scores, c.female(c.sex_test)
+        out["sex_auroc"] = (float(stats.binary_metrics(s, y)["auroc"][0, 0]),
+                            stats.binary_metrics(s, y, weights[:, c.sex_cols])["auroc"][:, 0])
+    if fitted.age is not None:
+        y, w, pred = c.age[c.age_test], weights[:, c.age_cols], fitted.age.predictions
+        err = np.abs(pred - y)
+        out["age_mae"] = (float(err.mean()), stats.weighted_mean(err, w))
+        out["age_r2"] = (float(stats.weighted_r2(y, pred)[0]), stats.weighted_r2(y, pred, w))
+        out["age_r"] = (float(stats.weighted_pearson(y, pred)[0]), stats.weighted_pearson(y, pred, w))
+    return out
+
+
+def subgroups(tr: TaskRun, c: Cohort, scores: np.ndarray) -> dict:
+    """The subgroup view of one model's linear-probe test scores: macro AUROC per sex and per age band, and the
+    gaps (None for a view the test split cannot form)."""
+    t = tr.task.table
+    y_test, keys = t.labels[c.test_rows].astype(int), tr.patient_keys(c.test_rows)
+    return {
+        "source": "linear protocol predictions",
+        "sex": subgroup_auroc(scores, y_test, tr.weights, c.sex_groups, t.label_names, keys, tr.min_positive_patients)
+        if all(g.any() for g in c.sex_groups.values()) else None,
+        "age": subgroup_auroc(scores, y_test, tr.weights, c.band_groups, t.label_names, keys, tr.min_positive_patients)
+        if len(c.band_groups) >= 2 else None,
+    }
+
+
+def model_record(tr: TaskRun, c: Cohort, fitted: Fitted, scored: dict[str, tuple[float, np.ndarray]],
+                 view: dict) -> dict:
+    """What the model's results file holds for demographics (its paired differences are added once every model is
+    scored)."""
+    res: dict = {"missing": c.missing}
+    if fitted.sex is not None:
+        lab = fitted.sex
+        res["sex"] = {"auroc": stats.summarise(*scored["sex_auroc"]), "C": lab.C, "C_at_edge": lab.C_at_edge,
+                      "cv_auroc": lab.cv_auroc, "fits": lab.fits, "not_converged": lab.not_converged,
+                      "n_train": len(c.sex_train), "n_test": len(c.sex_test), "positive_class": "F"}
+    if fitted.age is not None:
+        ap = fitted.age
+        res["age"] = {m.removeprefix("age_"): stats.summarise(*scored[m]) for m in ("age_mae", "age_r2", "age_r")}
+        res["age"].update(alpha=ap.alpha, alpha_at_edge=grid_edge(DEFAULT_ALPHAS, ap.alpha)
+                          if np.isfinite(ap.cv_mae) else "", cv_mae=ap.cv_mae, n_train=len(c.age_train),
+                          n_test=len(c.age_test),
+                          calibration=calibration(c.age[c.age_test], ap.predictions,
+                                                  np.asarray(tr.task.table.patient_ids)[c.age_test]))
+    res["subgroups"] = view
+    return res
+
+
+def per_image_parquet(tr: TaskRun, c: Cohort, fitted: Fitted) -> bytes:
+    """Per test image, so every interval can be recomputed from the published files (missing values: null)."""
+    t = tr.task.table
+    sex_score, age_pred = np.full(len(c.test_rows), np.nan), np.full(len(c.test_rows), np.nan)
+    if fitted.sex is not None:
+        sex_score[c.sex_cols] = fitted.sex_scores
+    if fitted.age is not None:
+        age_pred[c.age_cols] = fitted.age.predictions
+    return parquet_bytes([
+        {"image_id": t.image_ids[r], "patient_key": k, "sex": c.sex[r] or None, "sex_score": _num(sc),
+         "age": _num(c.age[r]), "age_pred": _num(ap_)}
+        for r, k, sc, ap_ in zip(c.test_rows, tr.patient_keys(c.test_rows), sex_score, age_pred)])
+
+
+# ----------------------------------------------------------------------------------------- rendering, protocol
+
+SEX_COLUMNS = {"M": "AUROC men", "F": "AUROC women"}
+SEX_GAP = "gap men−women"
+#: (column, record key) of the probes' metrics, in the section's order
+PROBE_COLUMNS = (("sex AUROC (F vs M)", "sex_auroc"), ("age MAE (years)", "age_mae"), ("age R²", "age_r2"),
+                 ("age Pearson r", "age_r"))
+
+
+def _metric(record: dict, metric: str) -> dict | None:
+    """A probe metric's summary in a model's record (``sex_auroc`` -> record["sex"]["auroc"])."""
+    part, _, name = metric.partition("_")
+    return record.get(part, {}).get(name)
+
+
+def view_cells(c: Cohort, record: dict) -> list[tuple[str, dict | None, bool]]:
+    """(column, summary, is a gap) of the subgroup columns of one model, in the section's order: per sex, the sex
+    gap, then per age band and the age gap when the test split holds at least two bands."""
+    sx, ag = record["subgroups"]["sex"], record["subgroups"]["age"]
+    cells = [(SEX_COLUMNS[g], sx["groups"].get(g, {}).get("macro_auroc") if sx else None, False) for g in ("M", "F")]
+    cells.append((SEX_GAP, sx["gap"] if sx else None, True))
+    bands = list(c.band_groups)
+    if len(bands) >= 2:
+        cells += [(f"AUROC age {b}", ag["groups"].get(b, {}).get("macro_auroc") if ag else None, False)
+                  for b in bands]
+        cells.append((f"gap {bands[0]} − {bands[-1]}", ag["gap"] if ag else None, True))
+    return cells
+
+
+def section_rows(c: Cohort, records: dict[str, dict]) -> tuple[list[str], dict[str, dict[str, Cell]]]:
+    """The section's columns and cells: the probes' metrics († where the paired difference to the reference is
+    significant after Holm), then the subgroup view (gaps as signed text, never ranked)."""
     rows: dict[str, dict[str, Cell]] = {}
-    for enc in encoders:
-        r, pm = {}, per_model[enc.name]
-        pr = per_model[enc.name]["paired_to_reference"] or {}
-        r["sex AUROC (F vs M)"] = _cell(pm.get("sex", {}).get("auroc"), pr.get("sex_auroc"))
-        for col, m in (("age MAE (years)", "mae"), ("age R²", "r2"), ("age Pearson r", "r")):
-            r[col] = _cell(pm.get("age", {}).get(m), pr.get(f"age_{m}"))
-        sx = pm["subgroups"]["sex"]
-        r["AUROC men"] = _cell(sx["groups"].get("M", {}).get("macro_auroc") if sx else None)
-        r["AUROC women"] = _cell(sx["groups"].get("F", {}).get("macro_auroc") if sx else None)
-        r["gap men−women"] = _gap_cell(sx["gap"] if sx else None)
-        ag = pm["subgroups"]["age"]
-        if len(band_names) >= 2:
-            for b in band_names:
-                r[f"AUROC age {b}"] = _cell(ag["groups"].get(b, {}).get("macro_auroc") if ag else None)
-            r[f"gap {band_names[0]} − {band_names[-1]}"] = _gap_cell(ag["gap"] if ag else None)
-        rows[enc.name] = r
+    for model, record in records.items():
+        paired = record["paired_to_reference"] or {}
+        rows[model] = {col: _cell(_metric(record, m), paired.get(m)) for col, m in PROBE_COLUMNS}
+        rows[model].update({col: _gap_cell(s) if gap else _cell(s) for col, s, gap in view_cells(c, record)})
+    first = next(iter(records.values()))
+    return [col for col, _ in PROBE_COLUMNS] + [col for col, _, _ in view_cells(c, first)], rows
 
-    first = per_model[encoders[0].name]["subgroups"]
+
+def section_notes(c: Cohort, records: dict[str, dict], reference: str) -> list[str]:
+    first = next(iter(records.values()))["subgroups"]
 
     def used(view: str) -> str:
         return ", ".join(first[view]["labels"]) if first[view] and first[view]["labels"] else "none"
 
-    probes = (f"Sex: logistic probe (F positive), {len(sex_tr)} train / {len(sex_te)} test images with known sex"
-              + ("" if sex_ok else " — n/e: needs both sexes in the training and the test split")
-              + f". Age: ridge probe, penalty by patient-grouped CV, {len(age_tr)} train / {len(age_te)} test images "
-              "with known age"
-              + ("" if age_ok else f" — n/e: needs >= {MIN_AGE_TRAIN} training and 2 distinct test ages")
+    probes = (f"Sex: logistic probe (F positive), {len(c.sex_train)} train / {len(c.sex_test)} test images with known "
+              "sex" + ("" if c.sex_ok else " — n/e: needs both sexes in the training and the test split")
+              + f". Age: ridge probe, penalty by patient-grouped CV, {len(c.age_train)} train / {len(c.age_test)} test "
+              "images with known age"
+              + ("" if c.age_ok else f" — n/e: needs >= {MIN_AGE_TRAIN} training and 2 distinct test ages")
               + ". Calibration (OLS of true on predicted age, patient-clustered SEs) is in the results JSON.")
-    excluded = (f"Excluded, never imputed: sex unknown for {counts['sex_unknown']['train']} train and "
-                f"{counts['sex_unknown']['test']} test images; age unknown for {counts['age_unknown']['train']} "
-                f"train and {counts['age_unknown']['test']} test images.")
-    bands_text = ", ".join(f"{n} ({int(band_groups[n].sum())} test images)" for n in band_names)
-    subgroups = ("Subgroup columns: macro AUROC of the linear probe on the task's labels within each group, over "
-                 f"the labels evaluable in every group of the view (sex: {used('sex')}; age: {used('age')}). Gaps "
-                 "are signed differences with their paired bootstrap CI (not ranked); a CI covering 0 means no "
-                 f"detectable dependence. Age bands: {bands_text or 'fewer than two bands in the test split'}.")
-    edges = [f"`{e}` sex C = {pm['sex']['C']:g} ({pm['sex']['C_at_edge']} end)" for e, pm in per_model.items()
-             if pm.get("sex", {}).get("C_at_edge")]
-    edges += [f"`{e}` age alpha = {pm['age']['alpha']:g} ({pm['age']['alpha_at_edge']} end)"
-              for e, pm in per_model.items() if pm.get("age", {}).get("alpha_at_edge")]
-    unconverged = sum(pm.get("sex", {}).get("not_converged", 0) for pm in per_model.values())
-    notes = [probes, excluded, subgroups,
+    m = c.missing
+    excluded = (f"Excluded, never imputed: sex unknown for {m['sex_unknown']['train']} train and "
+                f"{m['sex_unknown']['test']} test images; age unknown for {m['age_unknown']['train']} "
+                f"train and {m['age_unknown']['test']} test images.")
+    bands_text = ", ".join(f"{n} ({int(g.sum())} test images)" for n, g in c.band_groups.items())
+    subgroup_text = ("Subgroup columns: macro AUROC of the linear probe on the task's labels within each group, over "
+                     f"the labels evaluable in every group of the view (sex: {used('sex')}; age: {used('age')}). Gaps "
+                     "are signed differences with their paired bootstrap CI (not ranked); a CI covering 0 means no "
+                     "detectable dependence. Age bands: "
+                     f"{bands_text or 'fewer than two bands in the test split'}.")
+    edges = [f"`{e}` sex C = {r['sex']['C']:g} ({r['sex']['C_at_edge']} end)" for e, r in records.items()
+             if r.get("sex", {}).get("C_at_edge")]
+    edges += [f"`{e}` age alpha = {r['age']['alpha']:g} ({r['age']['alpha_at_edge']} end)"
+              for e, r in records.items() if r.get("age", {}).get("alpha_at_edge")]
+    unconverged = sum(r.get("sex", {}).get("not_converged", 0) for r in records.values())
+    notes = [probes, excluded, subgroup_text,
              f"Reference model for paired differences: `{reference}` († on sex AUROC and the age metrics)."]
     if edges:
         notes.append("Penalty chosen at the edge of its grid (the best value may lie beyond it): "
@@ -327,7 +403,50 @@ def run_demographics(tr: TaskRun, encoders: list[Encoder]) -> Section:
     if unconverged:
         notes.append(f"{unconverged} sex-probe logistic fits stopped at the iteration limit without converging "
                      "(`not_converged` in the results JSON).")
-    if refitted:
-        notes.append("The linear protocol did not run for " + ", ".join(f"`{n}`" for n in refitted)
-                     + ": its probe was refitted here with the same procedure for the subgroup view.")
-    return Section(TITLE, columns, rows, higher_is_better={"age MAE (years)": False}, notes=notes)
+    return notes
+
+
+def demographics_tidy(tr: TaskRun, c: Cohort, records: dict[str, dict]) -> list[TidyRow]:
+    """Tidy rows of the section's cells: the probes' metrics (label ""), then ``subgroup_auroc`` per group and
+    ``subgroup_gap`` labelled as their columns name them (``men``, ``age <50``, ``men-women``, ``<50 - 70+``)."""
+    rows = []
+    for model, record in records.items():
+        paired = record["paired_to_reference"] or {}
+        for _, m in PROBE_COLUMNS:
+            rows += rows_of(tr.out_name, NAME, model, m, "", _metric(record, m), paired.get(m))
+        for col, s, gap in view_cells(c, record):
+            label = col.removeprefix("gap ").replace("−", "-") if gap else col.removeprefix("AUROC ")
+            rows += rows_of(tr.out_name, NAME, model, "subgroup_gap" if gap else "subgroup_auroc", label, s)
+    return rows
+
+
+def fit_and_score(tr: TaskRun, encoders: list[Encoder], linear: ProtocolResult) -> ProtocolResult:
+    """Fit the sex and age probes per model, score them and the linear probe's predictions (`linear`, the linear
+    protocol's result) per subgroup on the shared resamples, pair every model with the reference."""
+    c = cohort(tr)
+    t = tr.task.table
+    records: dict[str, dict] = {}
+    scored: dict[str, dict[str, tuple[float, np.ndarray]]] = {}
+    files = {}
+    for enc in encoders:
+        fitted = fit_probes(tr, c, tr.features[enc.name].global_)
+        scored[enc.name] = score_probes(c, fitted, tr.weights)
+        view = subgroups(tr, c, linear_scores(linear, enc.name, t, c.test_rows))
+        records[enc.name] = model_record(tr, c, fitted, scored[enc.name], view)
+        files[f"results/{tr.out_name}/{safe_name(enc.name)}.demographics.parquet"] = per_image_parquet(tr, c, fitted)
+
+    reference = tr.reference
+    paired = {}
+    for m in METRICS:
+        if reference in scored and m in scored[reference]:
+            have = {e: v[m] for e, v in scored.items() if m in v}
+            paired[m] = stats.compare_to_reference({e: b for e, (_, b) in have.items()},
+                                                   {e: p for e, (p, _) in have.items()}, reference)
+    for enc in encoders:
+        records[enc.name]["paired_to_reference"] = None if enc.name == reference else {
+            m: paired[m][enc.name] for m in paired}
+
+    columns, rows = section_rows(c, records)
+    section = Section(TITLE, columns, rows, higher_is_better={"age MAE (years)": False},
+                      notes=section_notes(c, records, reference))
+    return ProtocolResult(NAME, section, records, files=files, tidy=demographics_tidy(tr, c, records))

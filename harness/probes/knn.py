@@ -14,15 +14,20 @@ probe's; per test image the scores are published (``<model>.knn.parquet``).
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from baselines.registry import Encoder
 from harness import stats
 from harness.io import safe_name
 from harness.leaderboard import Section
-from harness.probes.linear import CLASSIFICATION_METRICS, classification_rows, paired_record
-from harness.protocols import TaskRun, label_status, parquet_bytes, register_protocol
+from harness.probes.linear import CLASSIFICATION_METRICS, classification_rows, classification_tidy, paired_record
+from harness.protocols import ProtocolResult, TaskRun, label_status, parquet_bytes
 
+if TYPE_CHECKING:
+    from baselines.registry import Encoder
+
+NAME = "knn"
 TITLE = "k-NN probe (classification)"
 #: test rows per similarity block: bounds the [rows, n_train] similarity and rank arrays to tens of MB
 _BLOCK = 256
@@ -67,9 +72,7 @@ def _counts(y: np.ndarray, train: np.ndarray, test: np.ndarray, j: int) -> str:
             f"test {int(y[test, j].sum())}+/{int((1 - y[test, j]).sum())}-")
 
 
-@register_protocol("knn", description="k-NN probe (DINO): cosine neighbours, exp(cos/T)-weighted per-label votes; "
-                                      "AUROC, AUPRC")
-def run_knn(tr: TaskRun, encoders: list[Encoder]) -> Section:
+def fit_and_score(tr: TaskRun, encoders: list[Encoder]) -> ProtocolResult:
     """Score every model's k-NN votes on the test split, bootstrap on the shared resamples, pair with the
     reference, exactly as the linear probe does with its logistic scores."""
     t = tr.task.table
@@ -94,25 +97,22 @@ def run_knn(tr: TaskRun, encoders: list[Encoder]) -> Section:
         notes.append("Not evaluable, left out of macro means: " + "; ".join(not_eval) + ".")
     columns = [f"macro {title}" for _, title in CLASSIFICATION_METRICS] + [f"{n} AUPRC" for n in names]
     if not len(ok) or k < 1:
-        for enc in encoders:
-            tr.results.setdefault(enc.name, {})["knn"] = {**setting, "metrics": None, "paired_to_reference": None}
-        return Section(TITLE, [], {e.name: {} for e in encoders}, notes=notes)
+        records = {e.name: {**setting, "metrics": None, "paired_to_reference": None} for e in encoders}
+        return ProtocolResult(NAME, Section(TITLE, [], {e.name: {} for e in encoders}, notes=notes), records)
 
     test_keys = tr.patient_keys(test_rows)
-    summaries, resampled = {}, {}
+    summaries, resampled, files = {}, {}, {}
     for enc in encoders:
         x = tr.features[enc.name].global_
         scores = knn_scores(x[train], y[train][:, ok], x[test], k, temperature)
         summaries[enc.name], resampled[enc.name] = stats.classification_summary(scores, y[test][:, ok], names,
                                                                                 tr.weights)
-        tr.files[f"results/{tr.out_name}/{safe_name(enc.name)}.knn.parquet"] = parquet_bytes([
+        files[f"results/{tr.out_name}/{safe_name(enc.name)}.knn.parquet"] = parquet_bytes([
             {"image_id": t.image_ids[i], "patient_key": key, "label": n, "target": int(y[i, j]), "score": float(s)}
             for jj, (j, n) in enumerate(zip(ok, names))
             for i, key, s in zip(test_rows, test_keys, scores[:, jj])])
     rows, paired = classification_rows(summaries, resampled, names, tr.reference)
-    for enc in encoders:
-        tr.results.setdefault(enc.name, {})["knn"] = {
-            **setting, "metrics": summaries[enc.name],
-            "paired_to_reference": paired_record(paired, enc.name, tr.reference),
-        }
-    return Section(TITLE, columns, rows, notes=notes)
+    records = {e.name: {**setting, "metrics": summaries[e.name],
+                        "paired_to_reference": paired_record(paired, e.name, tr.reference)} for e in encoders}
+    return ProtocolResult(NAME, Section(TITLE, columns, rows, notes=notes), records, files=files,
+                          tidy=classification_tidy(tr.out_name, NAME, summaries, paired, names, tr.reference))

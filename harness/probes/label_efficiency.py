@@ -23,14 +23,16 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from baselines.registry import Encoder
 from harness import stats
 from harness.leaderboard import Cell, Section
 from harness.probes.linear import linear_probe
-from harness.protocols import TaskRun, label_status, register_protocol
+from harness.protocols import ProtocolResult, TaskRun, label_status
+from harness.tidy import rows_of
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+
+    from baselines.registry import Encoder
 
 NAME = "label-efficiency"
 TITLE = "Label efficiency (linear probe on a fraction of the training patients)"
@@ -61,7 +63,7 @@ def figure_png(curves: dict[str, list[dict]], title: str) -> tuple[bytes, "Figur
     macro summary "macro_auroc" ({"point", "lo", "hi"})."""
     import io
 
-    # Imported here: matplotlib's first import builds a font cache, which `import harness.probes` should not
+    # Imported here: matplotlib's first import builds a font cache, which importing this module should not
     # pay. The Agg canvas is used directly, so no pyplot state or global backend is touched.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -96,10 +98,7 @@ def figure_png(curves: dict[str, list[dict]], title: str) -> tuple[bytes, "Figur
     return buf.getvalue(), fig
 
 
-@register_protocol(NAME, default=False,
-                   description="linear probe refitted on fractions of the training patients (several seeded "
-                               "draws each); macro AUROC curve with CIs and a figure")
-def run_label_efficiency(tr: TaskRun, encoders: list[Encoder]) -> Section:
+def fit_and_score(tr: TaskRun, encoders: list[Encoder]) -> ProtocolResult:
     t = tr.task.table
     y = np.asarray(t.labels).astype(int)
     train_rows = np.flatnonzero(tr.split == "train")
@@ -172,8 +171,11 @@ def run_label_efficiency(tr: TaskRun, encoders: list[Encoder]) -> Section:
     if any(len(r["draw_points"]) > 1 for rows in curves.values() for r in rows):
         notes.append("Spread of the draws' macro AUROC (min-max): " + "; ".join(spread) + ".")
     png, _ = figure_png(curves, f"{tr.task.name}: label efficiency")
-    tr.files[f"{tr.out_name}_label_efficiency.png"] = png
-    for enc in encoders:
-        tr.results.setdefault(enc.name, {})[NAME] = {"fractions": list(fractions), "draws": n_draws,
-                                                     "seed": tr.seed, "curve": curves[enc.name]}
-    return Section(TITLE, columns, cells, notes=notes)
+    records = {e.name: {"fractions": list(fractions), "draws": n_draws, "seed": tr.seed, "curve": curves[e.name]}
+               for e in encoders}
+    # One row per fraction, the curve's macro AUROC over draws, labelled by the fraction itself (macro@0.1).
+    tidy = [row for e in encoders for r in curves[e.name]
+            for row in rows_of(tr.out_name, NAME, e.name, "auroc", f"macro@{r['fraction']:g}", r["macro_auroc"],
+                               r["paired_to_reference"])]
+    return ProtocolResult(NAME, Section(TITLE, columns, cells, notes=notes), records,
+                          files={f"{tr.out_name}_label_efficiency.png": png}, tidy=tidy)

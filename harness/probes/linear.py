@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
@@ -17,12 +18,17 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedGroupKFold
 from sklearn.preprocessing import StandardScaler
 
-from baselines.registry import Encoder
 from harness import stats
 from harness.leaderboard import Cell, Section
 from harness.io import safe_name
-from harness.protocols import TaskRun, label_status, parquet_bytes, register_protocol
+from harness.protocols import ProtocolResult, TaskRun, label_status, parquet_bytes
+from harness.tidy import TidyRow, rows_of
 
+if TYPE_CHECKING:
+    from baselines.registry import Encoder
+
+NAME = "linear"
+TITLE = "Linear probe (classification)"
 #: The classification sections' headline metrics: (results key, column title).
 CLASSIFICATION_METRICS = (("auroc", "AUROC"), ("auprc", "AUPRC"))
 DEFAULT_CS = tuple(float(c) for c in np.logspace(-4, 1, 6))
@@ -142,8 +148,7 @@ def linear_probe(x_train: np.ndarray, y_train: np.ndarray, groups_train: np.ndar
     return ProbeResult(scores, results)
 
 
-@register_protocol("linear", description="logistic-regression probe per label on global features; AUROC, AUPRC")
-def run_linear(tr: TaskRun, encoders: list[Encoder]) -> Section:
+def fit_and_score(tr: TaskRun, encoders: list[Encoder]) -> ProtocolResult:
     """The linear-probe protocol: fit per model, bootstrap on the shared resamples, pair with the reference."""
     t = tr.task.table
     train, test = tr.split == "train", tr.split == "test"
@@ -180,29 +185,28 @@ def run_linear(tr: TaskRun, encoders: list[Encoder]) -> Section:
                      "logistic fits stopped at the iteration limit without converging (per label in the results "
                      "JSON: `not_converged`).")
     if not ok:
-        for enc in encoders:  # the reasons, with counts, still belong in the results
-            tr.results.setdefault(enc.name, {})["linear"] = {
-                "metrics": None, "paired_to_reference": None, "labels": [vars(lab) for lab in probes[enc.name].labels]}
-        return Section("Linear probe (classification)", [], {e.name: {} for e in encoders}, notes=notes)
+        # The reasons, with counts, still belong in the results.
+        records = {e.name: {"metrics": None, "paired_to_reference": None,
+                            "labels": [vars(lab) for lab in probes[e.name].labels]} for e in encoders}
+        return ProtocolResult(NAME, Section(TITLE, [], {e.name: {} for e in encoders}, notes=notes), records)
 
-    summaries, resampled = {}, {}
+    summaries, resampled, predictions, files = {}, {}, {}, {}
     for enc in encoders:
         scores = probes[enc.name].scores[:, ok]
         summaries[enc.name], resampled[enc.name] = stats.classification_summary(scores, y[test][:, ok], names,
                                                                                 tr.weights)
-        tr.predictions[enc.name] = [
+        predictions[enc.name] = tuple(
             {"image_id": t.image_ids[i], "patient_key": k, "label": n, "target": int(y[i, j]), "score": float(s)}
             for jj, (j, n) in enumerate(zip(ok, names))
-            for i, k, s in zip(test_rows, test_keys, scores[:, jj])]
-        tr.files[f"results/{tr.out_name}/{safe_name(enc.name)}.predictions.parquet"] = parquet_bytes(
-            tr.predictions[enc.name])
+            for i, k, s in zip(test_rows, test_keys, scores[:, jj]))
+        files[f"results/{tr.out_name}/{safe_name(enc.name)}.predictions.parquet"] = parquet_bytes(
+            list(predictions[enc.name]))
     rows, paired = classification_rows(summaries, resampled, names, tr.reference)
-    for enc in encoders:
-        tr.results.setdefault(enc.name, {})["linear"] = {
-            "metrics": summaries[enc.name], "paired_to_reference": paired_record(paired, enc.name, tr.reference),
-            "labels": [vars(lab) for lab in probes[enc.name].labels],
-        }
-    return Section("Linear probe (classification)", columns, rows, notes=notes)
+    records = {e.name: {"metrics": summaries[e.name],
+                        "paired_to_reference": paired_record(paired, e.name, tr.reference),
+                        "labels": [vars(lab) for lab in probes[e.name].labels]} for e in encoders}
+    return ProtocolResult(NAME, Section(TITLE, columns, rows, notes=notes), records, predictions, files,
+                          classification_tidy(tr.out_name, NAME, summaries, paired, names, tr.reference))
 
 
 def classification_rows(summaries: dict[str, dict], resampled: dict[str, dict], names: list[str], reference: str
@@ -228,3 +232,17 @@ def classification_rows(summaries: dict[str, dict], resampled: dict[str, dict], 
 def paired_record(paired: dict[str, dict], name: str, reference: str) -> dict | None:
     """A model's paired comparisons for its results JSON (None for the reference itself)."""
     return None if name == reference else {m: paired[m][name] for m, _ in CLASSIFICATION_METRICS}
+
+
+def classification_tidy(task: str, protocol: str, summaries: dict[str, dict], paired: dict[str, dict],
+                        names: list[str], reference: str) -> list[TidyRow]:
+    """Tidy rows of a classification section: per model, macro then per-label AUROC, then AUPRC; the macros carry
+    their paired difference to the reference (the per-label numbers are not compared)."""
+    rows = []
+    for model, s in summaries.items():
+        for m, _ in CLASSIFICATION_METRICS:
+            rows += rows_of(task, protocol, model, m, "macro", s[m]["macro"],
+                            paired[m].get(model) if model != reference else None)
+            for n in names:
+                rows += rows_of(task, protocol, model, m, n, s[m]["per_label"][n])
+    return rows

@@ -43,6 +43,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
@@ -52,14 +53,18 @@ from PIL import Image
 from torch import nn
 
 from baselines.preprocess import Geometry, Preprocess, geometry, place, unplace
-from baselines.registry import Encoder
 from harness import stats
 from harness.features import FeatureSet, Grid, ShardWriter
 from harness.leaderboard import Cell, Section
 from harness.io import safe_name
-from harness.protocols import TaskRun, dense_view, register_protocol
+from harness.protocols import ProtocolResult, TaskRun, dense_view
 from harness.tasks.base import Task, TaskError
+from harness.tidy import TidyRow, rows_of
 
+if TYPE_CHECKING:
+    from baselines.registry import Encoder
+
+NAME = "seg"
 TITLE = "Segmentation (frozen patch tokens)"
 HEADS = ("linear", "multi-level")
 N_OVERLAYS = 4
@@ -413,10 +418,6 @@ def per_image_parquet(scores: dict[str, HeadScores], names: list[str], image_ids
     return buf.getvalue()
 
 
-def _not_evaluated(reason: str) -> Section:
-    return Section(TITLE, [], {}, notes=[f"Nothing evaluated: {reason}."])
-
-
 def _mask(subset: Task, i: int) -> np.ndarray:
     m = subset.load_mask(i)
     if m is None or m.ndim != 3 or m.shape[0] != len(subset.mask_names):
@@ -448,24 +449,38 @@ def masked_rows(task: Task) -> np.ndarray:
     return np.flatnonzero(task.table.has_mask) if task.mask_names else np.array([], dtype=int)
 
 
-@register_protocol("seg", description="linear and multi-level segmentation heads on frozen patch tokens; Dice, IoU",
-                   dense_rows=masked_rows)
-def run_seg(tr: TaskRun, encoders: list[Encoder], budget: SegBudget = BUDGET) -> Section:
+@dataclass
+class MaskedImages:
+    """The masked images of a task as segmentation sees them: rows `train` / `test` of `subset`, the structures
+    `names`, the test images' ids and pseudonymous patient keys, their own patient bootstrap (`weights`, over the
+    keys the per-image file publishes), every mask's size, which test truths are non-empty [n_test, K], and the
+    test rows (positions in `test`) shown as overlays."""
+
+    subset: Task
+    train: np.ndarray
+    test: np.ndarray
+    names: list[str]
+    test_ids: list[str]
+    test_keys: list[str]
+    weights: np.ndarray
+    shapes: list[tuple[int, int]]
+    truth_any: np.ndarray
+    shown: list[int]
+
+
+def masked_images(tr: TaskRun) -> MaskedImages | str:
+    """The task's masked images split into train and test, or why segmentation cannot be evaluated on it."""
     task = tr.task
     rows = masked_rows(task)
     if rows.size == 0:
-        return _not_evaluated(f"task `{task.name}` has no masks")
+        return f"task `{task.name}` has no masks"
     in_train, in_test = tr.split[rows] == "train", tr.split[rows] == "test"
     if in_train.sum() < 2 or in_test.sum() < 1:
-        return _not_evaluated(f"task `{task.name}` has {int(in_train.sum())} masked training and "
-                              f"{int(in_test.sum())} masked test images (need at least 2 and 1)")
+        return (f"task `{task.name}` has {int(in_train.sum())} masked training and {int(in_test.sum())} masked test "
+                "images (need at least 2 and 1)")
     subset = dense_view(task, rows)
-    dense = tr.extract(subset, encoders, True)
-    for enc in encoders:  # before any training: fail in seconds, not after the other models' heads
-        check_finite(dense[enc.name], enc.name, task.name, subset.table.image_ids)
     train, test = np.flatnonzero(in_train), np.flatnonzero(in_test)
     names = list(task.mask_names)
-    test_ids = [subset.table.image_ids[i] for i in test]
     # Resampled over the pseudonymous keys that the per-image file publishes, so its intervals can be recomputed
     # exactly from it (the bootstrap is deterministic in the sorted unique keys and the seed).
     test_keys = tr.patient_keys(rows[test])
@@ -481,94 +496,94 @@ def run_seg(tr: TaskRun, encoders: list[Encoder], budget: SegBudget = BUDGET) ->
             truth_any[test_row[i]] = m.reshape(len(names), -1).any(1)
     # The overlays show the same test images for every model: the first ones with something to segment.
     shown = [r for r in range(len(test)) if truth_any[r].any()][:N_OVERLAYS]
+    return MaskedImages(subset, train, test, names, [subset.table.image_ids[i] for i in test], test_keys, weights,
+                        shapes, truth_any, shown)
 
-    placement = {enc.name: mask_placement_key(enc.preprocess, shapes) for enc in encoders}
+
+def fit_heads(data: MaskedImages, encoders: list[Encoder], dense: dict[str, FeatureSet], budget: SegBudget,
+              seed: int) -> dict[str, dict[str, HeadScores]]:
+    """Both heads of every encoder trained on the training masks and scored on the test masks, per image."""
+    placement = {enc.name: mask_placement_key(enc.preprocess, data.shapes) for enc in encoders}
     scores: dict[str, dict[str, HeadScores]] = {}
     with tempfile.TemporaryDirectory(prefix="raddino-seg-") as scratch:
-        targets = placed_targets(subset, list(dict.fromkeys(placement.values())), budget.loss_size, Path(scratch))
+        targets = placed_targets(data.subset, list(dict.fromkeys(placement.values())), budget.loss_size,
+                                 Path(scratch))
         for enc in encoders:
             t0, c0 = time.perf_counter(), time.process_time()
-            scores[enc.name] = evaluate_encoder(dense[enc.name], enc.preprocess, lambda i: _mask(subset, i), train,
-                                                test, targets[placement[enc.name]], budget, tr.seed, set(shown))
+            scores[enc.name] = evaluate_encoder(dense[enc.name], enc.preprocess, lambda i: _mask(data.subset, i),
+                                                data.train, data.test, targets[placement[enc.name]], budget, seed,
+                                                set(data.shown))
             print(f"  {enc.name}: segmentation heads trained and scored in {time.perf_counter() - t0:.1f} s "
                   f"({time.process_time() - c0:.1f} s CPU; dense features {_MODES[dense[enc.name].dense_mode]})")
+    return scores
 
-    # Per (head, structure, metric): point and resampled mean over the images the metric is defined on.
-    summary: dict[tuple, dict[str, dict]] = {}
-    resampled: dict[tuple, dict[str, np.ndarray]] = {}
+
+#: (head, structure, metric) -> model -> a `stats.summarise` dict, or a `stats.compare_to_reference` entry
+Scored = dict[tuple[str, str, str], dict[str, dict]]
+
+
+def score(data: MaskedImages, scores: dict[str, dict[str, HeadScores]], reference: str) -> tuple[Scored, Scored]:
+    """Per (head, structure, metric): every model's mean over the images the metric is defined on, with its
+    interval, and the paired differences to the reference. Nothing for a metric no test image is scored on."""
+    summary: Scored = {}
+    paired: Scored = {}
     for kind in HEADS:
-        for k, name in enumerate(names):
+        for k, name in enumerate(data.names):
             for metric, _ in METRICS:
                 key = (kind, name, metric)
-                summary[key], resampled[key] = {}, {}
-                on = scored_on(metric, truth_any[:, k])
+                summary[key], resampled = {}, {}
+                on = scored_on(metric, data.truth_any[:, k])
                 if not on.any():
                     continue
-                for enc in encoders:
-                    values = per_image(scores[enc.name][kind], metric, k)[on]
+                for model, per_head in scores.items():
+                    values = per_image(per_head[kind], metric, k)[on]
                     with np.errstate(invalid="ignore", divide="ignore"):
                         # A resample that drew none of these images has no mean: NaN, dropped by summarise.
-                        boot = stats.weighted_mean(values, weights[:, on])
-                    resampled[key][enc.name] = boot
-                    summary[key][enc.name] = stats.summarise(float(values.mean()), boot)
-    paired = {key: stats.compare_to_reference(resampled[key], {m: s["point"] for m, s in summary[key].items()},
-                                              tr.reference)
-              for key in summary if summary[key]}
+                        resampled[model] = stats.weighted_mean(values, data.weights[:, on])
+                    summary[key][model] = stats.summarise(float(values.mean()), resampled[model])
+                paired[key] = stats.compare_to_reference(resampled, {m: s["point"] for m, s in summary[key].items()},
+                                                         reference)
+    return summary, paired
 
-    n_empty = {name: int((~truth_any[:, k]).sum()) for k, name in enumerate(names)}
-    columns, section_rows, higher_is_better = [], {enc.name: {} for enc in encoders}, {}
-    for kind in HEADS:
-        for name in names:
-            for metric, title in METRICS:
-                if metric == FP_METRIC and not n_empty[name]:
-                    continue  # no negative image in the test set: nothing a false positive could land on
-                col = f"{name} {title} ({kind})"
-                columns.append(col)
-                higher_is_better[col] = metric != FP_METRIC
-                key = (kind, name, metric)
-                for enc in encoders:
-                    s = summary[key].get(enc.name)
-                    if s is None:
-                        section_rows[enc.name][col] = Cell(None, note="n/e: no test image with this structure")
-                        continue
-                    p = paired.get(key, {}).get(enc.name)
-                    sig = p is not None and (p["p_holm"] or 1.0) < 0.05
-                    section_rows[enc.name][col] = Cell(s["point"], s["lo"], s["hi"], sig)
 
+def shown_metrics(data: MaskedImages) -> list[tuple[str, str, str, str]]:
+    """(head, structure, metric, column title) of every column of the section, in order: the FP rate only for a
+    structure with an empty test truth (without one there is nothing a false positive could land on)."""
+    n_empty = (~data.truth_any).sum(axis=0)
+    return [(kind, name, metric, f"{name} {title} ({kind})") for kind in HEADS for k, name in enumerate(data.names)
+            for metric, title in METRICS if metric != FP_METRIC or n_empty[k]]
+
+
+def section_rows(data: MaskedImages, encoders: list[Encoder], summary: Scored, paired: Scored
+                 ) -> tuple[list[str], dict[str, dict[str, Cell]], dict[str, bool]]:
+    """Columns, cells (with † where the paired difference is significant after Holm) and which columns rank up."""
+    columns, rows, higher_is_better = [], {enc.name: {} for enc in encoders}, {}
+    for kind, name, metric, col in shown_metrics(data):
+        columns.append(col)
+        higher_is_better[col] = metric != FP_METRIC
+        key = (kind, name, metric)
+        for enc in encoders:
+            s = summary[key].get(enc.name)
+            if s is None:
+                rows[enc.name][col] = Cell(None, note="n/e: no test image with this structure")
+                continue
+            p = paired.get(key, {}).get(enc.name)
+            sig = p is not None and (p["p_holm"] or 1.0) < 0.05
+            rows[enc.name][col] = Cell(s["point"], s["lo"], s["hi"], sig)
+    return columns, rows, higher_is_better
+
+
+def section_notes(data: MaskedImages, encoders: list[Encoder], dense: dict[str, FeatureSet], budget: SegBudget,
+                  tr: TaskRun) -> list[str]:
     task_stem = tr.out_name
-    for enc in encoders:
-        head_results = {}
-        for kind in HEADS:
-            per_structure = {}
-            for k, name in enumerate(names):
-                per_structure[name] = {
-                    "n_scored": int(truth_any[:, k].sum()),
-                    "n_empty_truth": n_empty[name],
-                    **{m: summary[(kind, name, m)].get(enc.name) for m, _ in METRICS},
-                    "paired_to_reference": None if enc.name == tr.reference else
-                    {m: paired.get((kind, name, m), {}).get(enc.name) for m, _ in METRICS},
-                }
-            head_results[kind] = per_structure
-        tr.results.setdefault(enc.name, {})["seg"] = {
-            "structures": names, "train_images": len(train), "test_images": len(test),
-            "multi_level_grids": len(levels_of(dense[enc.name])), "budget": asdict(budget), "heads": head_results,
-            "per_image": f"results/{task_stem}/{safe_name(enc.name)}.seg.parquet",
-        }
-        tr.files[f"results/{task_stem}/{safe_name(enc.name)}.seg.parquet"] = per_image_parquet(
-            scores[enc.name], names, test_ids, test_keys, truth_any)
-        if shown:
-            images = [subset.load_image(int(test[r])) for r in shown]
-            truths = [_mask(subset, int(test[r])) for r in shown]
-            tr.files[f"{task_stem}_seg/{safe_name(enc.name)}.png"] = overlay_png(
-                images, truths, scores[enc.name]["multi-level"].preds)
-
-    training = (f"Masked images: {len(train)} train, {len(test)} test (patient-level split of the task). Heads "
-                f"trained on frozen cached patch features with an identical budget for every model: AdamW (lr "
+    training = (f"Masked images: {len(data.train)} train, {len(data.test)} test (patient-level split of the task). "
+                f"Heads trained on frozen cached patch features with an identical budget for every model: AdamW (lr "
                 f"{budget.lr}, weight decay {budget.weight_decay}), cosine schedule, {budget.epochs} epochs, batch "
                 f"{budget.batch_size}, loss BCE + soft Dice on each model's own input square (its resize/crop/pad) "
                 f"resampled to {budget.loss_size}x{budget.loss_size} for every model, seed {tr.seed}. `linear` = 1x1 "
                 f"conv on the last layer's patch grid; `multi-level` = FPN-style decoder (width "
                 f"{budget.decoder_dim}) over the intermediate layers.")
+    n_empty = {name: int((~data.truth_any[:, k]).sum()) for k, name in enumerate(data.names)}
     empty = ""
     if any(n_empty.values()):
         empty = (" (" + ", ".join(f"{n}: {c} test images with an empty truth left out" for n, c in n_empty.items() if c)
@@ -583,8 +598,62 @@ def run_seg(tr: TaskRun, encoders: list[Encoder], budget: SegBudget = BUDGET) ->
     if no_layers:
         notes.append("No intermediate layers (multi-level head over the patch grid alone): "
                      + ", ".join(f"`{n}`" for n in no_layers) + ".")
-    if shown:
+    if data.shown:
         notes.append("Overlays (multi-level head; image, ground truth in green, prediction in red): "
                      + " ".join(f"[{e.name}]({task_stem}_seg/{safe_name(e.name)}.png)" for e in encoders))
         notes += [f"![{e.name}]({task_stem}_seg/{safe_name(e.name)}.png)" for e in encoders]
-    return Section(TITLE, columns, section_rows, higher_is_better, notes=notes)
+    return notes
+
+
+def model_record(data: MaskedImages, model: str, summary: Scored, paired: Scored, n_grids: int, budget: SegBudget,
+                 per_image_file: str, reference: str) -> dict:
+    """What the model's results file holds for segmentation: per head and structure, every metric with its
+    interval and paired difference."""
+    heads = {}
+    for kind in HEADS:
+        heads[kind] = {name: {
+            "n_scored": int(data.truth_any[:, k].sum()),
+            "n_empty_truth": int((~data.truth_any[:, k]).sum()),
+            **{m: summary[(kind, name, m)].get(model) for m, _ in METRICS},
+            "paired_to_reference": None if model == reference else
+            {m: paired.get((kind, name, m), {}).get(model) for m, _ in METRICS},
+        } for k, name in enumerate(data.names)}
+    return {"structures": data.names, "train_images": len(data.train), "test_images": len(data.test),
+            "multi_level_grids": n_grids, "budget": asdict(budget), "heads": heads, "per_image": per_image_file}
+
+
+def seg_tidy(data: MaskedImages, encoders: list[Encoder], summary: Scored, paired: Scored, tr: TaskRun
+             ) -> list[TidyRow]:
+    """Tidy rows of the section's cells: metric ``<metric>_<head>`` (``dice_linear``, ``iou_multi-level``,
+    ``empty_truth_fp_rate_linear``), label the structure."""
+    return [row for enc in encoders for kind, name, metric, _ in shown_metrics(data)
+            for row in rows_of(tr.out_name, NAME, enc.name, f"{metric}_{kind}", name,
+                               summary[(kind, name, metric)].get(enc.name),
+                               paired.get((kind, name, metric), {}).get(enc.name))]
+
+
+def fit_and_score(tr: TaskRun, encoders: list[Encoder], budget: SegBudget = BUDGET) -> ProtocolResult:
+    data = masked_images(tr)
+    if isinstance(data, str):
+        return ProtocolResult(NAME, Section(TITLE, [], {}, notes=[f"Nothing evaluated: {data}."]))
+    dense = tr.extract(data.subset, encoders, True)
+    for enc in encoders:  # before any training: fail in seconds, not after the other models' heads
+        check_finite(dense[enc.name], enc.name, tr.task.name, data.subset.table.image_ids)
+    scores = fit_heads(data, encoders, dense, budget, tr.seed)
+    summary, paired = score(data, scores, tr.reference)
+
+    columns, rows, higher_is_better = section_rows(data, encoders, summary, paired)
+    section = Section(TITLE, columns, rows, higher_is_better, notes=section_notes(data, encoders, dense, budget, tr))
+    records, files = {}, {}
+    for enc in encoders:
+        per_image_file = f"results/{tr.out_name}/{safe_name(enc.name)}.seg.parquet"
+        records[enc.name] = model_record(data, enc.name, summary, paired, len(levels_of(dense[enc.name])), budget,
+                                         per_image_file, tr.reference)
+        files[per_image_file] = per_image_parquet(scores[enc.name], data.names, data.test_ids, data.test_keys,
+                                                  data.truth_any)
+        if data.shown:
+            images = [data.subset.load_image(int(data.test[r])) for r in data.shown]
+            truths = [_mask(data.subset, int(data.test[r])) for r in data.shown]
+            files[f"{tr.out_name}_seg/{safe_name(enc.name)}.png"] = overlay_png(
+                images, truths, scores[enc.name]["multi-level"].preds)
+    return ProtocolResult(NAME, section, records, files=files, tidy=seg_tidy(data, encoders, summary, paired, tr))

@@ -2,12 +2,15 @@
 
 A task knows its images (decoded on demand to float32 in [0, 1], single channel, at their own size), a
 multi-label target per image, optional masks, optional sex and age, and a patient id for every image. Adding a
-dataset is one file in ``harness/tasks/`` with a decorated factory, plus its import line in
-``harness/tasks/__init__.py``:
+dataset is one file in ``harness/tasks/`` with a factory, plus one line in the table of ``harness/tasks/__init__.py``
+(the file is imported only when the task is built):
 
-    @register_task("mydata", description="...")
+    # harness/tasks/mydata.py
     def mydata(ctx: TaskContext) -> Task:
-        return MyDataTask(ctx.root_for("mydata"), skip_bad=ctx.skip_bad)
+        return MyDataTask(ctx.root_for("mydata", "mydata"), skip_bad=ctx.skip_bad)
+
+    # harness/tasks/__init__.py
+    TASKS.register("mydata", "harness.tasks.mydata:mydata", description="...")
 """
 from __future__ import annotations
 
@@ -15,10 +18,10 @@ import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
+from harness.registry import Entry, Registry
 from harness.splits import patient_clusters
 from trainer.imaging import DECODER_VERSION
 
@@ -175,37 +178,23 @@ class TaskContext:
 
 
 @dataclass(frozen=True)
-class _TaskEntry:
-    factory: Callable[[TaskContext], Task]
-    takes_arg: bool
-    description: str
+class TaskEntry(Entry):
+    """A task's table line; `takes_arg` makes it spelled ``name:ARG`` (``csv:PATH``)."""
+
+    takes_arg: bool = False
 
 
-_TASKS: dict[str, _TaskEntry] = {}
-
-
-def register_task(name: str, *, takes_arg: bool = False, description: str = ""
-                  ) -> Callable[[Callable[[TaskContext], Task]], Callable[[TaskContext], Task]]:
-    def deco(factory: Callable[[TaskContext], Task]) -> Callable[[TaskContext], Task]:
-        if name in _TASKS:
-            raise ValueError(f"task {name!r} registered twice")
-        _TASKS[name] = _TaskEntry(factory, takes_arg, description)
-        return factory
-
-    return deco
-
-
-def registered_tasks() -> dict[str, _TaskEntry]:
-    return dict(_TASKS)
+#: Filled by the table in ``harness/tasks/__init__.py``, which Python runs before this module is usable from outside.
+TASKS: Registry[TaskEntry] = Registry("task", TaskEntry)
 
 
 def build_task(name: str, arg: str | None, ctx: TaskContext) -> Task:
-    entry = _TASKS.get(name)
-    if entry is None:
-        raise TaskError(f"unknown task {name!r}; registered: {', '.join(sorted(_TASKS))}")
+    if name not in TASKS:
+        raise TaskError(TASKS.unknown(name))
+    entry = TASKS.get(name)
     if entry.takes_arg and not arg:
         raise TaskError(f"task {name!r} needs an argument: {name}:ARG")
-    task = entry.factory(replace(ctx, arg=arg))
+    task = entry.load()(replace(ctx, arg=arg))
     merge_duplicates(task, ctx.on_duplicate)
     return task
 

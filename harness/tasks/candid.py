@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from harness.tasks.base import TaskContext, TaskError, TaskTable, register_task
+from harness.tasks.base import TaskContext, TaskError, TaskTable
 from harness.tasks.dicom_meta import DicomTask, Skips, check_images, demographics, parse_options, read_csv
 from harness.tasks.rle import CANDID_GRID, resize_mask, rle_decode, rle_runs
 
@@ -125,8 +125,6 @@ def _shown(root: Path, path: Path | None, uid: str) -> str:
     return str(path.relative_to(root)) if path is not None else uid
 
 
-@register_task("candid", description="CANDID-PTX: pneumothorax, chest tube, rib fracture labels; "
-                                     "pneumothorax and chest-tube masks; patient ids from the filename prefix")
 def candid(ctx: TaskContext) -> CandidTask:
     parse_options("candid", ctx.arg, {})
     return CandidTask(ctx.root_for("candid", "candid-ptx"), skip_bad=ctx.skip_bad)

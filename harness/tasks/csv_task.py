@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from harness.tasks.base import (Task, TaskContext, TaskError, TaskTable, combine_digests, register_task,
+from harness.tasks.base import (Task, TaskContext, TaskError, TaskTable, combine_digests,
                                 sha256_file)
 from trainer.imaging import ImageDecodeError, load_radiograph
 
@@ -229,6 +229,5 @@ class CsvTask(Task):
         return combine_digests(self.table.image_ids, self.file_digests())
 
 
-@register_task("csv", takes_arg=True, description="any labels.csv: image, label_*, patient_id[, mask, sex, age, split]")
 def csv_task(ctx: TaskContext) -> Task:
     return CsvTask(Path(ctx.arg).expanduser(), skip_bad=ctx.skip_bad)

@@ -38,7 +38,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from harness.tasks.base import Task, TaskContext, TaskError, TaskTable, register_task
+from harness.tasks.base import Task, TaskContext, TaskError, TaskTable
 
 #: Bump whenever the drawing or the parameter sampling changes: it is part of the content digest (feature cache key).
 GENERATOR_VERSION = "demo-phantom-1"
@@ -492,8 +492,6 @@ def parse_config(arg: str | None) -> PhantomConfig:
     return PhantomConfig(**kw)
 
 
-@register_task("demo", description="synthetic chest-radiograph phantom, no download (demo:n_patients=50,size=128 "
-                                   "to resize): effusion, nodule, pneumothorax, cardiomegaly; lung masks; sex, age")
 def demo(ctx: TaskContext) -> Task:
     # ctx.seed (splits, bootstraps) deliberately does not reach the data: the set is fixed unless `seed=` is given.
     return DemoTask(parse_config(ctx.arg))

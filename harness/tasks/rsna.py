@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from harness.splits import pseudonym
-from harness.tasks.base import TaskContext, TaskError, TaskTable, register_task
+from harness.tasks.base import TaskContext, TaskError, TaskTable
 from harness.tasks.dicom_meta import DicomTask, Skips, check_images, demographics, parse_options, read_csv
 
 URL = "https://www.kaggle.com/c/rsna-pneumonia-detection-challenge"
@@ -183,8 +183,6 @@ def _read_split_lists(folder: Path, target: dict[str, int]) -> dict[str, tuple[s
     return out
 
 
-@register_task("rsna", description="RSNA Pneumonia stage 2: pneumonia target and box masks; seeded patient "
-                                   "split, or published lists with rsna:splits=DIR")
 def rsna(ctx: TaskContext) -> RsnaTask:
     options = parse_options("rsna", ctx.arg, {"splits": None})
     splits = Path(options["splits"]).expanduser() if "splits" in options else None

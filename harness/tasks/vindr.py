@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from harness.tasks.base import TaskContext, TaskError, TaskTable, register_task
+from harness.tasks.base import TaskContext, TaskError, TaskTable
 from harness.tasks.dicom_meta import DicomTask, Skips, check_images, demographics, parse_options, read_csv
 
 URL = "https://physionet.org/content/vindr-cxr/1.0.0/"
@@ -139,8 +139,6 @@ def _read_labels(path: Path, labels: tuple[str, ...], aggregation: str
     return out, first_line
 
 
-@register_task("vindr", description="VinDr-CXR 1.0.0: 20 findings (6 global + 14 local), official test split; "
-                                    "options agg=majority|any|all, labels=default|all")
 def vindr(ctx: TaskContext) -> VinDrTask:
     options = parse_options("vindr", ctx.arg, {"agg": tuple(AGGREGATION), "labels": ("default", "all")})
     labels = LOCAL_LABELS + GLOBAL_LABELS if options.get("labels") == "all" else DEFAULT_LABELS

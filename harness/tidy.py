@@ -1,0 +1,106 @@
+"""The tidy results table: one row per number a leaderboard shows with an interval, in long format.
+
+``<out>/results/<name>.parquet`` and ``<out>/results/<name>.csv`` (``<name>``: the task's output name, as the
+leaderboard's) hold the same rows with exactly the columns of `COLUMNS`:
+
+- ``task``: the task's output name; ``model``; ``protocol``: the protocol's registry name (``linear``, ``knn``,
+  ``seg``, ``demographics``, ``label-efficiency``);
+- ``metric`` in snake_case (``auroc``, ``auprc``, ``dice_linear``, ``sex_auroc``, ``subgroup_gap``, ...) and
+  ``label``: what the metric is of (a finding, a structure, a group, ``macro``), ``""`` when the metric is a single
+  number per model;
+- ``point``, ``lo``, ``hi``: the estimate and its 95% patient-bootstrap interval (lo/hi null without one);
+- ``delta``, ``p_holm``: the paired difference to the reference model and its Holm-adjusted p-value (what the
+  leaderboard's † uses), null for the reference itself and for numbers that are not compared;
+- ``n_valid``: resamples in which the metric was finite, null where that does not apply.
+
+Rows are in leaderboard order (protocol sections, then models, then the section's columns), so the CSV is
+byte-identical from one run to the next and the committed copy is what ``harness.leaderboard check`` compares.
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import NamedTuple
+
+import polars as pl
+
+COLUMNS = ("task", "model", "protocol", "metric", "label", "point", "lo", "hi", "delta", "p_holm", "n_valid")
+SCHEMA = {"task": pl.String, "model": pl.String, "protocol": pl.String, "metric": pl.String, "label": pl.String,
+          "point": pl.Float64, "lo": pl.Float64, "hi": pl.Float64, "delta": pl.Float64, "p_holm": pl.Float64,
+          "n_valid": pl.Int64}
+#: the columns that identify a row (a table holds each combination once)
+KEY = ("task", "model", "protocol", "metric", "label")
+
+
+class TidyRow(NamedTuple):
+    task: str
+    model: str
+    protocol: str
+    metric: str
+    label: str
+    point: float | None
+    lo: float | None
+    hi: float | None
+    delta: float | None
+    p_holm: float | None
+    n_valid: int | None
+
+
+def rows_of(task: str, protocol: str, model: str, metric: str, label: str, summary: dict | None,
+            paired: dict | None = None) -> list[TidyRow]:
+    """The row of one leaderboard number from its `stats.summarise` dict (and its `stats.compare_to_reference`
+    entry, None for the reference or an uncompared number); no row for a number that was not evaluable."""
+    if summary is None or summary.get("point") is None:
+        return []
+    paired = paired or {}
+    return [TidyRow(task, model, protocol, metric, label, summary["point"], summary.get("lo"), summary.get("hi"),
+                    paired.get("delta"), paired.get("p_holm"), summary.get("n_valid"))]
+
+
+def frame(rows: list[TidyRow]) -> pl.DataFrame:
+    return pl.DataFrame([tuple(r) for r in rows], schema=SCHEMA, orient="row")
+
+
+def csv_text(rows: list[TidyRow]) -> str:
+    return frame(rows).write_csv()
+
+
+def parquet_bytes(rows: list[TidyRow]) -> bytes:
+    buf = io.BytesIO()
+    frame(rows).write_parquet(buf)
+    return buf.getvalue()
+
+
+def read(path: Path) -> list[TidyRow]:
+    """The rows of a table written by `csv_text` or `parquet_bytes` (by its suffix); ValueError naming the file
+    when it cannot be read or does not have exactly the columns."""
+    try:
+        df = pl.read_parquet(path) if path.suffix == ".parquet" else pl.read_csv(path, schema_overrides=SCHEMA)
+    except pl.exceptions.PolarsError as e:
+        raise ValueError(f"{path}: not a readable results table ({e})") from e
+    if tuple(df.columns) != COLUMNS:
+        raise ValueError(f"{path}: columns {', '.join(df.columns)}; expected exactly {', '.join(COLUMNS)}")
+    # A CSV's empty label reads back as null: it is the empty string written.
+    return [TidyRow(*r) for r in df.with_columns(pl.col("label").fill_null("")).iter_rows()]
+
+
+def differences(committed: list[TidyRow], fresh: list[TidyRow], tol: float) -> list[tuple[str, str, str, str]]:
+    """(row, column, committed value, fresh value) for every row present in only one table and every number that
+    differs by more than `tol` (a null against a number always differs; n_valid must match exactly)."""
+    a = {tuple(getattr(r, k) for k in KEY): r for r in committed}
+    b = {tuple(getattr(r, k) for k in KEY): r for r in fresh}
+    out = []
+    for key in list(a) + [k for k in b if k not in a]:
+        where = " ".join(f"{k}={v!r}" for k, v in zip(KEY, key))
+        if key not in a or key not in b:
+            out.append((where, "whole row", "present" if key in a else "absent", "present" if key in b else "absent"))
+            continue
+        for col in COLUMNS[len(KEY):]:
+            x, y = getattr(a[key], col), getattr(b[key], col)
+            if x is None or y is None:
+                same = x is None and y is None
+            else:
+                same = x == y if col == "n_valid" else abs(x - y) <= tol
+            if not same:
+                out.append((where, col, str(x), str(y)))
+    return out
