@@ -1,4 +1,4 @@
-"""DICOM decoding to a float image: our decoder (trainer.imaging.load_radiograph) against pydicom's plain
+"""DICOM decoding to a float image: our decoder (harness.common.imaging.load_radiograph) against pydicom's plain
 ``pixel_array`` plus a NumPy conversion, on a chest-radiograph-sized 16-bit file, uncompressed and JPEG 2000
 Lossless (the syntax of VinDr-CXR).
 
@@ -31,7 +31,7 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from trainer.imaging import load_radiograph  # noqa: E402
+from harness.common.imaging import load_radiograph
 
 
 def write_radiograph(path: Path, rows: int, cols: int, bits_stored: int, syntax: str) -> Path:
