@@ -18,6 +18,7 @@ size) on the CPU, so that decoding can be compared with feature extraction in th
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import tempfile
@@ -119,7 +120,7 @@ def main() -> None:
                   f"(ratio {t_naive / t_ours:4.2f}) | max |ours - naive| {diff:.1e}")
             if syntax == JPEG2000Lossless:
                 for side in (518, 224):  # RAD-DINO's and CLIP's input sizes
-                    t_red = median_seconds(lambda p: load_radiograph(p, min_side=side), path, args.repeats)
+                    t_red = median_seconds(functools.partial(load_radiograph, min_side=side), path, args.repeats)
                     shape = load_radiograph(path, min_side=side).shape
                     ours_ips[f"JPEG 2000 min_side={side}"] = 1 / t_red
                     print(f"{'':>20} ours with min_side={side} (decoded {shape[0]}x{shape[1]}): "
