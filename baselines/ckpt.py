@@ -11,7 +11,8 @@ from pathlib import Path
 
 from baselines.floors import ViTEncoder
 from baselines.preprocess import Preprocess
-from baselines.registry import Encoder, EncoderSpec, WeightsMissing, register_encoder, sha256_files
+from baselines.registry import Encoder, EncoderSpec, WeightsMissing, register_encoder
+from harness.common.hashing import sha256_files
 
 CKPT_FILES = ("model.safetensors", "config.yaml", "state.json")
 

@@ -233,7 +233,7 @@ def stage_throughput(n: int, work: Path, args: argparse.Namespace) -> dict:
     from harness.features import _collate, _Images, encode_batch
     from harness.tasks.base import Task
     from harness.tasks.demo import DemoTask, PhantomConfig
-    from trainer.imaging import load_radiograph
+    from harness.common.imaging import load_radiograph
     from trainer.vit import vit_base
 
     # Radiograph-sized 16-bit PNGs (2048 px, as CXR exports are), rendered untimed from demo phantoms.

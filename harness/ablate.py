@@ -38,7 +38,8 @@ from typing import Any
 
 import numpy as np
 
-from harness.io import atomic_path, atomic_write_json, atomic_write_text, safe_name
+from harness.common.atomic import atomic_path, atomic_write_json, atomic_write_text
+from harness.common.paths import safe_name
 from trainer.config import TrainConfig, load_config
 
 SHORTCUTS = ("mim", "resolution", "data", "sources")

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import hashlib
 import json
 import math
 import os
@@ -49,7 +48,8 @@ from tqdm.auto import tqdm
 
 from baselines.preprocess import Preprocess, preprocess_batch
 from baselines.registry import Encoder, Features
-from harness.io import fsync_path, temp_dir
+from harness.common.atomic import fsync_path, temp_dir
+from harness.common.hashing import sha256_text
 from harness.tasks.base import Task, TaskError
 
 FEATURE_FORMAT = 1
@@ -80,7 +80,7 @@ def precision(device: torch.device) -> dict:
 def cache_key(encoder: Encoder, task_digest: str, device: str | torch.device) -> str:
     blob = json.dumps({"format": FEATURE_FORMAT, "encoder": encoder.identity(),  # includes its code_version
                        "precision": precision(torch.device(device)), "task_digest": task_digest}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    return sha256_text(blob)
 
 
 def encode_batch(encoder: Encoder, x: torch.Tensor, device: torch.device) -> Features:
@@ -411,7 +411,7 @@ class _Images(Dataset):
     def __getitem__(self, i: int) -> tuple[int, list[torch.Tensor] | str]:
         try:
             img = self.task.load_image(i)
-        except Exception as e:  # noqa: BLE001 - re-raised with its message in the main process
+        except Exception as e:  # any error: re-raised with its message in the main process
             return i, f"{type(e).__name__}: {e}"
         if img.ndim != 2 or not np.isfinite(img).all():
             return i, f"TaskError: image {self.task.table.image_ids[i]!r} decoded to shape {img.shape} or non-finite values"

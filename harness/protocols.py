@@ -21,7 +21,7 @@ import polars as pl
 from baselines.registry import Encoder
 from harness import stats
 from harness.features import FeatureSet
-from harness.io import safe_name
+from harness.common.paths import safe_name
 from harness.leaderboard import Section
 from harness.splits import pseudonym
 from harness.tasks.base import Subset, Task

@@ -39,7 +39,9 @@ from baselines.registry import (
 )
 from harness import stats
 from harness.features import DEFAULT_DENSE_BUDGET_GB, FeatureCache, extract
-from harness.io import atomic_path, atomic_write_text, safe_name
+from harness.common.atomic import atomic_path, atomic_write_text
+from harness.common.devices import pick_device
+from harness.common.paths import cache_dir, safe_name
 from harness.leaderboard import Section, render, section_from_json, section_to_json
 from harness.protocols import (MIN_POSITIVE_PATIENTS, PROTOCOLS, ProbeOptions, TaskRun, feature_sets,
                                label_status)
@@ -113,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"folder with one sub-folder of weights per model (default: ${{RADDINO_BENCH_WEIGHTS}}, "
                         f"else {default_weights_dir()})")
     p.add_argument("--cache-dir", type=Path,
-                   default=Path(os.environ.get("RADDINO_BENCH_CACHE", ".cache/raddino-bench")),
+                   default=cache_dir(),
                    help="feature cache (content-addressed; safe to delete); $RADDINO_BENCH_CACHE sets the default")
     p.add_argument("--out", type=Path, default=Path("leaderboards"),
                    help="where leaderboards (<name>.md: the task name plus the options that change its numbers), "
@@ -153,12 +155,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "bootstrap unit; the count is in the task summary) or stop with an error")
     p.add_argument("--list", action="store_true", help="list registered encoders and tasks, then exit")
     return p
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def load_encoders(names: list[str], weights_dir: Path | None, policy: str, explicit: set[str]

@@ -27,10 +27,11 @@ from pathlib import Path
 
 from baselines.registry import WeightsMissing, build_encoder, resolve_names
 from harness.features import FeatureCache, cache_key, extract
-from harness.io import atomic_write_json
+from harness.common.atomic import atomic_write_json
+from harness.common.devices import pick_device
 from harness.protocols import feature_sets
 from harness.run import build_parser as harness_parser
-from harness.run import load_encoders, parse_data_roots, parse_task_spec, pick_device, split_task_list
+from harness.run import load_encoders, parse_data_roots, parse_task_spec, split_task_list
 from harness.run import main as harness_main
 from harness.tasks.base import TaskContext, build_task
 from slurm.cluster import (ClusterOptions, add_cluster_args, executor_parameters, make_executor, resolve_options,

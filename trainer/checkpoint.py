@@ -16,7 +16,6 @@ SIGKILL) never leaves a half-written checkpoint where ``--resume auto`` would fi
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -27,6 +26,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from harness.common.atomic import atomic_dir
 from trainer.config import ModelConfig, TrainConfig, config_from_dict, save_config
 
 CKPT_RE = re.compile(r"^ckpt_(\d{7,})$")
@@ -87,38 +87,16 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 def save_checkpoint(run_dir: Path, tensors: dict[str, torch.Tensor], optimizer_state: dict, state: dict,
                     cfg: TrainConfig, keep_last: int) -> Path:
     """Write ``checkpoints/ckpt_<state['iteration']>`` atomically, then drop all but the last ``keep_last``."""
-    root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"ckpt_{state['iteration']:07d}"
-    tmp = root / f".tmp_{final.name}_{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_file(tensors, str(tmp / "model.safetensors"))
-    torch.save(optimizer_state, tmp / "optimizer.pt")
-    save_config(cfg, tmp / "config.yaml")
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    for f in tmp.iterdir():
-        _fsync(f)
-    if final.exists():  # re-saving the same iteration (e.g. preempted right after a periodic save)
-        old = root / f".old_{final.name}_{os.getpid()}"
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(final)
-    _fsync(root)
+    final = Path(run_dir) / "checkpoints" / f"ckpt_{state['iteration']:07d}"
+    # replace: re-saving the same iteration (e.g. preempted right after a periodic save) supersedes it.
+    with atomic_dir(final, replace=True) as tmp:
+        save_file(tensors, str(tmp / "model.safetensors"))
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+        save_config(cfg, tmp / "config.yaml")
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
     for stale in list_checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(stale)
     return final
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def load_checkpoint(ckpt_dir: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:

@@ -26,6 +26,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from harness.common.atomic import atomic_write_text
 from trainer.vit import PRESETS as VIT_PRESETS
 
 
@@ -240,9 +241,7 @@ def to_yaml(cfg: TrainConfig) -> str:
 
 def save_config(cfg: TrainConfig, path: Path) -> None:
     """Write the resolved config as YAML, atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(to_yaml(cfg))
-    tmp.replace(path)
+    atomic_write_text(path, to_yaml(cfg))
 
 
 def validate(cfg: TrainConfig) -> None:

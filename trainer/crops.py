@@ -216,7 +216,8 @@ class MultiCropAugmentation:
     def __call__(self, images: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         if images.ndim != 4 or images.shape[1] != 1 or not images.is_floating_point():
             raise ValueError(f"MultiCropAugmentation expects float images [B, 1, H, W] in [0, 1], got "
-                             f"{tuple(images.shape)} {images.dtype}; decode with trainer.imaging.load_radiograph")
+                             f"{tuple(images.shape)} {images.dtype}; decode with "
+                             "harness.common.imaging.load_radiograph")
         images = images.float()  # sample positions need fp32: bf16 cannot tell pixel 300 from 301
         n, _, height, width = images.shape
         views = [self.global1, self.global2] + [self.local] * self.n_local

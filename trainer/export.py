@@ -19,8 +19,9 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+from harness.common.atomic import atomic_dir
 from trainer.checkpoint import load_backbone, resolve_checkpoint
-from trainer.convert import atomic_dir, dinov2_state_dict, save_hf
+from trainer.convert import dinov2_state_dict, save_hf
 from trainer.vit import VisionTransformer
 
 DINOV2_WEIGHTS = "backbone_compatible.safetensors"

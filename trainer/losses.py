@@ -144,7 +144,7 @@ class DINOLoss(TeacherTargets):
         return total / (n_global * (n_global - 1) + max(n_local_pairs, 1))
 
 
-class iBOTPatchLoss(TeacherTargets):  # noqa: N801 (the method's name)
+class iBOTPatchLoss(TeacherTargets):  # lower-case i: the method's name
     """Masked-image-modelling loss on patch tokens: masked positions of the student's global crops only (§1.4)."""
 
     def forward_masked(self, student_patch_logits: Tensor, teacher_patch_probs: Tensor, student_masks_flat: Tensor,

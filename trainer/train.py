@@ -35,6 +35,8 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from harness.common.atomic import atomic_write_text
+from harness.common.devices import pick_device
 from trainer.checkpoint import (
     build_backbone,
     flat_state,
@@ -226,14 +228,6 @@ def rank_and_world() -> tuple[int, int]:
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device(name)
 
 
 def all_mean(values: torch.Tensor) -> torch.Tensor:
@@ -582,9 +576,7 @@ def truncate_metrics(path: Path, iteration: int) -> None:
     if not path.exists():
         return
     keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["iteration"] <= iteration]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    tmp.replace(path)
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 class Meter:

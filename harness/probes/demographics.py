@@ -31,7 +31,7 @@ from sklearn.preprocessing import StandardScaler
 from baselines.registry import Encoder
 from harness import stats
 from harness.leaderboard import Cell, Section
-from harness.io import safe_name
+from harness.common.paths import safe_name
 from harness.probes.linear import grid_edge, linear_probe
 from harness.protocols import TaskRun, parquet_bytes, register_protocol
 

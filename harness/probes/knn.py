@@ -18,7 +18,7 @@ import numpy as np
 
 from baselines.registry import Encoder
 from harness import stats
-from harness.io import safe_name
+from harness.common.paths import safe_name
 from harness.leaderboard import Section
 from harness.probes.linear import CLASSIFICATION_METRICS, classification_rows, paired_record
 from harness.protocols import TaskRun, label_status, parquet_bytes, register_protocol

@@ -20,7 +20,7 @@ from sklearn.preprocessing import StandardScaler
 from baselines.registry import Encoder
 from harness import stats
 from harness.leaderboard import Cell, Section
-from harness.io import safe_name
+from harness.common.paths import safe_name
 from harness.protocols import TaskRun, label_status, parquet_bytes, register_protocol
 
 #: The classification sections' headline metrics: (results key, column title).

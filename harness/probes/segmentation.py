@@ -56,7 +56,7 @@ from baselines.registry import Encoder
 from harness import stats
 from harness.features import FeatureSet, Grid, ShardWriter
 from harness.leaderboard import Cell, Section
-from harness.io import safe_name
+from harness.common.paths import safe_name
 from harness.protocols import TaskRun, dense_view, register_protocol
 from harness.tasks.base import Task, TaskError
 

@@ -11,7 +11,6 @@ dataset is one file in ``harness/tasks/`` with a decorated factory, plus its imp
 """
 from __future__ import annotations
 
-import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -19,8 +18,9 @@ from typing import Callable
 
 import numpy as np
 
+from harness.common.hashing import sha256_chunks
+from harness.common.imaging import DECODER_VERSION
 from harness.splits import patient_clusters
-from trainer.imaging import DECODER_VERSION
 
 
 class TaskError(ValueError):
@@ -113,22 +113,13 @@ class Task(ABC):
         }
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def combine_digests(image_ids: list[str], file_digests: list[str]) -> str:
     """sha256 over the decoder version and the ordered (image id, file sha256): the image list *and* the bytes,
     so an edited file changes it; and the decoder version, as the same bytes decode differently when it
     changes."""
-    h = hashlib.sha256(DECODER_VERSION.encode() + b"\0")
-    for image_id, digest in zip(image_ids, file_digests, strict=True):
-        h.update(image_id.encode() + b"\0" + digest.encode() + b"\1")
-    return h.hexdigest()
+    return sha256_chunks([DECODER_VERSION.encode() + b"\0"]
+                         + [image_id.encode() + b"\0" + digest.encode() + b"\1"
+                            for image_id, digest in zip(image_ids, file_digests, strict=True)])
 
 
 def merge_duplicates(task: Task, on_duplicate: str) -> None:
@@ -239,6 +230,4 @@ class Subset(Task):
         return self.parent.load_mask(int(self.indices[i]))
 
     def content_digest(self) -> str:
-        h = hashlib.sha256(self.parent.content_digest().encode())
-        h.update(self.indices.astype(np.int64).tobytes())
-        return h.hexdigest()
+        return sha256_chunks([self.parent.content_digest().encode(), self.indices.astype(np.int64).tobytes()])

@@ -31,8 +31,9 @@ from pathlib import Path
 import numpy as np
 
 from harness.splits import pseudonym
+from harness.common.options import parse_options
 from harness.tasks.base import TaskContext, TaskError, TaskTable, register_task
-from harness.tasks.dicom_meta import DicomTask, Skips, check_images, demographics, parse_options, read_csv
+from harness.tasks.dicom_meta import DicomTask, Skips, check_images, demographics, read_csv
 
 URL = "https://www.kaggle.com/c/rsna-pneumonia-detection-challenge"
 LABELS_CSV = "stage_2_train_labels.csv"
@@ -186,6 +187,6 @@ def _read_split_lists(folder: Path, target: dict[str, int]) -> dict[str, tuple[s
 @register_task("rsna", description="RSNA Pneumonia stage 2: pneumonia target and box masks; seeded patient "
                                    "split, or published lists with rsna:splits=DIR")
 def rsna(ctx: TaskContext) -> RsnaTask:
-    options = parse_options("rsna", ctx.arg, {"splits": None})
+    options = parse_options("rsna", ctx.arg, {"splits": None}, TaskError)
     splits = Path(options["splits"]).expanduser() if "splits" in options else None
     return RsnaTask(ctx.root_for("rsna", "rsna-pneumonia"), splits=splits, skip_bad=ctx.skip_bad)

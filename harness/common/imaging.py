@@ -1,10 +1,11 @@
 """Decode a radiograph file (PNG, JPEG, DICOM) to float32 [H, W] in [0, 1], once, the same way everywhere.
 
-Shared by the trainer's data pipeline and the harness's tasks (the harness imports this; the trainer imports
-nothing from the harness). DICOM follows the display pipeline a radiologist's viewer applies: modality LUT
-(rescale slope/intercept), then VOI LUT or window, then MONOCHROME1 inversion, then scaling of the
-displayable range to [0, 1]. pydicom decodes the compressed transfer syntaxes through its plugins (pylibjpeg
-for JPEG Lossless / JPEG-LS / JPEG 2000, Pillow for JPEG Baseline, its own RLE decoder).
+Shared by the trainer's data pipeline and the harness's tasks; it lives in harness.common, whose modules import
+nothing of the trainer, so the trainer can use it without pulling in the harness. DICOM follows the display
+pipeline a radiologist's viewer applies: modality LUT (rescale slope/intercept), then VOI LUT or window, then
+MONOCHROME1 inversion, then scaling of the displayable range to [0, 1]. pydicom decodes the compressed transfer
+syntaxes through its plugins (pylibjpeg for JPEG Lossless / JPEG-LS / JPEG 2000, Pillow for JPEG Baseline, its own
+RLE decoder).
 """
 from __future__ import annotations
 
