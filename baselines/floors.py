@@ -18,8 +18,8 @@ from harness.common.hashing import sha256_arrays, sha256_text
 
 PIXELS_PREPROCESS = Preprocess(size=224, policy="resize_stretch", interpolation="area", mean=(0.5,), std=(0.25,),
                                channels=1)
-# Same normalisation as RAD-DINO (peers-datasets-baselines.md §C.1), so the random ViT sees inputs of the scale
-# the real one does.
+# Same normalisation as RAD-DINO (microsoft/rad-dino preprocessor_config.json), so the random ViT sees inputs of
+# the scale the real one does.
 RANDOM_VIT_PREPROCESS = Preprocess(size=224, policy="resize_stretch", interpolation="bicubic",
                                    mean=(0.5307,), std=(0.2583,), channels=3)
 RANDOM_VIT_SEED = 0

@@ -1,6 +1,6 @@
 """Small look-alikes of VinDr-CXR, CANDID-PTX and RSNA Pneumonia in their exact on-disk layouts, written with
-pydicom from synthetic phantoms (no real data, no identifiers), carrying every trap of
-../shared/reference/peers-datasets-baselines.md part B:
+pydicom from synthetic phantoms (no real data, no identifiers), carrying every trap of the published layouts
+(docs/datasets.md):
 
 - VinDr: `.dicom` files; three reader rows per training image that disagree; the test file's 'Other disease'
   spelling; a 'No finding' box row with empty coordinates; MONOCHROME1; 12-bit with rescale slope/intercept;

@@ -1,4 +1,5 @@
-"""Batched multi-crop augmentation (reference §1.6): shapes, ranges, determinism, crop geometry, probabilities."""
+"""Batched multi-crop augmentation (facebookresearch/dinov2 dinov2/data/augmentations.py): shapes, ranges,
+determinism, crop geometry, probabilities."""
 from __future__ import annotations
 
 import math

@@ -4,7 +4,8 @@ A run directory holds ``config.yaml`` and ``checkpoints/ckpt_<iteration>/`` dire
 
 - ``model.safetensors``: every tensor of the run by dotted name: ``student.backbone.*``, ``student.dino_head.*``,
   ``teacher.*`` likewise, ``dino_loss.center``, ``ibot_loss.center``. Full (unsharded) state dicts, unlike
-  DINOv2's per-rank FSDP files that need the same world size to resume (reference §1.11).
+  DINOv2's per-rank FSDP files that need the same world size to resume
+  (facebookresearch/dinov2 dinov2/fsdp/__init__.py).
 - ``optimizer.pt``: the AdamW state dict (tensors and plain numbers only, so it loads with ``weights_only=True``).
 - ``state.json``: iteration, samples consumed by the sample stream, seed. Random numbers are re-seeded every step
   from (seed, iteration, rank), so these three numbers fix every random draw that follows.
@@ -123,7 +124,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def load_backbone(path: str | Path, which: str = "teacher") -> tuple[nn.Module, dict]:
     """The student or teacher backbone of a checkpoint (or of a run's latest one), in eval mode, and its config.
 
-    The teacher is the model to evaluate and export (reference §5.7).
+    The teacher is the model to evaluate and export, as DINOv2 evaluates its teacher (dinov2/train/train.py).
     """
     if which not in ("teacher", "student"):
         raise ValueError(f"which={which!r}: use 'teacher' or 'student'")

@@ -1,4 +1,4 @@
-"""Export a training checkpoint's TEACHER backbone (the model to evaluate and release, reference §5.7).
+"""Export a run's TEACHER backbone, the model to evaluate and release (facebookresearch/dinov2 dinov2/train/train.py).
 
     python -m trainer.export RUN_OR_CKPT_DIR --format hf --out DIR       # Hugging Face Dinov2Model folder
     python -m trainer.export RUN_OR_CKPT_DIR --format dinov2 --out DIR   # DINOv2 backbone state dict

@@ -7,7 +7,8 @@ dataset is one file in ``harness/tasks/`` with a decorated factory, plus its imp
 
     @register_task("mydata", description="...")
     def mydata(ctx: TaskContext) -> Task:
-        return MyDataTask(ctx.root_for("mydata"), skip_bad=ctx.skip_bad)
+        # --data-root mydata=DIR, else <--data-root>/mydata-files (docs/extending.md has a runnable example)
+        return MyDataTask(ctx.root_for("mydata", "mydata-files"), skip_bad=ctx.skip_bad)
 """
 from __future__ import annotations
 
