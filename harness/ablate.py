@@ -610,11 +610,21 @@ def submit_slurm(args: argparse.Namespace, variants: list[Variant], cfgs: list[T
 # Command line
 
 
-def build_parser() -> argparse.ArgumentParser:
+PROG = "python -m harness.ablate"
+EXAMPLES = """\
+examples:
+  %(prog)s --config smoke --data /data/cxr/train.csv --eval-task demo --output ablations/mim --axes mim=on,off
+  %(prog)s --config small --data /data/cxr/train.csv --eval-task csv:/data/eval/labels.csv \\
+      --output ablations/res --axes resolution=112,224 data=0.25,1.0 --dry-run
+"""
+
+
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     from slurm.cluster import add_cluster_args
 
-    p = argparse.ArgumentParser(prog="python -m harness.ablate", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 2)[2] + "\n" + EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     # --config, --axes and --eval-task are required except with --replot (checked in main, exit 2).
     p.add_argument("--config", help="trainer preset (smoke, small, rad-dino) or YAML file (required)")
     p.add_argument("--data", action="append", default=[],
@@ -706,8 +716,8 @@ def print_plan(output: Path, variants: list[Variant], cfgs: list[TrainConfig]) -
         print(f"  {v.name:<28} {what:<28} {cfg.optim.total_iters} it, {status}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = PROG) -> int:
+    args = build_parser(prog).parse_args(argv)
     args.output = args.output.resolve()
     if args.replot:
         return replot(args.output, split_patterns(args.figure_metrics))

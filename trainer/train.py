@@ -649,8 +649,18 @@ def setup_logging(output: Path) -> None:
 # Command line
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m trainer.train", description=__doc__.split("\n\n")[0])
+PROG = "python -m trainer.train"
+EXAMPLES = """\
+examples:
+  %(prog)s --config smoke --data /data/cxr/train.csv --output runs/smoke
+  %(prog)s --config small --data /data/a.csv@2 --data /data/b.csv@1 --output runs/mix --steps 2000 optim.base_lr=1e-4
+  %(prog)s --config rad-dino --print-config > my.yaml   # a preset as a file, to edit and pass as --config
+"""
+
+
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0], epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True,
                    help="a preset (small, smoke, rad-dino: trainer/configs/NAME.yaml) or a YAML file")
     p.add_argument("--data", action="append", default=[],
@@ -662,14 +672,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config (preset, --steps, overrides, --data) as YAML and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. optim.base_lr=1e-4 crops.n_local=4")
+    return p
+
+
+def parse_args(argv: list[str] | None, prog: str = PROG) -> argparse.Namespace:
+    p = build_parser(prog)
     args = p.parse_args(argv)
     if args.output is None and not args.print_config:
         p.error("the following arguments are required: --output (or --print-config to only print the config)")
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = PROG) -> int:
+    args = parse_args(argv, prog)
     try:
         cfg = load_config(args.config, args.overrides, steps=args.steps)
     except ValueError as e:

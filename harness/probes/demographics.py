@@ -32,6 +32,7 @@ from baselines.registry import Encoder
 from harness import stats
 from harness.leaderboard import Cell, Section
 from harness.common.paths import safe_name
+from harness.log import progress
 from harness.probes.linear import grid_edge, linear_probe
 from harness.protocols import TaskRun, parquet_bytes, register_protocol
 
@@ -214,7 +215,7 @@ def run_demographics(tr: TaskRun, encoders: list[Encoder]) -> Section:
     resampled: dict[str, dict[str, np.ndarray]] = {m: {} for m in ("sex_auroc", "age_mae", "age_r2", "age_r")}
     points: dict[str, dict[str, float]] = {m: {} for m in resampled}
     refitted = []
-    for enc in encoders:
+    for enc in progress(encoders, "demographics: fits and bootstrap"):
         x = tr.features[enc.name].global_
         res: dict = {"missing": counts}
         sex_score, age_pred = np.full(len(test_rows), np.nan), np.full(len(test_rows), np.nan)

@@ -20,6 +20,7 @@ from baselines.registry import Encoder
 from harness import stats
 from harness.common.paths import safe_name
 from harness.leaderboard import Section
+from harness.log import progress
 from harness.probes.linear import CLASSIFICATION_METRICS, classification_rows, paired_record
 from harness.protocols import TaskRun, label_status, parquet_bytes, register_protocol
 
@@ -100,7 +101,7 @@ def run_knn(tr: TaskRun, encoders: list[Encoder]) -> Section:
 
     test_keys = tr.patient_keys(test_rows)
     summaries, resampled = {}, {}
-    for enc in encoders:
+    for enc in progress(encoders, "k-NN probe: scores and bootstrap"):
         x = tr.features[enc.name].global_
         scores = knn_scores(x[train], y[train][:, ok], x[test], k, temperature)
         summaries[enc.name], resampled[enc.name] = stats.classification_summary(scores, y[test][:, ok], names,

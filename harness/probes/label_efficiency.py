@@ -26,6 +26,7 @@ import numpy as np
 from baselines.registry import Encoder
 from harness import stats
 from harness.leaderboard import Cell, Section
+from harness.log import progress
 from harness.probes.linear import linear_probe
 from harness.protocols import TaskRun, label_status, register_protocol
 
@@ -140,7 +141,7 @@ def run_label_efficiency(tr: TaskRun, encoders: list[Encoder]) -> Section:
     for f, col, rows_d, ok, _ in per_fraction:
         skip = {j: "not evaluable at this fraction" for j in range(len(t.label_names)) if j not in ok}
         points, resampled = {}, {}
-        for enc in encoders:
+        for enc in progress(encoders, f"label efficiency {f:g}: fits and bootstrap"):
             x = tr.features[enc.name].global_
             draw_points, draw_boot = [], []
             for rows in rows_d if ok else []:  # no label to score: nothing to fit

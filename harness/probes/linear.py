@@ -21,6 +21,7 @@ from baselines.registry import Encoder
 from harness import stats
 from harness.leaderboard import Cell, Section
 from harness.common.paths import safe_name
+from harness.log import progress
 from harness.protocols import TaskRun, label_status, parquet_bytes, register_protocol
 
 #: The classification sections' headline metrics: (results key, column title).
@@ -156,7 +157,7 @@ def run_linear(tr: TaskRun, encoders: list[Encoder]) -> Section:
     probes = {e.name: linear_probe(tr.features[e.name].global_[train], y[train], groups[train],
                                    tr.features[e.name].global_[test], y[test], t.label_names, seed=tr.seed,
                                    skip=skip)
-              for e in encoders}
+              for e in progress(encoders, "linear probe: fits")}
     # Which labels are evaluable depends only on the labels and the split, so it is the same for every model.
     labels = probes[encoders[0].name].labels
     ok = [j for j, lab in enumerate(labels) if lab.evaluable]
@@ -186,7 +187,7 @@ def run_linear(tr: TaskRun, encoders: list[Encoder]) -> Section:
         return Section("Linear probe (classification)", [], {e.name: {} for e in encoders}, notes=notes)
 
     summaries, resampled = {}, {}
-    for enc in encoders:
+    for enc in progress(encoders, "linear probe: bootstrap"):
         scores = probes[enc.name].scores[:, ok]
         summaries[enc.name], resampled[enc.name] = stats.classification_summary(scores, y[test][:, ok], names,
                                                                                 tr.weights)

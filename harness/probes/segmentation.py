@@ -37,6 +37,7 @@ bit-identical to holding everything in RAM.
 from __future__ import annotations
 
 import io
+import logging
 import math
 import tempfile
 import time
@@ -57,8 +58,11 @@ from harness import stats
 from harness.features import FeatureSet, Grid, ShardWriter
 from harness.leaderboard import Cell, Section
 from harness.common.paths import safe_name
+from harness.log import progress
 from harness.protocols import TaskRun, dense_view, register_protocol
 from harness.tasks.base import Task, TaskError
+
+log = logging.getLogger(__name__)
 
 TITLE = "Segmentation (frozen patch tokens)"
 HEADS = ("linear", "multi-level")
@@ -357,7 +361,7 @@ def evaluate_encoder(fs: FeatureSet, pre: Preprocess, mask_of: Callable[[int], n
     once and, when re-encoding, each test batch is encoded once."""
     n_classes = targets.shape[1]
     heads, levels = {}, {}
-    for kind in HEADS:
+    for kind in progress(HEADS, "training heads"):
         levels[kind] = levels_of(fs, kind)
         head = build_head(kind, channel_stats(levels[kind], train), n_classes, budget, seed)
         heads[kind] = fit_head(head, read_levels(levels[kind], train), read_targets(targets, train), len(train),
@@ -486,12 +490,12 @@ def run_seg(tr: TaskRun, encoders: list[Encoder], budget: SegBudget = BUDGET) ->
     scores: dict[str, dict[str, HeadScores]] = {}
     with tempfile.TemporaryDirectory(prefix="raddino-seg-") as scratch:
         targets = placed_targets(subset, list(dict.fromkeys(placement.values())), budget.loss_size, Path(scratch))
-        for enc in encoders:
+        for enc in progress(encoders, "segmentation heads"):
             t0, c0 = time.perf_counter(), time.process_time()
             scores[enc.name] = evaluate_encoder(dense[enc.name], enc.preprocess, lambda i: _mask(subset, i), train,
                                                 test, targets[placement[enc.name]], budget, tr.seed, set(shown))
-            print(f"  {enc.name}: segmentation heads trained and scored in {time.perf_counter() - t0:.1f} s "
-                  f"({time.process_time() - c0:.1f} s CPU; dense features {_MODES[dense[enc.name].dense_mode]})")
+            log.info(f"  {enc.name}: segmentation heads trained and scored in {time.perf_counter() - t0:.1f} s "
+                     f"({time.process_time() - c0:.1f} s CPU; dense features {_MODES[dense[enc.name].dense_mode]})")
 
     # Per (head, structure, metric): point and resampled mean over the images the metric is defined on.
     summary: dict[tuple, dict[str, dict]] = {}
