@@ -144,4 +144,4 @@ def test_cli_end_to_end_on_demo_runs_every_default_protocol(tmp_path):
         assert section in md
     res = json.loads((out / f"results/{name}/pixels.json").read_text())
     assert set(res["protocols"]) == {"linear", "knn", "seg", "demographics"}
-    assert (out / f"{name}_seg" / "pixels.png").stat().st_size > 0
+    assert (out / f"results/{name}/pixels.overlays.npz").stat().st_size > 0  # drawn by harness.figures

@@ -49,13 +49,14 @@ import numpy as np
 import polars as pl
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
 from baselines.preprocess import Geometry, Preprocess, geometry, place, unplace
 from baselines.registry import Encoder
 from harness import stats
 from harness.features import FeatureSet, Grid, ShardWriter
+from harness.figures.overlays import SUFFIX as OVERLAY_SUFFIX
+from harness.figures.overlays import overlay_npz
 from harness.leaderboard import Cell, Section
 from harness.common.paths import safe_name
 from harness.log import progress
@@ -310,39 +311,6 @@ def mask_placement_key(pre: Preprocess, shapes: list[tuple[int, int]]) -> tuple[
     return tuple(geometry(h, w, pre) for h, w in shapes)
 
 
-# ------------------------------------------------------------------------------------------------------ overlays
-
-def _panel(image: np.ndarray, mask: np.ndarray | None, colour: tuple[int, int, int], height: int) -> Image.Image:
-    gray = np.clip(image * 255, 0, 255).astype(np.uint8)
-    rgb = np.repeat(gray[..., None], 3, axis=2).astype(np.float32)
-    if mask is not None:
-        tint = np.array(colour, dtype=np.float32)
-        rgb[mask] = 0.55 * rgb[mask] + 0.45 * tint
-    im = Image.fromarray(rgb.astype(np.uint8))
-    return im.resize((max(1, round(image.shape[1] * height / image.shape[0])), height), Image.BILINEAR)
-
-
-def overlay_png(images: list[np.ndarray], truths: list[np.ndarray], preds: list[np.ndarray],
-                height: int = 160) -> bytes:
-    """One PNG: a row per image with the radiograph, the ground truth (green) and the prediction (red), every
-    structure merged into one tint."""
-    rows = []
-    for img, gt, pr in zip(images, truths, preds):
-        panels = [_panel(img, None, (0, 0, 0), height), _panel(img, gt.any(0), (40, 220, 60), height),
-                  _panel(img, pr.any(0), (230, 40, 40), height)]
-        rows.append(panels)
-    width = max(sum(p.width for p in r) + 4 * (len(r) - 1) for r in rows)
-    canvas = Image.new("RGB", (width, len(rows) * height + 4 * (len(rows) - 1)), (255, 255, 255))
-    for r, panels in enumerate(rows):
-        x = 0
-        for p in panels:
-            canvas.paste(p, (x, r * (height + 4)))
-            x += p.width + 4
-    buf = io.BytesIO()
-    canvas.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 # ------------------------------------------------------------------------------------------------------ protocol
 
 @dataclass
@@ -560,11 +528,12 @@ def run_seg(tr: TaskRun, encoders: list[Encoder], budget: SegBudget = BUDGET) ->
         }
         tr.files[f"results/{task_stem}/{safe_name(enc.name)}.seg.parquet"] = per_image_parquet(
             scores[enc.name], names, test_ids, test_keys, truth_any)
-        if shown:
-            images = [subset.load_image(int(test[r])) for r in shown]
-            truths = [_mask(subset, int(test[r])) for r in shown]
-            tr.files[f"{task_stem}_seg/{safe_name(enc.name)}.png"] = overlay_png(
-                images, truths, scores[enc.name]["multi-level"].preds)
+        if shown:  # what the overlay figure needs (harness.figures draws it), named by pseudonym, never by id
+            ml = scores[enc.name]["multi-level"]
+            tr.files[f"results/{task_stem}/{safe_name(enc.name)}{OVERLAY_SUFFIX}"] = overlay_npz(
+                enc.name, "multi-level", [subset.load_image(int(test[r])) for r in shown],
+                [_mask(subset, int(test[r])) for r in shown], ml.preds, ml.dice[shown], names,
+                [test_keys[r] for r in shown], shown)
 
     training = (f"Masked images: {len(train)} train, {len(test)} test (patient-level split of the task). Heads "
                 f"trained on frozen cached patch features with an identical budget for every model: AdamW (lr "
@@ -588,7 +557,7 @@ def run_seg(tr: TaskRun, encoders: list[Encoder], budget: SegBudget = BUDGET) ->
         notes.append("No intermediate layers (multi-level head over the patch grid alone): "
                      + ", ".join(f"`{n}`" for n in no_layers) + ".")
     if shown:
-        notes.append("Overlays (multi-level head; image, ground truth in green, prediction in red): "
-                     + " ".join(f"[{e.name}]({task_stem}_seg/{safe_name(e.name)}.png)" for e in encoders))
-        notes += [f"![{e.name}]({task_stem}_seg/{safe_name(e.name)}.png)" for e in encoders]
+        notes.append(f"Overlays of {len(shown)} test images (multi-level head; true positives, false positives, "
+                     f"false negatives): `results/{task_stem}/<model>{OVERLAY_SUFFIX}`, drawn into "
+                     f"`figures/{task_stem}/` by `python -m harness.plot`.")
     return Section(TITLE, columns, section_rows, higher_is_better, notes=notes)
