@@ -42,7 +42,7 @@ from harness.features import DEFAULT_DENSE_BUDGET_GB, FeatureCache, extract
 from harness.io import atomic_path, atomic_write_text, safe_name
 from harness.leaderboard import Section, render, section_from_json, section_to_json
 from harness.protocols import (MIN_POSITIVE_PATIENTS, PROTOCOLS, ProbeOptions, TaskRun, feature_sets,
-                               label_status)
+                               label_status, usable_cores)
 from harness.splits import make_split, pseudonym, split_hash, write_split
 from harness.tasks.base import Task, TaskContext, TaskError, TaskTable, build_task
 
@@ -143,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "resized to its input size without cropping")
     p.add_argument("--batch-size", type=int, default=16, help="images per feature-extraction batch")
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers decoding images")
+    p.add_argument("--probe-jobs", type=int, default=usable_cores(),
+                   help="processes fitting the linear probes (default: the CPUs this process may use); each fit uses "
+                        "one BLAS thread, so the numbers are the same for any value")
     p.add_argument("--dense-cache-gb", type=float, default=DEFAULT_DENSE_BUDGET_GB,
                    help="disk budget of one dense cache entry (one model, one task); a larger one is not cached and "
                         "the segmentation heads re-encode each batch instead, with the same results")
@@ -284,7 +287,8 @@ def parse_fractions(text: str) -> tuple[float, ...]:
 def probe_options(args: argparse.Namespace) -> ProbeOptions:
     """The protocols' own settings from the flags (already checked by `main`)."""
     return ProbeOptions(knn_k=args.knn_k, knn_temperature=args.knn_temperature,
-                        label_fractions=parse_fractions(args.label_fractions), label_draws=args.label_draws)
+                        label_fractions=parse_fractions(args.label_fractions), label_draws=args.label_draws,
+                        n_jobs=args.probe_jobs)
 
 
 def split_description(t: TaskTable, split: np.ndarray, seed: int) -> str:
@@ -460,6 +464,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.label_draws < 1:
         print("error: --label-draws must be at least 1", file=sys.stderr)
+        return 2
+    if args.probe_jobs < 1:
+        print(f"error: --probe-jobs must be at least 1 (got {args.probe_jobs}); this machine allows up to "
+              f"{usable_cores()} usefully", file=sys.stderr)
         return 2
     try:
         parse_fractions(args.label_fractions)
