@@ -187,7 +187,8 @@ def stage_linear(n: int, work: Path, args: argparse.Namespace) -> dict:
         result = linear_probe(x[tr], y[tr], groups[tr], x[te], y[te], [f"y{j}" for j in range(args.labels)],
                               seed=0, n_jobs=jobs)
         wall = time.perf_counter() - t0
-        get_reusable_executor().shutdown(wait=True)  # reaped workers enter RUSAGE_CHILDREN: their CPU and peak
+        if jobs > 1:  # reaped workers enter RUSAGE_CHILDREN, their CPU and peak RSS with them (n_jobs 1 has none)
+            get_reusable_executor().shutdown(wait=True)
         cpu = time.process_time() - c0 + _children_cpu() - w0
         numbers = (result.scores.tobytes(), repr([vars(lab) for lab in result.labels]))  # repr: NaN == NaN
         first = first or numbers

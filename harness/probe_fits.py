@@ -8,6 +8,7 @@ scaler's output), so their memory layout does not depend on that either.
 """
 from __future__ import annotations
 
+import functools
 import warnings
 
 import numpy as np
@@ -15,7 +16,14 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
+
+
+@functools.cache
+def _threadpools() -> ThreadpoolController:
+    """This process's BLAS and OpenMP pools, found once: the scan of the loaded libraries costs ~5 ms, a task
+    more than a hundred times. (The libraries the fits use are loaded by this module's imports, before it.)"""
+    return ThreadpoolController()
 
 
 class FitLog:
@@ -52,7 +60,7 @@ def fold_scores(x: np.ndarray, y: np.ndarray, train: np.ndarray, val: np.ndarray
     scores, log = np.full(len(Cs), np.nan), FitLog()
     if len(np.unique(y[train])) < 2 or len(np.unique(y[val])) < 2:
         return scores, log
-    with threadpool_limits(limits=1):
+    with _threadpools().limit(limits=1):
         scaler = StandardScaler().fit(x[train])
         xtr, xva = scaler.transform(x[train]), scaler.transform(x[val])
         for c, C in enumerate(Cs):
@@ -66,6 +74,6 @@ def refit_scores(x_train: np.ndarray, y: np.ndarray, x_test: np.ndarray, scaler:
     """The final fit on the whole (standardised) training split at the chosen C; positive-class probabilities of
     the test rows, and the fit's log."""
     log = FitLog()
-    with threadpool_limits(limits=1):
+    with _threadpools().limit(limits=1):
         clf = fit_logistic(scaler.transform(x_train), y, C, seed, max_iter, log)
         return clf.predict_proba(scaler.transform(x_test))[:, 1], log
