@@ -12,8 +12,8 @@ encoder pass over 16k images would take hours on a CPU):
   label) on generated 768-d global features with the correlations of an encoder's (32 latent factors plus noise)
   and --labels labels (default 20, prevalences spread geometrically over 1-30%), 70/30 patient split; once per
   --probe-jobs value (default 1 and the usable cores), checking that every number is bit-identical across them.
-  Its CPU time adds the probe's worker processes (shut down and reaped after each run, so their spawn is
-  counted); peak RSS is the main process's, with the largest worker's beside it;
+  Its CPU time adds the probe's worker processes (shut down and reaped after each run, so their start-up is
+  counted); peak RSS is the main process's, with the largest worker's beside it (VmHWM, read before shutdown);
 - bootstrap: 1000 patient-bootstrap resamples of AUROC/AUPRC for 14 labels over N test images (the resampled
   weight matrix of `harness.stats`);
 - seg: the whole segmentation protocol (`run_seg`: both heads, scoring at mask resolution, bootstrap, per-image
@@ -26,8 +26,12 @@ encoder pass over 16k images would take hours on a CPU):
 
 It prints a table (wall and CPU seconds, peak RSS) and, per stage, how time and peak RSS grow from the smallest N
 to each larger one (the reference measured in the same run): time should grow about like N, and the seg stage's
-peak RSS must stay within 1.5x of its value at the smallest N (it streams). The default sizes took 3.5 minutes
-on 2 busy cores; the cache of the largest seg/extract task (~3 GB) lives in --workdir and is removed after each N.
+peak RSS must stay within 1.5x of its value at the smallest N (it streams). For the linear stage it adds a table
+per N and n_jobs (CPU ms per logistic fit, speed-up, identity) and the probe's time beside the other stages'
+at the same N. The default sizes took 3.5 minutes
+on 2 busy cores with the old one-label linear stage; its 20 labels at two n_jobs values add about 4 CPU-minutes at
+16k (docs/benchmarks-linear-probe.md). The cache of the largest seg/extract task (~3 GB) lives in --workdir and
+is removed after each N.
 """
 from __future__ import annotations
 
@@ -168,6 +172,21 @@ def _linear_features(n: int, n_labels: int) -> tuple[np.ndarray, np.ndarray, np.
     return x.astype(np.float32), (logits > cut).astype(np.int8), np.array([f"P{i // 2}" for i in range(n)])
 
 
+def _workers_peak_mb() -> float:
+    """Largest peak RSS (VmHWM) among this process's live children, e.g. the probe's worker processes, in MB; 0
+    without any. (ru_maxrss of reaped children would report the parent's size: it is copied into each at fork.)"""
+    peak = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == os.getpid():
+                hwm = [ln for ln in (stat.parent / "status").read_text().splitlines() if ln.startswith("VmHWM:")]
+                peak = max(peak, int(hwm[0].split()[1]) if hwm else 0)
+        except (OSError, IndexError, ValueError):  # a process that ended while we looked
+            continue
+    return peak / 1024
+
+
 def _children_cpu() -> float:
     use = resource.getrusage(resource.RUSAGE_CHILDREN)
     return use.ru_utime + use.ru_stime
@@ -187,6 +206,7 @@ def stage_linear(n: int, work: Path, args: argparse.Namespace) -> dict:
         result = linear_probe(x[tr], y[tr], groups[tr], x[te], y[te], [f"y{j}" for j in range(args.labels)],
                               seed=0, n_jobs=jobs)
         wall = time.perf_counter() - t0
+        workers_mb = _workers_peak_mb()
         if jobs > 1:  # reaped workers enter RUSAGE_CHILDREN, their CPU and peak RSS with them (n_jobs 1 has none)
             get_reusable_executor().shutdown(wait=True)
         cpu = time.process_time() - c0 + _children_cpu() - w0
@@ -195,7 +215,7 @@ def stage_linear(n: int, work: Path, args: argparse.Namespace) -> dict:
         runs.append({"n_jobs": jobs, "seconds": wall, "cpu_seconds": cpu, "identical": numbers == first,
                      "fits": sum(lab.fits for lab in result.labels),
                      "not_converged": sum(lab.not_converged for lab in result.labels),
-                     "worker_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024})
+                     "worker_rss_mb": workers_mb})
     cv = [lab.cv_auroc for lab in result.labels if lab.evaluable]
     return {"seconds": runs[0]["seconds"], "cpu_seconds": runs[0]["cpu_seconds"], "labels": args.labels,
             "fitted_labels": len(cv), "mean_cv_auroc": float(np.nanmean(cv)), "runs": runs}
@@ -350,10 +370,12 @@ def _linear_table(by_n: dict[int, dict], others: dict[str, dict[int, dict]]) -> 
     for n, r in by_n.items():
         base = r["runs"][0]["seconds"]
         for run in r["runs"]:
+            worker = f"{run['worker_rss_mb']:.0f}" if run["worker_rss_mb"] else "-"
             print(f"| {n} | {r['labels']} ({r['fitted_labels']}) | {run['fits']} | {run['not_converged']} | "
                   f"{run['n_jobs']} | {run['seconds']:.2f} | {run['cpu_seconds']:.1f} | "
                   f"{1000 * run['cpu_seconds'] / run['fits']:.1f} | {base / run['seconds']:.2f}x | "
-                  f"{r['peak_rss_mb']:.0f} / {run['worker_rss_mb']:.0f} | {'yes' if run['identical'] else 'NO'} |")
+                  f"{r['peak_rss_mb']:.0f} / {worker} | "
+                  f"{'yes' if run['identical'] else 'NO'} |")
     for n, r in by_n.items():
         beside = [f"{stage} {rows[n]['seconds']:.1f} s" for stage, rows in others.items()
                   if stage not in ("linear", "throughput") and n in rows]

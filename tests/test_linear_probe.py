@@ -80,3 +80,10 @@ def test_results_are_bit_identical_for_any_number_of_jobs():
     for j, lab in enumerate(one.labels):
         if lab.evaluable:
             assert choose_C(x[:168], y[:168, j], groups[:168], linear.DEFAULT_CS, seed=0) == (lab.C, lab.cv_auroc)
+
+
+def test_probe_jobs_below_one_is_a_usage_error(capsys):
+    from harness.run import main
+
+    assert main(["--models", "pixels", "--tasks", "demo", "--probe-jobs", "0"]) == 2
+    assert "error: --probe-jobs must be at least 1" in capsys.readouterr().err
