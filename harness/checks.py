@@ -51,6 +51,11 @@ def check_numbers(args: argparse.Namespace) -> None:
         raise UsageError("--knn-k must be at least 1 and --knn-temperature positive")
     if args.label_draws < 1:
         raise UsageError("--label-draws must be at least 1")
+    if args.probe_jobs < 1:
+        from harness.protocols import usable_cores
+
+        raise UsageError(f"--probe-jobs must be at least 1 (got {args.probe_jobs}); this machine allows up to "
+                         f"{usable_cores()} usefully")
     if not 0.0 < args.test_fraction < 1.0:
         raise UsageError(f"--test-fraction {args.test_fraction:g} must be between 0 and 1 (exclusive)")
     if args.batch_size < 1 or args.workers < 0:

@@ -17,6 +17,7 @@ from typing import Callable
 
 import numpy as np
 import polars as pl
+from joblib import cpu_count
 
 from baselines.registry import Encoder
 from harness import stats
@@ -31,6 +32,11 @@ from harness.tasks.base import Subset, Task
 MIN_POSITIVE_PATIENTS = 5
 
 
+def usable_cores() -> int:
+    """CPUs this process may use: its affinity mask and cgroup quota, not the machine's count."""
+    return cpu_count()
+
+
 @dataclass(frozen=True)
 class ProbeOptions:
     """Settings of the protocols that take flags (``harness.run --knn-k`` etc.). Each protocol records the ones it
@@ -41,6 +47,9 @@ class ProbeOptions:
     #: fractions of the training patients the label-efficiency protocol refits the linear probe on
     label_fractions: tuple[float, ...] = (0.01, 0.1, 1.0)
     label_draws: int = 3                 # seeded patient draws per fraction below 1
+    #: processes fitting the linear probes (every protocol that fits one); no number depends on it, so unlike the
+    #: settings above it is recorded nowhere
+    n_jobs: int = field(default_factory=usable_cores)
 
 
 @dataclass

@@ -46,7 +46,7 @@ from harness.common.paths import cache_dir, safe_name
 from harness.leaderboard import Section, render, section_from_json, section_to_json
 from harness.log import setup_logging
 from harness.protocols import (MIN_POSITIVE_PATIENTS, PROTOCOLS, ProbeOptions, TaskRun, feature_sets,
-                               label_status)
+                               label_status, usable_cores)
 from harness.splits import make_split, pseudonym, split_hash, write_split
 from harness.taskspec import TaskSpec, UsageError, parse_task_list
 from harness.taskspec import parse_task_spec as _parse_spec
@@ -158,6 +158,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                         "resized to its input size without cropping")
     p.add_argument("--batch-size", type=int, default=16, help="images per feature-extraction batch")
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers decoding images")
+    p.add_argument("--probe-jobs", type=int, default=usable_cores(),
+                   help="processes fitting the linear probes (default: the CPUs this process may use); each fit uses "
+                        "one BLAS thread, so the numbers are the same for any value")
     p.add_argument("--dense-cache-gb", type=float, default=DEFAULT_DENSE_BUDGET_GB,
                    help="disk budget of one dense cache entry (one model, one task); a larger one is not cached and "
                         "the segmentation heads re-encode each batch instead, with the same results")
@@ -299,7 +302,8 @@ def parse_fractions(text: str) -> tuple[float, ...]:
 def probe_options(args: argparse.Namespace) -> ProbeOptions:
     """The protocols' own settings from the flags (already checked by `main`)."""
     return ProbeOptions(knn_k=args.knn_k, knn_temperature=args.knn_temperature,
-                        label_fractions=parse_fractions(args.label_fractions), label_draws=args.label_draws)
+                        label_fractions=parse_fractions(args.label_fractions), label_draws=args.label_draws,
+                        n_jobs=args.probe_jobs)
 
 
 def split_description(t: TaskTable, split: np.ndarray, seed: int) -> str:

@@ -176,7 +176,7 @@ def _linear_scores(tr: TaskRun, enc: Encoder, test_rows: np.ndarray) -> tuple[np
     train = tr.split == "train"
     x = tr.features[enc.name].global_
     probe = linear_probe(x[train], t.labels[train].astype(int), np.asarray(t.patient_ids)[train], x[test_rows],
-                         t.labels[test_rows].astype(int), t.label_names, seed=tr.seed)
+                         t.labels[test_rows].astype(int), t.label_names, seed=tr.seed, n_jobs=tr.options.n_jobs)
     return probe.scores, True
 
 
@@ -221,7 +221,7 @@ def run_demographics(tr: TaskRun, encoders: list[Encoder]) -> Section:
         sex_score, age_pred = np.full(len(test_rows), np.nan), np.full(len(test_rows), np.nan)
         if sex_ok:
             probe = linear_probe(x[sex_tr], y_sex_tr[:, None], groups[sex_tr], x[sex_te], y_sex_te[:, None],
-                                 ["female"], seed=seed)
+                                 ["female"], seed=seed, n_jobs=tr.options.n_jobs)
             s = probe.scores[:, 0]
             boot = stats.binary_metrics(s, y_sex_te, tr.weights[:, sex_cols])["auroc"][:, 0]
             point = float(stats.binary_metrics(s, y_sex_te)["auroc"][0, 0])

@@ -146,7 +146,7 @@ def run_label_efficiency(tr: TaskRun, encoders: list[Encoder]) -> Section:
             draw_points, draw_boot = [], []
             for rows in rows_d if ok else []:  # no label to score: nothing to fit
                 probe = linear_probe(x[rows], y[rows], groups[rows], x[test], y[test], t.label_names, seed=tr.seed,
-                                     skip=skip)
+                                     skip=skip, n_jobs=tr.options.n_jobs)
                 summary, boot = stats.classification_summary(probe.scores[:, ok], y[test][:, ok],
                                                              [t.label_names[j] for j in ok], tr.weights)
                 draw_points.append(summary["auroc"]["macro"]["point"])
