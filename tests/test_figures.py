@@ -14,7 +14,7 @@ from sklearn.metrics import roc_auc_score
 from harness.figures import FigureInputError, draw_task_figures, figure_links, task_figures
 from harness.figures import age, curves, forest, overlays, subgroups
 from harness.figures.common import TIDY_COLUMNS, png_bytes, read_tidy
-from harness.io import safe_name
+from harness.common.paths import safe_name
 from harness.plot import main
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -21,7 +21,8 @@ import polars as pl
 
 from harness.figures import age, curves, forest, overlays, subgroups
 from harness.figures.common import FigureInputError, note, png_bytes, read_checked, read_tidy
-from harness.io import atomic_path, safe_name
+from harness.common.atomic import atomic_path
+from harness.common.paths import safe_name
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
