@@ -43,6 +43,7 @@ from harness.features import DEFAULT_DENSE_BUDGET_GB, FeatureCache, extract
 from harness.common.atomic import atomic_path, atomic_write_text
 from harness.common.devices import pick_device
 from harness.common.paths import cache_dir, safe_name
+from harness.figures import draw_task_figures, figure_links
 from harness.leaderboard import Section, render, section_from_json, section_to_json
 from harness.log import setup_logging
 from harness.protocols import (MIN_POSITIVE_PATIENTS, PROTOCOLS, ProbeOptions, TaskRun, feature_sets,
@@ -420,6 +421,11 @@ def write_outputs(tr: TaskRun, encoders: list[Encoder], sections: dict[str, Sect
                           f"{p} of {kept[p]['date']}" for p in order if p in kept) + " kept from an earlier run")),
     ]
     md = render(f"Leaderboard: {task.name}", header, [all_sections[p] for p in order])
+    # Drawn from the files just written (what `python -m harness.plot` reads too), so a figure shows the table's
+    # own numbers; linked at the end of the leaderboard.
+    figures = draw_task_figures(out, name)
+    if figures:
+        md = md.rstrip("\n") + "\n\n## Figures\n\n" + "\n".join(figure_links(name, figures)).rstrip("\n") + "\n"
     path = out / f"{name}.md"
     atomic_write_text(path, md)
     stale = {f for p in (old or {}).get("protocols", {}).values() for f in p.get("files", [])}
