@@ -321,15 +321,16 @@ def test_task_figures_data_come_from_the_saved_files(tmp_path):
     assert set(drawn["roc.png"]["model"]) == set(MODELS)  # the ckpt: model found through its file-safe name
 
 
-def test_missing_inputs_skip_their_figures_with_a_note(tmp_path, capsys):
+def test_missing_inputs_skip_their_figures_with_a_note(tmp_path, caplog):
     out = write_run(tmp_path / "run")
     (out / "results" / f"{NAME}.parquet").unlink()
     for f in (out / "results" / NAME).glob("*.predictions.parquet"):
         f.unlink()
-    paths = draw_task_figures(out, NAME)
+    with caplog.at_level("INFO", logger="harness.figures"):
+        paths = draw_task_figures(out, NAME)
     assert [p.name for p in paths] == EXPECTED_FILES[-2:]  # the overlays need no table
-    err = capsys.readouterr().err
-    assert f"note: {NAME}: {out / 'results' / NAME}.parquet not found" in err
+    assert (f"note: {NAME}: the forest, ROC, precision-recall, subgroup and age-calibration figures are not drawn: "
+            f"they read their numbers from the tidy table {out / 'results' / NAME}.parquet") in caplog.text
 
 
 def test_a_table_without_a_column_is_an_error_naming_it(tmp_path, capsys):

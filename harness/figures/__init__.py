@@ -78,8 +78,8 @@ def task_figures(out: Path, name: str) -> list[tuple[str, "Figure", pl.DataFrame
             drawn.append((file, *made))
 
     if table is None:
-        note(f"{name}: {table_path} not found: the forest, ROC, precision-recall, subgroup and age-calibration "
-             "figures, which read their numbers from it, are not drawn")
+        note(f"{name}: the forest, ROC, precision-recall, subgroup and age-calibration figures are not drawn: "
+             f"they read their numbers from the tidy table {table_path}, which this run did not write")
     else:
         if reference is None:
             note(f"{name}: no reference model in {results / (name + MANIFEST)}: none is marked")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import math
-import sys
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,8 +31,8 @@ class FigureInputError(ValueError):
 
 
 def note(text: str) -> None:
-    """A figure that is not drawn says why, on stderr, without stopping the others."""
-    print(f"note: {text}", file=sys.stderr)
+    """A figure that is not drawn says why (logged on stderr, hidden by -q), without stopping the others."""
+    logging.getLogger("harness.figures").info(f"note: {text}")
 
 
 def read_checked(path: Path, columns: Sequence[str], what: str) -> pl.DataFrame:
