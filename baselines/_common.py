@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 
 from baselines.preprocess import Preprocess
-from baselines.registry import Encoder, Features, sha256_files
+from baselines.registry import Encoder, Features
+from harness.common.hashing import sha256_files
 from trainer.convert import config_from_dinov2_state_dict
 from trainer.vit import ViTConfig, VisionTransformer
 

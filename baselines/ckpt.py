@@ -11,7 +11,8 @@ from pathlib import Path
 
 from baselines.floors import ViTEncoder
 from baselines.preprocess import Preprocess
-from baselines.registry import Encoder, EncoderSpec, WeightsMissing, sha256_files
+from baselines.registry import Encoder, EncoderSpec, WeightsMissing
+from harness.common.hashing import sha256_files
 
 CKPT_FILES = ("model.safetensors", "config.yaml", "state.json")
 

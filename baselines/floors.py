@@ -8,19 +8,18 @@
 """
 from __future__ import annotations
 
-import hashlib
-
 import torch
 import torch.nn.functional as F
 
 from baselines._common import vit_features
 from baselines.preprocess import Preprocess
 from baselines.registry import Encoder, EncoderSpec, Features
+from harness.common.hashing import sha256_arrays, sha256_text
 
 PIXELS_PREPROCESS = Preprocess(size=224, policy="resize_stretch", interpolation="area", mean=(0.5,), std=(0.25,),
                                channels=1)
-# Same normalisation as RAD-DINO (peers-datasets-baselines.md §C.1), so the random ViT sees inputs of the scale
-# the real one does.
+# Same normalisation as RAD-DINO (microsoft/rad-dino preprocessor_config.json), so the random ViT sees inputs of
+# the scale the real one does.
 RANDOM_VIT_PREPROCESS = Preprocess(size=224, policy="resize_stretch", interpolation="bicubic",
                                    mean=(0.5307,), std=(0.2583,), channels=3)
 RANDOM_VIT_SEED = 0
@@ -31,7 +30,7 @@ class PixelsEncoder(Encoder):
         self.name = "pixels"
         self.preprocess = preprocess
         self.thumbnail, self.block = thumbnail, block
-        self.weights_digest = hashlib.sha256(f"pixels:{thumbnail}:{block}".encode()).hexdigest()
+        self.weights_digest = sha256_text(f"pixels:{thumbnail}:{block}")
 
     @torch.inference_mode()
     def encode(self, pixels: torch.Tensor) -> Features:
@@ -60,11 +59,7 @@ class ViTEncoder(Encoder):
 
 def state_dict_digest(model: torch.nn.Module) -> str:
     """sha256 over parameter names and bytes: identifies the weights actually in memory."""
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
+    return sha256_arrays((k, v.detach().cpu().numpy()) for k, v in sorted(model.state_dict().items()))
 
 
 def pixels(spec: EncoderSpec) -> Encoder:

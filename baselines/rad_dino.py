@@ -14,7 +14,7 @@ from baselines.registry import Encoder, EncoderSpec, HubRepo, WeightFiles
 NATIVE = Preprocess(size=518, policy="resize_shortest_crop", interpolation="bicubic", mean=(0.5307,), std=(0.2583,),
                     channels=3)
 FILES = ("config.json", "model.safetensors")
-# The folder layout the README documents; preprocessor_config.json is fetched too, for reference, but not read.
+# The folder layout docs/encoders.md documents; preprocessor_config.json is fetched too, for reference, but not read.
 DOWNLOAD = ("hf download microsoft/rad-dino config.json model.safetensors preprocessor_config.json "
             "--local-dir <weights-dir>/rad-dino")
 WEIGHTS = WeightFiles((FILES,), DOWNLOAD, hub=(HubRepo("microsoft/rad-dino", (FILES,)),))

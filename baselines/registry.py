@@ -25,7 +25,6 @@ A factory whose weights are absent raises `WeightsMissing`; ``--models all`` tur
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -285,16 +284,6 @@ def build_encoder(name: str, weights_dir: Path | None = None, input_policy: str 
     spec = EncoderSpec(name=name, arg=arg or None, weights_dir=weights_dir, input_policy=input_policy,
                        weights=entry.weight_files, folder_name=entry.folder)
     return entry.load()(spec)
-
-
-def sha256_files(paths: list[Path], chunk: int = 1 << 20) -> str:
-    """Digest of several files' bytes, in the order given (file names are not part of it)."""
-    h = hashlib.sha256()
-    for p in paths:
-        with open(p, "rb") as f:
-            while block := f.read(chunk):
-                h.update(block)
-    return h.hexdigest()
 
 
 def weights_status(name: str, weights_dir: Path | None = None) -> str:

@@ -1,4 +1,4 @@
-"""DICOM decoding to a float image: our decoder (trainer.imaging.load_radiograph) against pydicom's plain
+"""DICOM decoding to a float image: our decoder (harness.common.imaging.load_radiograph) against pydicom's plain
 ``pixel_array`` plus a NumPy conversion, on a chest-radiograph-sized 16-bit file, uncompressed and JPEG 2000
 Lossless (the syntax of VinDr-CXR).
 
@@ -18,6 +18,7 @@ size) on the CPU, so that decoding can be compared with feature extraction in th
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import tempfile
@@ -31,7 +32,7 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from trainer.imaging import load_radiograph  # noqa: E402
+from harness.common.imaging import load_radiograph
 
 
 def write_radiograph(path: Path, rows: int, cols: int, bits_stored: int, syntax: str) -> Path:
@@ -119,7 +120,7 @@ def main() -> None:
                   f"(ratio {t_naive / t_ours:4.2f}) | max |ours - naive| {diff:.1e}")
             if syntax == JPEG2000Lossless:
                 for side in (518, 224):  # RAD-DINO's and CLIP's input sizes
-                    t_red = median_seconds(lambda p: load_radiograph(p, min_side=side), path, args.repeats)
+                    t_red = median_seconds(functools.partial(load_radiograph, min_side=side), path, args.repeats)
                     shape = load_radiograph(path, min_side=side).shape
                     ours_ips[f"JPEG 2000 min_side={side}"] = 1 / t_red
                     print(f"{'':>20} ours with min_side={side} (decoded {shape[0]}x{shape[1]}): "

@@ -28,9 +28,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import baselines.rad_dino as rad_dino  # noqa: E402
-from baselines.preprocess import preprocess_batch  # noqa: E402
-from baselines.registry import build_encoder  # noqa: E402
+import baselines.rad_dino as rad_dino
+from baselines.preprocess import preprocess_batch
+from baselines.registry import build_encoder
 
 # microsoft/rad-dino's preprocessor_config.json (BitImageProcessor).
 RAD_DINO_PROCESSOR = {

@@ -1,15 +1,19 @@
 """How the harness's time and memory grow with the number of images: N = 1k, 4k, 16k by default.
 
     python bench/bench_scale.py [--sizes 1000,4000,16000] [--stages extract,linear,bootstrap,seg,throughput]
-                                [--threads 1] [--seg-epochs 1] [--workdir DIR]
+                                [--threads 1] [--seg-epochs 1] [--labels 20] [--probe-jobs 1,2] [--workdir DIR]
 
 Each (stage, N) runs in a subprocess of its own, so the peak RSS it reports (ru_maxrss of the stage's process, and
 of its DataLoader workers when they peak higher) belongs to that stage alone. Stages, on synthetic tasks (a real
 encoder pass over 16k images would take hours on a CPU):
 - extract: the real extraction path (DataLoader worker, shards written as they fill, atomic publish) with the
   `pixels` encoder, dense grids included (64 x 28 x 28 fp16, 100 kB per image), on random 256 px images;
-- linear: the linear probe with its patient-grouped cross-validation over 6 C values, on generated 768-d global
-  features (one label, 20% prevalence, 70/30 patient split);
+- linear: the linear probe as the protocol runs it (patient-grouped 5-fold CV over 6 C values, then a refit, per
+  label) on generated 768-d global features with the correlations of an encoder's (32 latent factors plus noise)
+  and --labels labels (default 20, prevalences spread geometrically over 1-30%), 70/30 patient split; once per
+  --probe-jobs value (default 1 and the usable cores), checking that every number is bit-identical across them.
+  Its CPU time adds the probe's worker processes (shut down and reaped after each run, so their start-up is
+  counted); peak RSS is the main process's, with the largest worker's beside it (VmHWM, read before shutdown);
 - bootstrap: 1000 patient-bootstrap resamples of AUROC/AUPRC for 14 labels over N test images (the resampled
   weight matrix of `harness.stats`);
 - seg: the whole segmentation protocol (`segmentation.fit_and_score`: both heads, scoring at mask resolution, bootstrap, per-image
@@ -22,8 +26,12 @@ encoder pass over 16k images would take hours on a CPU):
 
 It prints a table (wall and CPU seconds, peak RSS) and, per stage, how time and peak RSS grow from the smallest N
 to each larger one (the reference measured in the same run): time should grow about like N, and the seg stage's
-peak RSS must stay within 1.5x of its value at the smallest N (it streams). The default sizes took 3.5 minutes
-on 2 busy cores; the cache of the largest seg/extract task (~3 GB) lives in --workdir and is removed after each N.
+peak RSS must stay within 1.5x of its value at the smallest N (it streams). For the linear stage it adds a table
+per N and n_jobs (CPU ms per logistic fit, speed-up, identity) and the probe's time beside the other stages'
+at the same N. The default sizes took 3.5 minutes
+on 2 busy cores with the old one-label linear stage; its 20 labels at two n_jobs values add about 4 CPU-minutes at
+16k (docs/benchmarks-linear-probe.md). The cache of the largest seg/extract task (~3 GB) lives in --workdir and
+is removed after each N.
 """
 from __future__ import annotations
 
@@ -152,19 +160,65 @@ def stage_extract(n: int, work: Path, args: argparse.Namespace) -> dict:
             "shards": len(fs.patch.parts)}
 
 
+def _linear_features(n: int, n_labels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """[n, 768] float32 features from 32 latent factors plus noise (correlated, like an encoder's), [n, L] labels
+    driven by the same factors with prevalences from 1% to 30%, and the patient id of each row."""
+    rng = np.random.default_rng(0)
+    latent = rng.normal(size=(n, 32))
+    x = latent @ (rng.normal(size=(32, 768)) / np.sqrt(32)) + 0.5 * rng.normal(size=(n, 768))
+    logits = latent @ (0.3 * rng.normal(size=(32, n_labels))) + rng.normal(size=(n, n_labels))
+    prevalence = np.geomspace(0.01, 0.30, n_labels)
+    cut = np.array([np.quantile(logits[:, j], 1 - p) for j, p in enumerate(prevalence)])
+    return x.astype(np.float32), (logits > cut).astype(np.int8), np.array([f"P{i // 2}" for i in range(n)])
+
+
+def _workers_peak_mb() -> float:
+    """Largest peak RSS (VmHWM) among this process's live children, e.g. the probe's worker processes, in MB; 0
+    without any. (ru_maxrss of reaped children would report the parent's size: it is copied into each at fork.)"""
+    peak = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == os.getpid():
+                hwm = [ln for ln in (stat.parent / "status").read_text().splitlines() if ln.startswith("VmHWM:")]
+                peak = max(peak, int(hwm[0].split()[1]) if hwm else 0)
+        except (OSError, IndexError, ValueError):  # a process that ended while we looked
+            continue
+    return peak / 1024
+
+
+def _children_cpu() -> float:
+    use = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return use.ru_utime + use.ru_stime
+
+
 def stage_linear(n: int, work: Path, args: argparse.Namespace) -> dict:
+    from joblib.externals.loky import get_reusable_executor
+
     from harness.probes.linear import linear_probe
 
-    rng = np.random.default_rng(0)
+    x, y, groups = _linear_features(n, args.labels)
     split = _split(n)
-    y = (rng.random((n, 1)) < 0.2).astype(np.int8)
-    x = (rng.normal(size=(n, 768)) + 0.15 * y * rng.normal(size=768)).astype(np.float32)
-    groups = np.array([f"P{i // 2}" for i in range(n)])
     tr, te = split == "train", split == "test"
-    t0, c0 = time.perf_counter(), time.process_time()
-    result = linear_probe(x[tr], y[tr], groups[tr], x[te], y[te], ["x"], seed=0)
-    return {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
-            "cv_auroc": result.labels[0].cv_auroc}
+    runs, first = [], None
+    for jobs in args.probe_jobs:
+        t0, c0, w0 = time.perf_counter(), time.process_time(), _children_cpu()
+        result = linear_probe(x[tr], y[tr], groups[tr], x[te], y[te], [f"y{j}" for j in range(args.labels)],
+                              seed=0, n_jobs=jobs)
+        wall = time.perf_counter() - t0
+        workers_mb = _workers_peak_mb()
+        if jobs > 1:  # reaped workers enter RUSAGE_CHILDREN, their CPU and peak RSS with them (n_jobs 1 has none)
+            get_reusable_executor().shutdown(wait=True)
+        cpu = time.process_time() - c0 + _children_cpu() - w0
+        numbers = (result.scores.tobytes(), repr([vars(lab) for lab in result.labels]))  # repr: NaN == NaN
+        first = first or numbers
+        runs.append({"n_jobs": jobs, "seconds": wall, "cpu_seconds": cpu, "identical": numbers == first,
+                     "fits": sum(lab.fits for lab in result.labels),
+                     "not_converged": sum(lab.not_converged for lab in result.labels),
+                     "worker_rss_mb": workers_mb})
+    cv = [lab.cv_auroc for lab in result.labels if lab.evaluable]
+    return {"seconds": runs[0]["seconds"], "cpu_seconds": runs[0]["cpu_seconds"], "labels": args.labels,
+            "fitted_labels": len(cv), "mean_cv_auroc": float(np.nanmean(cv)), "runs": runs}
 
 
 def stage_bootstrap(n: int, work: Path, args: argparse.Namespace) -> dict:
@@ -233,7 +287,7 @@ def stage_throughput(n: int, work: Path, args: argparse.Namespace) -> dict:
     from harness.features import _collate, _Images, encode_batch
     from harness.tasks.base import Task
     from harness.tasks.demo import DemoTask, PhantomConfig
-    from trainer.imaging import load_radiograph
+    from harness.common.imaging import load_radiograph
     from trainer.vit import vit_base
 
     # Radiograph-sized 16-bit PNGs (2048 px, as CXR exports are), rendered untimed from demo phantoms.
@@ -287,7 +341,8 @@ CHILDREN: dict[str, Callable[[int, Path, argparse.Namespace], dict]] = {
 
 def run_child(stage: str, n: int, work: Path, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--child", stage, "--n", str(n), "--workdir", str(work),
-           "--threads", str(args.threads), "--seg-epochs", str(args.seg_epochs)]
+           "--threads", str(args.threads), "--seg-epochs", str(args.seg_epochs), "--labels", str(args.labels),
+           "--probe-jobs", ",".join(map(str, args.probe_jobs))]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"bench_scale: stage {stage} at N={n} failed:\n{proc.stderr[-3000:]}")
@@ -295,10 +350,38 @@ def run_child(stage: str, n: int, work: Path, args: argparse.Namespace) -> dict:
 
 
 def _fmt_extra(r: dict) -> str:
-    keys = {"shards": "{} shards", "cv_auroc": "cv AUROC {:.3f}", "dice": "Dice {:.3f}",
+    keys = {"shards": "{} shards", "fitted_labels": "{} labels", "mean_cv_auroc": "mean cv AUROC {:.3f}",
+            "dice": "Dice {:.3f}",
             "decode_img_s": "decode+preprocess {:.2f} img/s", "encode_img_s": "encoder {:.3f} img/s",
             "ratio": "ratio {:.1f}x"}
-    return ", ".join(f.format(r[k]) for k, f in keys.items() if k in r)
+    extra = [f.format(r[k]) for k, f in keys.items() if k in r]
+    for run in r.get("runs", []):
+        extra.append(f"n_jobs {run['n_jobs']}: {run['seconds']:.2f} s wall, {run['cpu_seconds']:.1f} s CPU"
+                     f"{'' if run['identical'] else ' NOT IDENTICAL'}")
+    return ", ".join(extra)
+
+
+def _linear_table(by_n: dict[int, dict], others: dict[str, dict[int, dict]]) -> None:
+    """The probe's runs per N and n_jobs: time per logistic fit, speed-up over the first n_jobs in the same
+    process, identity of the numbers, and the probe's time beside the other stages' at the same N."""
+    print("\n| N | labels (fitted) | fits | not converged | n_jobs | wall s | CPU s (main + workers) | CPU ms / fit | "
+          "wall vs first | peak RSS MB main / worker | identical |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    for n, r in by_n.items():
+        base = r["runs"][0]["seconds"]
+        for run in r["runs"]:
+            worker = f"{run['worker_rss_mb']:.0f}" if run["worker_rss_mb"] else "-"
+            print(f"| {n} | {r['labels']} ({r['fitted_labels']}) | {run['fits']} | {run['not_converged']} | "
+                  f"{run['n_jobs']} | {run['seconds']:.2f} | {run['cpu_seconds']:.1f} | "
+                  f"{1000 * run['cpu_seconds'] / run['fits']:.1f} | {base / run['seconds']:.2f}x | "
+                  f"{r['peak_rss_mb']:.0f} / {worker} | "
+                  f"{'yes' if run['identical'] else 'NO'} |")
+    for n, r in by_n.items():
+        beside = [f"{stage} {rows[n]['seconds']:.1f} s" for stage, rows in others.items()
+                  if stage not in ("linear", "throughput") and n in rows]
+        if beside:
+            fastest = min(run["seconds"] for run in r["runs"])
+            print(f"N={n}: linear probe {fastest:.1f} s wall (fastest n_jobs) beside " + ", ".join(beside))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -307,10 +390,23 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--stages", default=",".join(STAGES), help=f"comma list of {', '.join(STAGES)}")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of every stage (default 1)")
     ap.add_argument("--seg-epochs", type=int, default=1, help="epochs of the seg stage's heads (protocol: 12)")
+    ap.add_argument("--labels", type=int, default=20, help="labels of the linear stage (default 20)")
+    ap.add_argument("--probe-jobs", default=None,
+                    help="comma list of the linear stage's n_jobs, each run on the same features (default: 1 and the "
+                         "usable cores)")
     ap.add_argument("--workdir", type=Path, default=None, help="scratch folder for caches and files (default: $TMPDIR)")
     ap.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    from joblib import cpu_count as usable_cores  # what harness.protocols.usable_cores returns, without torch
+
+    try:
+        args.probe_jobs = [int(j) for j in (args.probe_jobs or f"1,{usable_cores()}").split(",") if j.strip()]
+    except ValueError:
+        ap.error(f"--probe-jobs {args.probe_jobs!r}: expected a comma list of integers, e.g. 1,2")
+    if not args.probe_jobs or min(args.probe_jobs) < 1 or args.labels < 1:
+        ap.error("--probe-jobs must list integers >= 1 and --labels must be at least 1")
+    args.probe_jobs = list(dict.fromkeys(args.probe_jobs))
 
     if args.child:
         import torch
@@ -331,8 +427,10 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"--stages must be among {', '.join(STAGES)} (got {', '.join(unknown) or 'none'}) and --sizes "
                  "integers >= 20")
 
-    print(f"bench_scale: sizes {sizes}, {args.threads} thread(s), seg epochs {args.seg_epochs}; machine load "
-          f"(1/5/15 min) at start {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"bench_scale: sizes {sizes}, {args.threads} thread(s), seg epochs {args.seg_epochs}, linear probe "
+          f"{args.labels} labels at n_jobs {args.probe_jobs}; {usable_cores()} usable cores, machine load (1/5/15 min) "
+          f"at start {' '.join(f'{x:.2f}' for x in os.getloadavg())} (above the core count: other jobs share the "
+          "CPUs, so read CPU seconds and ratios rather than wall times)")
     rows: dict[str, dict[int, dict]] = {}
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-scale-", dir=args.workdir) as tmp:
@@ -359,6 +457,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"| {stage} | {n} | {r['seconds']:.2f} | {r['cpu_seconds']:.1f} | {r['peak_rss_mb']:.0f} | "
                   f"{r['seconds'] / ref['seconds']:.2f}x (N x{n / min(by_n):g}) | "
                   f"{r['peak_rss_mb'] / ref['peak_rss_mb']:.2f}x |")
+    if "linear" in rows:
+        _linear_table(rows["linear"], rows)
     if "seg" in rows and len(rows["seg"]) > 1:
         lo, hi = min(rows["seg"]), max(rows["seg"])
         ratio = rows["seg"][hi]["peak_rss_mb"] / rows["seg"][lo]["peak_rss_mb"]

@@ -314,7 +314,7 @@ def check_training(p: Profile, data: str, run_dir: Path, report: Report) -> None
     t0 = time.perf_counter()
     try:
         state = train(cfg, run_dir)
-    except Exception as e:  # noqa: BLE001 (any failure here is the check's verdict, reported in the table)
+    except Exception as e:  # any failure here is the check's verdict, reported in the table
         report.add(f"training: {p.train_steps} steps", arch, "-", f"{FAIL}: {type(e).__name__}: {e}")
         return
     seconds = time.perf_counter() - t0
@@ -410,7 +410,7 @@ def ddp_worker(rank: int, world: int, port: int, p: Profile, data: str, run_dir:
         dist.all_gather(gathered, weights)
         diff = max((g - gathered[0]).abs().max().item() for g in gathered)
         answers.put((rank, "ok", f"{state.iteration} steps, {backend}", diff))
-    except Exception as e:  # noqa: BLE001 (reported by the parent: a skip for NCCL's refusal, else a failure)
+    except Exception as e:  # reported by the parent: a skip for NCCL's refusal, else a failure
         answers.put((rank, "error", f"{type(e).__name__}: {e}", math.nan))
     finally:
         if dist.is_initialized():

@@ -38,7 +38,8 @@ from typing import Any
 
 import numpy as np
 
-from harness.io import atomic_path, atomic_write_json, atomic_write_text, safe_name
+from harness.common.atomic import atomic_path, atomic_write_json, atomic_write_text
+from harness.common.paths import safe_name
 from trainer.config import TrainConfig, load_config
 
 SHORTCUTS = ("mim", "resolution", "data", "sources")
@@ -279,6 +280,7 @@ def write_plan(output: Path, variants: list[Variant], args: argparse.Namespace) 
             atomic_write_text(Path(path), "".join(line + "\n" for line in lines))
     atomic_write_json(output / PLAN, {
         "config": args.config, "steps": args.steps, "eval_tasks": args.eval_task,
+        "figure_metrics": split_patterns(args.figure_metrics),
         "variants": [{k: val for k, val in dataclasses.asdict(v).items() if k != "subsets"} for v in variants]})
 
 
@@ -413,6 +415,22 @@ def write_section(output: Path, rows: list[dict], variants: list[Variant]) -> No
     atomic_write_text(output / "ablation.md", render("Ablation", header, [section]))
 
 
+def split_patterns(text: str) -> list[str]:
+    return [p.strip() for p in text.split(",") if p.strip()]
+
+
+def select_metrics(rows: list[dict], patterns: list[str]) -> list[dict]:
+    """The rows whose ``task: metric`` contains one of `patterns` (all rows without patterns), for a figure of the
+    headline metrics only; AblationError when a pattern matches nothing, naming the metrics there are."""
+    if not patterns:
+        return rows
+    names = list(dict.fromkeys(f"{r['task']}: {r['metric']}" for r in rows))
+    missing = [p for p in patterns if not any(p in n for n in names)]
+    if missing:
+        raise AblationError(f"--figure-metrics {','.join(missing)}: matches no metric; there are: {', '.join(names)}")
+    return [r for r in rows if any(p in f"{r['task']}: {r['metric']}" for p in patterns)]
+
+
 def figure(rows: list[dict], base_settings: dict[str, str]):
     """Per metric one panel: point and CI per variant, grouped by axis (the base, at its value, in every group of
     one axis; the step-0 weights last); a dotted line at the base; † over a variant whose paired difference to the
@@ -424,9 +442,14 @@ def figure(rows: list[dict], base_settings: dict[str, str]):
     others = dict.fromkeys(r["axis"] for r in rows if r["axis"] not in (*base_settings, BASE, INIT))
     groups = [*base_settings, *others, INIT]
     per_panel = len(rows) / max(len(metrics), 1) + len(groups)
-    fig = Figure(figsize=(max(6.0, 0.55 * per_panel + 2), 3.0 * len(metrics)), layout="constrained")
+    # Two panels a row from three metrics on, so a dozen metrics stay a readable page rather than a long strip.
+    ncols = 1 if len(metrics) <= 2 else 2
+    nrows = math.ceil(len(metrics) / ncols)
+    fig = Figure(figsize=(ncols * max(6.0, 0.55 * per_panel + 2), 3.0 * nrows), layout="constrained")
     FigureCanvasAgg(fig)
-    panels = fig.subplots(len(metrics), 1, squeeze=False).ravel()
+    panels = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax in panels[len(metrics):]:
+        ax.set_visible(False)
     for ax, (task, metric) in zip(panels, metrics):
         mine = [r for r in rows if (r["task"], r["metric"]) == (task, metric) and r["point"] is not None]
         base = next((r for r in mine if r["variant"] == BASE), None)
@@ -466,6 +489,34 @@ def figure(rows: list[dict], base_settings: dict[str, str]):
     return fig
 
 
+def draw(output: Path, rows: list[dict], variants: list[Variant], patterns: list[str]) -> Path:
+    """ablation.png from the table's rows (only the metrics matching `patterns`, when given)."""
+    fig = figure(select_metrics(rows, patterns), next(v for v in variants if v.name == BASE).settings)
+    with atomic_path(output / "ablation.png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    return output / "ablation.png"
+
+
+def replot(output: Path, patterns: list[str]) -> int:
+    """Redraw ablation.png from OUTPUT/ablation.parquet and plan.json: nothing is trained or evaluated."""
+    import polars as pl
+
+    table, plan = output / "ablation.parquet", output / PLAN
+    if not table.is_file() or not plan.is_file():
+        print(f"error: --replot: {output} has no ablation.parquet and plan.json (run the ablation first)",
+              file=sys.stderr)
+        return 2
+    rows = pl.read_parquet(table).to_dicts()
+    variants = [Variant(**v) for v in json.loads(plan.read_text())["variants"]]
+    try:
+        path = draw(output, rows, variants, patterns)
+    except AblationError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
 def evaluate(output: Path, extra_harness: list[str]) -> int:
     """harness.run over every variant of OUTPUT/plan.json, then the table, the section and the figure."""
     from harness.run import main as harness_main
@@ -482,9 +533,11 @@ def evaluate(output: Path, extra_harness: list[str]) -> int:
         return 1
     write_table(output, rows)
     write_section(output, rows, variants)
-    fig = figure(rows, next(v for v in variants if v.name == BASE).settings)
-    with atomic_path(output / "ablation.png") as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
+    try:
+        draw(output, rows, variants, plan.get("figure_metrics", []))
+    except AblationError as e:  # a pattern matching nothing: the table and section are written; say so
+        print(f"error: {e} (the table and ablation.md are written; redraw with --replot)", file=sys.stderr)
+        return 2
     print(f"wrote {output / 'ablation.md'}, {output / 'ablation.parquet'}, {output / 'ablation.csv'}, "
           f"{output / 'ablation.png'}")
     return 0
@@ -557,17 +610,28 @@ def submit_slurm(args: argparse.Namespace, variants: list[Variant], cfgs: list[T
 # Command line
 
 
-def build_parser() -> argparse.ArgumentParser:
+PROG = "python -m harness.ablate"
+EXAMPLES = """\
+examples:
+  %(prog)s --config smoke --data /data/cxr/train.csv --eval-task demo --output ablations/mim --axes mim=on,off
+  %(prog)s --config small --data /data/cxr/train.csv --eval-task csv:/data/eval/labels.csv \\
+      --output ablations/res --axes resolution=112,224 data=0.25,1.0 --dry-run
+"""
+
+
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     from slurm.cluster import add_cluster_args
 
-    p = argparse.ArgumentParser(prog="python -m harness.ablate", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="trainer preset (smoke, small, rad-dino) or YAML file")
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 2)[2] + "\n" + EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    # --config, --axes and --eval-task are required except with --replot (checked in main, exit 2).
+    p.add_argument("--config", help="trainer preset (smoke, small, rad-dino) or YAML file (required)")
     p.add_argument("--data", action="append", default=[],
                    help="image manifest of every variant (repeatable, PATH@WEIGHT to mix); a data axis subsets it")
     p.add_argument("--mix", action="append", default=[], metavar="NAME=PATH@W,PATH@W",
                    help="a named mix of manifests, a value of the sources axis (repeatable)")
-    p.add_argument("--axes", nargs="+", required=True, metavar="NAME=V1,V2",
+    p.add_argument("--axes", nargs="+", metavar="NAME=V1,V2",
                    help="mim=on,off resolution=N,.. data=F,.. sources=MIX,.. or KEY=V1,V2 for any dotted trainer "
                         "key; the first value of each is the base's")
     p.add_argument("--grid", action="store_true", help="every combination instead of one axis at a time")
@@ -575,8 +639,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="iterations of every variant (the warm-ups keep their share)")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="a trainer setting of every variant (repeatable)")
-    p.add_argument("--eval-task", action="append", required=True,
-                   help="harness task the variants are evaluated on (demo, csv:PATH, vindr, ...; repeatable)")
+    p.add_argument("--eval-task", action="append",
+                   help="harness task the variants are evaluated on (demo, csv:PATH, vindr, ...; repeatable; "
+                        "required)")
+    p.add_argument("--figure-metrics", default="", metavar="PAT,PAT",
+                   help="draw only the metrics whose 'task: metric' name contains one of these (e.g. "
+                        "'linear/auroc,multi-level/mask/dice'); the table keeps every metric")
+    p.add_argument("--replot", action="store_true",
+                   help="only redraw ablation.png of --output from its ablation.parquet (with --figure-metrics): "
+                        "nothing is trained or evaluated")
     p.add_argument("--seed", type=int, default=0, help="seed of the data fractions and of the evaluation's split "
                                                        "and bootstrap")
     p.add_argument("--bootstrap", type=int, help="evaluation: patient-level bootstrap resamples (harness default)")
@@ -645,9 +716,16 @@ def print_plan(output: Path, variants: list[Variant], cfgs: list[TrainConfig]) -
         print(f"  {v.name:<28} {what:<28} {cfg.optim.total_iters} it, {status}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = PROG) -> int:
+    args = build_parser(prog).parse_args(argv)
     args.output = args.output.resolve()
+    if args.replot:
+        return replot(args.output, split_patterns(args.figure_metrics))
+    missing = [flag for flag, value in (("--config", args.config), ("--axes", args.axes),
+                                        ("--eval-task", args.eval_task)) if not value]
+    if missing:
+        print(f"error: {', '.join(missing)} required (only --replot goes without them)", file=sys.stderr)
+        return 2
     try:
         if args.steps is not None and args.steps < 1:
             raise AblationError(f"--steps {args.steps}: must be >= 1")

@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -45,12 +45,15 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from baselines.preprocess import Preprocess, preprocess_batch
 from baselines.registry import Encoder, Features
-from harness.io import fsync_path, temp_dir
+from harness.common.atomic import fsync_path, temp_dir
+from harness.common.hashing import sha256_text
+from harness.log import progress
 from harness.tasks.base import Task, TaskError
+
+_log = logging.getLogger(__name__)
 
 FEATURE_FORMAT = 1
 #: Dense rows are buffered until they fill a shard of about this size, then written: extraction holds at most one
@@ -80,7 +83,7 @@ def precision(device: torch.device) -> dict:
 def cache_key(encoder: Encoder, task_digest: str, device: str | torch.device) -> str:
     blob = json.dumps({"format": FEATURE_FORMAT, "encoder": encoder.identity(),  # includes its code_version
                        "precision": precision(torch.device(device)), "task_digest": task_digest}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    return sha256_text(blob)
 
 
 def encode_batch(encoder: Encoder, x: torch.Tensor, device: torch.device) -> Features:
@@ -411,7 +414,7 @@ class _Images(Dataset):
     def __getitem__(self, i: int) -> tuple[int, list[torch.Tensor] | str]:
         try:
             img = self.task.load_image(i)
-        except Exception as e:  # noqa: BLE001 - re-raised with its message in the main process
+        except Exception as e:  # any error: re-raised with its message in the main process
             return i, f"{type(e).__name__}: {e}"
         if img.ndim != 2 or not np.isfinite(img).all():
             return i, f"TaskError: image {self.task.table.image_ids[i]!r} decoded to shape {img.shape} or non-finite values"
@@ -463,7 +466,7 @@ def extract(
     device: str | torch.device = "cpu",
     dense_budget_gb: float = DEFAULT_DENSE_BUDGET_GB,
     shard_bytes: int = SHARD_BYTES,
-    log: Callable[[str], object] = print,
+    log: Callable[[str], object] = _log.info,
 ) -> dict[str, FeatureSet]:
     """Features of `task` for each encoder (by name), from the cache when present, else computed in one pass.
     Dense grids come back lazy: streamed from the cache's shards, or re-encoded on demand when the entry would
@@ -544,7 +547,7 @@ def _compute(task: Task, pending: list[tuple[Encoder, str, bool]], cache: Featur
         for enc, _, _ in pending:
             enc.to(device)
         t0 = time.perf_counter()
-        with tqdm(total=n, desc=f"features {task.name} [{names}]", unit="img", dynamic_ncols=True) as bar:
+        with progress(None, f"features {task.name} [{names}]", total=n, unit="img") as bar:
             for errors, inputs in loader:
                 if errors:
                     i, message = errors[0]

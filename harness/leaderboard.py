@@ -9,6 +9,8 @@ number shown with an interval is also a row of the task's tidy table (``<out>/re
 """
 from __future__ import annotations
 
+import argparse
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -136,21 +138,35 @@ def check_dirs(committed: Path, fresh: Path, tol: float = 0.002) -> list[Mismatc
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m harness.leaderboard check COMMITTED_DIR FRESH_DIR``: exit 1 listing every stale number."""
-    import argparse
+PROG = "python -m harness.leaderboard"
+CHECK_EXAMPLES = """\
+examples:
+  %(prog)s leaderboards /tmp/lb                 # after: bash leaderboards/refresh.sh /tmp/lb
+  %(prog)s leaderboards /tmp/lb --tol 0.0005    # a stricter tolerance on every number
+"""
 
-    p = argparse.ArgumentParser(prog="python -m harness.leaderboard")
+
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    """The ``check`` command's parser (``raddino-bench check`` is ``PROG check``)."""
+    p = argparse.ArgumentParser(prog=prog)
     sub = p.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("check", help="compare freshly generated leaderboards with the committed ones")
-    c.add_argument("committed", type=Path)
-    c.add_argument("fresh", type=Path)
-    c.add_argument("--tol", type=float, default=0.002)
-    args = p.parse_args(argv)
+    c = sub.add_parser("check", help="compare freshly generated leaderboards with the committed ones",
+                       description="Compare freshly generated leaderboards with the committed ones (their tidy "
+                                   "results tables, results/<task>.csv): exit 1 listing every stale number.",
+                       epilog=CHECK_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("committed", type=Path, help="folder of the committed leaderboards")
+    c.add_argument("fresh", type=Path, help="folder of freshly generated ones")
+    c.add_argument("--tol", type=float, default=0.002, help="largest difference of a number that is not stale")
+    return p
+
+
+def main(argv: list[str] | None = None, prog: str = PROG) -> int:
+    """``python -m harness.leaderboard check COMMITTED_DIR FRESH_DIR``: exit 1 listing every stale number."""
+    args = build_parser(prog).parse_args(argv)
     try:
         bad = check_dirs(args.committed, args.fresh, args.tol)
     except ValueError as e:  # a table that cannot be read names its file
-        print(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
         return 2
     n = len(list((Path(args.fresh) / "results").glob("*.csv")))
     if not bad:

@@ -21,9 +21,10 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import polars as pl
+from joblib import cpu_count
 
 from harness import stats
-from harness.io import safe_name
+from harness.common.paths import safe_name
 from harness.leaderboard import Section
 from harness.probes import PROTOCOLS
 from harness.registry import resolve
@@ -40,6 +41,11 @@ if TYPE_CHECKING:
 MIN_POSITIVE_PATIENTS = 5
 
 
+def usable_cores() -> int:
+    """CPUs this process may use: its affinity mask and cgroup quota, not the machine's count."""
+    return cpu_count()
+
+
 @dataclass(frozen=True)
 class ProbeOptions:
     """Settings of the protocols that take flags (``harness.run --knn-k`` etc.). Each protocol records the ones it
@@ -50,6 +56,9 @@ class ProbeOptions:
     #: fractions of the training patients the label-efficiency protocol refits the linear probe on
     label_fractions: tuple[float, ...] = (0.01, 0.1, 1.0)
     label_draws: int = 3                 # seeded patient draws per fraction below 1
+    #: processes fitting the linear probes (every protocol that fits one); no number depends on it, so unlike the
+    #: settings above it is recorded nowhere
+    n_jobs: int = field(default_factory=usable_cores)
 
 
 @dataclass

@@ -7,7 +7,7 @@ table in one place (``baselines/registry.py``, ``harness/tasks/__init__.py``, ``
 
     ENCODERS.register("my-model", "baselines.my_model:build", description="...")
 
-A name that is not registered raises `UnknownName`, whose one-line message suggests the closest registered names.
+A name that is not registered raises `UnknownName`, whose one-line message suggests the closest registered name.
 """
 from __future__ import annotations
 
@@ -29,6 +29,14 @@ class UnknownName(KeyError):
 class RegistryError(ValueError):
     """A registry table that cannot be used as written: a duplicate name, a malformed target, a dependency on an
     unregistered entry or a dependency cycle."""
+
+
+def suggest(name: str, choices: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the choice closest to a misspelt `name`, else ``""``: the one did-you-mean of the
+    command line, for registered names and for any other list of choices (the tasks of ``--tasks``, the models of
+    ``--models``, the subcommands)."""
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 @dataclass(frozen=True)
@@ -96,10 +104,8 @@ class Registry(Generic[E]):
         return entry
 
     def unknown(self, name: str) -> str:
-        """The one-line message for a name that is not registered: the closest names first, then all of them."""
-        close = difflib.get_close_matches(name, list(self.entries), n=3, cutoff=0.6)
-        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-        return f"unknown {self.kind} {name!r}{hint} (registered: {', '.join(self.entries)})"
+        """The one-line message for a name that is not registered: the closest name, then all of them."""
+        return f"unknown {self.kind} {name!r}{suggest(name, self.entries)}; registered: {', '.join(self.entries)}"
 
     def load(self, name: str) -> Any:
         return self.get(name).load()

@@ -1,24 +1,26 @@
-"""``python -m harness.run``: evaluate frozen encoders on tasks and write leaderboards.
+"""``python -m harness.run`` (= ``raddino-bench eval``): evaluate frozen encoders on tasks and write leaderboards.
 
     python -m harness.run --models all --tasks demo
     python -m harness.run --models pixels,random-vit --tasks csv:../shared/data/ieee8023-covid-cxr/labels.csv
 
-Per task: build it, print its summary, make (or check) the patient-level split and write it with its hash,
+Every name on the command line is checked first (`harness.checks`): a usage error exits 2 before any weights are
+loaded. Per task: build it, log its summary, make (or check) the patient-level split and write it with its hash,
 extract features for every encoder in one pass (cached), run each protocol, bootstrap on shared patient
-resamples, and write ``<out>/<name>.md`` plus ``<out>/results/<name>/<model>.json`` and per-image predictions
+resamples, and write ``<out>/<name>.md`` (``--out`` unset: ``runs/<name>/<name>.md``) plus ``<out>/results/<name>/<model>.json`` and per-image predictions
 (``<name>``: the task's name plus the options that change its numbers, see `output_name`).
 Everything for one task is computed before anything of it is written, and every file is written atomically.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
+import logging
 import os
 import re
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,53 +33,50 @@ from baselines.registry import (
     WeightsMissing,
     build_encoder,
     default_weights_dir,
-    resolve_names,
     weights_status,
 )
 from harness import stats, tidy
+from harness.checks import check_eval_args, default_protocols
+from harness.common.atomic import atomic_path, atomic_write_text
+from harness.common.devices import pick_device
+from harness.common.paths import cache_dir, safe_name
 from harness.features import DEFAULT_DENSE_BUDGET_GB, FeatureCache, extract
-from harness.io import atomic_path, atomic_write_text, safe_name
+from harness.figures import draw_task_figures, figure_links
 from harness.leaderboard import render, section_from_json, section_to_json
+from harness.log import setup_logging
 from harness.probes import PROTOCOLS
 from harness.protocols import (MIN_POSITIVE_PATIENTS, ProbeOptions, ProtocolResult, TaskRun, feature_sets,
-                               label_status)
+                               label_status, usable_cores)
 from harness.splits import make_split, pseudonym, split_hash, write_split
+from harness.taskspec import TaskSpec, UsageError, parse_task_list
+from harness.taskspec import parse_task_spec as _parse_spec
 from harness.tasks.base import TASKS, Task, TaskContext, TaskError, TaskTable, build_task
 
+#: Named, not __name__: run as ``python -m harness.run`` this module is __main__, outside the harness logger.
+log = logging.getLogger("harness.run")
 
-@dataclass
-class TaskSpec:
-    name: str
-    arg: str | None
-    protocols: tuple[str, ...]
+PROG = "python -m harness.run"
+#: Where each task's outputs go when --out is not given: runs/<output name>/, never the committed leaderboards/.
+DEFAULT_RUNS = Path("runs")
 
 
 def parse_task_spec(spec: str) -> TaskSpec:
-    """``demo``, ``demo:linear``, ``csv:PATH``, ``csv:PATH:linear``: a trailing protocol name picks protocols. The
-    protocols come in run order, with those they depend on (``demo:demographics`` runs the linear probe first)."""
-    name, _, rest = spec.partition(":")
-    protocols = tuple(n for n, p in PROTOCOLS.entries.items() if p.default)
-    if rest:
-        head, _, tail = rest.rpartition(":")
-        if tail in PROTOCOLS:
-            protocols, rest = (tail,), head
-        elif not head and rest in PROTOCOLS:
-            protocols, rest = (rest,), ""
-    return TaskSpec(name, rest or None, PROTOCOLS.ordered(protocols))
+    """``demo``, ``demo:linear``, ``csv:PATH``, ``csv:PATH:linear``: a trailing protocol name picks protocols.
+    One spec: a comma belongs to its argument. The protocols come in run order, with those they run after
+    (``demo:demographics`` runs the linear probe first)."""
+    parsed = _parse_spec(spec, PROTOCOLS, default_protocols())
+    return dataclasses.replace(parsed, protocols=PROTOCOLS.ordered(parsed.protocols))
 
 
 def split_task_list(tasks: str) -> list[str]:
-    """Comma-separated task specs. A piece of the form KEY=VALUE continues the previous task's arguments
-    (``demo:n_patients=50,size=128``); a comma inside a csv: path is not supported (rename the file)."""
-    specs: list[str] = []
-    for piece in (t.strip() for t in tasks.split(",")):
-        if not piece:
-            continue
-        if specs and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=[^:]*(:[A-Za-z_-]+)?", piece):
-            specs[-1] += "," + piece
-        else:
-            specs.append(piece)
-    return specs
+    """Comma-separated task specs, each as written. A piece of the form KEY=VALUE continues the previous task's
+    arguments (``demo:n_patients=50,size=128``); a path with a comma goes through --task-arg instead."""
+    return [s.text for s in parse_task_list(tasks, PROTOCOLS, default_protocols())]
+
+
+def task_out_dir(out: Path | None, name: str) -> Path:
+    """The folder a task's leaderboard, results/ and splits/ go in: --out when given, else runs/<name>/."""
+    return DEFAULT_RUNS / name if out is None else out
 
 
 def parse_data_roots(values: list[str]) -> tuple[Path | None, dict[str, Path]]:
@@ -91,20 +90,39 @@ def parse_data_roots(values: list[str]) -> tuple[Path | None, dict[str, Path]]:
     return root, named
 
 
-def build_parser() -> argparse.ArgumentParser:
+EXAMPLES = """\
+examples:
+  %(prog)s --models pixels,random-vit --tasks demo:n_patients=50,size=128 --protocols linear,knn
+  %(prog)s --models all --tasks csv --task-arg csv.path=/data/a,b/labels.csv --out leaderboards
+  %(prog)s --models rad-dino,ckpt:runs/exp1 --tasks vindr:agg=any:linear --data-root /data/cxr -v
+"""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in every flag's help, examples laid out as written."""
+
+
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m harness.run",
+        prog=prog,
         description="Evaluate frozen chest X-ray encoders with identical protocols; write Markdown leaderboards "
                     "with patient-clustered bootstrap CIs.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        epilog=EXAMPLES, formatter_class=HelpFormatter)
     p.add_argument("--models", default="all",
                    help="comma list of encoders (see --list), 'all' = every registered encoder whose weights are "
                         "present (the others are listed as skipped, with where to put their files); "
                         "ckpt:DIR evaluates a trainer checkpoint")
     p.add_argument("--tasks", default="demo",
                    help="comma list of tasks: demo, csv:PATH/labels.csv, and dataset names (vindr, candid, rsna) "
-                        "when registered; append :PROTOCOL to run one protocol only (its section is merged into "
-                        "the task's leaderboard when that was made with the same settings)")
+                        "when registered; NAME:KEY=VALUE,KEY=VALUE sets a task's options; append :PROTOCOL to run "
+                        "one protocol only (its section is merged into the task's leaderboard when that was made "
+                        "with the same settings)")
+    p.add_argument("--task-arg", action="append", default=[], metavar="NAME.KEY=VALUE",
+                   help="one option of every task NAME in --tasks, the value taken verbatim (a path with a comma: "
+                        "csv.path=/data/a,b/labels.csv; demo.n_patients=50); repeatable")
+    p.add_argument("--protocols", default=None, metavar="P1,P2",
+                   help="protocols of every task that names none (default: the protocols marked 'by default' in "
+                        "raddino-bench ls)")
     p.add_argument("--data-root", action="append", default=[], metavar="DIR|NAME=DIR",
                    help="folder holding the datasets (vindr-cxr/, candid-ptx/, rsna-pneumonia/), or NAME=DIR for "
                         "one dataset; repeatable")
@@ -112,11 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"folder with one sub-folder of weights per model (default: ${{RADDINO_BENCH_WEIGHTS}}, "
                         f"else {default_weights_dir()})")
     p.add_argument("--cache-dir", type=Path,
-                   default=Path(os.environ.get("RADDINO_BENCH_CACHE", ".cache/raddino-bench")),
+                   default=cache_dir(),
                    help="feature cache (content-addressed; safe to delete); $RADDINO_BENCH_CACHE sets the default")
-    p.add_argument("--out", type=Path, default=Path("leaderboards"),
+    p.add_argument("--out", type=Path, default=None,
                    help="where leaderboards (<name>.md: the task name plus the options that change its numbers), "
-                        "results/ and splits/ are written")
+                        "results/ and splits/ are written; unset: each task in its own runs/<name>/")
     p.add_argument("--bootstrap", type=int, default=stats.DEFAULT_RESAMPLES,
                    help="number of patient-level bootstrap resamples")
     p.add_argument("--min-positive-patients", type=int, default=MIN_POSITIVE_PATIENTS,
@@ -142,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "resized to its input size without cropping")
     p.add_argument("--batch-size", type=int, default=16, help="images per feature-extraction batch")
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers decoding images")
+    p.add_argument("--probe-jobs", type=int, default=usable_cores(),
+                   help="processes fitting the linear probes (default: the CPUs this process may use); each fit uses "
+                        "one BLAS thread, so the numbers are the same for any value")
     p.add_argument("--dense-cache-gb", type=float, default=DEFAULT_DENSE_BUDGET_GB,
                    help="disk budget of one dense cache entry (one model, one task); a larger one is not cached and "
                         "the segmentation heads re-encode each batch instead, with the same results")
@@ -150,14 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-duplicate", choices=("merge", "error"), default="merge",
                    help="byte-identical images under different patient ids: merge their patients (one split, one "
                         "bootstrap unit; the count is in the task summary) or stop with an error")
-    p.add_argument("--list", action="store_true", help="list registered encoders and tasks, then exit")
+    p.add_argument("--list", action="store_true",
+                   help="list registered encoders (whether their weights are present, and where), tasks and "
+                        "protocols, then exit (= raddino-bench ls)")
+    p.add_argument("-q", "--quiet", action="count", default=0,
+                   help="only warnings and errors on stderr (stdout keeps the tables and 'wrote' lines)")
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="debug messages, and progress bars even when stderr is not a terminal")
     return p
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def load_encoders(names: list[str], weights_dir: Path | None, policy: str, explicit: set[str]
@@ -216,7 +237,7 @@ def evaluate_task(spec: TaskSpec, encoders: list[Encoder], args: argparse.Namesp
     keys = [pseudonym(t.patient_ids[i], task.name) for i in test_idx]
     weights = stats.bootstrap_weights(keys, args.bootstrap, args.seed,
                                       required=stats.class_requirements(t.labels[test_idx], evaluable))
-    print(f"features ({len(encoders)} encoder(s), cache {args.cache_dir}):")
+    log.info(f"features ({len(encoders)} encoder(s), cache {args.cache_dir}):")
 
     def extract_for(sub: Task, encs: list[Encoder], dense: bool) -> dict:
         return extract(sub, encs, cache, dense=dense, batch_size=args.batch_size, workers=args.workers,
@@ -224,16 +245,18 @@ def evaluate_task(spec: TaskSpec, encoders: list[Encoder], args: argparse.Namesp
 
     # Everything the protocols declared, in as few passes as possible; then the global features of every image,
     # a cache hit by now.
-    for view, dense in feature_sets(task, spec.protocols):
+    # The protocols asked for and those they run after (dependencies first).
+    protocols = PROTOCOLS.ordered(spec.protocols)
+    for view, dense in feature_sets(task, protocols):
         extract_for(view, encoders, dense)
     feats = extract_for(task, encoders, False)
     tr = TaskRun(task, split, split_hash(t.image_ids, list(split)), weights, feats, summary, extract=extract_for,
                  seed=args.seed, reference=reference, min_positive_patients=args.min_positive_patients,
                  out_name=output_name(spec, task), options=probe_options(args))
     results: dict[str, ProtocolResult] = {}
-    for proto in PROTOCOLS.ordered(spec.protocols):
+    for proto in protocols:
         entry = PROTOCOLS.get(proto)
-        print(f"protocol {proto} ...")
+        log.info(f"protocol {proto} ...")
         # A protocol gets the results of those it runs after, in the order it declares them.
         results[proto] = entry.load()(tr, encoders, *(results[dep] for dep in entry.after))
 
@@ -282,7 +305,8 @@ def parse_fractions(text: str) -> tuple[float, ...]:
 def probe_options(args: argparse.Namespace) -> ProbeOptions:
     """The protocols' own settings from the flags (already checked by `main`)."""
     return ProbeOptions(knn_k=args.knn_k, knn_temperature=args.knn_temperature,
-                        label_fractions=parse_fractions(args.label_fractions), label_draws=args.label_draws)
+                        label_fractions=parse_fractions(args.label_fractions), label_draws=args.label_draws,
+                        n_jobs=args.probe_jobs)
 
 
 def split_description(t: TaskTable, split: np.ndarray, seed: int) -> str:
@@ -346,8 +370,9 @@ def write_outputs(tr: TaskRun, encoders: list[Encoder], results: dict[str, Proto
     no manifest, or no tidy table: an older version's output) the old sections are not comparable: they are dropped
     with a note. Either way, files of the old leaderboard that this one does not list are deleted, so nothing stale
     stays beside the new files."""
-    task, t, summary, reference, out = tr.task, tr.task.table, tr.summary, tr.reference, args.out
+    task, t, summary, reference = tr.task, tr.task.table, tr.summary, tr.reference
     name = tr.out_name
+    out = task_out_dir(args.out, name)
     folder = out / "results" / name
     settings = run_settings(tr, encoders, args)
     manifest = out / "results" / f"{name}{MANIFEST}"
@@ -356,7 +381,7 @@ def write_outputs(tr: TaskRun, encoders: list[Encoder], results: dict[str, Proto
     old_tidy = _read_tidy(tidy_paths[0]) if old is not None else None
     same = old is not None and old.get("settings") == settings and old_tidy is not None
     if not same and (old is not None or (out / f"{name}.md").exists()):
-        print(f"note: {out / (name + '.md')} was computed with other settings (or by an older version): its "
+        log.warning(f"note: {out / (name + '.md')} was computed with other settings (or by an older version): its "
               "sections are replaced, not merged")
     kept = {p: v for p, v in old["protocols"].items() if p not in results} if same else {}
     # Leaderboard order: the whole table's run order, whichever protocols this run computed.
@@ -418,6 +443,11 @@ def write_outputs(tr: TaskRun, encoders: list[Encoder], results: dict[str, Proto
                           f"{p} of {kept[p]['date']}" for p in order if p in kept) + " kept from an earlier run")),
     ]
     md = render(f"Leaderboard: {task.name}", header, [all_sections[p] for p in order])
+    # Drawn from the files just written (what `python -m harness.plot` reads too), so a figure shows the table's
+    # own numbers; linked at the end of the leaderboard.
+    figures = draw_task_figures(out, name)
+    if figures:
+        md = md.rstrip("\n") + "\n\n## Figures\n\n" + "\n".join(figure_links(name, figures)).rstrip("\n") + "\n"
     path = out / f"{name}.md"
     atomic_write_text(path, md)
     stale = {f for p in (old or {}).get("protocols", {}).values() for f in p.get("files", [])}
@@ -428,18 +458,18 @@ def write_outputs(tr: TaskRun, encoders: list[Encoder], results: dict[str, Proto
 
 
 def print_summary(s: dict) -> None:
-    print(f"\ntask {s['task']}: {s['images']} images, {s['patients']} patients; sex known {s['sex_known']} "
-          f"(M {s['sex_counts']['M']}, F {s['sex_counts']['F']}), age known {s['age_known']}, masks {s['masks']}")
+    """The task's summary, logged (stderr) before its features are extracted."""
+    log.info(f"\ntask {s['task']}: {s['images']} images, {s['patients']} patients; sex known {s['sex_known']} "
+             f"(M {s['sex_counts']['M']}, F {s['sex_counts']['F']}), age known {s['age_known']}, masks {s['masks']}")
     if s["patients_merged"]:
-        print(f"{s['patients_merged']} patient id(s) merged into others: they share byte-identical images")
+        log.info(f"{s['patients_merged']} patient id(s) merged into others: they share byte-identical images")
     rows = [[n, s["positives"][n], s["train_positives"][n], s["test_positives"][n]] for n in s["positives"]]
-    print(tabulate(rows, headers=["label", "positives", "train", "test"], tablefmt="simple"))
-    print(f"split: train {s['train_images']} images / {s['train_patients']} patients, "
-          f"test {s['test_images']} images / {s['test_patients']} patients")
+    log.info(tabulate(rows, headers=["label", "positives", "train", "test"], tablefmt="simple"))
+    log.info(f"split: train {s['train_images']} images / {s['train_patients']} patients, "
+             f"test {s['test_images']} images / {s['test_patients']} patients")
     if s["skipped"]:
-        print(f"skipped {len(s['skipped'])} file(s):")
-        for item in s["skipped"][:20]:
-            print(f"  {item['file']}: {item['reason']}")
+        log.warning(f"skipped {len(s['skipped'])} file(s):\n" + "\n".join(
+            f"  {item['file']}: {item['reason']}" for item in s["skipped"][:20]))
 
 
 def list_registered(weights_dir: Path | None) -> None:
@@ -461,30 +491,20 @@ def list_registered(weights_dir: Path | None) -> None:
                     for n, p in PROTOCOLS.entries.items()], headers=["protocol", "by default", "runs after", "what"]))
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = PROG) -> int:
+    args = build_parser(prog).parse_args(argv)
+    setup_logging(args.verbose - args.quiet)
     if args.list:
         list_registered(args.weights_dir)
         return 0
-    if args.bootstrap < 1:
-        print("error: --bootstrap must be at least 1", file=sys.stderr)
-        return 2
-    if args.min_positive_patients < 1:
-        print("error: --min-positive-patients must be at least 1 (a label needs a positive patient to be scored)",
-              file=sys.stderr)
-        return 2
-    if args.knn_k < 1 or not args.knn_temperature > 0:
-        print("error: --knn-k must be at least 1 and --knn-temperature positive", file=sys.stderr)
-        return 2
-    if args.label_draws < 1:
-        print("error: --label-draws must be at least 1", file=sys.stderr)
-        return 2
     try:
-        parse_fractions(args.label_fractions)
-    except ValueError as e:
+        names, specs = check_eval_args(args)
+    except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    names = resolve_names(args.models)
+    for spec in specs:
+        log.debug(f"task {spec.text!r}: {spec.name}, argument {spec.arg!r}, protocols {', '.join(spec.protocols)}; "
+                  f"output in {args.out if args.out is not None else DEFAULT_RUNS / '<output name>'}")
     explicit = {m.strip() for m in args.models.split(",")} - {"all"}
     try:
         encoders, skipped = load_encoders(names, args.weights_dir, args.input_policy, explicit)
@@ -506,12 +526,11 @@ def main(argv: list[str] | None = None) -> int:
     cache = FeatureCache(args.cache_dir)
     device = pick_device(args.device)
     written = []
-    for raw in split_task_list(args.tasks):
-        spec = parse_task_spec(raw)
+    for spec in specs:
         try:
             written.append(evaluate_task(spec, encoders, args, ctx, cache, device, reference))
         except (TaskError, ValueError, FloatingPointError) as e:
-            print(f"error: task {raw!r}: {e}", file=sys.stderr)
+            print(f"error: task {spec.text!r}: {e}", file=sys.stderr)
             return 1
     for w in written:
         print(f"wrote {w}")

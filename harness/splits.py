@@ -6,13 +6,13 @@ its hash is stored in every results file. Patient ids are written only as pseudo
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 from pathlib import Path
 
 import numpy as np
 
-from harness.io import atomic_write_text
+from harness.common.atomic import atomic_write_text
+from harness.common.hashing import sha256_chunks, sha256_text
 
 
 class LeakageError(ValueError):
@@ -23,7 +23,7 @@ def pseudonym(patient_id: str, task: str) -> str:
     """A stable, non-identifying key for a patient: used in split files and per-image predictions instead of
     the dataset's own id. (Deterministic so committed results stay comparable; it is a pseudonym, not
     anonymisation: small id spaces can be enumerated.)"""
-    return hashlib.sha256(f"raddino-bench|{task}|{patient_id}".encode()).hexdigest()[:12]
+    return sha256_text(f"raddino-bench|{task}|{patient_id}")[:12]
 
 
 def patient_clusters(patient_ids: list[str], image_digests: list[str]) -> list[str]:
@@ -91,10 +91,7 @@ def make_split(patient_ids: list[str], seed: int, test_fraction: float = 0.3,
 
 
 def split_hash(image_ids: list[str], split: list[str]) -> str:
-    h = hashlib.sha256()
-    for i, s in sorted(zip(image_ids, split)):
-        h.update(f"{i}\t{s}\n".encode())
-    return h.hexdigest()[:16]
+    return sha256_chunks(f"{i}\t{s}\n".encode() for i, s in sorted(zip(image_ids, split)))[:16]
 
 
 def write_split(path: Path, task: str, image_ids: list[str], patient_ids: list[str], split: list[str]) -> str:

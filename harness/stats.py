@@ -13,12 +13,12 @@ in; resample b of model A and resample b of model B are the same patients, and t
 bootstrap of the difference. Arrays that are combined per image (scores against labels) must of course be in one
 image order: `align` gives the permutation by image id.
 
-Conventions (also in the README):
+Conventions (also in docs/statistics.md):
 - 1,000 resamples, seed 0, percentile 95% interval.
 - A metric that is undefined in a resample (e.g. AUROC with no positive drawn) is NaN there; summaries drop those
   resamples and report how many were valid (`n_valid`).
 - Resamples are drawn over the sorted patient *pseudonyms* (the `patient_key` of the published predictions), so a
-  reader holding a predictions file and the seed can redraw them (the README shows how).
+  reader holding a predictions file and the seed can redraw them (docs/statistics.md shows how).
 - Macro mean: over a fixed label set, the labels evaluable on the test split (at least `min_patients` patients with
   a positive and as many with a negative image). The resampling is conditioned on that set: a draw in which some
   evaluable label has no positive or no negative patient is rejected and another is drawn, so every label of the

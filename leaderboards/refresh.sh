@@ -7,12 +7,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-leaderboards}"
-cache="${RADDINO_BENCH_CACHE:-.cache/raddino-bench}"
+# Features are cached where the harness puts them by default: $RADDINO_BENCH_CACHE, else .cache/raddino-bench.
 models="pixels,random-vit"
-python -m harness.run --models "$models" --tasks demo --out "$out" --cache-dir "$cache"
+python -m harness.run --models "$models" --tasks demo --out "$out"
 shared_csv="../shared/data/ieee8023-covid-cxr/labels.csv"
 if [ -f "$shared_csv" ]; then
-  python -m harness.run --models "$models" --tasks "csv:$shared_csv" --out "$out" --cache-dir "$cache"
+  python -m harness.run --models "$models" --tasks "csv:$shared_csv" --out "$out"
 else
   echo "note: $shared_csv not found; the shared-data leaderboard was not regenerated"
 fi

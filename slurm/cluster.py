@@ -12,17 +12,16 @@ import argparse
 import functools
 import math
 import re
-import shlex
 import shutil
 import subprocess
-import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import submitit
 import yaml
-from submitit.slurm.slurm import _make_sbatch_string  # submitit's own sbatch writer: --dry-run shows exactly it
+
+from slurm._submitit_compat import sbatch_text
 
 
 @dataclass
@@ -171,9 +170,9 @@ def executor_parameters(opts: ClusterOptions, *, job_name: str, nodes: int = 1, 
 
 
 def sbatch_script(folder: Path, params: dict[str, Any], array_size: int | None = None) -> str:
-    """The sbatch file submitit writes for these parameters (what --dry-run prints). Needs no SLURM."""
-    command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(folder))])
-    return _make_sbatch_string(command=command, folder=folder, map_count=array_size, **params)
+    """The sbatch file submitit writes for these parameters (what --dry-run prints), by submitit's own writer.
+    Needs no SLURM."""
+    return sbatch_text(folder, params, array_size)
 
 
 def make_executor(folder: Path, params: dict[str, Any], max_requeues: int = 3) -> submitit.SlurmExecutor:

@@ -84,8 +84,17 @@ class PretrainJob:
         return submitit.helpers.DelayedSubmission(PretrainJob(self.trainer_argv, self.output))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m slurm.pretrain", description=__doc__.split("\n\n")[0],
+PROG = "python -m slurm.pretrain"
+EXAMPLES = """\
+examples:
+  %(prog)s --config smoke --data /data/cxr/train.csv --output /runs/smoke --time 00:20:00 --dry-run
+  %(prog)s --config rad-dino --data /data/cxr/train.csv --output /runs/rd --nodes 2 --gpus-per-node 4 \\
+      --partition gpu --time 24:00:00 --cluster slurm/clusters/mycluster.yaml --wait
+"""
+
+
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0], epilog=EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="trainer preset (smoke, rad-dino) or YAML file")
     p.add_argument("--data", action="append", required=True, help="image manifest (repeatable, PATH@WEIGHT)")
@@ -113,11 +122,11 @@ def trainer_argv(args: argparse.Namespace) -> list[str]:
     return argv + list(args.overrides)
 
 
-def prepare(argv: list[str] | None = None):
+def prepare(argv: list[str] | None = None, prog: str = PROG):
     """Parse and check everything (including the trainer config) before anything is submitted.
 
     Returns (args, executor parameters, submitit folder, the job callable)."""
-    args = build_parser().parse_intermixed_args(argv)  # key=value overrides may sit anywhere
+    args = build_parser(prog).parse_intermixed_args(argv)  # key=value overrides may sit anywhere
     args.output = args.output.resolve()  # the job may start in another directory
     if args.nodes < 1:
         raise ValueError(f"--nodes {args.nodes}: must be >= 1")
@@ -132,9 +141,9 @@ def prepare(argv: list[str] | None = None):
     return args, params, folder, PretrainJob(trainer_argv(args), args.output)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     try:
-        args, params, folder, job_fn = prepare(argv)
+        args, params, folder, job_fn = prepare(argv, prog)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

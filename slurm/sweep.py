@@ -25,13 +25,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from baselines.registry import WeightsMissing, build_encoder, resolve_names
+from baselines.registry import WeightsMissing, build_encoder
+from harness.checks import check_eval_args, task_specs
 from harness.features import FeatureCache, cache_key, extract
-from harness.io import atomic_write_json
+from harness.common.atomic import atomic_write_json
+from harness.common.devices import pick_device
 from harness.protocols import feature_sets
+from harness.run import DEFAULT_RUNS, load_encoders, parse_data_roots
 from harness.run import build_parser as harness_parser
-from harness.run import load_encoders, parse_data_roots, parse_task_spec, pick_device, split_task_list
 from harness.run import main as harness_main
+from harness.taskspec import TaskSpec
 from harness.tasks.base import TaskContext, build_task
 from slurm.cluster import (ClusterOptions, add_cluster_args, executor_parameters, make_executor, resolve_options,
                            sbatch_script)
@@ -43,7 +46,7 @@ DEFAULT_FOLDER = Path("slurm-logs") / "sweep"   # job scripts and logs; must be 
 @dataclass(frozen=True)
 class Pair:
     model: str
-    task: str     # the task spec as given (demo, csv:PATH, vindr, ...)
+    task: str     # the task spec as given (demo, csv:PATH, vindr, ...; TaskSpec.text)
 
 
 @dataclass
@@ -53,9 +56,21 @@ class Plan:
     cached: list[Pair]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m slurm.sweep", description=__doc__.split("\n\n")[0],
-                                epilog="Every other flag is passed to python -m harness.run (see its --help).",
+PROG = "python -m slurm.sweep"
+EXAMPLES = """\
+Every other flag is passed to python -m harness.run (raddino-bench eval; see its --help).
+
+examples:
+  %(prog)s --models pixels --tasks demo:n_patients=20:linear --cache-dir /shared/cache --device cpu \\
+      --time 10 --dry-run
+  %(prog)s --models all --tasks vindr,candid,rsna --data-root /data/cxr --weights-dir /data/weights \\
+      --cache-dir /shared/cache --out leaderboards --cluster slurm/clusters/mycluster.yaml --gpus-per-node 1
+  %(prog)s --retry-failed --folder slurm-logs/sweep     # resubmit exactly the failed work
+"""
+
+
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0], epilog=EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     s = p.add_argument_group("sweep")
     s.add_argument("--probe-gpus", type=int, default=0, help="GPUs for the probe job (the probes run on CPU)")
@@ -77,19 +92,19 @@ def task_context(hargs: argparse.Namespace) -> TaskContext:
 def make_plan(hargs: argparse.Namespace) -> Plan:
     """Which (model, task) features are missing from the cache. Encoders and tasks are built here, so a missing
     weight file or dataset fails now rather than in a job."""
+    names, specs = check_eval_args(hargs)  # every name, before any encoder or task is built
     explicit = {m.strip() for m in hargs.models.split(",")} - {"all"}
-    encoders, skipped = load_encoders(resolve_names(hargs.models), hargs.weights_dir, hargs.input_policy, explicit)
+    encoders, skipped = load_encoders(names, hargs.weights_dir, hargs.input_policy, explicit)
     if not encoders:
         raise ValueError(f"--models {hargs.models}: no encoder could be loaded ({skipped})")
     cache, ctx, device = FeatureCache(hargs.cache_dir), task_context(hargs), pick_device(hargs.device)
     pending, cached = [], []
-    for spec in split_task_list(hargs.tasks):
-        parsed = parse_task_spec(spec)
-        task = build_task(parsed.name, parsed.arg, ctx)
-        sets = [(dense, t.content_digest()) for t, dense in feature_sets(task, parsed.protocols)]
+    for spec in specs:
+        task = build_task(spec.name, spec.arg, ctx)
+        sets = [(dense, t.content_digest()) for t, dense in feature_sets(task, spec.protocols)]
         for enc in encoders:
             hit = all(cache.has(cache_key(enc, digest, device), dense) for dense, digest in sets)
-            (cached if hit else pending).append(Pair(enc.name, spec))
+            (cached if hit else pending).append(Pair(enc.name, spec.text))
     return Plan(skipped, pending, cached)
 
 
@@ -97,11 +112,17 @@ def make_plan(hargs: argparse.Namespace) -> Plan:
 # What the jobs run
 
 
+def pair_spec(pair: Pair, hargs: argparse.Namespace) -> TaskSpec:
+    """The task spec a pair names, read from the harness arguments as the plan read it (--task-arg and
+    --protocols included)."""
+    return next(s for s in task_specs(hargs) if s.text == pair.task)
+
+
 def extract_features(pair: Pair, harness_argv: list[str]) -> list[str]:
     """Array task: every feature set of one (model, task) pair, into the shared cache; returns the cache keys."""
     hargs = harness_parser().parse_args(harness_argv)
     encoder = build_encoder(pair.model, hargs.weights_dir, hargs.input_policy)
-    spec = parse_task_spec(pair.task)
+    spec = pair_spec(pair, hargs)
     task = build_task(spec.name, spec.arg, task_context(hargs))
     cache, device = FeatureCache(hargs.cache_dir), pick_device(hargs.device)
     keys = []
@@ -197,10 +218,10 @@ def wait_and_report(jobs: list[tuple[str, dict, object]], base: Path, poll_secon
     return 1
 
 
-def parse(argv: list[str]) -> tuple[argparse.Namespace, argparse.Namespace, list[str]]:
+def parse(argv: list[str], prog: str = PROG) -> tuple[argparse.Namespace, argparse.Namespace, list[str]]:
     """(sweep arguments, harness.run arguments, the harness.run argv); --retry-failed expands to the recorded
     sweep's arguments followed by the ones given now."""
-    parser = build_parser()
+    parser = build_parser(prog)
     args, rest = parser.parse_known_args(argv)
     if args.retry_failed:
         base = args.folder or DEFAULT_FOLDER
@@ -218,10 +239,10 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, argparse.Namespace, list
     return args, harness_parser().parse_args(rest), rest
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args, hargs, harness_argv = parse(argv)
+        args, hargs, harness_argv = parse(argv, prog)
         opts = resolve_options(args)
         if hargs.device == "auto":
             # The device is part of the feature-cache key: the plan, the GPU feature jobs and the CPU leaderboard
@@ -255,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     code = wait_and_report(jobs, base, args.poll_seconds)
     if code == 0:
-        print(f"leaderboards written to {hargs.out}")
+        print(f"leaderboards written to {hargs.out or DEFAULT_RUNS / '<task>'}")
     return code
 
 

@@ -1,6 +1,6 @@
 """Small look-alikes of VinDr-CXR, CANDID-PTX and RSNA Pneumonia in their exact on-disk layouts, written with
-pydicom from synthetic phantoms (no real data, no identifiers), carrying every trap of
-../shared/reference/peers-datasets-baselines.md part B:
+pydicom from synthetic phantoms (no real data, no identifiers), carrying every trap of the published layouts
+(docs/datasets.md):
 
 - VinDr: `.dicom` files; three reader rows per training image that disagree; the test file's 'Other disease'
   spelling; a 'No finding' box row with empty coordinates; MONOCHROME1; 12-bit with rescale slope/intercept;
@@ -339,7 +339,7 @@ def make_rsna_split_lists(fx: RsnaFixture, folder: Path) -> dict[str, tuple[str,
     Returns image id -> (expected split, expected label)."""
     a, b, c, d = fx.ids[:4]
     folder.mkdir(parents=True, exist_ok=True)
-    line = lambda sub, i, label: f"{sub}/{i}.dcm {label} \n"  # noqa: E731  (trailing space as in MRM's files)
+    line = lambda sub, i, label: f"{sub}/{i}.dcm {label} \n"  # trailing space as in MRM's files
     (folder / "train_list.txt").write_text(line("stage_2_train_images", a, 0) + line("stage_2_train_images", b, 1))
     (folder / "val_list.txt").write_text(line("stage_2_train_images", c, 1))
     (folder / "test_list.txt").write_text(line("stage_2_train_images", d, 0)

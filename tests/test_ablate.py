@@ -247,3 +247,42 @@ def test_slurm_training_jobs_get_the_trainer_arguments_of_the_validated_plan(blo
         assert job_cfg.to_dict() == cfg.to_dict(), v.name
         assert targs.output == str(variant_dir(tmp_path / "abl", v))
         pickle.dumps(PretrainJob(trainer_argv(args, tmp_path / "abl", v), variant_dir(tmp_path / "abl", v)))
+
+
+def test_replot_redraws_only_the_chosen_metrics_from_the_saved_table_and_rejects_a_pattern_matching_none(
+        tmp_path, capsys):
+    # A saved ablation (plan.json + ablation.parquet) with three metrics; nothing is trained or evaluated.
+    plan = {"config": "smoke", "steps": 2, "eval_tasks": ["demo"], "figure_metrics": [], "variants": [
+        {"name": "base", "axis": "base", "value": "", "settings": {"mim": "on"}, "overrides": [], "sources": []},
+        {"name": "mim-off", "axis": "mim", "value": "off", "settings": {"mim": "off"}, "overrides": [],
+         "sources": []}]}
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    rows = [{"task": "demo", "axis": axis, "value": value, "variant": variant, "metric": metric, "point": point,
+             "lo": point - 0.1, "hi": point + 0.1, "delta": delta, "delta_lo": None, "delta_hi": None,
+             "p_holm": None if delta is None else 0.5, "significant": False}
+            for metric, point in (("linear/auroc", 0.7), ("knn/auroc", 0.6), ("seg/dice", 0.8))
+            for axis, value, variant, delta in (("base", "", "base", None), ("mim", "off", "mim-off", -0.05))]
+    pl.DataFrame(rows).write_parquet(tmp_path / "ablation.parquet")
+
+    assert main(["--output", str(tmp_path), "--replot", "--figure-metrics", "auroc"]) == 0
+    png = tmp_path / "ablation.png"
+    with Image.open(png) as im:
+        assert im.format == "PNG"
+    before = png.read_bytes()
+
+    assert main(["--output", str(tmp_path), "--replot", "--figure-metrics", "iou"]) == 2
+    assert "matches no metric" in capsys.readouterr().err
+    assert png.read_bytes() == before  # a refused redraw leaves the figure as it was
+
+    # What the figure draws: one visible panel per chosen metric.
+    from harness.ablate import select_metrics
+
+    fig = figure(select_metrics(rows, ["auroc"]), {"mim": "on"})
+    titles = [ax.get_title() for ax in fig.axes if ax.get_visible()]
+    assert titles == ["demo: linear/auroc", "demo: knn/auroc"]
+
+
+def test_without_replot_the_training_flags_are_required_and_exit_2(tmp_path, capsys):
+    assert main(["--output", str(tmp_path)]) == 2
+    assert "--config, --axes, --eval-task required" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

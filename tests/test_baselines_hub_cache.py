@@ -16,7 +16,8 @@ import torch
 from transformers import Dinov2Config, Dinov2Model
 
 from _baseline_refs import assert_close, pixels, randomise_
-from baselines.registry import WeightsMissing, build_encoder, sha256_files, weights_status
+from baselines.registry import WeightsMissing, build_encoder, weights_status
+from harness.common.hashing import sha256_files
 from test_cli_all_models import WRITERS
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,7 +10,8 @@ from transformers import Dinov2Config, Dinov2Model
 import baselines.rad_dino as rad_dino
 from _baseline_refs import assert_close, pixels, randomise_
 from baselines._hf import dinov2_features
-from baselines.registry import WeightsMissing, build_encoder, sha256_files
+from baselines.registry import WeightsMissing, build_encoder
+from harness.common.hashing import sha256_files
 
 TINY = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=2, intermediate_size=256, image_size=56,
             patch_size=14)

@@ -73,14 +73,16 @@ def test_keeps_last_k_and_ignores_half_written_checkpoints(tmp_path):
         save(tmp_path, cfg, mods, it, keep_last=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt_0000006", "ckpt_0000008"]
     # What a SIGKILL during a write leaves behind: a temporary directory without the final name.
-    crashed = tmp_path / "checkpoints" / ".tmp_ckpt_0000010_12345"
+    crashed = tmp_path / "checkpoints" / ".ckpt_0000010.0123456789ab.tmp"
     crashed.mkdir()
     (crashed / "model.safetensors").write_bytes(b"truncated")
     assert latest_checkpoint(tmp_path).name == "ckpt_0000008"
     # Re-saving an existing iteration (a preemption right after a periodic save) replaces it.
     again = save(tmp_path, cfg, mods, 8, keep_last=2)
     assert json.loads((again / "state.json").read_text())["iteration"] == 8
-    assert not any(p.name.startswith(".old_") for p in (tmp_path / "checkpoints").iterdir())
+    # ... and leaves neither its own temporary nor the old copy behind.
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [crashed.name, "ckpt_0000006",
+                                                                             "ckpt_0000008"]
 
 
 def test_load_backbone_from_run_or_checkpoint_dir(tmp_path):

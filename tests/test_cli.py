@@ -62,7 +62,7 @@ def test_cli_end_to_end_on_csv(tmp_path, capsys):
     assert "PID0" not in everything and "PID0" not in str(preds["patient_key"].to_list())
     capsys.readouterr()
     assert main(argv) == 0  # second run: cache hit, same numbers
-    assert "nothing to compute" in capsys.readouterr().out
+    assert "nothing to compute" in capsys.readouterr().err  # progress messages go to stderr
     assert (out / "csv-data.md").read_text() == md
 
 
@@ -128,7 +128,7 @@ def test_cli_on_shared_data(shared_cxr, tmp_path):
     md = (out / "csv-ieee8023-covid-cxr.md").read_text()
     # 158 patient ids, 2 of which share byte-identical images with another: merged, so 156 split units.
     assert "| pixels" in md and "286 images, 156 patients" in md
-    assert "2 patient id(s) merged into others" in proc.stdout
+    assert "2 patient id(s) merged into others" in proc.stderr
     assert "not found" not in proc.stderr
 
 
@@ -144,4 +144,4 @@ def test_cli_end_to_end_on_demo_runs_every_default_protocol(tmp_path):
         assert section in md
     res = json.loads((out / f"results/{name}/pixels.json").read_text())
     assert set(res["protocols"]) == {"linear", "knn", "seg", "demographics"}
-    assert (out / f"{name}_seg" / "pixels.png").stat().st_size > 0
+    assert (out / f"results/{name}/pixels.overlays.npz").stat().st_size > 0  # drawn by harness.figures

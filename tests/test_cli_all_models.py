@@ -76,7 +76,8 @@ def _linear_rows(md: str) -> dict[str, dict[str, str]]:
 def _encoder_table(out: str) -> dict[str, str]:
     """model -> its whole line in the encoder status table printed before any task runs."""
     table = out.split("\n\n", 1)[0]
-    return {line.split()[0]: line for line in table.splitlines()[2:] if line.strip()}
+    # stdout holds only this table and the final 'wrote PATH' lines (progress goes to stderr)
+    return {line.split()[0]: line for line in table.splitlines()[2:] if line.strip() and not line.startswith("wrote ")}
 
 
 def _sha256(paths: list[Path]) -> str:

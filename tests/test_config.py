@@ -127,7 +127,7 @@ def test_print_config_prints_the_resolved_yaml_and_builds_nothing(tmp_path, caps
     expected = load_config("smoke", ["optim.base_lr=2e-4"], steps=100)
     expected.data.sources = [str(tmp_path / "not-read")]
     assert config_from_dict(printed) == expected
-    (tmp_path / "mine.yaml").write_text(out)  # README: the printed config is a file to start from
+    (tmp_path / "mine.yaml").write_text(out)  # docs/pretraining.md: the printed config is a file to start from
     assert load_config(str(tmp_path / "mine.yaml")) == expected
 
 

@@ -7,13 +7,13 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from safetensors.torch import load_file, save_file  # noqa: E402
+from safetensors.torch import load_file, save_file
 
-from trainer.convert import (  # noqa: E402
+from trainer.convert import (
     clean_dinov2_state_dict, config_from_dinov2_state_dict, dinov2_state_dict, from_dinov2_state_dict,
     from_hf_state_dict, hf_state_dict, load_dinov2, load_hf, save_dinov2, save_hf,
 )
-from trainer.vit import ViTConfig, VisionTransformer  # noqa: E402
+from trainer.vit import ViTConfig, VisionTransformer
 
 
 def randomise_(module: torch.nn.Module, seed: int = 0) -> None:

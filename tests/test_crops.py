@@ -1,4 +1,5 @@
-"""Batched multi-crop augmentation (reference §1.6): shapes, ranges, determinism, crop geometry, probabilities."""
+"""Batched multi-crop augmentation (facebookresearch/dinov2 dinov2/data/augmentations.py): shapes, ranges,
+determinism, crop geometry, probabilities."""
 from __future__ import annotations
 
 import math
@@ -119,7 +120,7 @@ def test_sampled_probabilities_are_the_intended_ones():
     g1 = aug.sample_params(n, 32, 32, aug.global1, g)
     g2 = aug.sample_params(n, 32, 32, aug.global2, g)
     lo = aug.sample_params(n, 32, 32, aug.local, g)
-    rate = lambda m: m.float().mean().item()  # noqa: E731
+    rate = lambda m: m.float().mean().item()
     assert rate(g1.blur) == 1.0 and rate(g1.solarize) == 0.0          # the fixed upstream bug: always blurred
     assert abs(rate(g2.blur) - 0.1) < 0.04 and abs(rate(g2.solarize) - 0.2) < 0.05
     assert abs(rate(lo.blur) - 0.5) < 0.07 and rate(lo.solarize) == 0.0

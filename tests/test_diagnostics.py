@@ -14,7 +14,7 @@ from trainer.heads import DINOHead
 from trainer.losses import DINOLoss
 from trainer.train import main, param_groups, train
 
-from test_train import TINY, read_metrics, tiny_cfg  # noqa: F401  (the tiny run and its helpers)
+from test_train import TINY, read_metrics, tiny_cfg  # the tiny run and its helpers
 
 
 # In-process training on one thread (the `one_thread` fixture of conftest.py).

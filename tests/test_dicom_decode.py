@@ -1,4 +1,4 @@
-"""DICOM decoding (trainer/imaging.py) and header reading (harness/tasks/dicom_meta.py) on generated files."""
+"""DICOM decoding (harness/common/imaging.py) and header reading (harness/tasks/dicom_meta.py) on generated files."""
 from __future__ import annotations
 
 import json
@@ -15,7 +15,7 @@ from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit, JPEGLSLossless, RLEL
 
 from harness.tasks.base import combine_digests
 from harness.tasks.dicom_meta import memoised_file_digests, parse_age, parse_sex, read_header
-from trainer.imaging import ImageDecodeError, load_radiograph
+from harness.common.imaging import ImageDecodeError, load_radiograph
 
 SHAPE = (40, 36)
 

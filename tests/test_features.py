@@ -1,3 +1,5 @@
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -26,14 +28,15 @@ class TinyTask(Task):
         return f"tiny-{len(self)}"
 
 
-def test_second_run_recomputes_nothing(tmp_path, capsys):
+def test_second_run_recomputes_nothing(tmp_path, caplog):
     enc = PixelsEncoder(PIXELS_PREPROCESS)
     cache = FeatureCache(tmp_path)
     first = extract(TinyTask(), [enc], cache, dense=True, batch_size=4, workers=0)["pixels"]
     assert not first.from_cache and first.global_.shape == (10, 256) and first.patch.dtype == np.float16
-    again = extract(TinyTask(), [enc], cache, dense=True, batch_size=4, workers=0)
+    with caplog.at_level(logging.INFO, logger="harness"):
+        again = extract(TinyTask(), [enc], cache, dense=True, batch_size=4, workers=0)
     assert again["pixels"].from_cache
-    assert "nothing to compute" in capsys.readouterr().out
+    assert "nothing to compute" in caplog.text
     np.testing.assert_array_equal(first.global_, again["pixels"].global_)
     np.testing.assert_array_equal(first.patch, again["pixels"].patch)
 

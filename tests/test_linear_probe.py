@@ -54,3 +54,36 @@ def test_penalty_at_the_edge_of_its_grid_is_flagged():
     assert two.C_at_edge == ("low" if two.C == 0.01 else "high")
     inner = linear_probe(**fit, Cs=(two.C / 100, two.C / 10, two.C, two.C * 10, two.C * 100)).labels[0]
     assert inner.C_at_edge == grid_edge((two.C / 100, two.C / 10, two.C, two.C * 10, two.C * 100), inner.C)
+
+
+def test_results_are_bit_identical_for_any_number_of_jobs():
+    """Workers fit (label, fold) pairs in any order and on one BLAS thread each: every number must match the
+    in-process run exactly, label by label (a result filed under the wrong label would differ)."""
+    rng = np.random.default_rng(3)
+    n = 240
+    x = rng.normal(size=(n, 12)).astype(np.float32)
+    groups = np.repeat(np.arange(n // 2), 2)
+    logits = x[:, :4] * np.array([2.0, 1.0, 0.5, 0.2]) + rng.normal(size=(n, 4))
+    y = (logits > np.quantile(logits, [0.7, 0.8, 0.9, 0.95], axis=0).diagonal()).astype(int)
+    y = np.concatenate([y, np.zeros((n, 1), int)], axis=1)     # a label with one class: not fitted
+    names = ["a", "b", "c", "d", "empty"]
+    fit = {"x_train": x[:168], "y_train": y[:168], "groups_train": groups[:168], "x_test": x[168:],
+           "y_test": y[168:], "label_names": names, "seed": 0, "skip": {2: "skipped on purpose"}}
+    one, two = linear_probe(**fit, n_jobs=1), linear_probe(**fit, n_jobs=2)
+    assert np.array_equal(one.scores, two.scores, equal_nan=True)
+    assert [vars(lab) for lab in one.labels] == [vars(lab) for lab in two.labels]
+    fitted = [lab for lab in one.labels if lab.evaluable]
+    assert [lab.name for lab in fitted] == ["a", "b", "d"]
+    assert all(lab.fits == 5 * len(linear.DEFAULT_CS) + 1 for lab in fitted)
+    assert len({lab.cv_auroc for lab in fitted}) == 3        # distinct labels, distinct CV scores
+    # and the same as the single-label path, choose_C in this process
+    for j, lab in enumerate(one.labels):
+        if lab.evaluable:
+            assert choose_C(x[:168], y[:168, j], groups[:168], linear.DEFAULT_CS, seed=0) == (lab.C, lab.cv_auroc)
+
+
+def test_probe_jobs_below_one_is_a_usage_error(capsys):
+    from harness.run import main
+
+    assert main(["--models", "pixels", "--tasks", "demo", "--probe-jobs", "0"]) == 2
+    assert "error: --probe-jobs must be at least 1" in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""DINO, iBOT and KoLeo losses and both teacher-target rules against direct formulas (reference §1.4).
+"""DINO, iBOT and KoLeo losses and both teacher-target rules against direct formulas (facebookresearch/dinov2
+``dinov2/loss/``).
 
 The direct formulas are written independently of trainer.losses: explicit loops, float64 numpy for
 Sinkhorn-Knopp, and the upstream concatenate-and-swap bookkeeping for the DINO loss.
@@ -31,7 +32,7 @@ def direct_log_softmax(z: torch.Tensor) -> torch.Tensor:
 
 
 def direct_sinkhorn(z: np.ndarray, tau: float, n_iterations: int = 3) -> np.ndarray:
-    """The reference's steps verbatim (§1.4), float64: Q = exp(z/tau)^T, / global sum, then row/K, column/B."""
+    """Upstream's steps (dinov2/loss/dino_clstoken_loss.py), float64: Q = exp(z/tau)^T, / sum, row/K, column/B."""
     q = np.exp(z.astype(np.float64) / tau).T
     k, b = q.shape
     q /= q.sum()
@@ -156,7 +157,8 @@ def test_dino_loss_is_the_mean_over_the_18_cross_view_pairs():
     teacher = [direct_softmax(torch.randn(b, K) / 0.04).float() for _ in range(2)]
     got = DINOLoss(K, student_temp=tau_s)(student, teacher)
 
-    # upstream bookkeeping (§1.4): locals vs both teacher globals, plus 2 x mean over 2B of the swapped globals, / 18
+    # upstream bookkeeping (dinov2/train/ssl_meta_arch.py): locals vs both teacher globals, plus 2 x mean over 2B
+    # of the swapped globals, / 18
     local_sum = 0.0
     for s in student[2:]:
         for t in teacher:

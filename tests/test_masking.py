@@ -1,4 +1,5 @@
-"""Block masking (reference §1.5): counts, stratified ratios, rectangles, determinism."""
+"""Block masking (facebookresearch/dinov2 dinov2/data/masking.py): counts, stratified ratios, rectangles,
+determinism."""
 from __future__ import annotations
 
 import numpy as np

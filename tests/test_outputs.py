@@ -1,6 +1,6 @@
 """What `python -m harness.run` publishes: strict JSON, names that carry the task's options, one-protocol runs
 merged into the leaderboard without stale files, a header that says what was evaluable, and intervals a reader
-can recompute from the published files alone (the README's script, run here)."""
+can recompute from the published files alone (the script in docs/statistics.md, run here)."""
 import contextlib
 import io
 import json
@@ -97,7 +97,7 @@ def test_one_protocol_run_is_merged_and_leaves_nothing_stale(tmp_path, labelled,
     # Other settings: the old sections are not comparable, so they go, with their files.
     capsys.readouterr()
     assert _run(tmp_path, labelled, "--bootstrap", "100", task_suffix=":linear") == 0
-    assert "sections are replaced, not merged" in capsys.readouterr().out
+    assert "sections are replaced, not merged" in capsys.readouterr().err
     alone = (lb / "csv-data.md").read_text()
     assert "## Linear probe" in alone and "## Demographics" not in alone and "## Segmentation" not in alone
     assert not (lb / "results/csv-data/pixels.demographics.parquet").exists()
@@ -124,9 +124,9 @@ def test_output_names_carry_the_options_that_change_the_numbers():
         == "demo-n_patients_50-size_128"
 
 
-def _readme_block(marker: str) -> str:
-    readme = (REPO / "README.md").read_text()
-    after = readme[readme.index(marker):]
+def _docs_block(marker: str) -> str:
+    text = (REPO / "docs" / "statistics.md").read_text()
+    after = text[text.index(marker):]
     return re.search(r"```python\n(.*?)```", after, re.S).group(1)
 
 
@@ -136,7 +136,7 @@ def test_readme_script_reproduces_every_interval_from_the_published_files(tmp_pa
     monkeypatch.setattr(sys, "argv", ["reproduce", str(folder), "pixels"])
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        exec(compile(_readme_block("<!-- reproduce-ci -->"), "README.md", "exec"), {"__name__": "__main__"})
+        exec(compile(_docs_block("<!-- reproduce-ci -->"), "docs/statistics.md", "exec"), {"__name__": "__main__"})
     lines = out.getvalue().splitlines()
     assert len(lines) == 2 * 3  # AUROC and AUPRC of a, b and their macro
     widths = []
@@ -160,8 +160,8 @@ def test_demographic_predictions_are_published_per_image(tmp_path, labelled):
 @pytest.mark.shared
 def test_real_data_macro_keeps_its_labels_and_reproduces(shared_cxr, tmp_path, monkeypatch):
     """The review's case: on the shared set, fungal and no_finding have too few positive test patients. They are
-    named in the header and left out, every resample averages the same labels, and the README script recomputes
-    every interval from the published parquet."""
+    named in the header and left out, every resample averages the same labels, and the docs/statistics.md script
+    recomputes every interval from the published parquet."""
     out = tmp_path / "lb"
     assert main(["--models", "pixels", "--tasks", f"csv:{shared_cxr / 'labels.csv'}:linear", "--out", str(out),
                  "--cache-dir", str(tmp_path / "cache"), "--bootstrap", "200", "--workers", "0"]) == 0
@@ -173,7 +173,7 @@ def test_real_data_macro_keeps_its_labels_and_reproduces(shared_cxr, tmp_path, m
     monkeypatch.setattr(sys, "argv", ["reproduce", str(out / "results/csv-ieee8023-covid-cxr"), "pixels"])
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        exec(compile(_readme_block("<!-- reproduce-ci -->"), "README.md", "exec"), {"__name__": "__main__"})
+        exec(compile(_docs_block("<!-- reproduce-ci -->"), "docs/statistics.md", "exec"), {"__name__": "__main__"})
     for line in printed.getvalue().splitlines():
         _, _, lo, hi, _, json_lo, json_hi = line.split()
         assert abs(float(lo) - float(json_lo)) < 1e-12 and abs(float(hi) - float(json_hi)) < 1e-12, line

@@ -1,4 +1,5 @@
-"""Schedules (reference §1.7, §1.8): values at known iterations, written from the formulas by hand."""
+"""Schedules (facebookresearch/dinov2 dinov2/utils/utils.py, dinov2/train/train.py): values at known iterations,
+written from the formulas by hand."""
 from __future__ import annotations
 
 import math

@@ -8,12 +8,12 @@ import polars as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from baselines.floors import PixelsEncoder
 from baselines.preprocess import Preprocess, geometry
 from harness import stats
 from harness.features import FeatureCache, extract
+from harness.figures.overlays import read_overlays
 from harness.probes.segmentation import (
     SegBudget,
     build_head,
@@ -178,10 +178,22 @@ def test_protocol_end_to_end(tmp_path):
     assert rows["pixels-crop", "dice_multi-level", "lungs"].point == crop["dice"]["point"]
     assert rows["pixels-crop", "dice_multi-level", "lungs"].delta == crop["paired_to_reference"]["dice"]["delta"]
     assert rows["pixels", "iou_linear", "lungs"].n_valid == res["heads"]["linear"]["lungs"]["iou"]["n_valid"]
-    png = result.files["tiny-seg_seg/pixels.png"]
-    with Image.open(io.BytesIO(png)) as im:
-        assert im.format == "PNG" and im.height == 4 * 160 + 3 * 4  # a row per shown test image
-    assert any("(tiny-seg_seg/pixels-crop.png)" in n for n in section.notes)
+    # The overlays' inputs: the first 4 masked test images, named by patient pseudonym and test position only.
+    blob = result.files["results/tiny-seg/pixels.overlays.npz"]
+    (tmp_path / "o.npz").write_bytes(blob)
+    ov = read_overlays(tmp_path / "o.npz")
+    test = np.flatnonzero(task.table.has_mask & (tr.split == "test"))
+    assert ov.model == "pixels" and ov.test_index == [0, 1, 2, 3] and len(ov.images) == 4
+    assert ov.patient_keys == [pseudonym(task.table.patient_ids[i], task.name) for i in test[:4]]
+    per_image = pl.read_parquet(io.BytesIO(result.files["results/tiny-seg/pixels.seg.parquet"]))
+    ml = per_image.filter(pl.col("head") == "multi-level")["dice"].to_numpy()[:4]
+    np.testing.assert_allclose(ov.dice[:, 0], ml)
+    np.testing.assert_array_equal(ov.truths[0], _blob(task.shapes[test[0]])[0])  # small images: kept at full size
+    with np.load(tmp_path / "o.npz") as z:
+        texts = {str(v) for k in z.files if z[k].dtype.kind == "U" for v in z[k].ravel()}
+    assert texts and not texts & set(task.table.image_ids)
+    assert "tiny-seg_seg/pixels.png" not in result.files
+    assert any("results/tiny-seg/<model>.overlays.npz" in n for n in section.notes)
 
 
 class _TwoStructures(_Masked):

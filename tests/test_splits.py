@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from harness.splits import LeakageError, check_no_leakage, make_split, pseudonym, split_hash, write_split
-from harness.tasks.base import TaskContext, TaskError, build_task, sha256_file
+from harness.common.hashing import sha256_file
+from harness.tasks.base import TaskContext, TaskError, build_task
 from harness.tasks.csv_task import CsvTask
 
 

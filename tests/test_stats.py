@@ -221,7 +221,7 @@ def test_conditioned_resamples_keep_every_macro_label_defined():
     summary, macro_resampled = classification_summary(scores, labels, ["rare", "common"], weights)
     assert summary["auroc"]["macro"]["n_valid"] == summary["auroc"]["per_label"]["rare"]["n_valid"] == 300
     assert np.isfinite(macro_resampled["auprc"]).all()
-    # The conditioned draw is the unconditioned one with the failing rows skipped, in order (what the README's
+    # The conditioned draw is the unconditioned one with the failing rows skipped, in order (what docs/statistics.md's
     # reproduction script redraws).
     plain = bootstrap_weights(patients, 300, seed=0)
     kept = plain[plain[:, 10] > 0]

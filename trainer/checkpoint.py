@@ -4,7 +4,8 @@ A run directory holds ``config.yaml`` and ``checkpoints/ckpt_<iteration>/`` dire
 
 - ``model.safetensors``: every tensor of the run by dotted name: ``student.backbone.*``, ``student.dino_head.*``,
   ``teacher.*`` likewise, ``dino_loss.center``, ``ibot_loss.center``. Full (unsharded) state dicts, unlike
-  DINOv2's per-rank FSDP files that need the same world size to resume (reference §1.11).
+  DINOv2's per-rank FSDP files that need the same world size to resume
+  (facebookresearch/dinov2 dinov2/fsdp/__init__.py).
 - ``optimizer.pt``: the AdamW state dict (tensors and plain numbers only, so it loads with ``weights_only=True``).
 - ``state.json``: iteration, samples consumed by the sample stream, seed. Random numbers are re-seeded every step
   from (seed, iteration, rank), so these three numbers fix every random draw that follows.
@@ -16,7 +17,6 @@ SIGKILL) never leaves a half-written checkpoint where ``--resume auto`` would fi
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -27,6 +27,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from harness.common.atomic import atomic_dir
 from trainer.config import ModelConfig, TrainConfig, config_from_dict, save_config
 
 CKPT_RE = re.compile(r"^ckpt_(\d{7,})$")
@@ -87,38 +88,16 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 def save_checkpoint(run_dir: Path, tensors: dict[str, torch.Tensor], optimizer_state: dict, state: dict,
                     cfg: TrainConfig, keep_last: int) -> Path:
     """Write ``checkpoints/ckpt_<state['iteration']>`` atomically, then drop all but the last ``keep_last``."""
-    root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"ckpt_{state['iteration']:07d}"
-    tmp = root / f".tmp_{final.name}_{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_file(tensors, str(tmp / "model.safetensors"))
-    torch.save(optimizer_state, tmp / "optimizer.pt")
-    save_config(cfg, tmp / "config.yaml")
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    for f in tmp.iterdir():
-        _fsync(f)
-    if final.exists():  # re-saving the same iteration (e.g. preempted right after a periodic save)
-        old = root / f".old_{final.name}_{os.getpid()}"
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(final)
-    _fsync(root)
+    final = Path(run_dir) / "checkpoints" / f"ckpt_{state['iteration']:07d}"
+    # replace: re-saving the same iteration (e.g. preempted right after a periodic save) supersedes it.
+    with atomic_dir(final, replace=True) as tmp:
+        save_file(tensors, str(tmp / "model.safetensors"))
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+        save_config(cfg, tmp / "config.yaml")
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
     for stale in list_checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(stale)
     return final
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def load_checkpoint(ckpt_dir: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
@@ -145,7 +124,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def load_backbone(path: str | Path, which: str = "teacher") -> tuple[nn.Module, dict]:
     """The student or teacher backbone of a checkpoint (or of a run's latest one), in eval mode, and its config.
 
-    The teacher is the model to evaluate and export (reference §5.7).
+    The teacher is the model to evaluate and export, as DINOv2 evaluates its teacher (dinov2/train/train.py).
     """
     if which not in ("teacher", "student"):
         raise ValueError(f"which={which!r}: use 'teacher' or 'student'")

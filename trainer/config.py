@@ -8,7 +8,8 @@ its ``base`` preset (none: the schema's defaults) and carrying the reasons for i
 Resolution order: preset (or YAML file, which may name a ``base`` preset) -> ``--steps`` -> ``key=value`` overrides.
 The resolved config is written beside the checkpoints as ``config.yaml`` and is enough to rebuild the backbone.
 
-Iteration counts are explicit: DINOv2 calls 1250 iterations an "epoch" (reference §1.7, OFFICIAL_EPOCH_LENGTH),
+Iteration counts are explicit: DINOv2 calls 1250 iterations an "epoch" (OFFICIAL_EPOCH_LENGTH in
+facebookresearch/dinov2 ``dinov2/configs/ssl_default_config.yaml``),
 which is not a pass over the data; here every schedule length is given in iterations.
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from harness.common.atomic import atomic_write_text
 from trainer.vit import PRESETS as VIT_PRESETS
 
 
@@ -35,10 +37,10 @@ class ModelConfig:
     patch_size: int = 14
     img_size: int = 518                     # position-embedding grid size (37x37 at 518/14, as RAD-DINO)
     depth: int | None = None                # None: the preset's depth (tests shrink it)
-    num_register_tokens: int = 0            # RAD-DINO has none (reference §3)
+    num_register_tokens: int = 0            # RAD-DINO has none (microsoft/rad-dino config.json)
     layerscale_init: float | None = 1e-5
-    drop_path_rate: float = 0.3             # uniform over blocks (reference §1.7)
-    interpolate_offset: float = 0.1         # 0.1 for the register-free DINOv2/RAD-DINO checkpoints (§1.2)
+    drop_path_rate: float = 0.3             # uniform over blocks (dinov2 ssl_default_config.yaml)
+    interpolate_offset: float = 0.1         # 0.1: register-free DINOv2/RAD-DINO (dinov2/models/vision_transformer.py)
     interpolate_antialias: bool = False
     pretrained: str | None = None           # DINOv2 backbone state dict / HF folder to continue from
     pretrained_head: str | None = None      # DINO head safetensors (e.g. RAD-DINO's dino_head.safetensors)
@@ -46,7 +48,7 @@ class ModelConfig:
 
 @dataclass
 class HeadConfig:
-    out_dim: int = 65536                    # K; RAD-DINO's released head has 65 536 prototypes (§2.2)
+    out_dim: int = 65536                    # K: microsoft/rad-dino's dino_head.safetensors (92.6 MB) has 65536
     hidden_dim: int = 2048
     bottleneck_dim: int = 256
     nlayers: int = 3
@@ -56,7 +58,7 @@ class HeadConfig:
 
 @dataclass
 class LossConfig:
-    dino_weight: float = 1.0                # reference §1.4: dino 1.0, ibot 1.0, koleo 0.1
+    dino_weight: float = 1.0                # dinov2 ssl_default_config.yaml: dino 1.0, ibot 1.0, koleo 0.1
     ibot_weight: float = 1.0
     koleo_weight: float = 0.1
     centering: str = "centering"            # "centering" (softmax, EMA centre) | "sinkhorn_knopp"
@@ -69,14 +71,15 @@ class LossConfig:
 @dataclass
 class CropConfig:
     global_size: int = 518
-    local_size: int = 98                    # a multiple of patch 14 (reference §1.6: 98 rather than 96)
+    local_size: int = 98                    # a multiple of patch 14: 98 as dinov2's configs/train/vitl14.yaml, not 96
     n_local: int = 8
     global_scale: tuple[float, float] = (0.32, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.32)
-    mean: float = 0.5307                    # RAD-DINO's processor statistics (reference §3), grey -> 3 channels
+    mean: float = 0.5307                    # microsoft/rad-dino preprocessor_config.json, grey -> 3 channels
     std: float = 0.2583
-    # Blur probabilities (global 1, global 2, locals) as DINOv2 intended. Upstream inverts them (reference §1.6,
-    # dinov2 PR #411), so DINOv2/RAD-DINO were trained with (0.0, 0.9, 0.5): set that to reproduce them.
+    # Blur probabilities (global 1, global 2, locals) as DINOv2 intended. Upstream inverts them
+    # (dinov2/data/augmentations.py, dinov2 PR #411), so DINOv2/RAD-DINO were trained with (0.0, 0.9, 0.5): set
+    # that to reproduce them.
     blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5)
 
 
@@ -84,7 +87,7 @@ class CropConfig:
 class OptimConfig:
     total_iters: int = 125_000              # 100 DINOv2 "epochs" of 1250 iterations
     batch_size_per_gpu: int = 64
-    base_lr: float = 4e-3                   # per 1024 images, sqrt-scaled by the total batch (§1.7)
+    base_lr: float = 4e-3                   # per 1024 images, sqrt-scaled by the total batch (dinov2/utils/config.py)
     lr_scaling: str = "sqrt_wrt_1024"       # "sqrt_wrt_1024" | "none"
     min_lr: float = 1e-6
     warmup_iters: int = 12_500
@@ -172,8 +175,9 @@ def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = (), 
     """A preset name or a YAML file (optionally ``base: <preset>``), then ``steps``, then ``key=value`` overrides.
 
     ``steps`` lays the schedules out for that many iterations: the warm-ups and the last-layer freeze keep their
-    share of the run (as DINOv2 "compresses" its schedules for a short phase, reference §1.7). Overrides come
-    last, so an explicit ``optim.warmup_iters=...`` wins.
+    share of the run (as the DINOv2 paper, arXiv 2304.07193 App. B.2, "compresses" its schedules for its short
+    high-resolution phase; dinov2 issue #211). Overrides come last, so an explicit ``optim.warmup_iters=...``
+    wins.
     """
     if name_or_path in preset_names():
         node = _load_yaml(CONFIG_DIR / f"{name_or_path}.yaml")
@@ -240,9 +244,7 @@ def to_yaml(cfg: TrainConfig) -> str:
 
 def save_config(cfg: TrainConfig, path: Path) -> None:
     """Write the resolved config as YAML, atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(to_yaml(cfg))
-    tmp.replace(path)
+    atomic_write_text(path, to_yaml(cfg))
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -260,7 +262,7 @@ def validate(cfg: TrainConfig) -> None:
     if o.total_iters < 1:
         raise ValueError(f"optim.total_iters={o.total_iters} must be >= 1")
     if l.koleo_weight > 0 and o.batch_size_per_gpu < 2:
-        # KoLeo's nearest neighbour is undefined for one image per device (reference §1.4, dinov2 issue #314).
+        # KoLeo's nearest neighbour is undefined for one image per device (dinov2 koleo_loss.py, issue #314).
         raise ValueError("optim.batch_size_per_gpu=1 makes KoLeo undefined: use >= 2 or set loss.koleo_weight=0")
     if cfg.run.collapse_window < 1 or not 0 < cfg.run.collapse_margin < 1:
         raise ValueError(f"run.collapse_window={cfg.run.collapse_window} must be >= 1 and run.collapse_margin="

@@ -26,17 +26,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from harness.common.atomic import atomic_dir, atomic_path
 from trainer.vit import LN_EPS, ViTConfig, VisionTransformer
 
 HF_WEIGHTS = "model.safetensors"
@@ -127,10 +124,8 @@ def load_dinov2(path: str | Path, num_heads: int | None = None, **overrides) -> 
 def save_dinov2(model: VisionTransformer, path: str | Path) -> Path:
     """Write the DINOv2-layout state dict to one safetensors file, atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(dinov2_state_dict(model), str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(dinov2_state_dict(model), str(tmp))
     return path
 
 
@@ -265,30 +260,9 @@ def from_hf_state_dict(sd: dict[str, Tensor], config: dict) -> VisionTransformer
     return model.eval()
 
 
-@contextmanager
-def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling of `out_dir` to fill; on success it is renamed to `out_dir`, on failure removed.
-    Refuses to overwrite a non-empty directory, so an export never mixes old and new files."""
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and is not an empty directory; remove it or pick another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        out.rmdir()
-    os.replace(tmp, out)
-
-
 def save_hf(model: VisionTransformer, out_dir: str | Path) -> Path:
-    """Write a Hugging Face folder (config.json + model.safetensors), atomically."""
+    """Write a Hugging Face folder (config.json + model.safetensors), atomically; an existing non-empty folder is
+    refused, so an export never mixes old and new files."""
     with atomic_dir(out_dir) as tmp:
         save_file(hf_state_dict(model), str(tmp / HF_WEIGHTS), metadata={"format": "pt"})
         (tmp / HF_CONFIG).write_text(json.dumps(hf_config(model), indent=2) + "\n")

@@ -1,4 +1,5 @@
-"""Multi-crop augmentation on batched tensors, on the training device (reference §1.6, §5.10).
+"""Multi-crop augmentation on batched tensors, on the training device (facebookresearch/dinov2
+``dinov2/data/augmentations.py``).
 
 DINOv2 builds, per image, 2 global crops and N local crops: RandomResizedCrop + horizontal flip, colour jitter
 with p=0.8, Gaussian blur (kernel 9, sigma in [0.1, 2]) and, on the second global crop, solarisation. Here the
@@ -8,11 +9,11 @@ torch.Generator, so it is reproducible and needs no CPU worker per crop.
 Adaptations for radiographs (single channel):
 - colour jitter keeps brightness and contrast (0.4 each, as torchvision's ColorJitter, random order per image);
   saturation, hue and RandomGrayscale do nothing on a grey image and are dropped;
-- the output is normalised with the configured mean/std and replicated to 3 channels (§5.10).
+- the output is normalised with the configured mean/std and replicated to 3 channels (as RAD-DINO's processor).
 
 Blur probabilities are the INTENDED ones: global crop 1 always blurred, global crop 2 with p=0.1 (and solarised
 with p=0.2), local crops with p=0.5. Upstream DINOv2 passes 1-p to RandomApply, so its global crop 1 is never
-blurred and its global crop 2 is blurred with p=0.9 (§1.6; dinov2 PR #411). The released DINOv2 (and probably
+blurred and its global crop 2 is blurred with p=0.9 (dinov2 PR #411). The released DINOv2 (and probably
 RAD-DINO) checkpoints were trained with that inverted behaviour; to reproduce it, construct with
 global1_blur_p=0.0, global2_blur_p=0.9.
 
@@ -141,7 +142,7 @@ def solarize(x: Tensor, threshold: float = 0.5) -> Tensor:
 class MultiCropAugmentation:
     """images [B, 1, H, W] in [0, 1] -> (globals [2B, C, G, G], locals [n_local*B, C, L, L]), normalised.
 
-    Outputs are crop-major, like the reference's collate: rows 0..B-1 are global crop 1 of every image,
+    Outputs are crop-major, like DINOv2's collate: rows 0..B-1 are global crop 1 of every image,
     rows B..2B-1 global crop 2; local crop j of image i is row j*B + i.
     """
 
@@ -162,7 +163,8 @@ class MultiCropAugmentation:
         self.brightness, self.contrast = brightness, contrast
         self.blur_sigma, self.blur_kernel_size = blur_sigma, blur_kernel_size
         self.solarize_threshold = solarize_threshold
-        # defaults: RAD-DINO's grey-level statistics (§5.10); a 3-tuple (e.g. ImageNet's) also works
+        # defaults: RAD-DINO's grey-level statistics (microsoft/rad-dino preprocessor_config.json); a 3-tuple
+        # (e.g. ImageNet's) also works
         self.mean = torch.as_tensor(mean, dtype=torch.float32).reshape(1, -1, 1, 1)
         self.std = torch.as_tensor(std, dtype=torch.float32).reshape(1, -1, 1, 1)
         self.out_channels = out_channels
@@ -180,7 +182,7 @@ class MultiCropAugmentation:
             brightness=_uniform((n,), 1 - self.brightness, 1 + self.brightness, generator),
             contrast=_uniform((n,), 1 - self.contrast, 1 + self.contrast, generator),
             contrast_first=coin(0.5),
-            blur=coin(view.blur_p),  # p is the probability of APPLYING the blur (upstream inverts it, §1.6)
+            blur=coin(view.blur_p),  # p is the probability of APPLYING the blur (upstream inverts it, dinov2 PR #411)
             sigma=_uniform((n,), self.blur_sigma[0], self.blur_sigma[1], generator),
             solarize=coin(view.solarize_p),
         )
@@ -193,7 +195,7 @@ class MultiCropAugmentation:
         return max(1, min(self.max_supersample, math.ceil(max(max_w, max_h) / view.size)))
 
     def render(self, images: Tensor, params: CropParams, view: ViewSpec) -> Tensor:
-        """Apply one view's choices: crop + flip, jitter, blur, solarise (the reference's order), in [0, 1]."""
+        """Apply one view's choices: crop + flip, jitter, blur, solarise (DINOv2's order), in [0, 1]."""
         k = self.supersample_factor(images.shape[2], images.shape[3], view)
         x = resized_crop(images, params.boxes, view.size, params.flip, supersample=k)
         p = {name: getattr(params, name).to(x.device) for name in vars(params)}
@@ -216,7 +218,8 @@ class MultiCropAugmentation:
     def __call__(self, images: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         if images.ndim != 4 or images.shape[1] != 1 or not images.is_floating_point():
             raise ValueError(f"MultiCropAugmentation expects float images [B, 1, H, W] in [0, 1], got "
-                             f"{tuple(images.shape)} {images.dtype}; decode with trainer.imaging.load_radiograph")
+                             f"{tuple(images.shape)} {images.dtype}; decode with "
+                             "harness.common.imaging.load_radiograph")
         images = images.float()  # sample positions need fp32: bf16 cannot tell pixel 300 from 301
         n, _, height, width = images.shape
         views = [self.global1, self.global2] + [self.local] * self.n_local

@@ -8,11 +8,11 @@ is seen once per pass, in a fresh random order each pass.
 The sample stream is a pure function of (seed, position): position ``q`` always names the same image, whatever the
 number of processes. A step of the run consumes ``batch_size_per_gpu * world_size`` consecutive positions and rank
 ``r`` takes its slice, so the checkpoint only needs the number of samples consumed (unlike DINOv2, whose sampler
-is not advanced on resume, reference §1.11) and a run may resume on a different number of GPUs.
+is not advanced on resume: dinov2/train/train.py) and a run may resume on a different number of GPUs.
 
-Every image is decoded by ``trainer.imaging.load_radiograph`` to [0, 1] and resized to a ``load_size`` square, so
-that a batch is one tensor [B, 1, S, S]; the multi-crop augmentation then runs batched on the training device
-(trainer.crops).
+Every image is decoded by ``harness.common.imaging.load_radiograph`` to [0, 1] and resized to a ``load_size``
+square, so that a batch is one tensor [B, 1, S, S]; the multi-crop augmentation then runs batched on the training
+device (trainer.crops).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset
 
-from trainer.imaging import RASTER_SUFFIXES, ImageDecodeError, is_dicom, load_radiograph
+from harness.common.imaging import RASTER_SUFFIXES, ImageDecodeError, is_dicom, load_radiograph
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Export a training checkpoint's TEACHER backbone (the model to evaluate and release, reference §5.7).
+"""Export a run's TEACHER backbone, the model to evaluate and release (facebookresearch/dinov2 dinov2/train/train.py).
 
     python -m trainer.export RUN_OR_CKPT_DIR --format hf --out DIR       # Hugging Face Dinov2Model folder
     python -m trainer.export RUN_OR_CKPT_DIR --format dinov2 --out DIR   # DINOv2 backbone state dict
@@ -19,8 +19,9 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+from harness.common.atomic import atomic_dir
 from trainer.checkpoint import load_backbone, resolve_checkpoint
-from trainer.convert import atomic_dir, dinov2_state_dict, save_hf
+from trainer.convert import dinov2_state_dict, save_hf
 from trainer.vit import VisionTransformer
 
 DINOV2_WEIGHTS = "backbone_compatible.safetensors"
@@ -58,12 +59,25 @@ def interpolation_note(model: VisionTransformer) -> str | None:
             f"at {cfg.img_size}x{cfg.img_size} px (no resampling) and differ at other input sizes.")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer.export", description=__doc__.splitlines()[0])
+PROG = "python -m trainer.export"
+EXAMPLES = """\
+examples:
+  %(prog)s runs/exp1 --format hf --out exports/exp1-hf          # the run's latest checkpoint, for transformers
+  %(prog)s runs/exp1/checkpoints/ckpt_0010000 --format dinov2 --out exports/exp1-dinov2
+"""
+
+
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0], epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("ckpt", help="a run directory (its latest checkpoint) or a checkpoints/ckpt_* directory")
     parser.add_argument("--format", required=True, choices=("hf", "dinov2"), dest="fmt")
     parser.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None, prog: str = PROG) -> int:
+    args = build_parser(prog).parse_args(argv)
     try:
         model = load_teacher(args.ckpt)
         out = write_export(model, args.fmt, args.out)

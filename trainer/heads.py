@@ -1,9 +1,11 @@
 """The DINO projection head, shared by the DINO (CLS) and iBOT (patch) objectives.
 
-Reference §1.3: a 3-layer GELU MLP in_dim -> 2048 -> 2048 -> 256 (no BatchNorm), L2 normalisation of the
+As facebookresearch/dinov2 ``dinov2/layers/dino_head.py``: a 3-layer GELU MLP in_dim -> 2048 -> 2048 -> 256
+(no BatchNorm), L2 normalisation of the
 256-d bottleneck, then weight-normed prototypes Linear(256, K, bias=False) whose gain g starts at 1 and is
 trained (and weight-decayed) like any other weight. RAD-DINO ships the default K=65536 / bottleneck 256 head
-(§2.2), so those are the defaults here. §1.4/§5.3: by default the iBOT patch tokens go through this same head.
+(microsoft/rad-dino dino_head.safetensors), so those are the defaults here. By default the iBOT patch tokens go
+through this same head (``ibot.separate_head: false`` in dinov2/configs/ssl_default_config.yaml).
 """
 from __future__ import annotations
 
@@ -62,7 +64,7 @@ class DINOHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.mlp(x)
-        # §1.3: eps 1e-6 in fp16 (1e-12 underflows there), 1e-12 otherwise.
+        # As dinov2/layers/dino_head.py: eps 1e-6 in fp16 (1e-12 underflows there), 1e-12 otherwise.
         eps = 1e-6 if x.dtype == torch.float16 else 1e-12
         x = F.normalize(x, dim=-1, p=2, eps=eps)
         return self.last_layer(x)

@@ -1,7 +1,8 @@
-"""DINO (CLS) loss, iBOT masked-patch loss and KoLeo regulariser (reference §1.4, §5.1-5.4).
+"""DINO (CLS) loss, iBOT masked-patch loss and KoLeo regulariser (facebookresearch/dinov2
+``dinov2/loss/dino_clstoken_loss.py``, ``ibot_patch_loss.py``, ``koleo_loss.py``).
 
-Teacher targets come from one of two rules, both distributed-correct (§5.2: per-GPU statistics make small
-per-GPU batches collapse):
+Teacher targets come from one of two rules, both distributed-correct (per-GPU statistics make small
+per-GPU batches collapse: dinov2 issues #173, #349):
 - softmax centering: t = softmax((z - c) / tau_t) with c an EMA (momentum 0.9) of the batch-mean teacher logits
   over ALL ranks, applied with a one-step lag (step t uses the centre built from batches 0..t-1);
 - Sinkhorn-Knopp: 3 iterations in fp32, prototype (row) sums all-reduced, B = global sample count.
@@ -35,7 +36,8 @@ def cross_entropy(teacher_probs: Tensor, student_logits: Tensor, student_temp: f
 
 
 class TeacherTargets(nn.Module):
-    """The two target rules of §1.4, shared by the CLS and the patch loss; owns the centre buffer [1, K]."""
+    """The two target rules of dinov2/loss/dino_clstoken_loss.py, shared by the CLS and the patch loss; owns the
+    centre buffer [1, K]."""
 
     def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9):
         super().__init__()
@@ -44,7 +46,7 @@ class TeacherTargets(nn.Module):
         self.center_momentum = center_momentum
         self.register_buffer("center", torch.zeros(1, out_dim))
         # The pending centre update: [sum of logits over the batch | count], all-reduced asynchronously
-        # (the reduction overlaps the student forward; §1.4) and folded into `center` lazily.
+        # (the reduction overlaps the student forward, as upstream's) and folded into `center` lazily.
         self._pending: Tensor | None = None
         self._pending_work = None
         # A checkpoint taken between steps must hold the centre the next step will use.
@@ -52,7 +54,7 @@ class TeacherTargets(nn.Module):
 
     @torch.no_grad()
     def softmax_center_teacher(self, teacher_logits: Tensor, teacher_temp: float) -> Tensor:
-        """t = softmax((z - c) / tau_t) in fp32, with c as of the previous step (one-step lag, §1.4)."""
+        """t = softmax((z - c) / tau_t) in fp32, with c as of the previous step (one-step lag, as upstream)."""
         self.apply_center_update()
         return F.softmax((teacher_logits.float() - self.center) / teacher_temp, dim=-1)
 
@@ -86,7 +88,7 @@ class TeacherTargets(nn.Module):
 
     @torch.no_grad()
     def sinkhorn_knopp_teacher(self, teacher_logits: Tensor, teacher_temp: float, n_iterations: int = 3) -> Tensor:
-        """Teacher targets [n, K] by Sinkhorn-Knopp over the global batch (all ranks), fp32 (§1.4, §5.2).
+        """Teacher targets [n, K] by Sinkhorn-Knopp over the global batch (all ranks), fp32 (as upstream).
 
         Q = exp(z / tau_t)^T is K x B. Each iteration makes every prototype (row) carry 1/K of the mass (row
         sums all-reduced) and every sample (column) 1/B; finally x B so each sample's target sums to 1.
@@ -109,14 +111,15 @@ class TeacherTargets(nn.Module):
 
 
 class DINOLoss(TeacherTargets):
-    """Cross-entropy between student crops and teacher global crops, over all cross-view pairs (§1.4, §5.1)."""
+    """Cross-entropy between student crops and teacher global crops, over all cross-view pairs
+    (dinov2/train/ssl_meta_arch.py)."""
 
     def forward(self, student_logits_list: list[Tensor], teacher_probs_list: list[Tensor]) -> Tensor:
         """Mean over cross-view pairs of the batch-mean H(teacher crop j, student crop i).
 
         Convention: teacher_probs_list holds the n_g teacher global crops [B, K] and the FIRST n_g entries of
         student_logits_list are the student's views of the same global crops in the same order, followed by the
-        local crops. Pairs (i, i) for i < n_g are the same view and are skipped, which is the reference's A<->B
+        local crops. Pairs (i, i) for i < n_g are the same view and are skipped, which is DINOv2's A<->B
         swap for globals. With 2 globals and 8 locals: 2*1 + 2*8 = 18 pairs, loss = sum / 18; with no locals,
         sum / 3 (upstream's divisor, see below).
         """
@@ -144,8 +147,9 @@ class DINOLoss(TeacherTargets):
         return total / (n_global * (n_global - 1) + max(n_local_pairs, 1))
 
 
-class iBOTPatchLoss(TeacherTargets):  # noqa: N801 (the method's name)
-    """Masked-image-modelling loss on patch tokens: masked positions of the student's global crops only (§1.4)."""
+class iBOTPatchLoss(TeacherTargets):  # lower-case i: the method's name
+    """Masked-image-modelling loss on patch tokens: masked positions of the student's global crops only
+    (dinov2/loss/ibot_patch_loss.py)."""
 
     def forward_masked(self, student_patch_logits: Tensor, teacher_patch_probs: Tensor, student_masks_flat: Tensor,
                        n_masked_patches: int | None = None, masks_weight: Tensor | None = None) -> Tensor:
@@ -172,7 +176,7 @@ class iBOTPatchLoss(TeacherTargets):  # noqa: N801 (the method's name)
 
 
 class KoLeoLoss(nn.Module):
-    """Kozachenko-Leonenko entropy estimator: -mean_i log ||x_i - x_NN(i)|| on L2-normalised vectors (§1.4, §5.4).
+    """Kozachenko-Leonenko entropy estimator: -mean_i log ||x_i - x_NN(i)|| on L2-normalised vectors (koleo_loss.py).
 
     Apply to the backbone CLS tokens of ONE global crop at a time (two views of the same image must not be
     each other's neighbour) and sum over the global crops. Per device, as upstream; it runs in fp32.

@@ -1,4 +1,5 @@
-"""Block-wise masks for iBOT's masked image modelling (reference §1.5, §5.3).
+"""Block-wise masks for iBOT's masked image modelling (facebookresearch/dinov2
+``dinov2/data/masking.py`` and ``dinov2/data/collate.py``).
 
 BEiT-style: rectangles of random area and log-uniform aspect ratio are added until the image's target number
 of masked patches is reached. Half of the global crops get a mask; their mask ratios are stratified over
@@ -26,7 +27,7 @@ class MaskingGenerator:
 
     Each rectangle has an area U(min_num_patches, max_block) with max_block = min(patches still to mask,
     max_num_patches) and an aspect ratio log-uniform in [min_aspect, max_aspect]; 10 tries per rectangle, and a
-    rectangle is kept only if it adds between 1 and max_block new patches. Like the reference it stops early
+    rectangle is kept only if it adds between 1 and max_block new patches. Like DINOv2's it stops early
     when no rectangle fits, so a mask may hold slightly fewer patches than asked (never more).
     """
 
@@ -34,7 +35,7 @@ class MaskingGenerator:
                  min_aspect: float = 0.3, max_aspect: float | None = None):
         self.height, self.width = input_size
         self.num_patches = self.height * self.width
-        # §1.5: the reference builds it with max_num_patches = 0.5 * N
+        # dinov2/train/train.py builds its MaskingGenerator with max_num_patches = 0.5 * N
         self.max_num_patches = 0.5 * self.num_patches if max_num_patches is None else max_num_patches
         self.min_num_patches = min_num_patches
         max_aspect = 1 / min_aspect if max_aspect is None else max_aspect
@@ -43,7 +44,7 @@ class MaskingGenerator:
     def _add_block(self, mask: np.ndarray, max_block: float, rng: np.random.Generator) -> int:
         """Try to add one rectangle; returns how many new patches it masked (0 if none of 10 tries fit)."""
         for _ in range(10):
-            # a + (b - a) * U: also valid when fewer than min_num_patches remain (b < a), as in the reference
+            # a + (b - a) * U: also valid when fewer than min_num_patches remain (b < a), as in DINOv2's
             area = self.min_num_patches + (max_block - self.min_num_patches) * rng.random()
             aspect = math.exp(rng.uniform(*self.log_aspect))
             h = int(round(math.sqrt(area * aspect)))
@@ -74,7 +75,7 @@ class MaskingGenerator:
 def sample_masks(n_images: int, grid: tuple[int, int], ratio_min_max: tuple[float, float] = (0.1, 0.5),
                  sample_probability: float = 0.5, *, generator: torch.Generator | np.random.Generator,
                  max_num_patches: float | None = None) -> torch.Tensor:
-    """Masks for a batch of global crops -> BoolTensor [n_images, h*w] (§1.5 collate_data_and_cast).
+    """Masks for a batch of global crops -> BoolTensor [n_images, h*w] (dinov2/data/collate.py collate_data_and_cast).
 
     int(n_images * sample_probability) images are masked with stratified ratios (image i: U(p_i, p_{i+1}), p =
     linspace(min, max, n_masked + 1)), the others get an empty mask, and the order is shuffled.

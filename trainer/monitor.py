@@ -13,7 +13,7 @@ checkpoint (same task reader, same patient split, same preprocessing as the ``ck
 - sex: the same probe, F positive, AUROC; age: the demographics protocol's ridge probe, MAE and Pearson r.
 
 Points only: the bootstrap CIs and the paired test against the initial weights come from ``harness.run`` on the
-saved checkpoints (see docs in README, "Does it learn?").
+saved checkpoints (docs/pretraining.md, "Does it learn?").
 
 The trainer proper never imports the harness; this module does, lazily, only when ``eval.task`` is set.
 """

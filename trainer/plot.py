@@ -179,10 +179,24 @@ def plot(run_dir: str | Path, out: str | Path | None = None) -> Path:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m trainer.plot", description=__doc__.split("\n\n")[0])
+PROG = "python -m trainer.plot"
+EXAMPLES = """\
+examples:
+  %(prog)s runs/exp1                          # runs/exp1/learning_curves.png
+  %(prog)s runs/exp1 --out figures/exp1.png
+"""
+
+
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0], epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", metavar="RUN_DIR", help="a trainer run directory (holds metrics.jsonl)")
     p.add_argument("--out", help=f"PNG to write (default RUN_DIR/{DEFAULT_PNG})")
+    return p
+
+
+def main(argv: list[str] | None = None, prog: str = PROG) -> int:
+    p = build_parser(prog)
     args = p.parse_args(argv)
     try:
         out = plot(args.run_dir, args.out)

@@ -1,4 +1,5 @@
-"""Per-iteration schedules, precomputed as arrays of length total_iters (reference §1.7, §1.8, §5.1, §5.5-5.7).
+"""Per-iteration schedules, precomputed as arrays of length total_iters (facebookresearch/dinov2
+``dinov2/utils/utils.py`` CosineScheduler, ``dinov2/train/train.py``, ``dinov2/configs/ssl_default_config.yaml``).
 
 - lr: linear warm-up from 0 to the peak, then cosine down to min_lr;
 - weight decay: cosine from 0.04 up to 0.4 (a cosine schedule may increase);
@@ -30,7 +31,7 @@ def cosine_schedule(base: float, final: float, total_iters: int, warmup_iters: i
 
 
 def teacher_temp_schedule(final: float, start: float, warmup_iters: int, total_iters: int) -> np.ndarray:
-    """[total_iters] values: linear start -> final over warmup_iters, then constant at final (§1.4)."""
+    """[total_iters] values: linear start -> final over warmup_iters, then constant at final (dinov2's)."""
     warmup = np.linspace(start, final, warmup_iters)[:total_iters]  # a run shorter than the warm-up stops in it
     return np.concatenate([warmup, np.full(total_iters - len(warmup), final)])
 
@@ -53,7 +54,7 @@ class Schedules:
                              "lower optim.warmup_iters (e.g. optim.warmup_iters=<10% of total_iters>)")
         lr = cosine_schedule(peak_lr, optim.min_lr, total, warmup_iters=optim.warmup_iters)
         last_layer_lr = lr.copy()
-        last_layer_lr[:optim.freeze_last_layer_iters] = 0.0  # §1.7: prototypes frozen for the first iterations
+        last_layer_lr[:optim.freeze_last_layer_iters] = 0.0  # prototypes frozen first (dinov2 freeze_last_layer_epochs)
         return cls(
             lr=lr,
             wd=cosine_schedule(optim.weight_decay, optim.weight_decay_end, total),

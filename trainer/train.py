@@ -3,7 +3,7 @@
     python -m trainer.train --config small --data /path/to/images --output runs/small eval.task=csv:labels.csv
     torchrun --nproc_per_node 4 -m trainer.train --config rad-dino --data train.csv --output runs/rd --resume auto
 
-One step (reference §1.4, §1.8):
+One step (as facebookresearch/dinov2 ``dinov2/train/ssl_meta_arch.py`` forward_backward and ``dinov2/train/train.py``):
   1. load this rank's batch, make 2 global + n local crops on the device, sample iBOT masks for the globals;
   2. teacher (EMA, no grad) sees the unmasked globals -> CLS and masked-patch targets (centering or Sinkhorn-Knopp);
   3. student sees masked globals + locals in ONE packed pass (vit.forward_features_list) and ONE head call;
@@ -35,6 +35,8 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from harness.common.atomic import atomic_write_text
+from harness.common.devices import pick_device
 from trainer.checkpoint import (
     build_backbone,
     flat_state,
@@ -63,7 +65,7 @@ log = logging.getLogger("trainer")
 
 
 class SSLModel(nn.Module):
-    """A backbone and its DINO head (shared by the CLS and the patch objectives, reference §1.3)."""
+    """A backbone and its DINO head (shared by the CLS and patch objectives, dinov2's ibot.separate_head: false)."""
 
     def __init__(self, backbone: nn.Module, dino_head: DINOHead):
         super().__init__()
@@ -82,7 +84,7 @@ class Student(SSLModel):
         global_cls = outs[0]["x_norm_clstoken"]
         local_cls = outs[1]["x_norm_clstoken"] if local_crops is not None else global_cls[:0]
         masked_patches = outs[0]["x_norm_patchtokens"][masks]  # [M, D], image by image
-        # One head call over [global CLS; local CLS; masked patches] (reference §1.4 "compute trick").
+        # One head call over [global CLS; local CLS; masked patches] (as dinov2/train/ssl_meta_arch.py does).
         logits = self.dino_head(torch.cat([global_cls, local_cls, masked_patches]))
         g, l_ = global_cls.shape[0], local_cls.shape[0]
         return {"global_cls": global_cls, "global_logits": logits[:g], "local_logits": logits[g:g + l_],
@@ -93,8 +95,8 @@ class Teacher(SSLModel):
     @torch.no_grad()
     def forward(self, global_crops: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
                                                                                 torch.Tensor]:
-        """CLS logits of the unmasked globals, patch logits at the student's masked positions (§1.4), and the
-        backbone CLS tokens (for the collapse diagnostics)."""
+        """CLS logits of the unmasked globals, patch logits at the student's masked positions (as
+        dinov2/train/ssl_meta_arch.py), and the backbone CLS tokens (for the collapse diagnostics)."""
         out = self.backbone.forward_features(global_crops)
         cls, patches = out["x_norm_clstoken"], out["x_norm_patchtokens"][masks]
         logits = self.dino_head(torch.cat([cls, patches]))
@@ -117,7 +119,7 @@ def build_models(cfg: TrainConfig) -> tuple[Student, Teacher]:
     student = Student(backbone, head)
     teacher = Teacher(copy.deepcopy(backbone), copy.deepcopy(head))
     teacher.requires_grad_(False)
-    return student, teacher.eval()  # the teacher never trains: no drop-path, no gradients (§1.8)
+    return student, teacher.eval()  # the teacher never trains: no drop-path, no gradients (as upstream)
 
 
 def load_pretrained_backbone(backbone: nn.Module, path: str) -> None:
@@ -149,7 +151,7 @@ def load_pretrained_head(head: DINOHead, path: str) -> None:
 
 def layer_id(name: str, n_blocks: int) -> int:
     """Depth of a backbone parameter for layer-wise lr decay: embeddings and tokens 0, block i -> i + 1, the
-    final norm n_blocks + 1 (reference §1.7)."""
+    final norm n_blocks + 1 (dinov2/utils/param_groups.py)."""
     if name.startswith(("cls_token", "pos_embed", "patch_embed", "mask_token", "register_tokens")):
         return 0
     if name.startswith("blocks."):
@@ -158,7 +160,8 @@ def layer_id(name: str, n_blocks: int) -> int:
 
 
 def param_groups(student: Student, layerwise_decay: float, patch_embed_lr_mult: float) -> list[dict]:
-    """AdamW groups keyed by (lr multiplier, wd multiplier, is last layer), as DINOv2 fuses them (§1.8).
+    """AdamW groups keyed by (lr multiplier, wd multiplier, is last layer), as DINOv2 fuses them
+    (dinov2/utils/param_groups.py).
 
     No weight decay on biases, norms and LayerScale gamma; the head's weight-normed gain is decayed like DINOv2's.
     """
@@ -183,7 +186,7 @@ def param_groups(student: Student, layerwise_decay: float, patch_embed_lr_mult: 
 
 
 def apply_schedules(optimizer: torch.optim.Optimizer, values: dict[str, float]) -> None:
-    """This step's lr and weight decay, times each group's multipliers (§1.8 apply_optim_scheduler)."""
+    """This step's lr and weight decay, times each group's multipliers (dinov2/train/train.py apply_optim_scheduler)."""
     for g in optimizer.param_groups:
         lr = values["last_layer_lr"] if g["is_last_layer"] else values["lr"]
         g["lr"] = lr * g["lr_multiplier"]
@@ -192,7 +195,7 @@ def apply_schedules(optimizer: torch.optim.Optimizer, values: dict[str, float]) 
 
 @torch.no_grad()
 def update_teacher(teacher: Teacher, student: Student, momentum: float) -> None:
-    """EMA: t <- m t + (1 - m) s, over all parameters at once (§1.8)."""
+    """EMA: t <- m t + (1 - m) s, over all parameters at once (dinov2/train/ssl_meta_arch.py)."""
     t_params = list(teacher.parameters())
     s_params = list(student.parameters())
     torch._foreach_mul_(t_params, momentum)
@@ -226,14 +229,6 @@ def rank_and_world() -> tuple[int, int]:
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device(name)
 
 
 def all_mean(values: torch.Tensor) -> torch.Tensor:
@@ -413,8 +408,8 @@ def train(cfg: TrainConfig, output: str | Path, resume: str | None = None) -> Tr
 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            # Clipped per module, as DINOv2 clips per FSDP-wrapped submodule (§1.7); 0 means no clipping (as
-            # upstream's `if clip_grad:`), not a zero norm, which would erase every gradient.
+            # Clipped per module, as DINOv2 clips per FSDP-wrapped submodule (dinov2/train/train.py); 0 means no
+            # clipping (as upstream's `if clip_grad:`), not a zero norm, which would erase every gradient.
             if cfg.optim.clip_grad > 0:
                 for module in (student.backbone, student.dino_head):
                     nn.utils.clip_grad_norm_(module.parameters(), cfg.optim.clip_grad)
@@ -478,7 +473,7 @@ def build_probe(cfg: TrainConfig, device: torch.device) -> "InTrainingProbe":
 @torch.no_grad()
 def teacher_targets(cfg: TrainConfig, dino_loss: DINOLoss, ibot_loss: iBOTPatchLoss, t_cls: torch.Tensor,
                     t_patch: torch.Tensor, teacher_temp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher probabilities for the CLS and the masked-patch logits, by centering or Sinkhorn-Knopp (§1.4)."""
+    """Teacher probabilities for the CLS and the masked-patch logits, by centering or Sinkhorn-Knopp (dinov2/loss/)."""
     if cfg.loss.centering == "sinkhorn_knopp":
         return (dino_loss.sinkhorn_knopp_teacher(t_cls, teacher_temp),
                 ibot_loss.sinkhorn_knopp_teacher(t_patch, teacher_temp))
@@ -498,7 +493,7 @@ def student_losses(cfg: TrainConfig, dino_loss: DINOLoss, ibot_loss: iBOTPatchLo
     return {
         "dino": dino_loss(s_crops, list(t_cls_probs.chunk(2))),
         "ibot": ibot_loss.forward_masked(s["patch_logits"], t_patch_probs, masks),
-        # Per global crop: two views of one image must not be each other's nearest neighbour (§1.4).
+        # Per global crop: two views of one image must not be each other's nearest neighbour (as upstream).
         "koleo": sum(koleo(c) for c in s["global_cls"].chunk(2)),
     }
 
@@ -582,9 +577,7 @@ def truncate_metrics(path: Path, iteration: int) -> None:
     if not path.exists():
         return
     keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["iteration"] <= iteration]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    tmp.replace(path)
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 class Meter:
@@ -656,8 +649,18 @@ def setup_logging(output: Path) -> None:
 # Command line
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m trainer.train", description=__doc__.split("\n\n")[0])
+PROG = "python -m trainer.train"
+EXAMPLES = """\
+examples:
+  %(prog)s --config smoke --data /data/cxr/train.csv --output runs/smoke
+  %(prog)s --config small --data /data/a.csv@2 --data /data/b.csv@1 --output runs/mix --steps 2000 optim.base_lr=1e-4
+  %(prog)s --config rad-dino --print-config > my.yaml   # a preset as a file, to edit and pass as --config
+"""
+
+
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0], epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True,
                    help="a preset (small, smoke, rad-dino: trainer/configs/NAME.yaml) or a YAML file")
     p.add_argument("--data", action="append", default=[],
@@ -669,14 +672,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config (preset, --steps, overrides, --data) as YAML and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. optim.base_lr=1e-4 crops.n_local=4")
+    return p
+
+
+def parse_args(argv: list[str] | None, prog: str = PROG) -> argparse.Namespace:
+    p = build_parser(prog)
     args = p.parse_args(argv)
     if args.output is None and not args.print_config:
         p.error("the following arguments are required: --output (or --print-config to only print the config)")
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = PROG) -> int:
+    args = parse_args(argv, prog)
     try:
         cfg = load_config(args.config, args.overrides, steps=args.steps)
     except ValueError as e:

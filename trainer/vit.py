@@ -1,9 +1,10 @@
 """The DINOv2 Vision Transformer, readable top to bottom.
 
 Pre-norm ViT with patch 14, a CLS token, optional register tokens, a learnable iBOT mask token, LayerScale and
-stochastic depth (reference: /work/shared/reference/dinov2-and-rad-dino.md section 1.2). Parameter names follow
-the DINOv2 backbone state dict (``cls_token``, ``pos_embed``, ``blocks.N.attn.qkv``, ``blocks.N.ls1.gamma``, ...)
-so that released DINOv2 / RAD-DINO backbones load strictly; `trainer.convert` maps to and from Hugging Face.
+stochastic depth (facebookresearch/dinov2 ``dinov2/models/vision_transformer.py``, ``dinov2/layers/``). Parameter
+names follow the DINOv2 backbone state dict (``cls_token``, ``pos_embed``, ``blocks.N.attn.qkv``,
+``blocks.N.ls1.gamma``, ...) so that released DINOv2 / RAD-DINO backbones load strictly; `trainer.convert` maps to
+and from Hugging Face.
 
 The same network, with a few switches in ViTConfig, is also every other plain ViT the benchmark loads (the `baselines`
 package): MAE-style timm ViTs (MRM), BiomedCLIP's timm trunk and OpenAI CLIP's image tower store the same parameter

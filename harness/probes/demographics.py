@@ -32,7 +32,8 @@ from sklearn.preprocessing import StandardScaler
 
 from harness import stats
 from harness.leaderboard import Cell, Section
-from harness.io import safe_name
+from harness.common.paths import safe_name
+from harness.log import progress
 from harness.probes.linear import LabelResult, grid_edge, linear_probe
 from harness.protocols import ProtocolResult, TaskRun, parquet_bytes
 from harness.tasks.base import TaskTable
@@ -248,7 +249,8 @@ def fit_probes(tr: TaskRun, c: Cohort, x: np.ndarray) -> Fitted:
     sex_lab, sex_scores, age = None, None, None
     if c.sex_ok:
         probe = linear_probe(x[c.sex_train], c.female(c.sex_train)[:, None], groups[c.sex_train], x[c.sex_test],
-                             c.female(c.sex_test)[:, None], ["female"], seed=tr.seed)
+                             c.female(c.sex_test)[:, None], ["female"], seed=tr.seed,
+                             n_jobs=tr.options.n_jobs)
         sex_lab, sex_scores = probe.labels[0], probe.scores[:, 0]
     if c.age_ok:
         age = age_probe(x[c.age_train], c.age[c.age_train], groups[c.age_train], x[c.age_test], seed=tr.seed)
@@ -428,7 +430,7 @@ def fit_and_score(tr: TaskRun, encoders: list[Encoder], linear: ProtocolResult) 
     records: dict[str, dict] = {}
     scored: dict[str, dict[str, tuple[float, np.ndarray]]] = {}
     files = {}
-    for enc in encoders:
+    for enc in progress(encoders, "demographics: fits and bootstrap"):
         fitted = fit_probes(tr, c, tr.features[enc.name].global_)
         scored[enc.name] = score_probes(c, fitted, tr.weights)
         view = subgroups(tr, c, linear_scores(linear, enc.name, t, c.test_rows))

@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from harness import stats
-from harness.io import safe_name
+from harness.common.paths import safe_name
 from harness.leaderboard import Section
+from harness.log import progress
 from harness.probes.linear import CLASSIFICATION_METRICS, classification_rows, classification_tidy, paired_record
 from harness.protocols import ProtocolResult, TaskRun, label_status, parquet_bytes
 
@@ -102,7 +103,7 @@ def fit_and_score(tr: TaskRun, encoders: list[Encoder]) -> ProtocolResult:
 
     test_keys = tr.patient_keys(test_rows)
     summaries, resampled, files = {}, {}, {}
-    for enc in encoders:
+    for enc in progress(encoders, "k-NN probe: scores and bootstrap"):
         x = tr.features[enc.name].global_
         scores = knn_scores(x[train], y[train][:, ok], x[test], k, temperature)
         summaries[enc.name], resampled[enc.name] = stats.classification_summary(scores, y[test][:, ok], names,

@@ -25,6 +25,7 @@ import numpy as np
 
 from harness import stats
 from harness.leaderboard import Cell, Section
+from harness.log import progress
 from harness.probes.linear import linear_probe
 from harness.protocols import ProtocolResult, TaskRun, label_status
 from harness.tidy import rows_of
@@ -139,12 +140,12 @@ def fit_and_score(tr: TaskRun, encoders: list[Encoder]) -> ProtocolResult:
     for f, col, rows_d, ok, _ in per_fraction:
         skip = {j: "not evaluable at this fraction" for j in range(len(t.label_names)) if j not in ok}
         points, resampled = {}, {}
-        for enc in encoders:
+        for enc in progress(encoders, f"label efficiency {f:g}: fits and bootstrap"):
             x = tr.features[enc.name].global_
             draw_points, draw_boot = [], []
             for rows in rows_d if ok else []:  # no label to score: nothing to fit
                 probe = linear_probe(x[rows], y[rows], groups[rows], x[test], y[test], t.label_names, seed=tr.seed,
-                                     skip=skip)
+                                     skip=skip, n_jobs=tr.options.n_jobs)
                 summary, boot = stats.classification_summary(probe.scores[:, ok], y[test][:, ok],
                                                              [t.label_names[j] for j in ok], tr.weights)
                 draw_points.append(summary["auroc"]["macro"]["point"])

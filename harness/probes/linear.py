@@ -7,21 +7,20 @@ split, is reported as not evaluable with its counts, never as NaN.
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import roc_auc_score
+from joblib import Parallel, delayed
 from sklearn.model_selection import StratifiedGroupKFold
 from sklearn.preprocessing import StandardScaler
 
 from harness import stats
 from harness.leaderboard import Cell, Section
-from harness.io import safe_name
-from harness.protocols import ProtocolResult, TaskRun, label_status, parquet_bytes
+from harness.common.paths import safe_name
+from harness.log import progress
+from harness.probe_fits import FitLog, fold_scores, refit_scores
+from harness.protocols import ProtocolResult, TaskRun, label_status, parquet_bytes, usable_cores
 from harness.tidy import TidyRow, rows_of
 
 if TYPE_CHECKING:
@@ -61,27 +60,6 @@ def _counts(y_train: np.ndarray, y_test: np.ndarray) -> dict:
             "test_pos": int(y_test.sum()), "test_neg": int((1 - y_test).sum())}
 
 
-class _FitLog:
-    """Counts logistic fits and those that hit max_iter: recorded in the results, not silenced."""
-
-    def __init__(self) -> None:
-        self.fits = 0
-        self.not_converged = 0
-
-
-def _fit(x: np.ndarray, y: np.ndarray, C: float, seed: int, log: _FitLog | None = None) -> LogisticRegression:
-    clf = LogisticRegression(C=C, max_iter=MAX_ITER, tol=1e-5, random_state=seed)
-    with warnings.catch_warnings(record=True) as caught:
-        # The weakest penalties may stop short of convergence on separable folds; the CV scores the result as it
-        # is (what the user would get), and the count goes into the results JSON.
-        warnings.simplefilter("always", ConvergenceWarning)
-        clf.fit(x, y)
-    if log is not None:
-        log.fits += 1
-        log.not_converged += any(issubclass(w.category, ConvergenceWarning) for w in caught)
-    return clf
-
-
 def grid_edge(grid: tuple[float, ...], value: float) -> str:
     """"low"/"high" when `value` is the first/last grid point (the CV optimum may lie beyond the grid), else ""."""
     if len(grid) > 1 and value == grid[0]:
@@ -91,61 +69,89 @@ def grid_edge(grid: tuple[float, ...], value: float) -> str:
     return ""
 
 
-def choose_C(x: np.ndarray, y: np.ndarray, groups: np.ndarray, Cs: tuple[float, ...], seed: int,
-             max_folds: int = 5, log: _FitLog | None = None) -> tuple[float, float]:
-    """Best C by patient-grouped stratified CV (mean fold AUROC); returns (C, cv_auroc)."""
-    pos_groups = len(np.unique(groups[y == 1]))
-    neg_groups = len(np.unique(groups[y == 0]))
-    n_folds = min(max_folds, pos_groups, neg_groups)
+def _cv_folds(x: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int, max_folds: int
+              ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """One label's patient-grouped, stratified CV folds (train rows, validation rows): `max_folds`, fewer when a
+    class has fewer patients, none when a class has fewer than two (nothing could be held out)."""
+    n_folds = min(max_folds, len(np.unique(groups[y == 1])), len(np.unique(groups[y == 0])))
     if n_folds < 2:
-        # Too few patients of one class to hold any out: fall back to the middle of the grid, and say so.
+        return []
+    return list(StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed).split(x, y, groups))
+
+
+def _best_C(Cs: tuple[float, ...], scores: np.ndarray) -> tuple[float, float]:
+    """(C, mean fold AUROC) from [C, fold] validation AUROCs (a fold that could not be scored is NaN throughout);
+    the grid's middle and NaN when no fold was scored."""
+    if not np.isfinite(scores).any():
         return Cs[len(Cs) // 2], float("nan")
-    cv = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    scores = np.zeros((len(Cs), n_folds))
-    for f, (tr, va) in enumerate(cv.split(x, y, groups)):
-        if len(np.unique(y[tr])) < 2 or len(np.unique(y[va])) < 2:
-            scores[:, f] = np.nan
-            continue
-        scaler = StandardScaler().fit(x[tr])
-        xtr, xva = scaler.transform(x[tr]), scaler.transform(x[va])
-        for c, C in enumerate(Cs):
-            scores[c, f] = roc_auc_score(y[va], _fit(xtr, y[tr], C, seed, log).decision_function(xva))
-    mean = np.nanmean(scores, axis=1) if np.isfinite(scores).any() else np.full(len(Cs), np.nan)
-    if not np.isfinite(mean).any():
-        return Cs[len(Cs) // 2], float("nan")
+    mean = np.nanmean(scores, axis=1)
     best = int(np.nanargmax(mean))  # first maximum = smallest C = strongest regularisation
     return Cs[best], float(mean[best])
 
 
+def _grid_by_fold(Cs: tuple[float, ...], per_fold: list[np.ndarray]) -> np.ndarray:
+    """[C, fold] validation AUROCs from each fold's scores over the grid."""
+    return np.stack(per_fold, axis=1) if per_fold else np.empty((len(Cs), 0))
+
+
+def choose_C(x: np.ndarray, y: np.ndarray, groups: np.ndarray, Cs: tuple[float, ...], seed: int,
+             max_folds: int = 5, log: FitLog | None = None) -> tuple[float, float]:
+    """Best C by patient-grouped stratified CV (mean fold AUROC); returns (C, cv_auroc). Too few patients of a class
+    to hold any out falls back to the middle of the grid, with cv_auroc NaN."""
+    runs = [fold_scores(x, y, tr, va, Cs, seed, MAX_ITER) for tr, va in _cv_folds(x, y, groups, seed, max_folds)]
+    if log is not None:
+        for _, fold_log in runs:
+            log.add(fold_log)
+    return _best_C(Cs, _grid_by_fold(Cs, [s for s, _ in runs]))
+
+
 def linear_probe(x_train: np.ndarray, y_train: np.ndarray, groups_train: np.ndarray, x_test: np.ndarray,
                  y_test: np.ndarray, label_names: list[str], seed: int = 0,
-                 Cs: tuple[float, ...] = DEFAULT_CS, skip: dict[int, str] | None = None) -> ProbeResult:
+                 Cs: tuple[float, ...] = DEFAULT_CS, skip: dict[int, str] | None = None,
+                 n_jobs: int | None = None) -> ProbeResult:
     """Fit one probe per label; `y_*` are [n, L] 0/1 arrays, `groups_train` the patient id of each train row.
-    `skip` maps label indices not to fit to the reason they are not evaluable."""
+    `skip` maps label indices not to fit to the reason they are not evaluable.
+
+    The fits run in `n_jobs` processes (default: every usable core): first every (label, CV fold) pair, each over
+    the whole C grid, then every label's refit at its chosen C. Each fit uses one BLAS thread wherever it runs
+    (`harness.probe_fits`), so the results are bit-identical for any `n_jobs`."""
     skip = skip or {}
-    scaler = StandardScaler().fit(x_train)
-    xtr, xte = scaler.transform(x_train), scaler.transform(x_test)
     scores = np.full((len(x_test), len(label_names)), np.nan)
-    results = []
+    results: dict[int, LabelResult] = {}
+    fitted: dict[int, np.ndarray] = {}  # label index -> its 0/1 training targets
+    counts: dict[int, dict] = {}
     for j, name in enumerate(label_names):
         ytr, yte = y_train[:, j].astype(int), y_test[:, j].astype(int)
-        counts = _counts(ytr, yte)
+        counts[j] = _counts(ytr, yte)
         if j in skip:
-            results.append(LabelResult(name, False, skip[j], counts=counts))
-            continue
-        if len(np.unique(ytr)) < 2 or len(np.unique(yte)) < 2:
+            results[j] = LabelResult(name, False, skip[j], counts=counts[j])
+        elif len(np.unique(ytr)) < 2 or len(np.unique(yte)) < 2:
             which = "training" if len(np.unique(ytr)) < 2 else "test"
-            results.append(LabelResult(name, False, f"only one class in the {which} split", counts=counts))
-            continue
-        log = _FitLog()
-        C, cv_auroc = choose_C(x_train, ytr, groups_train, Cs, seed, log=log)
-        clf = _fit(xtr, ytr, C, seed, log)
-        scores[:, j] = clf.predict_proba(xte)[:, 1]
+            results[j] = LabelResult(name, False, f"only one class in the {which} split", counts=counts[j])
+        else:
+            fitted[j] = ytr
+    folds = [(j, tr, va) for j, ytr in fitted.items() for tr, va in _cv_folds(x_train, ytr, groups_train, seed, 5)]
+    max_iter = MAX_ITER  # read here, in this process: a worker process would not see a patched module attribute
+    with Parallel(n_jobs=max(1, min(n_jobs or usable_cores(), len(folds)))) as parallel:
+        runs = parallel(delayed(fold_scores)(x_train, fitted[j], tr, va, Cs, seed, max_iter) for j, tr, va in folds)
+        logs = {j: FitLog() for j in fitted}
+        per_fold: dict[int, list[np.ndarray]] = {j: [] for j in fitted}
+        for (j, _, _), (fold, fold_log) in zip(folds, runs):
+            per_fold[j].append(fold)
+            logs[j].add(fold_log)
+        chosen = {j: _best_C(Cs, _grid_by_fold(Cs, per_fold[j])) for j in fitted}
+        scaler = StandardScaler().fit(x_train)
+        refits = parallel(delayed(refit_scores)(x_train, ytr, x_test, scaler, chosen[j][0], seed, max_iter)
+                          for j, ytr in fitted.items())
+    for j, (probs, refit_log) in zip(fitted, refits):
+        scores[:, j] = probs
+        logs[j].add(refit_log)
+        C, cv_auroc = chosen[j]
         # A C that fell back to the grid's middle (no CV possible) was not chosen, so it is not "at an edge".
         edge = grid_edge(Cs, C) if np.isfinite(cv_auroc) else ""
-        results.append(LabelResult(name, True, C=C, cv_auroc=cv_auroc, counts=counts, C_at_edge=edge,
-                                   fits=log.fits, not_converged=log.not_converged))
-    return ProbeResult(scores, results)
+        results[j] = LabelResult(label_names[j], True, C=C, cv_auroc=cv_auroc, counts=counts[j], C_at_edge=edge,
+                                 fits=logs[j].fits, not_converged=logs[j].not_converged)
+    return ProbeResult(scores, [results[j] for j in range(len(label_names))])
 
 
 def fit_and_score(tr: TaskRun, encoders: list[Encoder]) -> ProtocolResult:
@@ -160,8 +166,8 @@ def fit_and_score(tr: TaskRun, encoders: list[Encoder]) -> ProtocolResult:
     skip = {j: why for j, why in enumerate(reasons) if not evaluable[j]}
     probes = {e.name: linear_probe(tr.features[e.name].global_[train], y[train], groups[train],
                                    tr.features[e.name].global_[test], y[test], t.label_names, seed=tr.seed,
-                                   skip=skip)
-              for e in encoders}
+                                   skip=skip, n_jobs=tr.options.n_jobs)
+              for e in progress(encoders, "linear probe: fits")}
     # Which labels are evaluable depends only on the labels and the split, so it is the same for every model.
     labels = probes[encoders[0].name].labels
     ok = [j for j, lab in enumerate(labels) if lab.evaluable]
@@ -191,7 +197,7 @@ def fit_and_score(tr: TaskRun, encoders: list[Encoder]) -> ProtocolResult:
         return ProtocolResult(NAME, Section(TITLE, [], {e.name: {} for e in encoders}, notes=notes), records)
 
     summaries, resampled, predictions, files = {}, {}, {}, {}
-    for enc in encoders:
+    for enc in progress(encoders, "linear probe: bootstrap"):
         scores = probes[enc.name].scores[:, ok]
         summaries[enc.name], resampled[enc.name] = stats.classification_summary(scores, y[test][:, ok], names,
                                                                                 tr.weights)

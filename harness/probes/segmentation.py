@@ -37,6 +37,7 @@ bit-identical to holding everything in RAM.
 from __future__ import annotations
 
 import io
+import logging
 import math
 import tempfile
 import time
@@ -49,14 +50,16 @@ import numpy as np
 import polars as pl
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
 from baselines.preprocess import Geometry, Preprocess, geometry, place, unplace
 from harness import stats
 from harness.features import FeatureSet, Grid, ShardWriter
+from harness.figures.overlays import SUFFIX as OVERLAY_SUFFIX
+from harness.figures.overlays import overlay_npz
 from harness.leaderboard import Cell, Section
-from harness.io import safe_name
+from harness.common.paths import safe_name
+from harness.log import progress
 from harness.protocols import ProtocolResult, TaskRun, dense_view
 from harness.tasks.base import Task, TaskError
 from harness.tidy import TidyRow, rows_of
@@ -65,6 +68,7 @@ if TYPE_CHECKING:
     from baselines.registry import Encoder
 
 NAME = "seg"
+log = logging.getLogger(__name__)
 TITLE = "Segmentation (frozen patch tokens)"
 HEADS = ("linear", "multi-level")
 N_OVERLAYS = 4
@@ -311,39 +315,6 @@ def mask_placement_key(pre: Preprocess, shapes: list[tuple[int, int]]) -> tuple[
     return tuple(geometry(h, w, pre) for h, w in shapes)
 
 
-# ------------------------------------------------------------------------------------------------------ overlays
-
-def _panel(image: np.ndarray, mask: np.ndarray | None, colour: tuple[int, int, int], height: int) -> Image.Image:
-    gray = np.clip(image * 255, 0, 255).astype(np.uint8)
-    rgb = np.repeat(gray[..., None], 3, axis=2).astype(np.float32)
-    if mask is not None:
-        tint = np.array(colour, dtype=np.float32)
-        rgb[mask] = 0.55 * rgb[mask] + 0.45 * tint
-    im = Image.fromarray(rgb.astype(np.uint8))
-    return im.resize((max(1, round(image.shape[1] * height / image.shape[0])), height), Image.BILINEAR)
-
-
-def overlay_png(images: list[np.ndarray], truths: list[np.ndarray], preds: list[np.ndarray],
-                height: int = 160) -> bytes:
-    """One PNG: a row per image with the radiograph, the ground truth (green) and the prediction (red), every
-    structure merged into one tint."""
-    rows = []
-    for img, gt, pr in zip(images, truths, preds):
-        panels = [_panel(img, None, (0, 0, 0), height), _panel(img, gt.any(0), (40, 220, 60), height),
-                  _panel(img, pr.any(0), (230, 40, 40), height)]
-        rows.append(panels)
-    width = max(sum(p.width for p in r) + 4 * (len(r) - 1) for r in rows)
-    canvas = Image.new("RGB", (width, len(rows) * height + 4 * (len(rows) - 1)), (255, 255, 255))
-    for r, panels in enumerate(rows):
-        x = 0
-        for p in panels:
-            canvas.paste(p, (x, r * (height + 4)))
-            x += p.width + 4
-    buf = io.BytesIO()
-    canvas.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 # ------------------------------------------------------------------------------------------------------ protocol
 
 @dataclass
@@ -362,7 +333,7 @@ def evaluate_encoder(fs: FeatureSet, pre: Preprocess, mask_of: Callable[[int], n
     once and, when re-encoding, each test batch is encoded once."""
     n_classes = targets.shape[1]
     heads, levels = {}, {}
-    for kind in HEADS:
+    for kind in progress(HEADS, "training heads"):
         levels[kind] = levels_of(fs, kind)
         head = build_head(kind, channel_stats(levels[kind], train), n_classes, budget, seed)
         heads[kind] = fit_head(head, read_levels(levels[kind], train), read_targets(targets, train), len(train),
@@ -508,13 +479,13 @@ def fit_heads(data: MaskedImages, encoders: list[Encoder], dense: dict[str, Feat
     with tempfile.TemporaryDirectory(prefix="raddino-seg-") as scratch:
         targets = placed_targets(data.subset, list(dict.fromkeys(placement.values())), budget.loss_size,
                                  Path(scratch))
-        for enc in encoders:
+        for enc in progress(encoders, "segmentation heads"):
             t0, c0 = time.perf_counter(), time.process_time()
             scores[enc.name] = evaluate_encoder(dense[enc.name], enc.preprocess, lambda i: _mask(data.subset, i),
                                                 data.train, data.test, targets[placement[enc.name]], budget, seed,
                                                 set(data.shown))
-            print(f"  {enc.name}: segmentation heads trained and scored in {time.perf_counter() - t0:.1f} s "
-                  f"({time.process_time() - c0:.1f} s CPU; dense features {_MODES[dense[enc.name].dense_mode]})")
+            log.info(f"  {enc.name}: segmentation heads trained and scored in {time.perf_counter() - t0:.1f} s "
+                     f"({time.process_time() - c0:.1f} s CPU; dense features {_MODES[dense[enc.name].dense_mode]})")
     return scores
 
 
@@ -599,9 +570,9 @@ def section_notes(data: MaskedImages, encoders: list[Encoder], dense: dict[str, 
         notes.append("No intermediate layers (multi-level head over the patch grid alone): "
                      + ", ".join(f"`{n}`" for n in no_layers) + ".")
     if data.shown:
-        notes.append("Overlays (multi-level head; image, ground truth in green, prediction in red): "
-                     + " ".join(f"[{e.name}]({task_stem}_seg/{safe_name(e.name)}.png)" for e in encoders))
-        notes += [f"![{e.name}]({task_stem}_seg/{safe_name(e.name)}.png)" for e in encoders]
+        notes.append(f"Overlays of {len(data.shown)} test images (multi-level head; true positives, false positives, "
+                     f"false negatives): `results/{task_stem}/<model>{OVERLAY_SUFFIX}`, drawn into "
+                     f"`figures/{task_stem}/` by `python -m harness.plot`.")
     return notes
 
 
@@ -651,9 +622,10 @@ def fit_and_score(tr: TaskRun, encoders: list[Encoder], budget: SegBudget = BUDG
                                          per_image_file, tr.reference)
         files[per_image_file] = per_image_parquet(scores[enc.name], data.names, data.test_ids, data.test_keys,
                                                   data.truth_any)
-        if data.shown:
-            images = [data.subset.load_image(int(data.test[r])) for r in data.shown]
-            truths = [_mask(data.subset, int(data.test[r])) for r in data.shown]
-            files[f"{tr.out_name}_seg/{safe_name(enc.name)}.png"] = overlay_png(
-                images, truths, scores[enc.name]["multi-level"].preds)
+        if data.shown:  # what the overlay figure needs (harness.figures draws it), named by pseudonym, never by id
+            ml = scores[enc.name]["multi-level"]
+            files[f"results/{tr.out_name}/{safe_name(enc.name)}{OVERLAY_SUFFIX}"] = overlay_npz(
+                enc.name, "multi-level", [data.subset.load_image(int(data.test[r])) for r in data.shown],
+                [_mask(data.subset, int(data.test[r])) for r in data.shown], ml.preds, ml.dice[data.shown],
+                data.names, [data.test_keys[r] for r in data.shown], data.shown)
     return ProtocolResult(NAME, section, records, files=files, tidy=seg_tidy(data, encoders, summary, paired, tr))

@@ -7,23 +7,24 @@ dataset is one file in ``harness/tasks/`` with a factory, plus one line in the t
 
     # harness/tasks/mydata.py
     def mydata(ctx: TaskContext) -> Task:
-        return MyDataTask(ctx.root_for("mydata", "mydata"), skip_bad=ctx.skip_bad)
+        # --data-root mydata=DIR, else <--data-root>/mydata-files (docs/extending.md has a runnable example)
+        return MyDataTask(ctx.root_for("mydata", "mydata-files"), skip_bad=ctx.skip_bad)
 
     # harness/tasks/__init__.py
     TASKS.register("mydata", "harness.tasks.mydata:mydata", description="...")
 """
 from __future__ import annotations
 
-import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
+from harness.common.hashing import sha256_chunks
+from harness.common.imaging import DECODER_VERSION
 from harness.registry import Entry, Registry
 from harness.splits import patient_clusters
-from trainer.imaging import DECODER_VERSION
 
 
 class TaskError(ValueError):
@@ -116,22 +117,13 @@ class Task(ABC):
         }
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def combine_digests(image_ids: list[str], file_digests: list[str]) -> str:
     """sha256 over the decoder version and the ordered (image id, file sha256): the image list *and* the bytes,
     so an edited file changes it; and the decoder version, as the same bytes decode differently when it
     changes."""
-    h = hashlib.sha256(DECODER_VERSION.encode() + b"\0")
-    for image_id, digest in zip(image_ids, file_digests, strict=True):
-        h.update(image_id.encode() + b"\0" + digest.encode() + b"\1")
-    return h.hexdigest()
+    return sha256_chunks([DECODER_VERSION.encode() + b"\0"]
+                         + [image_id.encode() + b"\0" + digest.encode() + b"\1"
+                            for image_id, digest in zip(image_ids, file_digests, strict=True)])
 
 
 def merge_duplicates(task: Task, on_duplicate: str) -> None:
@@ -228,6 +220,4 @@ class Subset(Task):
         return self.parent.load_mask(int(self.indices[i]))
 
     def content_digest(self) -> str:
-        h = hashlib.sha256(self.parent.content_digest().encode())
-        h.update(self.indices.astype(np.int64).tobytes())
-        return h.hexdigest()
+        return sha256_chunks([self.parent.content_digest().encode(), self.indices.astype(np.int64).tobytes()])

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from harness.common.options import parse_options
 from harness.tasks.base import TaskContext, TaskError, TaskTable
-from harness.tasks.dicom_meta import DicomTask, Skips, check_images, demographics, parse_options, read_csv
+from harness.tasks.dicom_meta import DicomTask, Skips, check_images, demographics, read_csv
 from harness.tasks.rle import CANDID_GRID, resize_mask, rle_decode, rle_runs
 
 URL = "https://doi.org/10.17608/k6.auckland.14173982"
@@ -126,5 +127,5 @@ def _shown(root: Path, path: Path | None, uid: str) -> str:
 
 
 def candid(ctx: TaskContext) -> CandidTask:
-    parse_options("candid", ctx.arg, {})
+    parse_options("candid", ctx.arg, {}, TaskError)
     return CandidTask(ctx.root_for("candid", "candid-ptx"), skip_bad=ctx.skip_bad)

@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from harness.tasks.base import (Task, TaskContext, TaskError, TaskTable, combine_digests,
-                                sha256_file)
-from trainer.imaging import ImageDecodeError, load_radiograph
+from harness.common.hashing import sha256_file
+from harness.common.imaging import ImageDecodeError, load_radiograph
+from harness.common.ranges import plausible_age
+from harness.tasks.base import Task, TaskContext, TaskError, TaskTable, combine_digests
 
 REQUIRED = ("image", "patient_id")
 
@@ -29,7 +30,7 @@ def _unreadable(path: Path) -> str | None:
     from PIL import Image
 
     from harness.tasks.dicom_meta import read_header
-    from trainer.imaging import is_dicom
+    from harness.common.imaging import is_dicom
 
     try:
         if is_dicom(path):
@@ -47,7 +48,7 @@ def _size(path: Path) -> tuple[int, int]:
     from PIL import Image
 
     from harness.tasks.dicom_meta import read_header
-    from trainer.imaging import is_dicom
+    from harness.common.imaging import is_dicom
 
     if is_dicom(path):
         h = read_header(path)
@@ -61,7 +62,7 @@ def read_mask(path: Path) -> np.ndarray:
     alpha is ignored). Stored values, not display intensities: a 0/1 PNG must not be scaled to 0/255 first."""
     from PIL import Image
 
-    from trainer.imaging import is_dicom
+    from harness.common.imaging import is_dicom
 
     if is_dicom(path):
         import pydicom
@@ -168,7 +169,7 @@ class CsvTask(Task):
             image, mask = self.table.image_ids[k], self._masks[k]
             try:
                 image_size, mask_size = _size(self.root / image), _size(self.root / mask)
-            except Exception as e:  # noqa: BLE001 - any reader error, reported with the row and the file
+            except Exception as e:  # any reader error, reported with the row and the file
                 raise TaskError(f"{self.csv_path} {_row(rows[k])}: cannot read the size of image {image!r} or mask "
                                 f"{mask!r} ({type(e).__name__}: {e})") from e
             if image_size != mask_size:
@@ -201,7 +202,7 @@ class CsvTask(Task):
             a = float(v)
         except ValueError:
             raise TaskError(f"{self.csv_path} {_row(i)}: age is {v!r}; use a number of years or blank") from None
-        return a if 0 <= a < 125 else float("nan")  # impossible ages become missing, not outliers
+        return plausible_age(a)
 
     def load_image(self, i: int) -> np.ndarray:
         try:
@@ -215,7 +216,7 @@ class CsvTask(Task):
             return None
         try:
             return read_mask(self.root / rel)[None]
-        except Exception as e:  # noqa: BLE001 - any decoder error, reported naming the file
+        except Exception as e:  # any decoder error, reported naming the file
             raise TaskError(f"{self.csv_path}: mask {rel!r} cannot be read ({type(e).__name__}: {e})") from e
 
     def file_digests(self) -> list[str]:

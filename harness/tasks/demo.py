@@ -30,7 +30,6 @@ Cardiomegaly does change it, since the heart border is the medial edge of the le
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, fields
@@ -38,6 +37,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from harness.common.hashing import sha256_chunks
+from harness.common.options import parse_options
 from harness.tasks.base import Task, TaskContext, TaskError, TaskTable
 
 #: Bump whenever the drawing or the parameter sampling changes: it is part of the content digest (feature cache key).
@@ -466,30 +467,16 @@ class DemoTask(Task):
         return render_mask(a, v, self.cfg.size)[None]
 
     def content_digest(self) -> str:
-        h = hashlib.sha256()
-        h.update(GENERATOR_VERSION.encode() + b"\0")
-        h.update(json.dumps(asdict(self.cfg), sort_keys=True).encode() + b"\0")
-        for image_id in self.table.image_ids:
-            h.update(image_id.encode() + b"\0")
-        return h.hexdigest()
+        return sha256_chunks([GENERATOR_VERSION.encode() + b"\0",
+                              json.dumps(asdict(self.cfg), sort_keys=True).encode() + b"\0",
+                              *(image_id.encode() + b"\0" for image_id in self.table.image_ids)])
 
 
 def parse_config(arg: str | None) -> PhantomConfig:
     """``demo`` or ``demo:n_patients=50,size=128``: PhantomConfig fields as key=value pairs."""
-    if not arg:
-        return PhantomConfig()
-    types = {f.name: f.type for f in fields(PhantomConfig)}
-    kw = {}
-    for item in arg.split(","):
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or key not in types:
-            raise TaskError(f"demo:{arg}: {item!r} is not KEY=VALUE with KEY one of {', '.join(types)}")
-        try:
-            kw[key] = float(value) if types[key] == "float" else int(value)
-        except ValueError as err:
-            raise TaskError(f"demo:{arg}: {key}={value!r} is not a valid {types[key]}") from err
-    return PhantomConfig(**kw)
+    # Field types are the strings "int" and "float" here (postponed annotations).
+    types = {f.name: float if f.type == "float" else int for f in fields(PhantomConfig)}
+    return PhantomConfig(**parse_options("demo", arg, types, TaskError))
 
 
 def demo(ctx: TaskContext) -> Task:

@@ -8,22 +8,21 @@ digest memo is keyed by a hash of (path, size, mtime, inode, ctime), so it holds
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import math
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from harness.io import atomic_write_json
-from harness.tasks.base import Task, TaskError, combine_digests, sha256_file
-from trainer.imaging import ImageDecodeError, load_radiograph
+from harness.common.atomic import atomic_write_json
+from harness.common.hashing import sha256_file, sha256_text
+from harness.common.imaging import ImageDecodeError, load_radiograph
+from harness.common.paths import cache_dir
+from harness.common.ranges import plausible_age
+from harness.tasks.base import Task, TaskError, combine_digests
 
-#: Ages above this are data-entry errors (RSNA has 148-155); they become missing, not outliers.
-MAX_PLAUSIBLE_AGE = 120.0
 #: The tags a reader stopped by `stop_before_pixels` is left in front of: (Float/Double Float) Pixel Data,
 #: little- and big-endian.
 _PIXEL_TAGS = {b"\xe0\x7f\x10\x00", b"\xe0\x7f\x08\x00", b"\xe0\x7f\x09\x00",
@@ -59,24 +58,6 @@ def read_csv(path: Path, required: list[str], rename: dict[str, str] | None = No
         return rows
 
 
-def parse_options(task: str, arg: str | None, allowed: dict[str, tuple[str, ...] | None]) -> dict[str, str]:
-    """``key=value`` options of a task argument, separated by commas as on the command line
-    (``--tasks vindr:agg=any,labels=all,rsna``).
-    `allowed` maps each key to its permitted values (None: any value, e.g. a path)."""
-    options: dict[str, str] = {}
-    for part in filter(None, (p.strip() for p in (arg or "").split(","))):
-        key, sep, value = part.partition("=")
-        key, value = key.strip(), value.strip()
-        if not sep or key not in allowed:
-            known = ", ".join(f"{k}=<{'|'.join(v) if v else 'value'}>" for k, v in allowed.items())
-            raise TaskError(f"task {task!r}: unknown option {part!r}; "
-                            + (f"options are {known}" if known else "it takes no options"))
-        if allowed[key] is not None and value not in allowed[key]:
-            raise TaskError(f"task {task!r}: {key}={value!r} is not one of {list(allowed[key])}")
-        options[key] = value
-    return options
-
-
 # --- DICOM headers -------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -97,7 +78,7 @@ def parse_sex(value: object) -> str | None:
 
 def parse_age(value: object) -> float:
     """PatientAge in years: the DICOM AS form (``055Y``, ``006M``, ``003W``, ``010D``) or a plain number
-    (RSNA writes ``58``). Blank, unparsable and impossible (< 0 or > MAX_PLAUSIBLE_AGE) ages are NaN."""
+    (RSNA writes ``58``). Blank, unparsable and impossible (see `plausible_age`) ages are NaN."""
     s = str(value or "").strip().upper()
     scale = 1.0
     if s[-1:] in _AGE_UNIT_YEARS:
@@ -106,7 +87,7 @@ def parse_age(value: object) -> float:
         years = float(s) * scale
     except ValueError:
         return math.nan
-    return years if 0.0 <= years <= MAX_PLAUSIBLE_AGE else math.nan
+    return plausible_age(years)
 
 
 def read_header(path: Path) -> Header:
@@ -209,13 +190,9 @@ def demographics(headers: list[Header]) -> tuple[list[str | None], np.ndarray]:
 # --- Content digests, memoised -------------------------------------------------------------------------------
 
 def digest_cache_file() -> Path:
-    """Where per-file digests are memoised: ``$RADDINO_BENCH_CACHE/file-digests.json``, else
-    ``$XDG_CACHE_HOME/raddino-bench/``, else ``~/.cache/raddino-bench/``."""
-    if os.environ.get("RADDINO_BENCH_CACHE"):
-        base = Path(os.environ["RADDINO_BENCH_CACHE"])
-    else:
-        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "raddino-bench"
-    return base / "file-digests.json"
+    """Where per-file digests are memoised: ``file-digests.json`` in the harness's cache directory
+    (``$RADDINO_BENCH_CACHE``, else ``.cache/raddino-bench``)."""
+    return cache_dir() / "file-digests.json"
 
 
 def _file_key(path: Path) -> str:
@@ -224,7 +201,7 @@ def _file_key(path: Path) -> str:
     utime moves it to now) and the inode changes when a file is replaced."""
     st = path.stat()
     version = f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\0{st.st_ctime_ns}"
-    return hashlib.sha256(version.encode()).hexdigest()[:32]
+    return sha256_text(version)[:32]
 
 
 def memoised_file_digests(paths: list[Path]) -> list[str]:

@@ -31,8 +31,9 @@ from pathlib import Path
 import numpy as np
 
 from harness.splits import pseudonym
+from harness.common.options import parse_options
 from harness.tasks.base import TaskContext, TaskError, TaskTable
-from harness.tasks.dicom_meta import DicomTask, Skips, check_images, demographics, parse_options, read_csv
+from harness.tasks.dicom_meta import DicomTask, Skips, check_images, demographics, read_csv
 
 URL = "https://www.kaggle.com/c/rsna-pneumonia-detection-challenge"
 LABELS_CSV = "stage_2_train_labels.csv"
@@ -184,6 +185,6 @@ def _read_split_lists(folder: Path, target: dict[str, int]) -> dict[str, tuple[s
 
 
 def rsna(ctx: TaskContext) -> RsnaTask:
-    options = parse_options("rsna", ctx.arg, {"splits": None})
+    options = parse_options("rsna", ctx.arg, {"splits": None}, TaskError)
     splits = Path(options["splits"]).expanduser() if "splits" in options else None
     return RsnaTask(ctx.root_for("rsna", "rsna-pneumonia"), splits=splits, skip_bad=ctx.skip_bad)

@@ -25,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
+from harness.common.options import parse_options
 from harness.tasks.base import TaskContext, TaskError, TaskTable
-from harness.tasks.dicom_meta import DicomTask, Skips, check_images, demographics, parse_options, read_csv
+from harness.tasks.dicom_meta import DicomTask, Skips, check_images, demographics, read_csv
 
 URL = "https://physionet.org/content/vindr-cxr/1.0.0/"
 LOCAL_LABELS = (
@@ -140,7 +141,7 @@ def _read_labels(path: Path, labels: tuple[str, ...], aggregation: str
 
 
 def vindr(ctx: TaskContext) -> VinDrTask:
-    options = parse_options("vindr", ctx.arg, {"agg": tuple(AGGREGATION), "labels": ("default", "all")})
+    options = parse_options("vindr", ctx.arg, {"agg": tuple(AGGREGATION), "labels": ("default", "all")}, TaskError)
     labels = LOCAL_LABELS + GLOBAL_LABELS if options.get("labels") == "all" else DEFAULT_LABELS
     return VinDrTask(ctx.root_for("vindr", "vindr-cxr"), aggregation=options.get("agg", "majority"),
                      labels=labels, skip_bad=ctx.skip_bad)

@@ -1,10 +1,11 @@
 """Decode a radiograph file (PNG, JPEG, DICOM) to float32 [H, W] in [0, 1], once, the same way everywhere.
 
-Shared by the trainer's data pipeline and the harness's tasks (the harness imports this; the trainer imports
-nothing from the harness). DICOM follows the display pipeline a radiologist's viewer applies: modality LUT
-(rescale slope/intercept), then VOI LUT or window, then MONOCHROME1 inversion, then scaling of the
-displayable range to [0, 1]. pydicom decodes the compressed transfer syntaxes through its plugins (pylibjpeg
-for JPEG Lossless / JPEG-LS / JPEG 2000, Pillow for JPEG Baseline, its own RLE decoder).
+Shared by the trainer's data pipeline and the harness's tasks; it lives in harness.common, whose modules import
+nothing of the trainer, so the trainer can use it without pulling in the harness. DICOM follows the display
+pipeline a radiologist's viewer applies: modality LUT (rescale slope/intercept), then VOI LUT or window, then
+MONOCHROME1 inversion, then scaling of the displayable range to [0, 1]. pydicom decodes the compressed transfer
+syntaxes through its plugins (pylibjpeg for JPEG Lossless / JPEG-LS / JPEG 2000, Pillow for JPEG Baseline, its own
+RLE decoder).
 """
 from __future__ import annotations
 
@@ -150,7 +151,8 @@ def _display(values: np.ndarray, ds, present: np.ndarray | None) -> np.ndarray:
         lo, hi = float(seen.min()), float(seen.max())
     lo, hi = min(lo, hi), max(lo, hi)
     out = np.clip((out - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(out)
-    # pydicom does not invert MONOCHROME1 (environment.md §4): lower values are brighter there.
+    # pydicom does not invert MONOCHROME1 (pydicom/pixels/processing.py apply_presentation_lut inverts only for
+    # PresentationLUTShape INVERSE): lower values are brighter there.
     if str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).strip() == "MONOCHROME1":
         out = 1.0 - out
     return out.astype(np.float32)
@@ -194,7 +196,8 @@ def _decode_j2k_reduced(ds, min_side: int) -> np.ndarray | None:
 
 
 def _fastest_plugin(ts) -> str:
-    """pyjpegls decodes JPEG-LS about 4x faster than pylibjpeg (environment.md §4); '' lets pydicom choose."""
+    """pyjpegls decodes JPEG-LS about 4x faster than pylibjpeg (2500x2048 12-bit, one core: 0.12 s vs 0.47 s); ''
+    lets pydicom choose."""
     from pydicom.pixels import get_decoder
 
     plugin = _PREFERRED_PLUGIN.get(str(ts), "")

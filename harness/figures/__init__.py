@@ -1,0 +1,141 @@
+"""The figures of a harness run, drawn from the files it saved (nothing is recomputed): per task, into
+``<out>/figures/<name>/``,
+
+- ``forest.png``: every model's headline metrics, point and 95% CI, a panel per (protocol, metric);
+- ``roc.png`` and ``pr.png``: the linear probe's ROC and precision-recall curves, a panel per label;
+- ``subgroups.png``: macro AUROC per subgroup and the gaps between subgroups;
+- ``age_calibration.png``: true against predicted age, a panel per model;
+- ``overlays_<model>.png``: segmentation overlays (true positives, false positives, false negatives).
+
+Inputs: the tidy table ``results/<name>.parquet``, the per-image files ``results/<name>/<model>.predictions.parquet``,
+``<model>.demographics.parquet``, ``<model>.overlays.npz``, and the run's settings (model order, reference model)
+from ``results/<name>.leaderboard.json``. A figure whose inputs are absent is skipped with a note on stderr; an
+input that is present but malformed is an error naming the file. `docs/figures.md` describes every figure."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import polars as pl
+
+from harness.figures import age, curves, forest, overlays, subgroups
+from harness.figures.common import FigureInputError, note, png_bytes, read_checked, read_tidy
+from harness.common.atomic import atomic_path
+from harness.common.paths import safe_name
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["FigureInputError", "draw_task_figures", "figure_links", "task_figures"]
+
+FOLDER = "figures"
+#: The run's manifest beside the results folder, as harness.run names it (harness.run is not imported here: it
+#: imports torch and every encoder, and it is the one that calls draw_task_figures).
+MANIFEST = ".leaderboard.json"
+CAPTIONS = {forest.FILE: "Headline metrics (forest plot)", curves.KINDS["roc"][0]: "ROC curves (linear probe)",
+            curves.KINDS["pr"][0]: "Precision-recall curves (linear probe)",
+            subgroups.FILE: "Subgroup AUROC and gaps", age.FILE: "Age calibration"}
+
+
+def _settings(out: Path, name: str) -> dict:
+    """The run's settings from its manifest ({} when absent or unreadable: the figures then do without)."""
+    try:
+        settings = json.loads((out / "results" / f"{name}{MANIFEST}").read_text())["settings"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return settings if isinstance(settings, dict) else {}
+
+
+def _per_model(folder: Path, models: list[str], suffix: str, columns: tuple[str, ...], what: str
+               ) -> dict[str, pl.DataFrame]:
+    """model -> its `<model><suffix>` file in `folder`, for the models that have one."""
+    found = {}
+    for model in models:
+        path = folder / f"{safe_name(model)}{suffix}"
+        if path.exists():
+            found[model] = read_checked(path, columns, what)
+    return found
+
+
+def task_figures(out: Path, name: str) -> list[tuple[str, "Figure", pl.DataFrame]]:
+    """(file name, figure, data it drew) of every figure task `name` of the run in `out` has inputs for; a note
+    on stderr for each one skipped."""
+    results = out / "results"
+    table_path = results / f"{name}.parquet"
+    table = read_tidy(table_path) if table_path.exists() else None
+    settings = _settings(out, name)
+    reference = settings.get("reference") or None
+    models = [m[0] for m in settings.get("models", []) if isinstance(m, list) and m]
+    if not models and table is not None:
+        models = table["model"].unique(maintain_order=True).to_list()
+    drawn: list[tuple[str, "Figure", pl.DataFrame]] = []
+
+    def keep(file: str, made: tuple["Figure", pl.DataFrame] | None, missing: str) -> None:
+        if made is None:
+            note(f"{name}: {file} not drawn: {missing}")
+        else:
+            drawn.append((file, *made))
+
+    if table is None:
+        note(f"{name}: the forest, ROC, precision-recall, subgroup and age-calibration figures are not drawn: "
+             f"they read their numbers from the tidy table {table_path}, which this run did not write")
+    else:
+        if reference is None:
+            note(f"{name}: no reference model in {results / (name + MANIFEST)}: none is marked")
+        keep(forest.FILE, forest.draw(table, reference, name), f"no headline metric with a value in {table_path}")
+        predictions = _per_model(results / name, models, ".predictions.parquet", curves.PREDICTION_COLUMNS,
+                                 "the linear probe's predictions")
+        for kind, (file, *_) in curves.KINDS.items():
+            keep(file, curves.draw(predictions, table, kind, name) if predictions else None,
+                 f"no label with both classes in results/{name}/<model>.predictions.parquet" if predictions else
+                 f"no results/{name}/<model>.predictions.parquet (protocol linear)")
+        keep(subgroups.FILE, subgroups.draw(table, reference, name),
+             f"no subgroup_auroc or subgroup_gap row with a value in {table_path}")
+        demographics = _per_model(results / name, models, ".demographics.parquet", age.DEMOGRAPHICS_COLUMNS,
+                                  "the demographics predictions")
+        keep(age.FILE, age.draw(demographics, table, name),
+             f"no test image with a known age in results/{name}/<model>.demographics.parquet (protocol "
+             "demographics)")
+    rank = {m: i for i, m in enumerate(models)}
+    paths = sorted((results / name).glob(f"*{overlays.SUFFIX}"))
+    sets = sorted(((overlays.read_overlays(p), p) for p in paths), key=lambda s: (rank.get(s[0].model, len(rank)),
+                                                                                    s[1].name))
+    for ov, path in sets:
+        keep(overlay_file(path.name.removesuffix(overlays.SUFFIX)), overlays.draw(ov, name), f"{path} shows no image")
+    if not paths:
+        note(f"{name}: no segmentation overlays: no results/{name}/<model>{overlays.SUFFIX} (protocol seg)")
+    return drawn
+
+
+def overlay_file(stem: str) -> str:
+    return f"overlays_{stem}.png"
+
+
+def draw_task_figures(out: Path, name: str) -> list[Path]:
+    """Draw every figure of task `name` of the run in `out` into ``out/figures/<name>/`` (each PNG written
+    atomically; PNGs of an earlier drawing that this one did not write are removed, so none is stale) and return
+    the paths written. Raises FigureInputError when an input file is malformed."""
+    out = Path(out)
+    folder = out / FOLDER / name
+    written = []
+    for file, fig, _ in task_figures(out, name):
+        with atomic_path(folder / file) as tmp:
+            tmp.write_bytes(png_bytes(fig))
+        written.append(folder / file)
+    for old in sorted(folder.glob("*.png")) if folder.is_dir() else []:
+        if old not in written:
+            old.unlink()
+    return written
+
+
+def figure_links(name: str, paths: list[Path]) -> list[str]:
+    """Markdown lines embedding the figures `paths` (as draw_task_figures returned them) in ``<out>/<name>.md``,
+    one paragraph each, with their caption."""
+    lines = []
+    for p in paths:
+        stem = p.name.removeprefix("overlays_").removesuffix(".png")
+        caption = CAPTIONS.get(p.name, f"Segmentation overlays: {stem}")
+        lines += [f"{caption}: [{p.name}]({FOLDER}/{name}/{p.name})", "", f"![{caption}]({FOLDER}/{name}/{p.name})",
+                  ""]
+    return lines
