@@ -41,7 +41,7 @@ from harness.common.atomic import atomic_path, atomic_write_text
 from harness.common.devices import pick_device
 from harness.common.paths import cache_dir, safe_name
 from harness.features import DEFAULT_DENSE_BUDGET_GB, FeatureCache, extract
-from harness.figures import draw_task_figures, figure_links
+from harness.figures import FigureInputError, draw_task_figures, figure_links
 from harness.leaderboard import render, section_from_json, section_to_json
 from harness.log import setup_logging
 from harness.probes import PROTOCOLS
@@ -445,7 +445,11 @@ def write_outputs(tr: TaskRun, encoders: list[Encoder], results: dict[str, Proto
     md = render(f"Leaderboard: {task.name}", header, [all_sections[p] for p in order])
     # Drawn from the files just written (what `python -m harness.plot` reads too), so a figure shows the table's
     # own numbers; linked at the end of the leaderboard.
-    figures = draw_task_figures(out, name)
+    try:
+        figures = draw_task_figures(out, name)
+    except FigureInputError as e:  # the numbers are written; a figure that cannot be drawn does not lose them
+        log.warning(f"figures of {name} not drawn: {e}")
+        figures = []
     if figures:
         md = md.rstrip("\n") + "\n\n## Figures\n\n" + "\n".join(figure_links(name, figures)).rstrip("\n") + "\n"
     path = out / f"{name}.md"

@@ -158,7 +158,7 @@ def test_only_blocks_marked_not_run_are_left_out(tmp_path):
 _DRIVER = """
 import json, sys
 page, blocks = sys.argv[1], json.load(open(sys.argv[2]))
-namespace = {"__name__": "__main__"}
+namespace = sys.modules["__main__"].__dict__  # so that a registry target "__main__:name" resolves
 for line, code in blocks:
     exec(compile("\\n" * line + code, page, "exec"), namespace)
 """
