@@ -14,20 +14,24 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import polars as pl
 from joblib import cpu_count
 
 from harness import stats
+from harness.common.hashing import sha256_text
 from harness.common.paths import safe_name
 from harness.leaderboard import Section
 from harness.probes import PROTOCOLS
 from harness.registry import resolve
+from harness.results_cache import ResultsCache, array_digest, store
 from harness.splits import pseudonym
 from harness.tasks.base import Subset, Task
 from harness.tidy import TidyRow
@@ -79,9 +83,41 @@ class TaskRun:
     #: that change its numbers; defaults to the task name
     out_name: str = ""
     options: ProbeOptions = field(default_factory=ProbeOptions)
+    #: per-model protocol work saved on disk (`harness.results_cache`); None computes everything
+    results_cache: ResultsCache | None = None
 
     def __post_init__(self) -> None:
         self.out_name = self.out_name or safe_name(self.task.name)
+
+    @cached_property
+    def data_digest(self) -> str:
+        """What every protocol's result depends on besides the features: the labels, the patients, the split, the
+        bootstrap resamples, the seed and the evaluable-label rule."""
+        t = self.task.table
+        return sha256_text(json.dumps({
+            "labels": array_digest(np.asarray(t.labels)), "label_names": list(t.label_names),
+            "patients": sha256_text("\0".join(t.patient_ids)), "split": array_digest(self.split.astype(str)),
+            "weights": array_digest(self.weights), "seed": self.seed,
+            "min_positive_patients": self.min_positive_patients}, sort_keys=True))
+
+    def _parts(self, protocol: str, features: str, settings: dict) -> dict:
+        return {"protocol": protocol, "features": features, "data": self.data_digest, "settings": settings}
+
+    def cached(self, protocol: str, features: str, settings: dict) -> Any | None:
+        """One model's work in `protocol` from the results cache: computed before by the same code from the same
+        features (`features`: their digest or cache key), data and `settings`; None when it was not."""
+        if self.results_cache is None:
+            return None
+        return self.results_cache.lookup(self._parts(protocol, features, settings))
+
+    def store(self, protocol: str, features: str, settings: dict, tree: Any) -> Any:
+        """`tree` (JSON values and arrays) stored as that work's result, and returned as a rerun will read it."""
+        return store(self.results_cache, self._parts(protocol, features, settings), tree)
+
+    def memo(self, protocol: str, features: str, settings: dict, compute: Callable[[], Any]) -> Any:
+        """`cached(...)`, or `compute()` stored."""
+        found = self.cached(protocol, features, settings)
+        return found if found is not None else self.store(protocol, features, settings, compute())
 
     def patient_keys(self, rows: np.ndarray) -> list[str]:
         """Pseudonyms of the patients of `rows`: what outputs carry and what the bootstrap draws over."""

@@ -47,6 +47,7 @@ from harness.log import setup_logging
 from harness.probes import PROTOCOLS
 from harness.protocols import (MIN_POSITIVE_PATIENTS, ProbeOptions, ProtocolResult, TaskRun, feature_sets,
                                label_status, usable_cores)
+from harness.results_cache import ResultsCache, ResultsCacheFull
 from harness.splits import make_split, pseudonym, split_hash, write_split
 from harness.taskspec import TaskSpec, UsageError, parse_task_list
 from harness.taskspec import parse_task_spec as _parse_spec
@@ -131,7 +132,11 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                         f"else {default_weights_dir()})")
     p.add_argument("--cache-dir", type=Path,
                    default=cache_dir(),
-                   help="feature cache (content-addressed; safe to delete); $RADDINO_BENCH_CACHE sets the default")
+                   help="feature cache, and under results/ the protocols' per-model fits (content-addressed; safe "
+                        "to delete); $RADDINO_BENCH_CACHE sets the default")
+    p.add_argument("--recompute", action="store_true",
+                   help="recompute every probe fit, segmentation head and bootstrap instead of reusing those of an "
+                        "earlier run with the same features, data, settings and code (the cache is still updated)")
     p.add_argument("--out", type=Path, default=None,
                    help="where leaderboards (<name>.md: the task name plus the options that change its numbers), "
                         "results/ and splits/ are written; unset: each task in its own runs/<name>/")
@@ -250,16 +255,18 @@ def evaluate_task(spec: TaskSpec, encoders: list[Encoder], args: argparse.Namesp
     for view, dense in feature_sets(task, protocols):
         extract_for(view, encoders, dense)
     feats = extract_for(task, encoders, False)
+    results_cache = ResultsCache(args.cache_dir / "results", recompute=args.recompute)
     tr = TaskRun(task, split, split_hash(t.image_ids, list(split)), weights, feats, summary, extract=extract_for,
                  seed=args.seed, reference=reference, min_positive_patients=args.min_positive_patients,
-                 out_name=output_name(spec, task), options=probe_options(args))
+                 out_name=output_name(spec, task), options=probe_options(args), results_cache=results_cache)
     results: dict[str, ProtocolResult] = {}
     for proto in protocols:
         entry = PROTOCOLS.get(proto)
         log.info(f"protocol {proto} ...")
         # A protocol gets the results of those it runs after, in the order it declares them.
         results[proto] = entry.load()(tr, encoders, *(results[dep] for dep in entry.after))
-
+    log.info(f"results cache ({results_cache.root}): {results_cache.hits} model result(s) reused, "
+             f"{results_cache.misses} computed")
     return write_outputs(tr, encoders, results, args)
 
 
@@ -533,7 +540,7 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     for spec in specs:
         try:
             written.append(evaluate_task(spec, encoders, args, ctx, cache, device, reference))
-        except (TaskError, ValueError, FloatingPointError) as e:
+        except (TaskError, ValueError, FloatingPointError, ResultsCacheFull) as e:
             print(f"error: task {spec.text!r}: {e}", file=sys.stderr)
             return 1
     for w in written:

@@ -36,6 +36,7 @@ from harness.common.paths import safe_name
 from harness.log import progress
 from harness.probes.linear import LabelResult, grid_edge, linear_probe
 from harness.protocols import ProtocolResult, TaskRun, parquet_bytes
+from harness.results_cache import array_digest
 from harness.tasks.base import TaskTable
 from harness.tidy import TidyRow, rows_of
 
@@ -257,6 +258,13 @@ def fit_probes(tr: TaskRun, c: Cohort, x: np.ndarray) -> Fitted:
     return Fitted(sex_lab, sex_scores, age)
 
 
+def fitted_tree(fitted: Fitted, c: Cohort, weights: np.ndarray) -> dict:
+    """One model's probes and their scores on the shared resamples as plain data (what the results cache keeps)."""
+    return {"sex": vars(fitted.sex) if fitted.sex is not None else None, "sex_scores": fitted.sex_scores,
+            "age": vars(fitted.age) if fitted.age is not None else None,
+            "scored": score_probes(c, fitted, weights)}
+
+
 #: metric -> model -> (point, [B] resampled values) of the demographic probes' headline metrics
 Scores = dict[str, dict[str, tuple[float, np.ndarray]]]
 METRICS = ("sex_auroc", "age_mae", "age_r2", "age_r")
@@ -431,8 +439,12 @@ def fit_and_score(tr: TaskRun, encoders: list[Encoder], linear: ProtocolResult) 
     scored: dict[str, dict[str, tuple[float, np.ndarray]]] = {}
     files = {}
     for enc in progress(encoders, "demographics: fits and bootstrap"):
-        fitted = fit_probes(tr, c, tr.features[enc.name].global_)
-        scored[enc.name] = score_probes(c, fitted, tr.weights)
+        x = tr.features[enc.name].global_
+        work = tr.memo(NAME, array_digest(x), {"alphas": list(DEFAULT_ALPHAS)},
+                       lambda x=x: fitted_tree(fit_probes(tr, c, x), c, tr.weights))
+        fitted = Fitted(LabelResult(**work["sex"]) if work["sex"] else None, work["sex_scores"],
+                        AgeProbe(**work["age"]) if work["age"] else None)
+        scored[enc.name] = work["scored"]
         view = subgroups(tr, c, linear_scores(linear, enc.name, t, c.test_rows))
         records[enc.name] = model_record(tr, c, fitted, scored[enc.name], view)
         files[f"results/{tr.out_name}/{safe_name(enc.name)}.demographics.parquet"] = per_image_parquet(tr, c, fitted)

@@ -28,6 +28,7 @@ from harness.leaderboard import Cell, Section
 from harness.log import progress
 from harness.probes.linear import linear_probe
 from harness.protocols import ProtocolResult, TaskRun, label_status
+from harness.results_cache import array_digest
 from harness.tidy import rows_of
 
 if TYPE_CHECKING:
@@ -140,16 +141,25 @@ def fit_and_score(tr: TaskRun, encoders: list[Encoder]) -> ProtocolResult:
     for f, col, rows_d, ok, _ in per_fraction:
         skip = {j: "not evaluable at this fraction" for j in range(len(t.label_names)) if j not in ok}
         points, resampled = {}, {}
-        for enc in progress(encoders, f"label efficiency {f:g}: fits and bootstrap"):
-            x = tr.features[enc.name].global_
-            draw_points, draw_boot = [], []
+
+        def draws_of(x: np.ndarray, rows_d: list[np.ndarray] = rows_d, ok: list[int] = ok,
+                     skip: dict[int, str] = skip) -> dict:
+            """One model's probes on every draw of this fraction: each draw's macro AUROC and its resamples."""
+            points_d, boot_d = [], []
             for rows in rows_d if ok else []:  # no label to score: nothing to fit
                 probe = linear_probe(x[rows], y[rows], groups[rows], x[test], y[test], t.label_names, seed=tr.seed,
                                      skip=skip, n_jobs=tr.options.n_jobs)
                 summary, boot = stats.classification_summary(probe.scores[:, ok], y[test][:, ok],
                                                              [t.label_names[j] for j in ok], tr.weights)
-                draw_points.append(summary["auroc"]["macro"]["point"])
-                draw_boot.append(boot["auroc"])
+                points_d.append(summary["auroc"]["macro"]["point"])
+                boot_d.append(boot["auroc"])
+            return {"points": points_d, "boot": boot_d}
+
+        settings = {"fraction": f, "draws": [array_digest(r) for r in rows_d], "labels": [int(j) for j in ok]}
+        for enc in progress(encoders, f"label efficiency {f:g}: fits and bootstrap"):
+            x = tr.features[enc.name].global_
+            work = tr.memo(NAME, array_digest(x), settings, lambda x=x: draws_of(x))
+            draw_points, draw_boot = work["points"], work["boot"]
             if ok:
                 points[enc.name] = float(np.mean(draw_points))
                 resampled[enc.name] = np.mean(draw_boot, axis=0)

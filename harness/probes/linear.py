@@ -21,6 +21,7 @@ from harness.common.paths import safe_name
 from harness.log import progress
 from harness.probe_fits import FitLog, fold_scores, refit_scores
 from harness.protocols import ProtocolResult, TaskRun, label_status, parquet_bytes, usable_cores
+from harness.results_cache import array_digest
 from harness.tidy import TidyRow, rows_of
 
 if TYPE_CHECKING:
@@ -164,10 +165,22 @@ def fit_and_score(tr: TaskRun, encoders: list[Encoder]) -> ProtocolResult:
     test_keys = tr.patient_keys(test_rows)
     evaluable, reasons = label_status(tr.task, tr.split, tr.min_positive_patients)
     skip = {j: why for j, why in enumerate(reasons) if not evaluable[j]}
-    probes = {e.name: linear_probe(tr.features[e.name].global_[train], y[train], groups[train],
-                                   tr.features[e.name].global_[test], y[test], t.label_names, seed=tr.seed,
-                                   skip=skip, n_jobs=tr.options.n_jobs)
-              for e in progress(encoders, "linear probe: fits")}
+
+    def probe_and_bootstrap(x: np.ndarray) -> dict:
+        """One model's fits and the bootstrap of its own metrics (what the results cache keeps)."""
+        probe = linear_probe(x[train], y[train], groups[train], x[test], y[test], t.label_names, seed=tr.seed,
+                             skip=skip, n_jobs=tr.options.n_jobs)
+        ok = [j for j, lab in enumerate(probe.labels) if lab.evaluable]
+        summary, resampled = stats.classification_summary(
+            probe.scores[:, ok], y[test][:, ok], [t.label_names[j] for j in ok], tr.weights) if ok else (None, None)
+        return {"scores": probe.scores, "labels": [vars(lab) for lab in probe.labels], "summary": summary,
+                "resampled": resampled}
+
+    settings = {"Cs": list(DEFAULT_CS), "max_iter": MAX_ITER, "skip": {str(j): why for j, why in skip.items()}}
+    work = {e.name: tr.memo(NAME, array_digest(tr.features[e.name].global_), settings,
+                            lambda e=e: probe_and_bootstrap(tr.features[e.name].global_))
+            for e in progress(encoders, "linear probe: fits and bootstrap")}
+    probes = {m: ProbeResult(w["scores"], [LabelResult(**lab) for lab in w["labels"]]) for m, w in work.items()}
     # Which labels are evaluable depends only on the labels and the split, so it is the same for every model.
     labels = probes[encoders[0].name].labels
     ok = [j for j, lab in enumerate(labels) if lab.evaluable]
@@ -197,10 +210,9 @@ def fit_and_score(tr: TaskRun, encoders: list[Encoder]) -> ProtocolResult:
         return ProtocolResult(NAME, Section(TITLE, [], {e.name: {} for e in encoders}, notes=notes), records)
 
     summaries, resampled, predictions, files = {}, {}, {}, {}
-    for enc in progress(encoders, "linear probe: bootstrap"):
+    for enc in encoders:
         scores = probes[enc.name].scores[:, ok]
-        summaries[enc.name], resampled[enc.name] = stats.classification_summary(scores, y[test][:, ok], names,
-                                                                                tr.weights)
+        summaries[enc.name], resampled[enc.name] = work[enc.name]["summary"], work[enc.name]["resampled"]
         predictions[enc.name] = tuple(
             {"image_id": t.image_ids[i], "patient_key": k, "label": n, "target": int(y[i, j]), "score": float(s)}
             for jj, (j, n) in enumerate(zip(ok, names))

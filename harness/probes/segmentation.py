@@ -58,9 +58,11 @@ from harness.features import FeatureSet, Grid, ShardWriter
 from harness.figures.overlays import SUFFIX as OVERLAY_SUFFIX
 from harness.figures.overlays import overlay_npz
 from harness.leaderboard import Cell, Section
+from harness.common.hashing import sha256_chunks, sha256_text
 from harness.common.paths import safe_name
 from harness.log import progress
 from harness.protocols import ProtocolResult, TaskRun, dense_view
+from harness.results_cache import array_digest
 from harness.tasks.base import Task, TaskError
 from harness.tidy import TidyRow, rows_of
 
@@ -425,7 +427,8 @@ class MaskedImages:
     """The masked images of a task as segmentation sees them: rows `train` / `test` of `subset`, the structures
     `names`, the test images' ids and pseudonymous patient keys, their own patient bootstrap (`weights`, over the
     keys the per-image file publishes), every mask's size, which test truths are non-empty [n_test, K], and the
-    test rows (positions in `test`) shown as overlays."""
+    test rows (positions in `test`) shown as overlays. `mask_digest` covers every mask's content (a segmentation
+    result depends on it as well as on the features)."""
 
     subset: Task
     train: np.ndarray
@@ -437,6 +440,7 @@ class MaskedImages:
     shapes: list[tuple[int, int]]
     truth_any: np.ndarray
     shown: list[int]
+    mask_digest: str
 
 
 def masked_images(tr: TaskRun) -> MaskedImages | str:
@@ -460,32 +464,49 @@ def masked_images(tr: TaskRun) -> MaskedImages | str:
     # ~1 MB each) but read again where needed.
     test_row = {int(i): r for r, i in enumerate(test)}
     shapes, truth_any = [], np.zeros((len(test), len(names)), dtype=bool)
+    mask_chunks = []
     for i in range(len(subset)):
         m = _mask(subset, i)
         shapes.append(m.shape[-2:])
+        mask_chunks += [f"{i}:{m.shape}".encode(), np.packbits(m).tobytes()]
         if i in test_row:
             truth_any[test_row[i]] = m.reshape(len(names), -1).any(1)
     # The overlays show the same test images for every model: the first ones with something to segment.
     shown = [r for r in range(len(test)) if truth_any[r].any()][:N_OVERLAYS]
     return MaskedImages(subset, train, test, names, [subset.table.image_ids[i] for i in test], test_keys, weights,
-                        shapes, truth_any, shown)
+                        shapes, truth_any, shown, sha256_chunks(mask_chunks))
 
 
-def fit_heads(data: MaskedImages, encoders: list[Encoder], dense: dict[str, FeatureSet], budget: SegBudget,
-              seed: int) -> dict[str, dict[str, HeadScores]]:
-    """Both heads of every encoder trained on the training masks and scored on the test masks, per image."""
+def fit_heads(tr: TaskRun, data: MaskedImages, encoders: list[Encoder], dense: dict[str, FeatureSet],
+              budget: SegBudget) -> dict[str, dict[str, HeadScores]]:
+    """Both heads of every encoder trained on the training masks and scored on the test masks, per image; an
+    encoder whose heads the results cache holds (same dense features, masks, split, budget and code) is not
+    retrained, and the masks are placed on the loss grid only for those that are."""
     placement = {enc.name: mask_placement_key(enc.preprocess, data.shapes) for enc in encoders}
+    settings = {enc.name: {"budget": asdict(budget), "placement": sha256_text(repr(placement[enc.name])),
+                           "masks": data.mask_digest, "train": array_digest(data.train),
+                           "test": array_digest(data.test), "shown": data.shown}
+                for enc in encoders}
+    feature_key = {enc.name: dense[enc.name].key or array_digest(dense[enc.name].global_) for enc in encoders}
+    found = {enc.name: tr.cached(NAME, feature_key[enc.name], settings[enc.name]) for enc in encoders}
+    trained = [enc for enc in encoders if found[enc.name] is None]
     scores: dict[str, dict[str, HeadScores]] = {}
     with tempfile.TemporaryDirectory(prefix="raddino-seg-") as scratch:
-        targets = placed_targets(data.subset, list(dict.fromkeys(placement.values())), budget.loss_size,
-                                 Path(scratch))
+        targets = placed_targets(data.subset, list(dict.fromkeys(placement[e.name] for e in trained)),
+                                 budget.loss_size, Path(scratch)) if trained else {}
         for enc in progress(encoders, "segmentation heads"):
-            t0, c0 = time.perf_counter(), time.process_time()
-            scores[enc.name] = evaluate_encoder(dense[enc.name], enc.preprocess, lambda i: _mask(data.subset, i),
-                                                data.train, data.test, targets[placement[enc.name]], budget, seed,
-                                                set(data.shown))
-            log.info(f"  {enc.name}: segmentation heads trained and scored in {time.perf_counter() - t0:.1f} s "
-                     f"({time.process_time() - c0:.1f} s CPU; dense features {_MODES[dense[enc.name].dense_mode]})")
+            tree = found[enc.name]
+            if tree is None:
+                t0, c0 = time.perf_counter(), time.process_time()
+                heads = evaluate_encoder(dense[enc.name], enc.preprocess, lambda i: _mask(data.subset, i),
+                                         data.train, data.test, targets[placement[enc.name]], budget, tr.seed,
+                                         set(data.shown))
+                tree = tr.store(NAME, feature_key[enc.name], settings[enc.name],
+                                {kind: vars(h) for kind, h in heads.items()})
+                log.info(f"  {enc.name}: segmentation heads trained and scored in {time.perf_counter() - t0:.1f} s "
+                         f"({time.process_time() - c0:.1f} s CPU; dense features "
+                         f"{_MODES[dense[enc.name].dense_mode]})")
+            scores[enc.name] = {kind: HeadScores(**tree[kind]) for kind in HEADS}
     return scores
 
 
@@ -610,7 +631,7 @@ def fit_and_score(tr: TaskRun, encoders: list[Encoder], budget: SegBudget = BUDG
     dense = tr.extract(data.subset, encoders, True)
     for enc in encoders:  # before any training: fail in seconds, not after the other models' heads
         check_finite(dense[enc.name], enc.name, tr.task.name, data.subset.table.image_ids)
-    scores = fit_heads(data, encoders, dense, budget, tr.seed)
+    scores = fit_heads(tr, data, encoders, dense, budget)
     summary, paired = score(data, scores, tr.reference)
 
     columns, rows, higher_is_better = section_rows(data, encoders, summary, paired)

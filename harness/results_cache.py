@@ -1,0 +1,177 @@
+"""The results cache: a protocol's per-model work (probe fits, their cross-validation, segmentation heads, the
+bootstrap of the model's own metrics) saved on disk, so that a rerun with nothing changed recomputes none of it, and
+adding a model to a finished run computes only that model's work and the paired comparisons.
+
+An entry is keyed by the sha256 of everything the work depends on: the protocol, the model's features (the digest
+of the feature array itself, or the feature cache's key for dense grids), the task's labels and patient split, the
+bootstrap resamples, the protocol's settings, and the code version (the sources of the ``harness`` package and the
+versions of the numerical libraries). Change any of them and the entry is simply not found. What is stored is a
+tree of JSON values and numpy arrays (one ``.npz`` per entry, read with ``allow_pickle=False``: no pickled code
+ever runs), written atomically, so an interrupted write never leaves an entry that is read afterwards.
+"""
+from __future__ import annotations
+
+import errno
+import io
+import json
+import logging
+from shutil import disk_usage
+from functools import cache
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from harness.common.atomic import atomic_path
+from harness.common.hashing import sha256_chunks, sha256_text
+
+log = logging.getLogger(__name__)
+
+#: Bumped when the entry layout changes.
+FORMAT = "1"
+#: Libraries whose version can change a fitted number.
+LIBRARIES = ("numpy", "scipy", "scikit-learn", "torch", "polars")
+
+
+class ResultsCacheFull(OSError):
+    """The results cache's disk cannot take an entry; the message names the folder and the space needed."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+@cache
+def code_version() -> str:
+    """sha256 over the harness's own sources and the numerical libraries' versions: any edit to the code that
+    computes a result makes every entry it wrote unreachable."""
+    root = Path(__file__).resolve().parent
+    chunks = []
+    for path in sorted(root.rglob("*.py")):
+        chunks += [str(path.relative_to(root)).encode(), path.read_bytes()]
+    for lib in LIBRARIES:
+        try:
+            chunks.append(f"{lib}=={metadata.version(lib)}".encode())
+        except metadata.PackageNotFoundError:
+            chunks.append(f"{lib} absent".encode())
+    return sha256_chunks(chunks)
+
+
+def array_digest(*arrays: np.ndarray) -> str:
+    """sha256 of arrays' dtypes, shapes and bytes (a key part for data that has no name of its own)."""
+    chunks = []
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        chunks += [f"{a.dtype.str}{a.shape}".encode(), a.tobytes()]
+    return sha256_chunks(chunks)
+
+
+def _encode(obj: Any, arrays: list[np.ndarray]) -> Any:
+    """`obj` as JSON, each numpy array replaced by ``{"__array__": i}`` and appended to `arrays`."""
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.kind == "O":
+            raise TypeError("an object array cannot be cached (it would need pickle)")
+        arrays.append(obj)
+        return {"__array__": len(arrays) - 1}
+    if isinstance(obj, dict):
+        if not all(isinstance(k, str) for k in obj):
+            raise TypeError(f"cached dict keys must be strings, got {list(obj)[:3]}")
+        return {k: _encode(v, arrays) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_encode(v, arrays) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot cache a {type(obj).__name__}")
+
+
+def _decode(obj: Any, arrays: dict[str, np.ndarray]) -> Any:
+    if isinstance(obj, dict):
+        if set(obj) == {"__array__"}:
+            return arrays[f"a{obj['__array__']}"]
+        return {k: _decode(v, arrays) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_decode(v, arrays) for v in obj]
+    return obj
+
+
+def dump(tree: Any) -> bytes:
+    """A tree of dicts, lists, JSON scalars (NaN included) and numpy arrays as the bytes of one ``.npz``."""
+    arrays: list[np.ndarray] = []
+    text = json.dumps(_encode(tree, arrays))
+    buf = io.BytesIO()
+    np.savez(buf, tree=np.array(text), **{f"a{i}": a for i, a in enumerate(arrays)})
+    return buf.getvalue()
+
+
+def load(blob: bytes) -> Any:
+    """The tree `dump` wrote (tuples come back as lists)."""
+    with np.load(io.BytesIO(blob), allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files if k != "tree"}
+        return _decode(json.loads(str(z["tree"][()])), arrays)
+
+
+class ResultsCache:
+    """Entries under `root` (``<--cache-dir>/results``). `recompute`: never read an entry (but write them), for
+    ``--recompute``. `hits` and `misses` count this process's lookups."""
+
+    def __init__(self, root: Path, recompute: bool = False):
+        self.root = Path(root)
+        self.recompute = recompute
+        self.hits = 0
+        self.misses = 0
+
+    def key(self, parts: dict) -> str:
+        return sha256_text(json.dumps({"format": FORMAT, "code": code_version(), **parts}, sort_keys=True,
+                                      default=str))
+
+    def path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.npz"
+
+    def get(self, key: str) -> Any | None:
+        path = self.path(key)
+        if self.recompute or not path.is_file():
+            return None
+        try:
+            return load(path.read_bytes())
+        except (OSError, ValueError, KeyError) as e:  # unreadable (e.g. a disk error): recompute, and say so
+            log.warning(f"results cache: {path} unreadable ({type(e).__name__}: {e}); recomputing it")
+            return None
+
+    def put(self, key: str, tree: Any) -> None:
+        blob = dump(tree)
+        path = self.path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        free = disk_usage(path.parent).free
+        if len(blob) > free:
+            raise ResultsCacheFull(errno.ENOSPC, f"the results cache {self.root} needs {len(blob) / 1e6:.1f} MB "
+                                   f"for an entry and its disk has {free / 1e6:.1f} MB free: free some space or "
+                                   "give another --cache-dir")
+        try:
+            with atomic_path(path) as tmp:
+                tmp.write_bytes(blob)
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            raise ResultsCacheFull(errno.ENOSPC, f"the results cache {self.root} ran out of disk space writing a "
+                                   f"{len(blob) / 1e6:.1f} MB entry (nothing half-written is kept): free some "
+                                   "space or give another --cache-dir") from None
+
+    def lookup(self, parts: dict) -> Any | None:
+        """The stored result of the work `parts` describe, or None (counted as a hit or a miss)."""
+        found = self.get(self.key(parts))
+        if found is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return found
+
+
+def store(cache: ResultsCache | None, parts: dict, tree: Any) -> Any:
+    """`tree` stored under `parts` (when there is a cache) and returned as it will be read back (through
+    `dump`/`load`), so that the first run and a rerun see identical values and types, cache or no cache."""
+    blob_tree = load(dump(tree))
+    if cache is not None:
+        cache.put(cache.key(parts), blob_tree)
+    return blob_tree
