@@ -31,7 +31,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # the unpickler refuses anything that is not tensors and plain containers
         raise ValueError(f"{path}: not a plain tensor checkpoint loadable with weights_only=True ({e}). A TorchScript "
-                         "or pickled-module file is not supported; use the state-dict file named in the README") from e
+                         "or pickled-module file is not supported; use the state-dict file named in docs/encoders.md") from e
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
     return obj

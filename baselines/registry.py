@@ -96,7 +96,7 @@ class WeightsMissing(RuntimeError):
                  hub_cache: Path | None = None, repos: tuple[str, ...] = ()):
         self.model, self.folder, self.expected = model, folder, expected
         self.hub_cache, self.repos = hub_cache, repos
-        files = ", ".join(expected) if expected else "(see README)"
+        files = ", ".join(expected) if expected else "the files docs/encoders.md lists for it"
         msg = f"{model}: weights not found in {folder}; expected {files}"
         if hub_cache is not None and repos:
             msg += (f". Not in the Hugging Face cache {hub_cache} ($HF_HUB_CACHE, else $HF_HOME/hub) either: no "

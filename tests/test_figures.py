@@ -370,3 +370,25 @@ def test_png_bytes_carry_no_date():
     blob = png_bytes(fig)
     assert b"raddino-bench harness.figures" in blob and b"Matplotlib version" not in blob
     assert b"Creation Time" not in blob and b"tIME" not in blob
+
+
+def test_a_real_run_draws_every_figure_from_its_own_table(tmp_path):
+    """harness.run on a small demo task: the figures are written beside the leaderboard, linked from it, and the
+    forest plot's points are the tidy table's."""
+    from harness.run import main as run
+
+    stem = "demo-n_patients_24-p_effusion_0.4-p_nodule_0.4-size_64"
+    assert run(["--models", "pixels,random-vit", "--tasks", "demo:n_patients=24,size=64,p_effusion=0.4,p_nodule=0.4",
+                "--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache"), "--bootstrap", "200",
+                "--workers", "0", "--min-positive-patients", "2", "--protocols", "linear,seg,demographics"]) == 0
+    drawn = {file: data for file, _, data in task_figures(tmp_path, stem)}
+    assert {"forest.png", "roc.png", "pr.png", "age_calibration.png", "overlays_pixels.png",
+            "overlays_random-vit.png"} <= set(drawn)
+    board = (tmp_path / f"{stem}.md").read_text()
+    for file in drawn:
+        assert_valid_png(tmp_path / "figures" / stem / file)
+        assert f"(figures/{stem}/{file})" in board
+    table = read_tidy(tmp_path / "results" / f"{stem}.parquet")
+    forest_rows = drawn["forest.png"].join(table, on=["model", "protocol", "metric", "label"], how="left")
+    assert len(forest_rows) and forest_rows["point"].equals(forest_rows["point_right"].alias("point"))
+    assert set(forest_rows["protocol"]) == {"linear", "seg", "demographics"}

@@ -21,7 +21,8 @@ import polars as pl
 
 from harness.figures import age, curves, forest, overlays, subgroups
 from harness.figures.common import FigureInputError, note, png_bytes, read_checked, read_tidy
-from harness.common.atomic import atomic_path
+from harness.common.atomic import atomic_path, atomic_write_text
+from harness.common.hashing import sha256_chunks
 from harness.common.paths import safe_name
 
 if TYPE_CHECKING:
@@ -112,12 +113,42 @@ def overlay_file(stem: str) -> str:
     return f"overlays_{stem}.png"
 
 
+#: In ``figures/<name>/``: the digest of the inputs its figures were drawn from, then their file names, one a line.
+STAMP = ".drawn-from"
+#: The per-model files under ``results/<name>/`` that figures read.
+_INPUT_SUFFIXES = (".predictions.parquet", ".demographics.parquet", overlays.SUFFIX)
+
+
+def inputs_digest(out: Path, name: str) -> str:
+    """sha256 of everything the figures of task `name` are drawn from: the tidy table, the run's settings, the
+    per-image files, and the code that draws them (the harness's sources)."""
+    from harness.results_cache import code_version
+
+    results = out / "results"
+    files = [results / f"{name}.parquet"]
+    if (results / name).is_dir():
+        files += sorted(f for f in (results / name).iterdir() if f.name.endswith(_INPUT_SUFFIXES))
+    chunks = [code_version().encode(), json.dumps(_settings(out, name), sort_keys=True).encode()]
+    for f in files:
+        if f.is_file():
+            chunks += [b"\0" + f.name.encode() + b"\0", f.read_bytes()]
+    return sha256_chunks(chunks)
+
+
 def draw_task_figures(out: Path, name: str) -> list[Path]:
     """Draw every figure of task `name` of the run in `out` into ``out/figures/<name>/`` (each PNG written
     atomically; PNGs of an earlier drawing that this one did not write are removed, so none is stale) and return
-    the paths written. Raises FigureInputError when an input file is malformed."""
+    the paths written. When the figures there were drawn from the same inputs by the same code (a rerun with
+    nothing changed), nothing is redrawn. Raises FigureInputError when an input file is malformed."""
     out = Path(out)
     folder = out / FOLDER / name
+    digest = inputs_digest(out, name)
+    try:
+        recorded = (folder / STAMP).read_text().splitlines()
+    except OSError:
+        recorded = []
+    if recorded and recorded[0] == digest and all((folder / f).is_file() for f in recorded[1:]):
+        return [folder / f for f in recorded[1:]]
     written = []
     for file, fig, _ in task_figures(out, name):
         with atomic_path(folder / file) as tmp:
@@ -126,6 +157,8 @@ def draw_task_figures(out: Path, name: str) -> list[Path]:
     for old in sorted(folder.glob("*.png")) if folder.is_dir() else []:
         if old not in written:
             old.unlink()
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / STAMP, "\n".join([digest, *(p.name for p in written)]) + "\n")
     return written
 
 

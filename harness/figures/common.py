@@ -11,12 +11,14 @@ from typing import TYPE_CHECKING
 
 import polars as pl
 
+from harness import tidy
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
 #: Columns of the tidy results table `results/<name>.parquet`, one row per (model, protocol, metric, label).
-TIDY_COLUMNS = ("task", "model", "protocol", "metric", "label", "point", "lo", "hi", "delta", "p_holm", "n_valid")
+TIDY_COLUMNS = tidy.COLUMNS
 _FLOATS = ("point", "lo", "hi", "delta", "p_holm")
 #: Significance mark, as in the leaderboards: the paired difference to the reference after Holm.
 SIGNIFICANT = "†"

@@ -258,11 +258,14 @@ def fit_probes(tr: TaskRun, c: Cohort, x: np.ndarray) -> Fitted:
     return Fitted(sex_lab, sex_scores, age)
 
 
-def fitted_tree(fitted: Fitted, c: Cohort, weights: np.ndarray) -> dict:
-    """One model's probes and their scores on the shared resamples as plain data (what the results cache keeps)."""
+def fitted_tree(fitted: Fitted, c: Cohort, weights: np.ndarray, patient_ids: np.ndarray) -> dict:
+    """One model's probes, their scores on the shared resamples and the age calibration, as plain data (what the
+    results cache keeps)."""
     return {"sex": vars(fitted.sex) if fitted.sex is not None else None, "sex_scores": fitted.sex_scores,
             "age": vars(fitted.age) if fitted.age is not None else None,
-            "scored": score_probes(c, fitted, weights)}
+            "scored": score_probes(c, fitted, weights),
+            "calibration": None if fitted.age is None else
+            calibration(c.age[c.age_test], fitted.age.predictions, patient_ids[c.age_test])}
 
 
 #: metric -> model -> (point, [B] resampled values) of the demographic probes' headline metrics
@@ -301,8 +304,8 @@ def subgroups(tr: TaskRun, c: Cohort, scores: np.ndarray) -> dict:
     }
 
 
-def model_record(tr: TaskRun, c: Cohort, fitted: Fitted, scored: dict[str, tuple[float, np.ndarray]],
-                 view: dict) -> dict:
+def model_record(c: Cohort, fitted: Fitted, scored: dict[str, tuple[float, np.ndarray]], view: dict,
+                 age_calibration: dict | None) -> dict:
     """What the model's results file holds for demographics (its paired differences are added once every model is
     scored)."""
     res: dict = {"missing": c.missing}
@@ -316,9 +319,7 @@ def model_record(tr: TaskRun, c: Cohort, fitted: Fitted, scored: dict[str, tuple
         res["age"] = {m.removeprefix("age_"): stats.summarise(*scored[m]) for m in ("age_mae", "age_r2", "age_r")}
         res["age"].update(alpha=ap.alpha, alpha_at_edge=grid_edge(DEFAULT_ALPHAS, ap.alpha)
                           if np.isfinite(ap.cv_mae) else "", cv_mae=ap.cv_mae, n_train=len(c.age_train),
-                          n_test=len(c.age_test),
-                          calibration=calibration(c.age[c.age_test], ap.predictions,
-                                                  np.asarray(tr.task.table.patient_ids)[c.age_test]))
+                          n_test=len(c.age_test), calibration=age_calibration)
     res["subgroups"] = view
     return res
 
@@ -441,12 +442,12 @@ def fit_and_score(tr: TaskRun, encoders: list[Encoder], linear: ProtocolResult) 
     for enc in progress(encoders, "demographics: fits and bootstrap"):
         x = tr.features[enc.name].global_
         work = tr.memo(NAME, array_digest(x), {"alphas": list(DEFAULT_ALPHAS)},
-                       lambda x=x: fitted_tree(fit_probes(tr, c, x), c, tr.weights))
+                       lambda x=x: fitted_tree(fit_probes(tr, c, x), c, tr.weights, np.asarray(t.patient_ids)))
         fitted = Fitted(LabelResult(**work["sex"]) if work["sex"] else None, work["sex_scores"],
                         AgeProbe(**work["age"]) if work["age"] else None)
         scored[enc.name] = work["scored"]
         view = subgroups(tr, c, linear_scores(linear, enc.name, t, c.test_rows))
-        records[enc.name] = model_record(tr, c, fitted, scored[enc.name], view)
+        records[enc.name] = model_record(c, fitted, scored[enc.name], view, work["calibration"])
         files[f"results/{tr.out_name}/{safe_name(enc.name)}.demographics.parquet"] = per_image_parquet(tr, c, fitted)
 
     reference = tr.reference
