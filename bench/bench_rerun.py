@@ -1,5 +1,5 @@
-"""What a rerun costs: the same `python -m harness.run` command three times, each a fresh process, with one empty
-feature and results cache (a temporary folder) shared by the three.
+"""What a rerun costs: `python -m harness.run` commands, each a fresh process, into temporary output folders with
+initially empty feature and results caches.
 
     python bench/bench_rerun.py [--task csv:../shared/data/ieee8023-covid-cxr/labels.csv] [--models pixels,random-vit]
 
@@ -60,9 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(tmp)
         # The same models in runs 1 and 2; the "add one model" run starts from a cache that has all but the last.
         first, first_log = run(all_models, args.task, root / "a", root / "cache")
-        again, again_log = run(all_models, args.task, root / "b", root / "cache")
+        again, again_log = run(all_models, args.task, root / "a", root / "cache")  # the same command again
         base, base_log = run(base_models, args.task, root / "c", root / "cache2")
-        added, added_log = run(all_models, args.task, root / "d", root / "cache2")
+        added, added_log = run(all_models, args.task, root / "c", root / "cache2")  # into the finished run
     print(f"{'run':52s} {'wall s':>8s} {'ratio':>7s}  results cache")
     print(f"{'1. first run (' + all_models + ')':52s} {first:8.1f} {1:7.3f}  {first_log}")
     print(f"{'2. rerun, nothing changed':52s} {again:8.1f} {again / first:7.3f}  {again_log}")
