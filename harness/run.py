@@ -498,8 +498,9 @@ def list_registered(weights_dir: Path | None) -> None:
     print(tabulate([[n, "name:ARG" if e.takes_arg else "", e.description] for n, e in TASKS.entries.items()],
                    headers=["task", "form", "what"]))
     print()
-    print(tabulate([[n, "yes" if p.default else f"only as TASK:{n}", ", ".join(p.after), p.description]
-                    for n, p in PROTOCOLS.entries.items()], headers=["protocol", "by default", "runs after", "what"]))
+    print(tabulate([[n, "yes" if p.default else f"when asked: TASK:{n} or --protocols {n}", ", ".join(p.after),
+                     p.description] for n, p in PROTOCOLS.entries.items()],
+                   headers=["protocol", "by default", "runs after", "what"]))
 
 
 def main(argv: list[str] | None = None, prog: str = PROG) -> int:
