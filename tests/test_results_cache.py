@@ -132,3 +132,25 @@ def test_a_full_results_cache_stops_the_run_with_exit_1(tmp_path, monkeypatch, c
     assert _run(tmp_path, "lb", "pixels", "linear") == 1
     err = capsys.readouterr().err
     assert "error: task" in err and f"results cache {tmp_path / 'cache' / 'results'} needs" in err
+
+
+def test_edited_ages_are_recomputed(tmp_path, monkeypatch):
+    """The images (so the features) unchanged, one patient's age corrected in the CSV: the demographic probes are
+    refitted (sex and age are part of every entry's key), the linear probe is not."""
+    from tests.test_outputs import _labelled_set
+
+    csv = _labelled_set(tmp_path / "data")
+
+    def run(out):
+        return main(["--models", "pixels", "--tasks", f"csv:{csv}:demographics", "--out", str(tmp_path / out),
+                     "--cache-dir", str(tmp_path / "cache"), "--bootstrap", "200", "--workers", "0",
+                     "--probe-jobs", "1"])
+
+    assert run("before") == 0
+    text = csv.read_text()
+    csv.write_text(text.replace(",PID000,M,30,", ",PID000,M,80,"))  # patient 0's two images
+    assert csv.read_text() != text
+    calls = _count_work(monkeypatch)
+    assert run("after") == 0
+    assert calls[f"{demographics.__name__}.age_probe"] == 1 and calls[f"{demographics.__name__}.linear_probe"] == 1
+    assert calls[f"{linear.__name__}.linear_probe"] == 0

@@ -32,6 +32,7 @@ from sklearn.preprocessing import StandardScaler
 
 from harness import stats
 from harness.leaderboard import Cell, Section
+from harness.common.hashing import sha256_text
 from harness.common.paths import safe_name
 from harness.log import progress
 from harness.probes.linear import LabelResult, grid_edge, linear_probe
@@ -439,9 +440,12 @@ def fit_and_score(tr: TaskRun, encoders: list[Encoder], linear: ProtocolResult) 
     records: dict[str, dict] = {}
     scored: dict[str, dict[str, tuple[float, np.ndarray]]] = {}
     files = {}
+    # Besides the features, labels and split (every entry's key has those): the sex and age the probes learn.
+    settings = {"alphas": list(DEFAULT_ALPHAS), "sex": sha256_text("\0".join(s or "" for s in t.sex)),
+                "age": array_digest(np.asarray(t.age, dtype=np.float64))}
     for enc in progress(encoders, "demographics: fits and bootstrap"):
         x = tr.features[enc.name].global_
-        work = tr.memo(NAME, array_digest(x), {"alphas": list(DEFAULT_ALPHAS)},
+        work = tr.memo(NAME, array_digest(x), settings,
                        lambda x=x: fitted_tree(fit_probes(tr, c, x), c, tr.weights, np.asarray(t.patient_ids)))
         fitted = Fitted(LabelResult(**work["sex"]) if work["sex"] else None, work["sex_scores"],
                         AgeProbe(**work["age"]) if work["age"] else None)
