@@ -26,12 +26,12 @@ import polars as pl
 from joblib import cpu_count
 
 from harness import stats
-from harness.common.hashing import sha256_text
+from harness.common.hashing import array_digest, sha256_text
 from harness.common.paths import safe_name
 from harness.leaderboard import Section
 from harness.probes import PROTOCOLS
 from harness.registry import resolve
-from harness.results_cache import ResultsCache, array_digest, store
+from harness.results_cache import ResultsCache, store
 from harness.splits import pseudonym
 from harness.tasks.base import Subset, Task
 from harness.tidy import TidyRow
@@ -100,6 +100,10 @@ class TaskRun:
             "weights": array_digest(self.weights), "seed": self.seed,
             "min_positive_patients": self.min_positive_patients}, sort_keys=True))
 
+    def feature_key(self, model: str) -> str:
+        """What identifies a model's global features in a results-cache key."""
+        return feature_key(self.features[model])
+
     def _parts(self, protocol: str, features: str, settings: dict) -> dict:
         return {"protocol": protocol, "features": features, "data": self.data_digest, "settings": settings}
 
@@ -122,6 +126,13 @@ class TaskRun:
     def patient_keys(self, rows: np.ndarray) -> list[str]:
         """Pseudonyms of the patients of `rows`: what outputs carry and what the bootstrap draws over."""
         return [pseudonym(self.task.table.patient_ids[r], self.task.name) for r in rows]
+
+
+def feature_key(fs: FeatureSet) -> str:
+    """What identifies features in a results-cache key: their feature-cache key (which covers the encoder, its
+    weights and code, the preprocessing, the precision and the images), or for features made outside the cache
+    the digest of the global array."""
+    return fs.key or array_digest(fs.global_)
 
 
 @dataclass(frozen=True)

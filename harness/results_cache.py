@@ -15,10 +15,10 @@ import errno
 import io
 import json
 import logging
-from shutil import disk_usage
 from functools import cache
 from importlib import metadata
 from pathlib import Path
+from shutil import disk_usage
 from typing import Any
 
 import numpy as np
@@ -54,15 +54,6 @@ def code_version() -> str:
             chunks.append(f"{lib}=={metadata.version(lib)}".encode())
         except metadata.PackageNotFoundError:
             chunks.append(f"{lib} absent".encode())
-    return sha256_chunks(chunks)
-
-
-def array_digest(*arrays: np.ndarray) -> str:
-    """sha256 of arrays' dtypes, shapes and bytes (a key part for data that has no name of its own)."""
-    chunks = []
-    for a in arrays:
-        a = np.ascontiguousarray(a)
-        chunks += [f"{a.dtype.str}{a.shape}".encode(), a.tobytes()]
     return sha256_chunks(chunks)
 
 
@@ -139,8 +130,8 @@ class ResultsCache:
             log.warning(f"results cache: {path} unreadable ({type(e).__name__}: {e}); recomputing it")
             return None
 
-    def put(self, key: str, tree: Any) -> None:
-        blob = dump(tree)
+    def put(self, key: str, blob: bytes) -> None:
+        """Write one entry's bytes (`dump`'s output) atomically."""
         path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         free = disk_usage(path.parent).free
@@ -171,7 +162,7 @@ class ResultsCache:
 def store(cache: ResultsCache | None, parts: dict, tree: Any) -> Any:
     """`tree` stored under `parts` (when there is a cache) and returned as it will be read back (through
     `dump`/`load`), so that the first run and a rerun see identical values and types, cache or no cache."""
-    blob_tree = load(dump(tree))
+    blob = dump(tree)
     if cache is not None:
-        cache.put(cache.key(parts), blob_tree)
-    return blob_tree
+        cache.put(cache.key(parts), blob)
+    return load(blob)

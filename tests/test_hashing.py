@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from harness.common import hashing
-from harness.common.hashing import sha256_arrays, sha256_bytes, sha256_chunks, sha256_file, sha256_files, sha256_text
+from harness.common.hashing import array_digest, sha256_arrays, sha256_bytes, sha256_chunks, sha256_file, sha256_files, sha256_text
 
 
 def _ref(data: bytes) -> str:
@@ -52,3 +52,11 @@ def test_random_vit_digest_is_the_state_dict_bytes():
     model = torch.nn.Linear(3, 2)
     parts = b"".join(k.encode() + v.detach().numpy().tobytes() for k, v in sorted(model.state_dict().items()))
     assert state_dict_digest(model) == _ref(parts)
+
+
+def test_array_digest_covers_dtype_shape_and_values():
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    assert array_digest(x) == sha256_chunks([b"<f4(2, 3)", x.tobytes()])
+    assert array_digest(np.asfortranarray(x)) == array_digest(x)                 # memory layout does not matter
+    assert len({array_digest(x), array_digest(x.reshape(3, 2)), array_digest(x.astype(np.float64)),
+                array_digest(x + 1), array_digest(x, x)}) == 5

@@ -46,6 +46,11 @@ def sha256_file(path: str | Path) -> str:
     return sha256_files([path])
 
 
+def array_digest(*arrays: np.ndarray) -> str:
+    """Digest of arrays' dtypes, shapes and bytes (a cache-key part for data that has no name of its own)."""
+    return sha256_arrays((f"{a.dtype.str}{a.shape}", a) for a in map(np.asarray, arrays))
+
+
 def sha256_arrays(named: Iterable[tuple[str, np.ndarray]]) -> str:
     """Digest of each name (UTF-8) followed by its array's bytes in C order, in the order given (sort the items
     for a digest that does not depend on insertion order). Shape and dtype are not part of it."""

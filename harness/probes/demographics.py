@@ -32,12 +32,11 @@ from sklearn.preprocessing import StandardScaler
 
 from harness import stats
 from harness.leaderboard import Cell, Section
-from harness.common.hashing import sha256_text
+from harness.common.hashing import array_digest
 from harness.common.paths import safe_name
 from harness.log import progress
 from harness.probes.linear import LabelResult, grid_edge, linear_probe
 from harness.protocols import ProtocolResult, TaskRun, parquet_bytes
-from harness.results_cache import array_digest
 from harness.tasks.base import TaskTable
 from harness.tidy import TidyRow, rows_of
 
@@ -441,11 +440,10 @@ def fit_and_score(tr: TaskRun, encoders: list[Encoder], linear: ProtocolResult) 
     scored: dict[str, dict[str, tuple[float, np.ndarray]]] = {}
     files = {}
     # Besides the features, labels and split (every entry's key has those): the sex and age the probes learn.
-    settings = {"alphas": list(DEFAULT_ALPHAS), "sex": sha256_text("\0".join(s or "" for s in t.sex)),
-                "age": array_digest(np.asarray(t.age, dtype=np.float64))}
+    settings = {"alphas": list(DEFAULT_ALPHAS), "sex": array_digest(c.sex), "age": array_digest(c.age)}
     for enc in progress(encoders, "demographics: fits and bootstrap"):
         x = tr.features[enc.name].global_
-        work = tr.memo(NAME, array_digest(x), settings,
+        work = tr.memo(NAME, tr.feature_key(enc.name), settings,
                        lambda x=x: fitted_tree(fit_probes(tr, c, x), c, tr.weights, np.asarray(t.patient_ids)))
         fitted = Fitted(LabelResult(**work["sex"]) if work["sex"] else None, work["sex_scores"],
                         AgeProbe(**work["age"]) if work["age"] else None)

@@ -24,7 +24,6 @@ from harness.leaderboard import Section
 from harness.log import progress
 from harness.probes.linear import CLASSIFICATION_METRICS, classification_rows, classification_tidy, paired_record
 from harness.protocols import ProtocolResult, TaskRun, label_status, parquet_bytes
-from harness.results_cache import array_digest
 
 if TYPE_CHECKING:
     from baselines.registry import Encoder
@@ -103,17 +102,18 @@ def fit_and_score(tr: TaskRun, encoders: list[Encoder]) -> ProtocolResult:
         return ProtocolResult(NAME, Section(TITLE, [], {e.name: {} for e in encoders}, notes=notes), records)
 
     test_keys = tr.patient_keys(test_rows)
-    summaries, resampled, files = {}, {}, {}
+
     def score_and_bootstrap(x: np.ndarray) -> dict:
         """One model's k-NN scores and the bootstrap of its own metrics (what the results cache keeps)."""
         scores = knn_scores(x[train], y[train][:, ok], x[test], k, temperature)
         summary, boot = stats.classification_summary(scores, y[test][:, ok], names, tr.weights)
         return {"scores": scores, "summary": summary, "resampled": boot}
 
+    summaries, resampled, files = {}, {}, {}
     settings = {"k": k, "temperature": temperature, "labels": [int(j) for j in ok]}
     for enc in progress(encoders, "k-NN probe: scores and bootstrap"):
         x = tr.features[enc.name].global_
-        work = tr.memo(NAME, array_digest(x), settings, lambda x=x: score_and_bootstrap(x))
+        work = tr.memo(NAME, tr.feature_key(enc.name), settings, lambda x=x: score_and_bootstrap(x))
         scores, summaries[enc.name], resampled[enc.name] = work["scores"], work["summary"], work["resampled"]
         files[f"results/{tr.out_name}/{safe_name(enc.name)}.knn.parquet"] = parquet_bytes([
             {"image_id": t.image_ids[i], "patient_key": key, "label": n, "target": int(y[i, j]), "score": float(s)}

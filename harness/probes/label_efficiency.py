@@ -28,7 +28,7 @@ from harness.leaderboard import Cell, Section
 from harness.log import progress
 from harness.probes.linear import linear_probe
 from harness.protocols import ProtocolResult, TaskRun, label_status
-from harness.results_cache import array_digest
+from harness.common.hashing import array_digest
 from harness.tidy import rows_of
 
 if TYPE_CHECKING:
@@ -158,7 +158,7 @@ def fit_and_score(tr: TaskRun, encoders: list[Encoder]) -> ProtocolResult:
         settings = {"fraction": f, "draws": [array_digest(r) for r in rows_d], "labels": [int(j) for j in ok]}
         for enc in progress(encoders, f"label efficiency {f:g}: fits and bootstrap"):
             x = tr.features[enc.name].global_
-            work = tr.memo(NAME, array_digest(x), settings, lambda x=x: draws_of(x))
+            work = tr.memo(NAME, tr.feature_key(enc.name), settings, lambda x=x: draws_of(x))
             draw_points, draw_boot = work["points"], work["boot"]
             if ok:
                 points[enc.name] = float(np.mean(draw_points))

@@ -21,7 +21,6 @@ from harness.common.paths import safe_name
 from harness.log import progress
 from harness.probe_fits import FitLog, fold_scores, refit_scores
 from harness.protocols import ProtocolResult, TaskRun, label_status, parquet_bytes, usable_cores
-from harness.results_cache import array_digest
 from harness.tidy import TidyRow, rows_of
 
 if TYPE_CHECKING:
@@ -177,7 +176,7 @@ def fit_and_score(tr: TaskRun, encoders: list[Encoder]) -> ProtocolResult:
                 "resampled": resampled}
 
     settings = {"Cs": list(DEFAULT_CS), "max_iter": MAX_ITER, "skip": {str(j): why for j, why in skip.items()}}
-    work = {e.name: tr.memo(NAME, array_digest(tr.features[e.name].global_), settings,
+    work = {e.name: tr.memo(NAME, tr.feature_key(e.name), settings,
                             lambda e=e: probe_and_bootstrap(tr.features[e.name].global_))
             for e in progress(encoders, "linear probe: fits and bootstrap")}
     probes = {m: ProbeResult(w["scores"], [LabelResult(**lab) for lab in w["labels"]]) for m, w in work.items()}

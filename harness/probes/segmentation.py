@@ -58,11 +58,10 @@ from harness.features import FeatureSet, Grid, ShardWriter
 from harness.figures.overlays import SUFFIX as OVERLAY_SUFFIX
 from harness.figures.overlays import overlay_npz
 from harness.leaderboard import Cell, Section
-from harness.common.hashing import sha256_chunks, sha256_text
+from harness.common.hashing import array_digest, sha256_chunks, sha256_text
 from harness.common.paths import safe_name
 from harness.log import progress
-from harness.protocols import ProtocolResult, TaskRun, dense_view
-from harness.results_cache import array_digest
+from harness.protocols import ProtocolResult, TaskRun, dense_view, feature_key
 from harness.tasks.base import Task, TaskError
 from harness.tidy import TidyRow, rows_of
 
@@ -487,8 +486,8 @@ def fit_heads(tr: TaskRun, data: MaskedImages, encoders: list[Encoder], dense: d
                            "masks": data.mask_digest, "train": array_digest(data.train),
                            "test": array_digest(data.test), "shown": data.shown}
                 for enc in encoders}
-    feature_key = {enc.name: dense[enc.name].key or array_digest(dense[enc.name].global_) for enc in encoders}
-    found = {enc.name: tr.cached(NAME, feature_key[enc.name], settings[enc.name]) for enc in encoders}
+    keys = {enc.name: feature_key(dense[enc.name]) for enc in encoders}
+    found = {enc.name: tr.cached(NAME, keys[enc.name], settings[enc.name]) for enc in encoders}
     trained = [enc for enc in encoders if found[enc.name] is None]
     scores: dict[str, dict[str, HeadScores]] = {}
     with tempfile.TemporaryDirectory(prefix="raddino-seg-") as scratch:
@@ -501,7 +500,7 @@ def fit_heads(tr: TaskRun, data: MaskedImages, encoders: list[Encoder], dense: d
                 heads = evaluate_encoder(dense[enc.name], enc.preprocess, lambda i: _mask(data.subset, i),
                                          data.train, data.test, targets[placement[enc.name]], budget, tr.seed,
                                          set(data.shown))
-                tree = tr.store(NAME, feature_key[enc.name], settings[enc.name],
+                tree = tr.store(NAME, keys[enc.name], settings[enc.name],
                                 {kind: vars(h) for kind, h in heads.items()})
                 log.info(f"  {enc.name}: segmentation heads trained and scored in {time.perf_counter() - t0:.1f} s "
                          f"({time.process_time() - c0:.1f} s CPU; dense features "
