@@ -65,3 +65,11 @@ def test_legend_says_holm_is_per_column_and_partial_resamples_are_shown():
     assert "Holm correction per column" in md
     assert "**0.800** [0.700, 0.900] (n=812)" in md
     assert re.search(r"\| 0\.700 \[0\.600, 0\.800\] +\|", md)  # all resamples valid: no count shown
+
+
+def test_a_fresh_folder_without_tables_is_an_error_not_up_to_date(tmp_path, capsys):
+    committed = _lb(tmp_path / "a", _rows())
+    (tmp_path / "empty").mkdir()
+    assert main(["check", str(committed), str(tmp_path / "empty")]) == 2
+    captured = capsys.readouterr()
+    assert "holds no results table" in captured.err and "up to date" not in captured.out
