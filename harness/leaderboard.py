@@ -163,15 +163,15 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     """``python -m harness.leaderboard check COMMITTED_DIR FRESH_DIR``: exit 1 listing every stale number."""
     args = build_parser(prog).parse_args(argv)
-    n = len(list((Path(args.fresh) / "results").glob("*.csv")))
-    if n == 0:  # e.g. a refresh that failed before writing anything: nothing was checked, so nothing is up to date
-        print(f"error: {args.fresh} holds no results table (results/<task>.csv) to compare; regenerate it with "
-              f"{REFRESH_COMMAND}", file=sys.stderr)
-        return 2
     try:
         bad = check_dirs(args.committed, args.fresh, args.tol)
     except ValueError as e:  # a table that cannot be read names its file
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    n = len(list((Path(args.fresh) / "results").glob("*.csv")))
+    if not bad and n == 0:  # e.g. a refresh that failed before writing: nothing was checked, so nothing is current
+        print(f"error: {args.fresh} holds no results table (results/<task>.csv) to compare; regenerate it with "
+              f"{REFRESH_COMMAND}", file=sys.stderr)
         return 2
     if not bad:
         print(f"leaderboards up to date: {n} results table(s) match within {args.tol}")
