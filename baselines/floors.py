@@ -26,6 +26,12 @@ RANDOM_VIT_SEED = 0
 
 
 class PixelsEncoder(Encoder):
+    """No tokens to pool: the thumbnail is already an average pool of the image, and the mean of the raw 8x8 pixel
+    blocks (64 near-equal brightness values) would be a floor of nothing. So every `--global-pool` reads the
+    thumbnail, and the leaderboard header says so."""
+
+    pooling_note = "pixels has no tokens: its global feature is the 16x16 thumbnail under every pooling"
+
     def __init__(self, preprocess: Preprocess, thumbnail: int = 16, block: int = 8):
         self.name = "pixels"
         self.preprocess = preprocess
@@ -40,6 +46,9 @@ class PixelsEncoder(Encoder):
         h, w = x.shape[-2] // b, x.shape[-1] // b
         patch = F.pixel_unshuffle(x[..., : h * b, : w * b], b)  # [B, b*b, h, w]: each block's pixels as channels
         return Features(global_=thumb, patch=patch)
+
+    def pooled(self, f: Features) -> Features:
+        return f._replace(global_=f.global_.float())
 
 
 class ViTEncoder(Encoder):

@@ -49,6 +49,27 @@ class Features(NamedTuple):
     layers: tuple[torch.Tensor, ...] = ()
 
 
+#: How an encoder's tokens become the one vector per image that the global protocols (linear, k-NN, demographics,
+#: label efficiency) read (``--global-pool``; docs/evaluate.md#global-pooling):
+#: ``cls`` the encoder's own global embedding (a ViT's final-normed CLS token, CLIP's projected one);
+#: ``avg`` the mean of its last layer's patch grid (a ViT's final-normed patch tokens, registers excluded);
+#: ``cls+avg`` both, concatenated (DINOv2's linear evaluation, dinov2/eval/linear.py, without the extra blocks).
+GLOBAL_POOLS = ("cls", "avg", "cls+avg")
+DEFAULT_GLOBAL_POOL = "cls"
+
+
+def pool_global(f: Features, pool: str) -> torch.Tensor:
+    """The [B, D] global feature of `f` under `pool` (one of GLOBAL_POOLS), in float32."""
+    if pool == "cls":
+        return f.global_.float()
+    avg = f.patch.float().mean(dim=(2, 3))
+    if pool == "avg":
+        return avg
+    if pool == "cls+avg":
+        return torch.cat([f.global_.float(), avg], dim=1)
+    raise ValueError(f"unknown global pooling {pool!r}; choose one of {', '.join(GLOBAL_POOLS)}")
+
+
 class Encoder(ABC):
     """A frozen encoder. Subclasses set `name`, `preprocess` and `weights_digest` and implement `encode`."""
 
@@ -64,6 +85,11 @@ class Encoder(ABC):
     #: Where the weight files were read from (``--weights-dir/<model>`` or a Hugging Face cache snapshot), for the
     #: user; not part of `identity`, so the same bytes found in another folder still hit the feature cache.
     weights_folder: Path | None = None
+    #: The `GLOBAL_POOLS` entry `pooled` applies (set by `build_encoder`); part of `identity`, so each pooling has
+    #: its own cached features and results.
+    global_pool: str = DEFAULT_GLOBAL_POOL
+    #: For an encoder whose tokens are not a ViT's, what each pooling reads (the leaderboard header shows it).
+    pooling_note: str = ""
 
     @abstractmethod
     def encode(self, pixels: torch.Tensor) -> Features:
@@ -77,6 +103,10 @@ class Encoder(ABC):
             model.to(self.device)
         return self
 
+    def pooled(self, f: Features) -> Features:
+        """`f` with its global feature replaced by the `global_pool` of its tokens (what the cache stores)."""
+        return f._replace(global_=pool_global(f, self.global_pool))
+
     def identity(self) -> dict:
         """Everything that determines the features, for the cache key and the results files."""
         return {
@@ -85,6 +115,7 @@ class Encoder(ABC):
             "weights_digest": self.weights_digest,
             "code_version": self.code_version,
             "preprocess": self.preprocess.as_dict(),
+            "global_pool": self.global_pool,
         }
 
 
@@ -273,8 +304,12 @@ def resolve_names(models: str) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def build_encoder(name: str, weights_dir: Path | None = None, input_policy: str = "native") -> Encoder:
-    """Instantiate a registered encoder by its spelled name (``rad-dino``, ``ckpt:DIR``)."""
+def build_encoder(name: str, weights_dir: Path | None = None, input_policy: str = "native",
+                  global_pool: str = DEFAULT_GLOBAL_POOL) -> Encoder:
+    """Instantiate a registered encoder by its spelled name (``rad-dino``, ``ckpt:DIR``), reading its global feature
+    through `global_pool`."""
+    if global_pool not in GLOBAL_POOLS:
+        raise ValueError(f"unknown global pooling {global_pool!r}; choose one of {', '.join(GLOBAL_POOLS)}")
     base, _, arg = name.partition(":")
     entry = ENCODERS.get(base)
     if entry.takes_arg and not arg:
@@ -283,7 +318,9 @@ def build_encoder(name: str, weights_dir: Path | None = None, input_policy: str 
         raise ValueError(f"encoder {base!r} takes no argument (got {name!r})")
     spec = EncoderSpec(name=name, arg=arg or None, weights_dir=weights_dir, input_policy=input_policy,
                        weights=entry.weight_files, folder_name=entry.folder)
-    return entry.load()(spec)
+    encoder = entry.load()(spec)
+    encoder.global_pool = global_pool
+    return encoder
 
 
 def weights_status(name: str, weights_dir: Path | None = None) -> str:

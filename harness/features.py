@@ -4,7 +4,7 @@ One pass over a task's images feeds every encoder whose features are not cached 
 (float32 in [0, 1]) and put through each distinct preprocessing of those encoders in DataLoader workers, with
 prefetch (and pinned memory on CUDA), so the main process only moves batches to the device and runs `encode`.
 
-Cache key = encoder identity (name, class, weights digest, preprocessing, code version) + the compute precision
+Cache key = encoder identity (name, class, weights digest, preprocessing, code version, global pooling) + the compute precision
 (device type, autocast dtype, torch version: GPU bf16 and CPU fp32 features differ) + the task's content digest
 (the exact image list and bytes) + FEATURE_FORMAT. An entry is a folder holding ``global.safetensors`` (float32
 [N, D]) and ``manifest.json``; a dense entry also holds the float16 patch grid and intermediate layers as row
@@ -91,7 +91,7 @@ def encode_batch(encoder: Encoder, x: torch.Tensor, device: torch.device) -> Fea
     extraction and re-encoding give the same values."""
     dtype = autocast_dtype(device)
     with torch.inference_mode(), torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext():
-        return encoder.encode(x)
+        return encoder.pooled(encoder.encode(x))
 
 
 def dense_grids(f: Features) -> list[np.ndarray]:

@@ -28,7 +28,9 @@ import torch
 from tabulate import tabulate
 
 from baselines.registry import (
+    DEFAULT_GLOBAL_POOL,
     ENCODERS,
+    GLOBAL_POOLS,
     Encoder,
     WeightsMissing,
     build_encoder,
@@ -163,6 +165,10 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--input-policy", choices=("native", "harmonised"), default="native",
                    help="native: each model's own resize/crop; harmonised: every model gets the whole radiograph "
                         "resized to its input size without cropping")
+    p.add_argument("--global-pool", choices=GLOBAL_POOLS, default=DEFAULT_GLOBAL_POOL,
+                   help="the one vector per image the global protocols read, the same for every model: cls = the "
+                        "model's global embedding (a ViT's normed CLS token), avg = the mean of its last layer's "
+                        "patch tokens, cls+avg = both concatenated (docs/evaluate.md#global-pooling)")
     p.add_argument("--batch-size", type=int, default=16, help="images per feature-extraction batch")
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers decoding images")
     p.add_argument("--probe-jobs", type=int, default=usable_cores(),
@@ -186,13 +192,13 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     return p
 
 
-def load_encoders(names: list[str], weights_dir: Path | None, policy: str, explicit: set[str]
-                  ) -> tuple[list[Encoder], list[tuple[str, str]]]:
+def load_encoders(names: list[str], weights_dir: Path | None, policy: str, explicit: set[str],
+                  global_pool: str = DEFAULT_GLOBAL_POOL) -> tuple[list[Encoder], list[tuple[str, str]]]:
     """Build each encoder; a model named explicitly with missing weights is an error, under 'all' a skip."""
     encoders, skipped = [], []
     for name in names:
         try:
-            encoders.append(build_encoder(name, weights_dir, policy))
+            encoders.append(build_encoder(name, weights_dir, policy, global_pool))
         except WeightsMissing as e:
             if name in explicit:
                 raise
@@ -258,7 +264,7 @@ def evaluate_task(spec: TaskSpec, encoders: list[Encoder], args: argparse.Namesp
     results_cache = ResultsCache(args.cache_dir / "results", recompute=args.recompute)
     tr = TaskRun(task, split, split_hash(t.image_ids, list(split)), weights, feats, summary, extract=extract_for,
                  seed=args.seed, reference=reference, min_positive_patients=args.min_positive_patients,
-                 out_name=output_name(spec, task), options=probe_options(args), results_cache=results_cache)
+                 out_name=output_name(spec, task) + pool_suffix(args.global_pool), options=probe_options(args), results_cache=results_cache)
     results: dict[str, ProtocolResult] = {}
     for proto in protocols:
         entry = PROTOCOLS.get(proto)
@@ -295,6 +301,12 @@ def output_name(spec: TaskSpec, task: Task) -> str:
         value = Path(value).name if ("/" in value or os.sep in value) else value
         parts.append(safe_name(f"{key}_{value}" if sep else key))
     return "-".join([base, *parts])
+
+
+def pool_suffix(pool: str) -> str:
+    """What a non-default --global-pool adds to the output name (``-pool_avg``), so that two poolings of one task
+    never write the same files."""
+    return "" if pool == DEFAULT_GLOBAL_POOL else "-" + safe_name(f"pool_{pool.replace('+', '_')}")
 
 
 def parse_fractions(text: str) -> tuple[float, ...]:
@@ -337,6 +349,17 @@ def label_header(tr: TaskRun) -> str:
             f"test patients, both classes in training)" + (f"; not evaluable: {left}" if left else ""))
 
 
+def pooling_header(pool: str, encoders: list[Encoder]) -> str:
+    """The leaderboard's pooling line: the one pooling every model's global feature went through, and what it means
+    for the models whose tokens are not a ViT's."""
+    what = {"cls": "each model's global embedding (a ViT's final-normed CLS token)",
+            "avg": "the mean of each model's last-layer patch tokens (final-normed for a ViT)",
+            "cls+avg": "each model's global embedding and the mean of its last-layer patch tokens, concatenated"}[pool]
+    notes = "; ".join(dict.fromkeys(e.pooling_note for e in encoders if e.pooling_note))
+    return f"`{pool}`: {what}; the segmentation heads read the patch tokens and do not depend on it" + (
+        f" ({notes})" if notes else "")
+
+
 def write_json(path: Path, obj: object) -> None:
     """Strict JSON: NaN is written as null, and allow_nan=False makes any that slips through an error."""
     atomic_write_text(path, json.dumps(stats.json_ready(obj), indent=2, allow_nan=False, default=str) + "\n")
@@ -347,7 +370,7 @@ def run_settings(tr: TaskRun, encoders: list[Encoder], args: argparse.Namespace)
     return {"task": tr.task.name, "labels": list(tr.task.table.label_names), "split_hash": tr.split_hash,
             "seed": args.seed, "test_fraction": args.test_fraction, "n_resamples": args.bootstrap,
             "min_positive_patients": args.min_positive_patients, "input_policy": args.input_policy,
-            "reference": tr.reference, "models": [[e.name, e.weights_digest] for e in encoders]}
+            "global_pool": args.global_pool, "reference": tr.reference, "models": [[e.name, e.weights_digest] for e in encoders]}
 
 
 def _read_json(path: Path) -> dict | None:
@@ -406,6 +429,7 @@ def write_outputs(tr: TaskRun, encoders: list[Encoder], results: dict[str, Proto
         records.update({p: r.to_record(enc.name) for p, r in results.items() if enc.name in r.records})
         res = {
             "task": task.name, "model": enc.name, "encoder": enc.identity(), "input_policy": args.input_policy,
+            "global_pool": args.global_pool,
             "split": {"hash": tr.split_hash, "seed": args.seed, "file": f"splits/{name}.csv",
                       "test_fraction": args.test_fraction, "how": split_description(t, tr.split, args.seed)},
             "bootstrap": {"n_resamples": args.bootstrap, "seed": args.seed, "unit": "patient", "ci": "percentile 95%",
@@ -420,7 +444,7 @@ def write_outputs(tr: TaskRun, encoders: list[Encoder], results: dict[str, Proto
         for rel, blob in result.files.items():
             with atomic_path(out / rel) as tmp:
                 tmp.write_bytes(blob)
-    rows = [r for p in order for r in (results[p].tidy if p in results else
+    rows = [r for p in order for r in (tidy.with_pool(results[p].tidy, args.global_pool) if p in results else
                                        [r for r in old_tidy or [] if r.protocol == p])]
     with atomic_path(tidy_paths[0]) as tmp:
         tmp.write_bytes(tidy.parquet_bytes(rows))
@@ -444,6 +468,7 @@ def write_outputs(tr: TaskRun, encoders: list[Encoder], results: dict[str, Proto
                       "sorted `patient_key`s, each with a positive and a negative patient of every evaluable label; "
                       f"--min-positive-patients {args.min_positive_patients}"),
         ("Input policy", args.input_policy),
+        ("Global pooling", pooling_header(args.global_pool, encoders)),
         ("Reference", f"`{reference}`"),
         ("Generated", f"{date} by `python -m harness.run` (results in `results/{name}/`)"
                       + ("" if len(results) == len(order) else "; sections " + ", ".join(
@@ -519,7 +544,7 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
                   f"output in {args.out if args.out is not None else DEFAULT_RUNS / '<output name>'}")
     explicit = {m.strip() for m in args.models.split(",")} - {"all"}
     try:
-        encoders, skipped = load_encoders(names, args.weights_dir, args.input_policy, explicit)
+        encoders, skipped = load_encoders(names, args.weights_dir, args.input_policy, explicit, args.global_pool)
     except (WeightsMissing, KeyError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -90,6 +90,27 @@ def make_split(patient_ids: list[str], seed: int, test_fraction: float = 0.3,
     return split
 
 
+#: Share of the training patients held out as the validation split (recipe, checkpoint and pooling selection).
+VALIDATION_FRACTION = 0.25
+#: Added to the split seed so the inner permutation is not the outer one restricted to the training patients.
+_VALIDATION_SEED_OFFSET = 7919
+
+
+def validation_split(patient_ids: list[str], split: list[str], seed: int,
+                     fraction: float = VALIDATION_FRACTION) -> list[str]:
+    """'train' / 'val' / 'test' per image: the training patients of `split` divided again by patient, seeded.
+
+    Everything that chooses (the in-training probe, a sweep, a best checkpoint, a pooling) fits on the inner
+    'train' and scores on 'val'; 'test' rows stay 'test' and are never read for a choice. The inner split is
+    `make_split` on the training rows alone with seed ``seed + 7919``, so it does not depend on the test rows."""
+    rows = [i for i, s in enumerate(split) if s == "train"]
+    inner = make_split([patient_ids[i] for i in rows], seed + _VALIDATION_SEED_OFFSET, fraction)
+    out = list(split)
+    for i, s in zip(rows, inner, strict=True):
+        out[i] = "val" if s == "test" else "train"
+    return out
+
+
 def split_hash(image_ids: list[str], split: list[str]) -> str:
     return sha256_chunks(f"{i}\t{s}\n".encode() for i, s in sorted(zip(image_ids, split)))[:16]
 

@@ -11,7 +11,9 @@ leaderboard's) hold the same rows with exactly the columns of `COLUMNS`:
 - ``point``, ``lo``, ``hi``: the estimate and its 95% patient-bootstrap interval (lo/hi null without one);
 - ``delta``, ``p_holm``: the paired difference to the reference model and its Holm-adjusted p-value (what the
   leaderboard's † uses), null for the reference itself and for numbers that are not compared;
-- ``n_valid``: resamples in which the metric was finite, null where that does not apply.
+- ``n_valid``: resamples in which the metric was finite, null where that does not apply;
+- ``global_pool``: the run's ``--global-pool`` (``cls``, ``avg``, ``cls+avg``), the features the global protocols
+  read; segmentation rows carry it too, though the heads read the patch tokens and do not depend on it.
 
 Rows are in leaderboard order (protocol sections, then models, then the section's columns), so the CSV is
 byte-identical from one run to the next and the committed copy is what ``harness.leaderboard check`` compares.
@@ -24,12 +26,13 @@ from typing import NamedTuple
 
 import polars as pl
 
-COLUMNS = ("task", "model", "protocol", "metric", "label", "point", "lo", "hi", "delta", "p_holm", "n_valid")
+COLUMNS = ("task", "model", "protocol", "metric", "label", "point", "lo", "hi", "delta", "p_holm", "n_valid",
+           "global_pool")
 SCHEMA = {"task": pl.String, "model": pl.String, "protocol": pl.String, "metric": pl.String, "label": pl.String,
           "point": pl.Float64, "lo": pl.Float64, "hi": pl.Float64, "delta": pl.Float64, "p_holm": pl.Float64,
-          "n_valid": pl.Int64}
+          "n_valid": pl.Int64, "global_pool": pl.String}
 #: the columns that identify a row (a table holds each combination once)
-KEY = ("task", "model", "protocol", "metric", "label")
+KEY = ("task", "model", "protocol", "metric", "label", "global_pool")
 
 
 class TidyRow(NamedTuple):
@@ -44,6 +47,7 @@ class TidyRow(NamedTuple):
     delta: float | None
     p_holm: float | None
     n_valid: int | None
+    global_pool: str = ""   # set by `with_pool` when the run writes the table
 
 
 def rows_of(task: str, protocol: str, model: str, metric: str, label: str, summary: dict | None,
@@ -55,6 +59,11 @@ def rows_of(task: str, protocol: str, model: str, metric: str, label: str, summa
     paired = paired or {}
     return [TidyRow(task, model, protocol, metric, label, summary["point"], summary.get("lo"), summary.get("hi"),
                     paired.get("delta"), paired.get("p_holm"), summary.get("n_valid"))]
+
+
+def with_pool(rows: list[TidyRow], pool: str) -> list[TidyRow]:
+    """`rows` stamped with the run's global pooling."""
+    return [r._replace(global_pool=pool) for r in rows]
 
 
 def frame(rows: list[TidyRow]) -> pl.DataFrame:

@@ -192,19 +192,22 @@ def test_probe_runs_at_start_every_n_and_at_the_end(blob_images, tmp_path):
     cfg = tiny_cfg("eval.task=demo:n_patients=150,size=64", "eval.every=2", steps=3)
     cfg.data.sources = [str(blob_images)]
     train(cfg, tmp_path)
-    probes = [r for r in read_metrics(tmp_path) if "probe_macro_auroc" in r]
+    probes = [r for r in read_metrics(tmp_path) if "probe_linear_auroc_cls" in r]
     assert [r["iteration"] for r in probes] == [0, 2, 3]
     for r in probes:
-        assert 0 <= r["probe_macro_auroc"] <= 1 and 0 <= r["probe_sex_auroc"] <= 1
-        assert math.isfinite(r["probe_age_mae"])
+        for pool in ("cls", "avg", "cls+avg"):
+            assert 0 <= r[f"probe_linear_auroc_{pool}"] <= 1 and 0 <= r[f"probe_knn_auroc_{pool}"] <= 1
+        assert 0 <= r["probe_sex_auroc"] <= 1 and math.isfinite(r["probe_age_mae"])
 
 
-def test_probe_equals_the_harness_linear_probe_on_the_same_features(blob_images, tmp_path):
-    """The probe is the harness's code: recompute its macro AUROC from harness functions on a saved checkpoint."""
+def test_probe_equals_the_harness_probes_on_the_validation_split(blob_images, tmp_path):
+    """The probe is the harness's code on the inner split of the training patients: recompute its k-NN and linear
+    macro AUROC for each pooling from harness functions on a saved checkpoint."""
     import numpy as np
     from sklearn.metrics import roc_auc_score
 
     from baselines.ckpt import checkpoint_preprocess
+    from harness.probes.knn import knn_scores
     from harness.probes.linear import linear_probe
     from trainer.checkpoint import load_backbone
     from trainer.monitor import load_probe_data, teacher_features
@@ -212,17 +215,87 @@ def test_probe_equals_the_harness_linear_probe_on_the_same_features(blob_images,
     cfg = tiny_cfg("eval.task=demo:n_patients=150,size=64", steps=2)
     cfg.data.sources = [str(blob_images)]
     train(cfg, tmp_path)
-    last = [r for r in read_metrics(tmp_path) if "probe_macro_auroc" in r][-1]
+    last = [r for r in read_metrics(tmp_path) if "probe_linear_auroc_cls" in r][-1]
     teacher, cfg_dict = load_backbone(tmp_path)
     data = load_probe_data("demo:n_patients=150,size=64", cfg_dict, None, 0, 0.3)
     assert data.pixels.shape[-1] == checkpoint_preprocess(cfg_dict).size
-    x = teacher_features(teacher, data.pixels, torch.device("cpu"))
-    tr, te = data.split == "train", data.split == "test"
-    probe = linear_probe(x[tr], data.labels[tr], data.patients[tr], x[te], data.labels[te], data.label_names,
-                         skip=data.skip)
-    aurocs = [roc_auc_score(data.labels[te][:, j], probe.scores[:, j])
-              for j, lab in enumerate(probe.labels) if lab.evaluable]
-    assert last["probe_macro_auroc"] == pytest.approx(float(np.mean(aurocs)), abs=1e-12)
+    assert set(data.split) == {"train", "val"}
+    feats = teacher_features(teacher, data.pixels, torch.device("cpu"), ("cls", "avg", "cls+avg"))
+    tr, va = data.split == "train", data.split == "val"
+    for pool, x in feats.items():
+        probe = linear_probe(x[tr], data.labels[tr], data.patients[tr], x[va], data.labels[va], data.label_names,
+                             skip=data.skip)
+        knn = knn_scores(x[tr], data.labels[tr], x[va], 20, 0.07)
+        ok = [j for j, lab in enumerate(probe.labels) if lab.evaluable]
+        assert ok
+        linear = np.mean([roc_auc_score(data.labels[va][:, j], probe.scores[:, j]) for j in ok])
+        assert last[f"probe_linear_auroc_{pool}"] == pytest.approx(float(linear), abs=1e-12)
+        assert last[f"probe_knn_auroc_{pool}"] == pytest.approx(
+            float(np.mean([roc_auc_score(data.labels[va][:, j], knn[:, j]) for j in ok])), abs=1e-12)
+
+
+def test_probe_never_reads_a_test_split_image(monkeypatch):
+    """Every image the probe decodes is a training-split image of harness.run's split (same seed and fraction);
+    the test patients are neither fitted nor scored."""
+    import numpy as np
+
+    from harness.splits import make_split
+    from harness.tasks.base import TaskContext, build_task
+    from harness.tasks.demo import DemoTask
+    from trainer.config import load_config
+    from trainer.monitor import load_probe_data
+
+    read: list[int] = []
+    original = DemoTask.load_image
+    monkeypatch.setattr(DemoTask, "load_image", lambda self, i: (read.append(int(i)), original(self, i))[1])
+    spec = "demo:n_patients=150,size=64"
+    data = load_probe_data(spec, load_config("smoke").to_dict(), None, 0, 0.3)
+    task = build_task("demo", "n_patients=150,size=64", TaskContext(seed=0))
+    split = np.array(make_split(task.table.patient_ids, 0, 0.3, task.table.split))
+    test_rows = set(np.flatnonzero(split == "test").tolist())
+    assert test_rows and read and not test_rows & set(read)
+    assert sorted(set(read)) == sorted(data.rows.tolist()) == np.flatnonzero(split == "train").tolist()
+    val_patients, fit_patients = set(data.patients[data.split == "val"]), set(data.patients[data.split == "train"])
+    assert val_patients and fit_patients and not val_patients & fit_patients
+
+
+def _write_csv_task(root: Path, n_patients: int) -> Path:
+    """A csv: task of 2 distinct random 32 px PNGs per patient, one label."""
+    import numpy as np
+    from PIL import Image
+
+    (root / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rows = ["image,patient_id,label_a"]
+    for p in range(n_patients):
+        for k in range(2):
+            Image.fromarray(rng.integers(0, 255, (32, 32), dtype=np.uint8)).save(root / "images" / f"{p}_{k}.png")
+            rows.append(f"images/{p}_{k}.png,P{p},{p % 2}")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    return root / "labels.csv"
+
+
+def test_probe_warns_when_the_pretraining_images_include_test_images(tmp_path, caplog):
+    """A manifest overlapping the probe task's test split is named with its count before training starts."""
+    import polars as pl
+
+    from harness.splits import make_split
+    from harness.tasks.base import TaskContext, build_task
+    labels = _write_csv_task(tmp_path / "task", n_patients=40)
+    task = build_task("csv", str(labels), TaskContext(seed=0))
+    split = make_split(task.table.patient_ids, 0, 0.3, task.table.split)
+    test_files = [labels.parent / i for i, s in zip(task.table.image_ids, split) if s == "test"]
+    manifest = tmp_path / "pretrain.txt"
+    manifest.write_text("\n".join(str(p) for p in test_files[:3]) + "\n")
+    from trainer.data import SampleStream
+    from trainer.train import build_probe
+
+    cfg = tiny_cfg(f"eval.task=csv:{labels}")
+    with caplog.at_level(logging.WARNING):
+        build_probe(cfg, SampleStream([str(manifest)], 0), torch.device("cpu"))
+    assert any("3 pretraining image(s) are byte-identical to test-split images" in r.getMessage()
+               for r in caplog.records)
+    assert pl.read_csv(labels).height == 80
 
 
 @pytest.mark.parametrize("task, message", [("csv:/nonexistent/labels.csv", "labels.csv"),

@@ -59,10 +59,10 @@ def test_the_table_has_exactly_its_columns_in_both_formats(board):
     results = board / "lb" / "results"
     csv = pl.read_csv(results / f"{NAME}.csv")
     assert tuple(csv.columns) == tidy.COLUMNS == ("task", "model", "protocol", "metric", "label", "point", "lo",
-                                                  "hi", "delta", "p_holm", "n_valid")
+                                                  "hi", "delta", "p_holm", "n_valid", "global_pool")
     rows = tidy.read(results / f"{NAME}.csv")
     assert rows == tidy.read(results / f"{NAME}.parquet") and len(rows) > 20
-    assert {r.task for r in rows} == {NAME}
+    assert {r.task for r in rows} == {NAME} and {r.global_pool for r in rows} == {"cls"}
     # Leaderboard order: the protocols' sections, each model, each column.
     assert list(dict.fromkeys(r.protocol for r in rows)) == ["linear", "knn", "seg", "demographics"]
     assert list(dict.fromkeys(r.model for r in rows if r.protocol == "linear")) == ["pixels", "random-vit"]

@@ -145,7 +145,9 @@ class EvalConfig:
                                             # 0: only before the first and after the last
     data_root: str | None = None            # harness --data-root for registered datasets (DIR or NAME=DIR)
     seed: int = 0                           # the harness's split seed and probe seed (its default)
-    test_fraction: float = 0.3              # the harness's default
+    test_fraction: float = 0.3              # the harness's default; the test patients are never probed
+    val_fraction: float = 0.25              # share of the training patients the probe scores on (the rest fit it)
+    pools: list[str] = field(default_factory=lambda: ["cls", "avg", "cls+avg"])  # harness --global-pool values
 
 
 @dataclass
@@ -272,6 +274,13 @@ def validate(cfg: TrainConfig) -> None:
                          f"{cfg.eval.test_fraction} in (0, 1)")
     if cfg.run.keep_last < 1:
         raise ValueError(f"run.keep_last={cfg.run.keep_last} must be >= 1")
+    if not 0 < cfg.eval.val_fraction < 1:
+        raise ValueError(f"eval.val_fraction={cfg.eval.val_fraction} must be in (0, 1)")
+    # The harness's --global-pool values (baselines.registry.GLOBAL_POOLS), spelled out: the trainer does not
+    # import the harness's side of the house to validate a config.
+    bad = [p for p in cfg.eval.pools if p not in ("cls", "avg", "cls+avg")]
+    if bad or not cfg.eval.pools:
+        raise ValueError(f"eval.pools={list(cfg.eval.pools)}: a non-empty list of cls, avg, cls+avg")
 
 
 def _update(node: DictConfig, raw: dict[str, Any], where: str) -> None:

@@ -1,19 +1,23 @@
-"""The in-training probe: every ``eval.every`` steps, the teacher's frozen features through the harness's own probes.
+"""The in-training probe: every ``eval.every`` steps, the teacher's frozen features through the harness's own probes,
+scored on a validation split of the task's training patients, never on its test split.
 
-This is DINO's k-NN monitor in spirit, but it reuses the evaluation harness end to end, so a number printed during
-training is the number ``python -m harness.run --models ckpt:RUN --tasks TASK:linear`` would give for the same
-checkpoint (same task reader, same patient split, same preprocessing as the ``ckpt:`` encoder, same probe code):
+It is DINO's k-NN monitor in spirit, built from the evaluation harness (same task reader, same preprocessing as the
+``ckpt:`` encoder, same probe code), with one difference that matters: a probe that steers a choice (when to stop,
+which checkpoint, which recipe, which pooling) must not see the test patients. So:
 
-- the task is any harness task (``csv:PATH``, ``demo``, ``vindr`` ... with ``eval.data_root``), split by patient with
-  ``eval.seed`` / ``eval.test_fraction`` exactly as ``harness.run`` splits it (defaults equal to its defaults);
-- features are the teacher backbone's normed CLS token (``baselines.ckpt``'s global feature), computed on the
-  task's images resized as the ``ckpt:`` encoder resizes them;
-- findings: ``harness.probes.linear.linear_probe`` (logistic regression, C by patient-grouped CV on the train
-  split), macro AUROC over the labels harness.run evaluates (its default --min-positive-patients);
-- sex: the same probe, F positive, AUROC; age: the demographics protocol's ridge probe, MAE and Pearson r.
+- the task (``csv:PATH``, ``demo``, ``vindr`` ... with ``eval.data_root``) is split by patient exactly as
+  ``harness.run`` splits it (``eval.seed``, ``eval.test_fraction``); its test rows are dropped before any image is
+  read, and its training patients are split again (``harness.splits.validation_split``, ``eval.val_fraction``):
+  the probes fit on the inner training patients and score on the validation ones;
+- features are the teacher backbone's final-normed tokens, pooled as the harness's ``--global-pool`` pools them
+  (``baselines.registry.pool_global``), for each pooling in ``eval.pools``;
+- per pooling: the k-NN probe's macro AUROC (``probe_knn_auroc_<pool>``, cheap, DINO's monitor) and the linear
+  probe's (``probe_linear_auroc_<pool>``, logistic regression, C by patient-grouped CV), over the labels
+  harness.run would evaluate on this split; for the first pooling also sex (AUROC) and age (ridge MAE, r) when
+  the task has them.
 
 Points only: the bootstrap CIs and the paired test against the initial weights come from ``harness.run`` on the
-saved checkpoints (docs/pretraining.md, "Does it learn?").
+saved checkpoints (docs/pretraining.md, "Does it learn?"), on the test split, once per finished run.
 
 The trainer proper never imports the harness; this module does, lazily, only when ``eval.task`` is set.
 """
@@ -27,25 +31,30 @@ import numpy as np
 import torch
 from torch import nn
 
+from harness.splits import VALIDATION_FRACTION
+
 
 @dataclass
 class ProbeData:
-    """A task's encoder inputs, decoded and preprocessed once, with its labels and patient split."""
+    """A task's validation-probe inputs (the training patients only), decoded and preprocessed once."""
 
     name: str
     pixels: torch.Tensor          # [N, C, S, S] float32, the ckpt: encoder's input
-    split: np.ndarray             # 'train' / 'test' per image
+    split: np.ndarray             # 'train' / 'val' per image: the inner split of the task's training patients
+    rows: np.ndarray              # each image's row in the task (never a test-split row)
     patients: np.ndarray
     labels: np.ndarray            # [N, L] 0/1
     label_names: list[str]
     sex: np.ndarray               # 'M', 'F' or '' per image
     age: np.ndarray               # float, NaN unknown
     skip: dict[int, str]          # labels the harness would not evaluate on this split, and why
+    test_digests: frozenset[str]  # sha256 of the test-split image files (to warn about pretraining on them)
 
 
-def load_probe_data(spec: str, cfg_dict: dict, data_root: str | None, seed: int, test_fraction: float
-                    ) -> ProbeData:
-    """Build the harness task ``spec`` (``csv:PATH``, ``demo``, ``vindr`` ...) and its inputs, before training.
+def load_probe_data(spec: str, cfg_dict: dict, data_root: str | None, seed: int, test_fraction: float,
+                    val_fraction: float = VALIDATION_FRACTION) -> ProbeData:
+    """Build the harness task ``spec`` (``csv:PATH``, ``demo``, ``vindr`` ...) and the inputs of its validation
+    probe, before training. Test-split images are never decoded.
 
     Raises the harness's own TaskError / ValueError for a missing file or an unknown task.
     """
@@ -53,60 +62,99 @@ def load_probe_data(spec: str, cfg_dict: dict, data_root: str | None, seed: int,
     from baselines.preprocess import preprocess_batch
     from harness.protocols import MIN_POSITIVE_PATIENTS, label_status
     from harness.run import parse_data_roots, parse_task_spec
-    from harness.splits import make_split
-    from harness.tasks.base import TaskContext, build_task
+    from harness.splits import make_split, validation_split
+    from harness.tasks.base import Subset, TaskContext, build_task
 
     task_spec = parse_task_spec(spec)
     root, named = parse_data_roots([data_root] if data_root else [])
     task = build_task(task_spec.name, task_spec.arg, TaskContext(data_root=root, data_roots=named, seed=seed))
     t = task.table
-    split = np.array(make_split(t.patient_ids, seed, test_fraction, t.split))
-    # The same evaluable labels as harness.run with its default --min-positive-patients.
-    evaluable, reasons = label_status(task, split, MIN_POSITIVE_PATIENTS)
+    outer = make_split(t.patient_ids, seed, test_fraction, t.split)
+    inner = np.array(validation_split(t.patient_ids, outer, seed, val_fraction))
+    rows = np.flatnonzero(inner != "test")
+    test_rows = np.flatnonzero(inner == "test")
+    digests = task.file_digests()
+    view = Subset(task, rows, "validation")
+    split = np.where(inner[rows] == "val", "val", "train")
+    # The evaluable-label rule of harness.run (its default --min-positive-patients), with 'val' in the test role.
+    evaluable, reasons = label_status(view, np.where(split == "val", "test", "train"), MIN_POSITIVE_PATIENTS)
     pre = checkpoint_preprocess(cfg_dict)
-    pixels = preprocess_batch([torch.from_numpy(task.load_image(i))[None] for i in range(len(task))], pre)
-    return ProbeData(task.name, pixels, split, np.asarray(t.patient_ids), t.labels.astype(int), list(t.label_names),
-                     np.array([s or "" for s in t.sex]), np.asarray(t.age, dtype=float),
-                     {j: why for j, why in enumerate(reasons) if not evaluable[j]})
+    pixels = preprocess_batch([torch.from_numpy(view.load_image(i))[None] for i in range(len(view))], pre)
+    vt = view.table
+    return ProbeData(task.name, pixels, split, rows, np.asarray(vt.patient_ids), vt.labels.astype(int),
+                     list(vt.label_names), np.array([s or "" for s in vt.sex]), np.asarray(vt.age, dtype=float),
+                     {j: why for j, why in enumerate(reasons) if not evaluable[j]},
+                     frozenset(digests[i] for i in test_rows) if digests is not None else frozenset())
+
+
+def test_overlap(data: ProbeData, paths: list) -> int:
+    """How many pretraining images (files) are byte-identical to a test-split image of the probe's task."""
+    if not data.test_digests:
+        return 0
+    from harness.common.hashing import sha256_file
+
+    return sum(sha256_file(p) in data.test_digests for p in paths)
 
 
 @torch.no_grad()
-def teacher_features(backbone: nn.Module, pixels: torch.Tensor, device: torch.device, batch_size: int = 32
-                     ) -> np.ndarray:
-    """Normed CLS tokens [N, D] of ``backbone`` (in eval mode; its training mode is restored)."""
+def teacher_features(backbone: nn.Module, pixels: torch.Tensor, device: torch.device, pools: tuple[str, ...],
+                     batch_size: int = 32) -> dict[str, np.ndarray]:
+    """Per pooling, the [N, D] global features of ``backbone`` (in eval mode; its training mode is restored), pooled
+    exactly as the harness pools a ``ckpt:`` encoder's tokens."""
+    from baselines.registry import Features, pool_global
+
     was_training = backbone.training
     backbone.eval()
+    out: dict[str, list[torch.Tensor]] = {p: [] for p in pools}
     try:
-        out = [backbone.forward_features(pixels[i:i + batch_size].to(device))["x_norm_clstoken"].float().cpu()
-               for i in range(0, len(pixels), batch_size)]
+        for i in range(0, len(pixels), batch_size):
+            f = backbone.forward_features(pixels[i:i + batch_size].to(device))
+            tokens = f["x_norm_patchtokens"]  # [B, N, C]: the grid's layout does not matter to a mean
+            feats = Features(f["x_norm_clstoken"], tokens.transpose(1, 2)[:, :, None, :])
+            for p in pools:
+                out[p].append(pool_global(feats, p).cpu())
     finally:
         backbone.train(was_training)
-    return torch.cat(out).numpy()
+    return {p: torch.cat(v).numpy() for p, v in out.items()}
 
 
-def probe_metrics(x: np.ndarray, data: ProbeData, seed: int) -> dict[str, float]:
-    """Findings macro AUROC, sex AUROC, age MAE and r on the test split, from the harness's probe functions."""
+def _macro(y: np.ndarray, scores: np.ndarray, evaluable: list[int]) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    aurocs = [roc_auc_score(y[:, j], scores[:, j]) for j in evaluable]
+    return float(np.mean(aurocs)) if aurocs else math.nan
+
+
+def probe_metrics(feats: dict[str, np.ndarray], data: ProbeData, seed: int, knn_k: int = 20,
+                  knn_temperature: float = 0.07) -> dict[str, float]:
+    """Per pooling, k-NN and linear macro AUROC on the validation split; for the first pooling also sex AUROC and
+    age MAE and r, from the harness's probe functions."""
     from sklearn.metrics import roc_auc_score
 
     from harness.probes.demographics import age_probe
+    from harness.probes.knn import knn_scores
     from harness.probes.linear import linear_probe
 
-    train, test = data.split == "train", data.split == "test"
-    out: dict[str, float] = {}
-    probe = linear_probe(x[train], data.labels[train], data.patients[train], x[test], data.labels[test],
-                         data.label_names, seed=seed, skip=data.skip)
-    aurocs = [roc_auc_score(data.labels[test][:, j], probe.scores[:, j])
-              for j, lab in enumerate(probe.labels) if lab.evaluable]
-    out["probe_macro_auroc"] = float(np.mean(aurocs)) if aurocs else math.nan
-    out["eval_labels"] = len(aurocs)
+    train, val = data.split == "train", data.split == "val"
+    evaluable = [j for j in range(len(data.label_names)) if j not in data.skip]
+    out: dict[str, float] = {"eval_labels": len(evaluable)}
+    for pool, x in feats.items():
+        k = min(knn_k, int(train.sum()))
+        out[f"probe_knn_auroc_{pool}"] = _macro(data.labels[val],
+                                                knn_scores(x[train], data.labels[train], x[val], k, knn_temperature),
+                                                evaluable)
+        probe = linear_probe(x[train], data.labels[train], data.patients[train], x[val], data.labels[val],
+                             data.label_names, seed=seed, skip=data.skip)
+        out[f"probe_linear_auroc_{pool}"] = _macro(data.labels[val], probe.scores, evaluable)
+    x = next(iter(feats.values()))
     known = data.sex != ""
-    tr, te = train & known, test & known
+    tr, te = train & known, val & known
     y_tr, y_te = (data.sex[tr] == "F").astype(int), (data.sex[te] == "F").astype(int)
     if len(np.unique(y_tr)) == 2 and len(np.unique(y_te)) == 2:
         sex = linear_probe(x[tr], y_tr[:, None], data.patients[tr], x[te], y_te[:, None], ["sex"], seed=seed)
         out["probe_sex_auroc"] = float(roc_auc_score(y_te, sex.scores[:, 0]))
     known = np.isfinite(data.age)
-    tr, te = train & known, test & known
+    tr, te = train & known, val & known
     if tr.sum() >= 5 and te.sum() >= 3:
         age = age_probe(x[tr], data.age[tr], data.patients[tr], x[te], seed=seed)
         out["probe_age_mae"] = float(np.abs(age.predictions - data.age[te]).mean())
@@ -117,12 +165,12 @@ def probe_metrics(x: np.ndarray, data: ProbeData, seed: int) -> dict[str, float]
 class InTrainingProbe:
     """Probe a backbone on a task; ``__call__`` returns a metrics row for metrics.jsonl."""
 
-    def __init__(self, data: ProbeData, seed: int, device: torch.device):
-        self.data, self.seed, self.device = data, seed, device
+    def __init__(self, data: ProbeData, seed: int, device: torch.device, pools: tuple[str, ...] = ("cls",)):
+        self.data, self.seed, self.device, self.pools = data, seed, device, tuple(pools)
 
     def __call__(self, backbone: nn.Module, iteration: int) -> dict[str, float]:
         t0 = time.perf_counter()
-        x = teacher_features(backbone, self.data.pixels, self.device)
-        row = {"iteration": iteration, **probe_metrics(x, self.data, self.seed)}
+        feats = teacher_features(backbone, self.data.pixels, self.device, self.pools)
+        row = {"iteration": iteration, **probe_metrics(feats, self.data, self.seed)}
         row["eval_seconds"] = time.perf_counter() - t0
         return row

@@ -335,7 +335,7 @@ def train(cfg: TrainConfig, output: str | Path, resume: str | None = None) -> Tr
     # The data and the probe task are read before any model is built, so that a wrong --data or eval.task fails in
     # seconds, not after the 65,536-prototype head and the optimiser are built.
     stream = open_data(cfg)
-    probe = build_probe(cfg, device) if rank == 0 and cfg.eval.task else None
+    probe = build_probe(cfg, stream, device) if rank == 0 and cfg.eval.task else None
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
 
     student, teacher = build_models(cfg)
@@ -454,20 +454,26 @@ class ProbeTaskError(ValueError):
     """eval.task could not be read (unknown task, missing file): reported before the first step."""
 
 
-def build_probe(cfg: TrainConfig, device: torch.device) -> "InTrainingProbe":
-    """The in-training probe of eval.task (trainer.monitor); the harness's own errors for a bad task."""
-    from trainer.monitor import InTrainingProbe, load_probe_data
+def build_probe(cfg: TrainConfig, stream: SampleStream, device: torch.device) -> "InTrainingProbe":
+    """The in-training probe of eval.task (trainer.monitor), warning when the pretraining images include the task's
+    test images; the harness's own errors for a bad task."""
+    from trainer.monitor import InTrainingProbe, load_probe_data, test_overlap
 
     log.info("in-training probe: reading task %s", cfg.eval.task)
     try:
         data = load_probe_data(cfg.eval.task, cfg.to_dict(), cfg.eval.data_root, cfg.eval.seed,
-                               cfg.eval.test_fraction)
+                               cfg.eval.test_fraction, cfg.eval.val_fraction)
     except (ValueError, OSError) as e:  # the harness's TaskError is a ValueError naming the file and the fix
         raise ProbeTaskError(str(e)) from e
-    log.info("in-training probe: %s, %d images (%d train / %d test), every %s iterations", data.name,
-             len(data.split), (data.split == "train").sum(), (data.split == "test").sum(),
-             cfg.eval.every or "(start and end only)")
-    return InTrainingProbe(data, cfg.eval.seed, device)
+    log.info("in-training probe: %s, validation split of its training patients: %d images (%d fit / %d scored), "
+             "pools %s, every %s iterations", data.name, len(data.split), (data.split == "train").sum(),
+             (data.split == "val").sum(), ",".join(cfg.eval.pools), cfg.eval.every or "(start and end only)")
+    overlap = test_overlap(data, stream.paths)
+    if overlap:
+        log.warning("in-training probe: %d pretraining image(s) are byte-identical to test-split images of %s; "
+                    "numbers harness.run reports on that split will be optimistic. Pretrain on the training "
+                    "patients only (docs/pretraining.md#pretrain-on-the-training-patients-only)", overlap, data.name)
+    return InTrainingProbe(data, cfg.eval.seed, device, tuple(cfg.eval.pools))
 
 
 @torch.no_grad()
