@@ -107,6 +107,7 @@ class ModuleEncoder(Encoder):
         self.weights_digest = sha256_files(weight_files)
         self.weights_folder = weight_files[0].parent
         self._forward = forward
+        self.code_modules = (forward.__module__,)  # the forward function computes the features
         for p in self.model.parameters():
             p.requires_grad_(False)
 

@@ -33,10 +33,15 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from baselines.pooling import DEFAULT_GLOBAL_POOL, GLOBAL_POOLS, pool_global
 from baselines.preprocess import Preprocess
+from harness.common.sources import closure, sources_digest
 from harness.registry import Entry, Registry, resolve
 
 WEIGHTS_ENV = "RADDINO_BENCH_WEIGHTS"
+#: Libraries an encoder's forward pass may run through: their version is part of its code digest when its code
+#: imports them (torch's is part of every feature-cache key already).
+FORWARD_LIBRARIES = ("open_clip", "timm", "transformers", "xformers")
 
 
 class Features(NamedTuple):
@@ -49,27 +54,6 @@ class Features(NamedTuple):
     layers: tuple[torch.Tensor, ...] = ()
 
 
-#: How an encoder's tokens become the one vector per image that the global protocols (linear, k-NN, demographics,
-#: label efficiency) read (``--global-pool``; docs/evaluate.md#global-pooling):
-#: ``cls`` the encoder's own global embedding (a ViT's final-normed CLS token, CLIP's projected one);
-#: ``avg`` the mean of its last layer's patch grid (a ViT's final-normed patch tokens, registers excluded);
-#: ``cls+avg`` both, concatenated (DINOv2's linear evaluation, dinov2/eval/linear.py, without the extra blocks).
-GLOBAL_POOLS = ("cls", "avg", "cls+avg")
-DEFAULT_GLOBAL_POOL = "cls"
-
-
-def pool_global(f: Features, pool: str) -> torch.Tensor:
-    """The [B, D] global feature of `f` under `pool` (one of GLOBAL_POOLS), in float32."""
-    if pool == "cls":
-        return f.global_.float()
-    avg = f.patch.float().mean(dim=(2, 3))
-    if pool == "avg":
-        return avg
-    if pool == "cls+avg":
-        return torch.cat([f.global_.float(), avg], dim=1)
-    raise ValueError(f"unknown global pooling {pool!r}; choose one of {', '.join(GLOBAL_POOLS)}")
-
-
 class Encoder(ABC):
     """A frozen encoder. Subclasses set `name`, `preprocess` and `weights_digest` and implement `encode`."""
 
@@ -78,9 +62,12 @@ class Encoder(ABC):
     #: Hash of the weights actually loaded (sha256 of the files, or of the seed for weight-free encoders);
     #: part of the feature-cache key and written into every results file.
     weights_digest: str
-    #: Bump in a subclass whenever its `encode` changes what it computes (pooling, layers taken, a fix): cached
-    #: features of the old code then stop matching, as the weights digest cannot tell.
-    code_version: str = "1"
+    #: Modules, besides the class's own, whose code computes the features: the forward function's (set by
+    #: `ModuleEncoder`) and the factory's, which builds the model from the weights (added by `build_encoder`). With
+    #: every module of this project they import, their sources are part of the feature-cache key (`code_digest`),
+    #: so an edit to the pooling, the architecture or a weight conversion recomputes the features: the weights
+    #: digest cannot tell.
+    code_modules: tuple[str, ...] = ()
     device: torch.device = torch.device("cpu")
     #: Where the weight files were read from (``--weights-dir/<model>`` or a Hugging Face cache snapshot), for the
     #: user; not part of `identity`, so the same bytes found in another folder still hit the feature cache.
@@ -107,13 +94,20 @@ class Encoder(ABC):
         """`f` with its global feature replaced by the `global_pool` of its tokens (what the cache stores)."""
         return f._replace(global_=pool_global(f, self.global_pool))
 
+    def code_digest(self) -> str:
+        """Digest of the sources that compute this encoder's features (`code_modules` and the class's module, with
+        the project modules they import, `harness.common.sources`) and of the versions of the libraries among
+        `FORWARD_LIBRARIES` they import."""
+        modules, packages = closure((type(self).__module__, *self.code_modules))
+        return sources_digest(modules, set(packages) & set(FORWARD_LIBRARIES))
+
     def identity(self) -> dict:
         """Everything that determines the features, for the cache key and the results files."""
         return {
             "encoder": self.name,
             "class": f"{type(self).__module__}.{type(self).__qualname__}",
             "weights_digest": self.weights_digest,
-            "code_version": self.code_version,
+            "code": self.code_digest(),
             "preprocess": self.preprocess.as_dict(),
             "global_pool": self.global_pool,
         }
@@ -320,6 +314,8 @@ def build_encoder(name: str, weights_dir: Path | None = None, input_policy: str 
                        weights=entry.weight_files, folder_name=entry.folder)
     encoder = entry.load()(spec)
     encoder.global_pool = global_pool
+    # The factory's module builds the model from the weight files (key renames, configs): part of the code digest.
+    encoder.code_modules = tuple(dict.fromkeys((*encoder.code_modules, entry.target.partition(":")[0])))
     return encoder
 
 

@@ -4,9 +4,11 @@ One pass over a task's images feeds every encoder whose features are not cached 
 (float32 in [0, 1]) and put through each distinct preprocessing of those encoders in DataLoader workers, with
 prefetch (and pinned memory on CUDA), so the main process only moves batches to the device and runs `encode`.
 
-Cache key = encoder identity (name, class, weights digest, preprocessing, code version, global pooling) + the compute precision
-(device type, autocast dtype, torch version: GPU bf16 and CPU fp32 features differ) + the task's content digest
-(the exact image list and bytes) + FEATURE_FORMAT. An entry is a folder holding ``global.safetensors`` (float32
+Cache key = encoder identity (name, class, weights digest, preprocessing, global pooling, and the digest of the encoder's sources
+and forward libraries) + the sources of the decoding, preprocessing and extraction code (`EXTRACTION_CODE`) + the
+compute precision (device type, autocast dtype, torch version: GPU bf16 and CPU fp32 features differ) + the task's
+content digest (the exact image list and bytes) + FEATURE_FORMAT. An entry that cannot be read back (a damaged
+file, a foreign one) is moved aside and recomputed, with a warning. An entry is a folder holding ``global.safetensors`` (float32
 [N, D]) and ``manifest.json``; a dense entry also holds the float16 patch grid and intermediate layers as row
 shards, ``dense-00000.safetensors``, ``dense-00001.safetensors``, ... (fp16 halves the disk and is plenty for
 linear heads), written one shard at a time during extraction and read back by memory-mapping only the shards a
@@ -38,6 +40,7 @@ import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, Union
 
@@ -49,7 +52,8 @@ from torch.utils.data import DataLoader, Dataset
 from baselines.preprocess import Preprocess, preprocess_batch
 from baselines.registry import Encoder, Features
 from harness.common.atomic import fsync_path, temp_dir
-from harness.common.hashing import sha256_text
+from harness.common.hashing import array_digest, sha256_text
+from harness.common.sources import sources_digest
 from harness.log import progress
 from harness.tasks.base import Task, TaskError
 
@@ -80,10 +84,21 @@ def precision(device: torch.device) -> dict:
             "torch": torch.__version__}
 
 
+#: The code between an image's bytes and its features besides the encoder's own (`Encoder.code_digest`): the
+#: decoding, the preprocessing, and the functions of this module that run the encoder and convert its output. The
+#: rest of this module only moves bytes: an edit to it recomputes nothing.
+EXTRACTION_CODE = ("harness.common.imaging", "baselines.preprocess", "baselines.pooling", "harness.features:autocast_dtype",
+                   "harness.features:encode_batch", "harness.features:dense_grids", "harness.features:_Images")
+
+
 def cache_key(encoder: Encoder, task_digest: str, device: str | torch.device) -> str:
-    blob = json.dumps({"format": FEATURE_FORMAT, "encoder": encoder.identity(),  # includes its code_version
-                       "precision": precision(torch.device(device)), "task_digest": task_digest}, sort_keys=True)
-    return sha256_text(blob)
+    """sha256 of everything that makes an entry's features, one field each (adding one is a line here)."""
+    fields = {"format": FEATURE_FORMAT,
+              "encoder": encoder.identity(),  # name, class, weights, preprocessing and the encoder's code
+              "extraction": sources_digest(EXTRACTION_CODE),
+              "precision": precision(torch.device(device)),
+              "task_digest": task_digest}
+    return sha256_text(json.dumps(fields, sort_keys=True))
 
 
 def encode_batch(encoder: Encoder, x: torch.Tensor, device: torch.device) -> Features:
@@ -290,6 +305,12 @@ class FeatureSet:
     #: where the dense grids come from: "memory" (arrays), "cache" (shards streamed from disk), "re-encode"
     dense_mode: str = "memory"
 
+    @cached_property
+    def global_digest(self) -> str:
+        """Digest of the global features' content (dtype, shape, bytes), computed once: what a results-cache
+        entry is keyed by, so a result is found again only for the very features it was computed from."""
+        return array_digest(self.global_)
+
 
 # ------------------------------------------------------------------------------------------------------- cache
 
@@ -312,17 +333,53 @@ class FeatureCache:
         return self._complete(key, dense) is not None
 
     def load(self, key: str, dense: bool) -> FeatureSet | None:
-        """The entry's global features in memory; dense grids as lazy `ShardedGrid`s read batch by batch."""
+        """The entry's global features in memory; dense grids as lazy `ShardedGrid`s read batch by batch. None when
+        there is no complete entry, or when it cannot be read back whole (a truncated, zeroed or foreign file, a
+        missing shard): that one is moved aside, with a warning, so that it is recomputed and never crashes a run."""
         d = self._complete(key, dense)
         if d is None:
             return None
+        try:
+            return self._read(d, key, dense)
+        except Exception as e:  # any damage, whatever the library reading it raises: recompute
+            _log.warning(f"feature cache: entry {d} cannot be read ({type(e).__name__}: {e}); it is moved aside "
+                         "and its features computed again")
+            self._discard(d)
+            return None
+
+    @staticmethod
+    def _read(d: Path, key: str, dense: bool) -> FeatureSet:
+        """Read entry `d`, checking it is whole: its manifest names `key`, and every array holds its rows."""
+        manifest = json.loads((d / "manifest.json").read_text())
+        if not isinstance(manifest, dict) or manifest.get("key") != key:
+            raise ValueError(f"manifest.json is not that of entry {key[:12]}")
         g = load_file(d / "global.safetensors")["global"]
+        n = manifest.get("n_images")
+        if g.ndim != 2 or g.dtype != np.float32 or (n is not None and len(g) != n):
+            raise ValueError(f"global features of shape {g.shape} and dtype {g.dtype}, expected {n} float32 rows")
         if not dense:
             return FeatureSet(g, key=key, from_cache=True)
-        shards = json.loads((d / "manifest.json").read_text()).get("shards")
+        shards = manifest.get("shards")
         grids = open_shards([d / s["file"] for s in shards] if shards else [d / "dense.safetensors"])
+        for name, grid in grids.items():
+            if len(grid) != len(g):
+                raise ValueError(f"dense grid {name} has {len(grid)} rows, the global features {len(g)}")
+            row_bytes = grid.dtype.itemsize * math.prod(grid.row_shape)
+            for path, offset, rows in grid.parts:
+                if path.stat().st_size < offset + rows * row_bytes:
+                    raise ValueError(f"{path.name} is shorter than the rows its header lists (truncated)")
         layers = tuple(grids[f"layer{i}"] for i in range(sum(k.startswith("layer") for k in grids)))
         return FeatureSet(g, grids["patch"], layers, key=key, from_cache=True, dense_mode="cache")
+
+    @staticmethod
+    def _discard(d: Path) -> None:
+        """Move a damaged entry out of its place (one rename, so no reader sees half of it), then delete it."""
+        aside = temp_dir(d.parent, d.name + ".damaged")
+        try:
+            os.rename(d, aside / "entry")
+        except FileNotFoundError:
+            pass  # another process moved it first
+        shutil.rmtree(aside)
 
     def writer(self, key: str, dense: bool, shard_bytes: int = SHARD_BYTES) -> EntryWriter:
         return EntryWriter(self, key, dense, shard_bytes)
@@ -359,6 +416,7 @@ class EntryWriter:
     the folder into place; `discard` (always safe to call) removes what was not published."""
 
     def __init__(self, cache: FeatureCache, key: str, dense: bool, shard_bytes: int = SHARD_BYTES):
+        self.key = key
         self.final = cache.entry(key, dense)
         self.final.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = temp_dir(self.final.parent, self.final.name)
@@ -384,6 +442,7 @@ class EntryWriter:
             self.shards.flush()
             save_file({"global": np.ascontiguousarray(self.global_features())}, str(self.tmp / "global.safetensors"))
             fsync_path(self.tmp / "global.safetensors")
+            manifest = {**manifest, "key": self.key}  # checked on reading: a foreign manifest is not served
             if self.dense:
                 manifest = {**manifest, "shards": self.shards.shards}
             (self.tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
@@ -565,7 +624,7 @@ def _compute(task: Task, pending: list[tuple[Encoder, str, bool]], cache: Featur
             g = w.global_features()
             if not np.isfinite(g).all():
                 raise FloatingPointError(f"{enc.name}: non-finite features on task {task.name}; nothing was cached")
-            w.publish({"key": key, "encoder": enc.identity(), "task": task.name, "task_digest": digest,
+            w.publish({"encoder": enc.identity(), "task": task.name, "task_digest": digest,
                        "n_images": n, "global_shape": list(g.shape), "dense": store, "precision": precision(device),
                        "format": FEATURE_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
             fs = cache.load(key, store)  # ours, or an identical entry another run published first

@@ -27,11 +27,12 @@ from joblib import cpu_count
 
 from harness import stats
 from harness.common.hashing import array_digest, sha256_text
+from harness.common.sources import closure, sources_digest
 from harness.common.paths import safe_name
 from harness.leaderboard import Section
 from harness.probes import PROTOCOLS
 from harness.registry import resolve
-from harness.results_cache import ResultsCache, store
+from harness.results_cache import LIBRARIES, ResultsCache, store
 from harness.splits import pseudonym
 from harness.tasks.base import Subset, Task
 from harness.tidy import TidyRow
@@ -105,11 +106,12 @@ class TaskRun:
         return feature_key(self.features[model])
 
     def _parts(self, protocol: str, features: str, settings: dict) -> dict:
-        return {"protocol": protocol, "features": features, "data": self.data_digest, "settings": settings}
+        return {"protocol": protocol, "code": protocol_code(protocol), "features": features,
+                "data": self.data_digest, "settings": settings}
 
     def cached(self, protocol: str, features: str, settings: dict) -> Any | None:
         """One model's work in `protocol` from the results cache: computed before by the same code from the same
-        features (`features`: their digest or cache key), data and `settings`; None when it was not."""
+        features (`features`: `feature_key`'s digest), data and `settings`; None when it was not."""
         if self.results_cache is None:
             return None
         return self.results_cache.lookup(self._parts(protocol, features, settings))
@@ -129,10 +131,23 @@ class TaskRun:
 
 
 def feature_key(fs: FeatureSet) -> str:
-    """What identifies features in a results-cache key: their feature-cache key (which covers the encoder, its
-    weights and code, the preprocessing, the precision and the images), or for features made outside the cache
-    the digest of the global array."""
-    return fs.key or array_digest(fs.global_)
+    """What identifies features in a results-cache key: the digest of the global features' content (milliseconds;
+    computed once per feature set), so a result is reused only for the very features it was computed from, however
+    they were made. Dense grids (10 MB an image) are not hashed: they are identified by their feature-cache key
+    (encoder, weights and code, extraction code, precision, images) together with the content of the global
+    features written by the same pass."""
+    if fs.patch is None:
+        return fs.global_digest
+    dense = fs.key or array_digest(*(np.asarray(g) for g in (fs.patch, *fs.layers)))  # in memory: small, hashed
+    return sha256_text(f"{fs.global_digest}:{dense}")
+
+
+def protocol_code(protocol: str) -> str:
+    """Digest of the code a protocol's per-model work runs: the sources of its module and of the project modules
+    it imports (`harness.common.sources`: rendering, logging and the tasks excepted) and the numerical libraries'
+    versions. An edit to a figure or to another protocol leaves its entries valid."""
+    module = PROTOCOLS.get(protocol).target.partition(":")[0]
+    return sources_digest(closure([module])[0], LIBRARIES)
 
 
 @dataclass(frozen=True)

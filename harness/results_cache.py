@@ -2,12 +2,14 @@
 bootstrap of the model's own metrics) saved on disk, so that a rerun with nothing changed recomputes none of it, and
 adding a model to a finished run computes only that model's work and the paired comparisons.
 
-An entry is keyed by the sha256 of everything the work depends on: the protocol, the model's features (the digest
-of the feature array itself, or the feature cache's key for dense grids), the task's labels and patient split, the
-bootstrap resamples, the protocol's settings, and the code version (the sources of the ``harness`` package and the
-versions of the numerical libraries). Change any of them and the entry is simply not found. What is stored is a
-tree of JSON values and numpy arrays (one ``.npz`` per entry, read with ``allow_pickle=False``: no pickled code
-ever runs), written atomically, so an interrupted write never leaves an entry that is read afterwards.
+An entry is keyed by the sha256 of everything the work depends on (`harness.protocols.TaskRun` assembles it): the
+protocol, the content digest of the model's features (for dense grids, with their feature-cache key), the task's
+labels and patient split, the bootstrap resamples, the protocol's settings, and the protocol's code: the sources
+it runs (`harness.common.sources`) and the versions of the numerical `LIBRARIES`. Change any of them and the entry
+is simply not found. What is stored is a tree of JSON values and numpy arrays with the entry's own key (one
+``.npz`` per entry, read with ``allow_pickle=False``: no pickled code ever runs), written atomically, so an
+interrupted write never leaves an entry that is read afterwards; an entry that cannot be read back, for any
+reason, or that holds another key, is recomputed with a warning.
 """
 from __future__ import annotations
 
@@ -29,9 +31,9 @@ from harness.common.hashing import sha256_chunks, sha256_text
 log = logging.getLogger(__name__)
 
 #: Bumped when the entry layout changes.
-FORMAT = "1"
-#: Libraries whose version can change a fitted number.
-LIBRARIES = ("numpy", "scipy", "scikit-learn", "torch", "polars")
+FORMAT = "2"
+#: Libraries whose version can change a fitted number (statsmodels: the age probe's calibration).
+LIBRARIES = ("numpy", "scipy", "scikit-learn", "torch", "polars", "statsmodels")
 
 
 class ResultsCacheFull(OSError):
@@ -43,8 +45,8 @@ class ResultsCacheFull(OSError):
 
 @cache
 def code_version() -> str:
-    """sha256 over the harness's own sources and the numerical libraries' versions: any edit to the code that
-    computes a result makes every entry it wrote unreachable."""
+    """sha256 over all of the harness's own sources and the numerical libraries' versions (what drawn figures are
+    stamped with; a results-cache entry is keyed by its protocol's sources only, see `harness.protocols`)."""
     root = Path(__file__).resolve().parent
     chunks = []
     for path in sorted(root.rglob("*.py")):
@@ -114,8 +116,7 @@ class ResultsCache:
         self.misses = 0
 
     def key(self, parts: dict) -> str:
-        return sha256_text(json.dumps({"format": FORMAT, "code": code_version(), **parts}, sort_keys=True,
-                                      default=str))
+        return sha256_text(json.dumps({"format": FORMAT, **parts}, sort_keys=True, default=str))
 
     def path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.npz"
@@ -125,13 +126,17 @@ class ResultsCache:
         if self.recompute or not path.is_file():
             return None
         try:
-            return load(path.read_bytes())
-        except (OSError, ValueError, KeyError) as e:  # unreadable (e.g. a disk error): recompute, and say so
+            entry = load(path.read_bytes())
+            if not isinstance(entry, dict) or entry.get("key") != key or "value" not in entry:
+                raise ValueError(f"not the entry of key {key[:12]} (a file from elsewhere, or another version)")
+        # Any error at all (a disk error, a truncated or zeroed zip, an empty file, bad JSON): recompute, and say so.
+        except Exception as e:
             log.warning(f"results cache: {path} unreadable ({type(e).__name__}: {e}); recomputing it")
             return None
+        return entry["value"]
 
     def put(self, key: str, blob: bytes) -> None:
-        """Write one entry's bytes (`dump`'s output) atomically."""
+        """Write one entry's bytes (`store` makes them) atomically."""
         path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         free = disk_usage(path.parent).free
@@ -162,7 +167,8 @@ class ResultsCache:
 def store(cache: ResultsCache | None, parts: dict, tree: Any) -> Any:
     """`tree` stored under `parts` (when there is a cache) and returned as it will be read back (through
     `dump`/`load`), so that the first run and a rerun see identical values and types, cache or no cache."""
-    blob = dump(tree)
+    key = cache.key(parts) if cache is not None else ""
+    blob = dump({"key": key, "value": tree})  # the key inside: a file copied under another name is not served
     if cache is not None:
-        cache.put(cache.key(parts), blob)
-    return load(blob)
+        cache.put(key, blob)
+    return load(blob)["value"]

@@ -42,11 +42,13 @@ from harness.checks import check_eval_args, default_protocols
 from harness.common.atomic import atomic_path, atomic_write_text
 from harness.common.devices import pick_device
 from harness.common.paths import cache_dir, safe_name
-from harness.features import DEFAULT_DENSE_BUDGET_GB, FeatureCache, extract
+from harness.common.hashing import array_digest
+from harness.features import DEFAULT_DENSE_BUDGET_GB, FeatureCache, extract, precision
 from harness.figures import FigureInputError, draw_task_figures, figure_links
 from harness.leaderboard import render, section_from_json, section_to_json
 from harness.log import setup_logging
 from harness.probes import PROTOCOLS
+from harness.registry import resolve
 from harness.protocols import (MIN_POSITIVE_PATIENTS, ProbeOptions, ProtocolResult, TaskRun, feature_sets,
                                label_status, usable_cores)
 from harness.results_cache import ResultsCache, ResultsCacheFull
@@ -273,7 +275,7 @@ def evaluate_task(spec: TaskSpec, encoders: list[Encoder], args: argparse.Namesp
         results[proto] = entry.load()(tr, encoders, *(results[dep] for dep in entry.after))
     log.info(f"results cache ({results_cache.root}): {results_cache.hits} model result(s) reused, "
              f"{results_cache.misses} computed")
-    return write_outputs(tr, encoders, results, args)
+    return write_outputs(tr, encoders, results, args, spec, device)
 
 
 #: ``results/<name><MANIFEST>``, beside the task's results folder (whose *.json are one per model): the settings
@@ -365,12 +367,62 @@ def write_json(path: Path, obj: object) -> None:
     atomic_write_text(path, json.dumps(stats.json_ready(obj), indent=2, allow_nan=False, default=str) + "\n")
 
 
-def run_settings(tr: TaskRun, encoders: list[Encoder], args: argparse.Namespace) -> dict:
-    """What every section of one leaderboard must share to be shown together (the date aside)."""
-    return {"task": tr.task.name, "labels": list(tr.task.table.label_names), "split_hash": tr.split_hash,
+def run_settings(tr: TaskRun, encoders: list[Encoder], args: argparse.Namespace, device: torch.device) -> dict:
+    """What every section of one leaderboard must share to be shown together (the date aside), one field each: the
+    task's content (images, label values, split), the shared settings, and each model's features (their
+    feature-cache key covers the encoder, its weights and code, the extraction code, the precision and the
+    images). A protocol's own options (k, fractions) are not here: each section states those it was computed
+    with."""
+    t = tr.task.table
+    return {"task": tr.task.name, "images": tr.task.content_digest(), "labels": list(t.label_names),
+            "label_values": array_digest(np.asarray(t.labels)), "split_hash": tr.split_hash,
             "seed": args.seed, "test_fraction": args.test_fraction, "n_resamples": args.bootstrap,
             "min_positive_patients": args.min_positive_patients, "input_policy": args.input_policy,
-            "global_pool": args.global_pool, "reference": tr.reference, "models": [[e.name, e.weights_digest] for e in encoders]}
+            "global_pool": args.global_pool, "reference": tr.reference,
+            "models": {e.name: {"weights": e.weights_digest, "features": tr.features[e.name].key,
+                                "precision": precision(device)} for e in encoders}}
+
+
+#: Why the sections of an earlier run cannot stand beside this one's, by the run setting that differs (any other
+#: setting: its name).
+_DIFFERS = {"task": "another task", "images": "the task's images differ", "labels": "the label names differ",
+            "label_values": "the label values differ", "split_hash": "the split differs", "seed": "--seed differs",
+            "test_fraction": "--test-fraction differs", "n_resamples": "--bootstrap differs",
+            "min_positive_patients": "--min-positive-patients differs", "input_policy": "--input-policy differs",
+            "global_pool": "--global-pool differs", "reference": "--reference differs"}
+
+
+def settings_differences(old: dict | None, new: dict) -> list[str]:
+    """Why sections computed under `old` run settings are not comparable with `new` ones (empty: they are)."""
+    if not isinstance(old, dict):
+        return ["it was written by an older version"]
+    why = [_DIFFERS.get(k, f"{k} differs") for k in sorted(set(old) | set(new))
+           if k != "models" and old.get(k) != new.get(k)]
+    old_models = old.get("models") if isinstance(old.get("models"), dict) else {}
+    changed = [m for m in new["models"] if m in old_models and old_models[m] != new["models"][m]]
+    if changed:
+        why.append(f"the features of {', '.join(changed)} differ (encoder weights or code, extraction code, "
+                   "precision or images)")
+    if set(old_models) != set(new["models"]):
+        why.append(f"the models differ ({', '.join(old_models) or 'none'} then, {', '.join(new['models'])} now)")
+    return why
+
+
+def section_inputs(task: Task, protocol: str) -> dict:
+    """Digests of the task data `protocol` depends on besides the run settings (sex and age, masks)."""
+    target = PROTOCOLS.get(protocol).inputs
+    return resolve(target)(task) if target else {}
+
+
+def recompute_command(spec: TaskSpec, encoders: list[Encoder], protocols: list[str]) -> str:
+    """The command that computes `protocols` again and merges them into this run's leaderboard (the run's other
+    options to be repeated)."""
+    if spec.arg and "," in spec.arg:  # a comma cannot be written in --tasks
+        task = f"{spec.name} --task-arg {spec.name}.path={spec.arg}"
+    else:
+        task = f"{spec.name}:{spec.arg}" if spec.arg else spec.name
+    return (f"{PROG} --models {','.join(e.name for e in encoders)} --tasks {task} --protocols "
+            f"{','.join(protocols)} (with this run's other options)")
 
 
 def _read_json(path: Path) -> dict | None:
@@ -392,28 +444,49 @@ def _read_tidy(path: Path) -> list[tidy.TidyRow] | None:
 
 
 def write_outputs(tr: TaskRun, encoders: list[Encoder], results: dict[str, ProtocolResult],
-                  args: argparse.Namespace) -> Path:
+                  args: argparse.Namespace, spec: TaskSpec, device: torch.device) -> Path:
     """Split file, per-model results, the protocols' files, the tidy table, then the leaderboard: each atomically.
 
-    A run of some protocols into a folder that holds a leaderboard of the same task with the same settings
-    replaces those protocols' sections, results, files and tidy rows and keeps the others. With other settings (or
-    no manifest, or no tidy table: an older version's output) the old sections are not comparable: they are dropped
-    with a note. Either way, files of the old leaderboard that this one does not list are deleted, so nothing stale
-    stays beside the new files."""
+    A run of some protocols into a folder that holds a leaderboard of the same task replaces those protocols'
+    sections, results, files and tidy rows, and keeps each other section only when it was computed from the same
+    content with the same settings (`run_settings`: images, label values, split, each model's features and
+    precision, the shared flags) and the task data it depends on are unchanged (`section_inputs`: sex and age,
+    masks). Any other section is dropped, with its files; the log and the leaderboard's header say which, why,
+    and the command that computes it again. Either way, files of the old leaderboard that this one does not list
+    are deleted, so nothing stale stays beside the new files."""
     task, t, summary, reference = tr.task, tr.task.table, tr.summary, tr.reference
     name = tr.out_name
     out = task_out_dir(args.out, name)
     folder = out / "results" / name
-    settings = run_settings(tr, encoders, args)
+    settings = run_settings(tr, encoders, args, device)
     manifest = out / "results" / f"{name}{MANIFEST}"
     tidy_paths = (out / "results" / f"{name}.parquet", out / "results" / f"{name}.csv")
     old = _read_json(manifest)
     old_tidy = _read_tidy(tidy_paths[0]) if old is not None else None
-    same = old is not None and old.get("settings") == settings and old_tidy is not None
-    if not same and (old is not None or (out / f"{name}.md").exists()):
-        log.warning(f"note: {out / (name + '.md')} was computed with other settings (or by an older version): its "
-              "sections are replaced, not merged")
-    kept = {p: v for p, v in old["protocols"].items() if p not in results} if same else {}
+    inputs = {p: section_inputs(task, p) for p in results}
+    kept: dict[str, dict] = {}
+    dropped: dict[str, list[str]] = {}  # protocol -> why
+    if old is not None:
+        shared = settings_differences(old.get("settings") if old_tidy is not None else None, settings)
+        for p, entry in old.get("protocols", {}).items():
+            if p in results or p not in PROTOCOLS.entries:
+                continue
+            now = {} if shared else section_inputs(task, p)  # not read (masks: a pass) when dropped anyway
+            why = shared or ([] if entry.get("inputs", {}) == now else
+                             [f"the task data it depends on differ ({', '.join(now)})"])
+            if why:
+                dropped[p] = why
+            else:
+                kept[p] = entry
+    elif (out / f"{name}.md").exists():
+        dropped["every section"] = ["it was written by an older version (no manifest)"]
+    dropped_note = ""
+    if dropped:
+        reasons = "; ".join(f"{p}: {', '.join(why)}" for p, why in dropped.items())
+        redo = [p for p in PROTOCOLS.ordered(PROTOCOLS) if p in dropped]
+        dropped_note = f"{', '.join(dropped)} of an earlier run ({reasons})" + (
+            f"; to compute them again: `{recompute_command(spec, encoders, redo)}`" if redo else "")
+        log.warning(f"note: {out / (name + '.md')}: sections dropped, not merged: {dropped_note}")
     # Leaderboard order: the whole table's run order, whichever protocols this run computed.
     order = [p for p in PROTOCOLS.ordered(PROTOCOLS) if p in kept or p in results]
     files = {p: sorted(results[p].files) if p in results else kept[p]["files"] for p in order}
@@ -424,7 +497,7 @@ def write_outputs(tr: TaskRun, encoders: list[Encoder], results: dict[str, Proto
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
     prov = provenance()
     for enc, rel in zip(encoders, model_files):
-        earlier = (_read_json(out / rel) or {}).get("protocols", {}) if same else {}
+        earlier = (_read_json(out / rel) or {}).get("protocols", {}) if kept else {}
         records = {p: earlier[p] for p in kept if p in earlier}
         records.update({p: r.to_record(enc.name) for p, r in results.items() if enc.name in r.records})
         res = {
@@ -452,8 +525,9 @@ def write_outputs(tr: TaskRun, encoders: list[Encoder], results: dict[str, Proto
     all_sections = {p: results[p].to_section() if p in results else section_from_json(kept[p]["section"])
                     for p in order}
     write_json(manifest, {"settings": settings, "protocols": {
-        p: {"section": section_to_json(all_sections[p]), "files": files[p], "date": date if p in results else
-            kept[p]["date"]} for p in order}})
+        p: {"section": section_to_json(all_sections[p]), "files": files[p],
+            "inputs": inputs[p] if p in results else kept[p].get("inputs", {}),
+            "date": date if p in results else kept[p]["date"]} for p in order}})
     aggregation = summary.get("reader_aggregation")
     header = [
         ("Task", f"`{task.name}`: {summary['images']} images, {summary['patients']} patients"
@@ -474,6 +548,8 @@ def write_outputs(tr: TaskRun, encoders: list[Encoder], results: dict[str, Proto
                       + ("" if len(results) == len(order) else "; sections " + ", ".join(
                           f"{p} of {kept[p]['date']}" for p in order if p in kept) + " kept from an earlier run")),
     ]
+    if dropped_note:
+        header.append(("Dropped", dropped_note))
     md = render(f"Leaderboard: {task.name}", header, [all_sections[p] for p in order])
     # Drawn from the files just written (what `python -m harness.plot` reads too), so a figure shows the table's
     # own numbers; linked at the end of the leaderboard.

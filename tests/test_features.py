@@ -72,7 +72,11 @@ def test_key_depends_on_precision_torch_and_encoder_code(monkeypatch):
     monkeypatch.setattr(torch, "__version__", "0.0.1")
     assert cache_key(enc, "d1", "cpu") != cpu
     monkeypatch.undo()
-    enc.code_version = "2"
+    # An edit to the encoder's module (here: its digest as the key sees it) is another key.
+    from harness.common import sources
+
+    real = sources.source_digest
+    monkeypatch.setattr(sources, "source_digest", lambda item: "edited" if item == "baselines.floors" else real(item))
     assert cache_key(enc, "d1", "cpu") != cpu
 
 

@@ -97,7 +97,7 @@ def test_one_protocol_run_is_merged_and_leaves_nothing_stale(tmp_path, labelled,
     # Other settings: the old sections are not comparable, so they go, with their files.
     capsys.readouterr()
     assert _run(tmp_path, labelled, "--bootstrap", "100", task_suffix=":linear") == 0
-    assert "sections are replaced, not merged" in capsys.readouterr().err
+    assert "sections dropped, not merged" in capsys.readouterr().err
     alone = (lb / "csv-data.md").read_text()
     assert "## Linear probe" in alone and "## Demographics" not in alone and "## Segmentation" not in alone
     assert not (lb / "results/csv-data/pixels.demographics.parquet").exists()

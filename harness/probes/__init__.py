@@ -19,10 +19,13 @@ class ProtocolEntry(Entry):
     """A protocol's table line. `default`: part of a task's protocols when the task spec names none.
     `dense_rows`: lazy target of ``task -> row indices`` whose dense features (patch grids, layers) the protocol
     reads, declared up front so one extraction pass serves every protocol (and a SLURM sweep can extract them in
-    its feature jobs); empty for global features only."""
+    its feature jobs); empty for global features only. `inputs`: lazy target of ``task -> dict`` of digests of
+    the task data the protocol's numbers depend on besides the images, labels and split (sex and age, masks): an
+    earlier section is kept beside a one-protocol run only when they are unchanged."""
 
     default: bool = True
     dense_rows: str = ""
+    inputs: str = ""
 
 
 PROTOCOLS: Registry[ProtocolEntry] = Registry("protocol", ProtocolEntry)
@@ -37,7 +40,9 @@ PROTOCOLS.register("label-efficiency", "harness.probes.label_efficiency:fit_and_
                                "each); macro AUROC curve with CIs and a figure")
 PROTOCOLS.register("seg", "harness.probes.segmentation:fit_and_score",
                    dense_rows="harness.probes.segmentation:masked_rows",
+                   inputs="harness.probes.segmentation:section_inputs",
                    description="linear and multi-level segmentation heads on frozen patch tokens; Dice, IoU")
 PROTOCOLS.register("demographics", "harness.probes.demographics:fit_and_score", after=("linear",),
+                   inputs="harness.probes.demographics:section_inputs",
                    description="sex (logistic, AUROC) and age (ridge; MAE, R2, r) from global features; "
                                "classification AUROC per sex and age band")

@@ -37,7 +37,7 @@ from harness.common.paths import safe_name
 from harness.log import progress
 from harness.probes.linear import LabelResult, grid_edge, linear_probe
 from harness.protocols import ProtocolResult, TaskRun, parquet_bytes
-from harness.tasks.base import TaskTable
+from harness.tasks.base import Task, TaskTable
 from harness.tidy import TidyRow, rows_of
 
 if TYPE_CHECKING:
@@ -429,6 +429,13 @@ def demographics_tidy(tr: TaskRun, c: Cohort, records: dict[str, dict]) -> list[
             label = col.removeprefix("gap ").replace("−", "-") if gap else col.removeprefix("AUROC ")
             rows += rows_of(tr.out_name, NAME, model, "subgroup_gap" if gap else "subgroup_auroc", label, s)
     return rows
+
+
+def section_inputs(task: Task) -> dict:
+    """The sex and age the probes learn: a demographics section of an earlier run is kept only when they are
+    unchanged."""
+    t = task.table
+    return {"sex": array_digest(np.array([s or "" for s in t.sex])), "age": array_digest(np.asarray(t.age, float))}
 
 
 def fit_and_score(tr: TaskRun, encoders: list[Encoder], linear: ProtocolResult) -> ProtocolResult:

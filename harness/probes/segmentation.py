@@ -421,6 +421,17 @@ def masked_rows(task: Task) -> np.ndarray:
     return np.flatnonzero(task.table.has_mask) if task.mask_names else np.array([], dtype=int)
 
 
+def section_inputs(task: Task) -> dict:
+    """Which images carry a mask, and every mask's content: a segmentation section of an earlier run is kept only
+    when they are unchanged (one pass over the masks, as `masked_images` makes)."""
+    rows = masked_rows(task)
+    chunks = [rows.astype(np.int64).tobytes()]
+    for i in rows:
+        m = _mask(task, int(i))
+        chunks += [f"{m.shape}".encode(), np.packbits(m).tobytes()]
+    return {"masks": sha256_chunks(chunks)}
+
+
 @dataclass
 class MaskedImages:
     """The masked images of a task as segmentation sees them: rows `train` / `test` of `subset`, the structures
