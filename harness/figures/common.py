@@ -22,7 +22,7 @@ TIDY_COLUMNS = tidy.COLUMNS
 _FLOATS = ("point", "lo", "hi", "delta", "p_holm")
 #: Significance mark, as in the leaderboards: the paired difference to the reference after Holm.
 SIGNIFICANT = "†"
-ALPHA = 0.05
+ALPHA = tidy.ALPHA
 REFERENCE_COLOUR, OTHER_COLOUR = "black", "tab:blue"
 #: Said in a figure's title when one of its points is drawn hollow (`interval_panel`).
 HOLLOW_NOTE = "hollow: point outside its interval"
