@@ -233,3 +233,17 @@ def test_a_change_of_method_is_a_results_cache_miss(tmp_path, monkeypatch):
     monkeypatch.setattr(label_efficiency, "METHOD", label_efficiency.METHOD + 1)
     label_efficiency.fit_and_score(tr, encs)
     assert (cache.hits, cache.misses) == (4, 8)
+
+
+def test_a_figure_that_raises_costs_only_the_figure(monkeypatch, caplog):
+    tr, encs = _run(fractions=(0.3, 1.0), draws=2)
+
+    def broken(*args):
+        raise ValueError("'xerr' must not contain negative values")
+
+    monkeypatch.setattr(label_efficiency, "figure_png", broken)
+    with caplog.at_level("WARNING", logger=label_efficiency.__name__):
+        result = label_efficiency.fit_and_score(tr, encs)
+    assert dict(result.files) == {} and len(result.tidy) == 4
+    assert not any(n.startswith("Figure:") for n in result.section.notes)
+    assert "figure synthetic_label_efficiency.png not drawn: ValueError" in caplog.text
