@@ -156,7 +156,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                        epilog=CHECK_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("committed", type=Path, help="folder of the committed leaderboards")
     c.add_argument("fresh", type=Path, help="folder of freshly generated ones")
-    c.add_argument("--tol", type=float, default=0.002, help="largest difference of a number that is not stale")
+    c.add_argument("--tol", type=float, default=0.002,
+                   help="largest difference of a number that is not stale (whether p_holm < 0.05 must match exactly)")
     return p
 
 

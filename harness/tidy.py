@@ -93,9 +93,15 @@ def read(path: Path) -> list[TidyRow]:
     return [TidyRow(*r) for r in df.with_columns(pl.col("label").fill_null("")).iter_rows()]
 
 
+#: The level below which p_holm earns a † (in the leaderboards, the figures and the check below).
+ALPHA = 0.05
+
+
 def differences(committed: list[TidyRow], fresh: list[TidyRow], tol: float) -> list[tuple[str, str, str, str]]:
     """(row, column, committed value, fresh value) for every row present in only one table and every number that
-    differs by more than `tol` (a null against a number always differs; n_valid must match exactly)."""
+    differs by more than `tol` (a null against a number always differs; n_valid must match exactly). The
+    significance decision must match exactly too: p_holm 0.049 against 0.051 is within any tolerance of 0.002 but
+    flips a †, so that is reported as column ``p_holm < 0.05``."""
     a = {tuple(getattr(r, k) for k in KEY): r for r in committed}
     b = {tuple(getattr(r, k) for k in KEY): r for r in fresh}
     out = []
@@ -112,4 +118,7 @@ def differences(committed: list[TidyRow], fresh: list[TidyRow], tol: float) -> l
                 same = x == y if col == "n_valid" else abs(x - y) <= tol
             if not same:
                 out.append((where, col, str(x), str(y)))
+        x, y = a[key].p_holm, b[key].p_holm
+        if x is not None and y is not None and (x < ALPHA) != (y < ALPHA):
+            out.append((where, f"p_holm < {ALPHA:g}", str(x < ALPHA), str(y < ALPHA)))
     return out

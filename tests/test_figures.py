@@ -3,6 +3,8 @@ table's numbers (or the saved per-image files'), on a synthetic run folder."""
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +13,10 @@ import pytest
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from harness.figures import FigureInputError, draw_task_figures, figure_links, task_figures
+import harness.figures as figures_module
+from harness.figures import STAMP, FigureInputError, draw_task_figures, figure_links, inputs_digest, task_figures
 from harness.figures import age, curves, forest, overlays, subgroups
-from harness.figures.common import TIDY_COLUMNS, png_bytes, read_tidy
+from harness.figures.common import HOLLOW_NOTE, TIDY_COLUMNS, error_bar, png_bytes, point_outside, read_tidy
 from harness.common.paths import safe_name
 from harness.plot import main
 
@@ -156,6 +159,122 @@ def test_forest_plots_the_headline_rows_of_the_table():
 def test_forest_without_headline_rows_is_not_drawn():
     table = tidy_table().filter(pl.col("metric") == "subgroup_gap")
     assert forest.draw(table, REF, "t") is None
+
+
+def test_forest_panels_of_one_metric_family_share_their_x_range():
+    """Issue 20: each panel had its own x range, so 0.002 between two k-NN AUROCs could fill a panel."""
+    assert [forest.family(m) for m in ("auroc", "sex_auroc", "auprc", "dice_linear", "dice_multi-level",
+                                       "iou_linear", "age_mae", "age_r")] == \
+        ["auroc", "auroc", "auprc", "dice", "dice", "iou", "age_mae", "age_r"]
+    fig, data = forest.draw(tidy_table(), REF, "t")
+    xlim = {ax.get_title(): ax.get_xlim() for ax in fig.axes if ax.get_visible()}
+    aurocs = [xlim["linear: auroc (macro)"], xlim["knn: auroc (macro)"], xlim["demographics: sex_auroc"]]
+    assert aurocs[0] == aurocs[1] == aurocs[2]
+    assert xlim["seg: dice_linear"] == xlim["seg: dice_multi-level"] != aurocs[0]
+    # The shared range holds every interval of the family.
+    family = data.filter(pl.col("metric").str.ends_with("auroc"))
+    assert aurocs[0][0] < family["lo"].min() and family["hi"].max() < aurocs[0][1]
+
+
+def test_error_bars_are_clamped_and_a_point_outside_its_interval_is_hollow():
+    """Issue 20: a CANDID run died with "'xerr' must not contain negative values": its age R^2 point was
+    -1.7414973210880866 against lo = hi = -1.7414973210880875 (the same value summed in another order)."""
+    assert not point_outside(-1.7414973210880866, -1.7414973210880875, -1.7414973210880875)
+    assert error_bar(-1.7414973210880866, -1.7414973210880875, -1.7414973210880875) == \
+        [[pytest.approx(0.0, abs=1e-14)], [0.0]]
+    assert point_outside(0.9, 0.5, 0.8) and point_outside(0.4, 0.5, 0.8) and not point_outside(0.5, 0.5, 0.8)
+    assert error_bar(0.9, 0.5, 0.8) == [[pytest.approx(0.4)], [0.0]]
+    table = tidy_table()
+    table = table.with_columns(
+        pl.when(pl.col("metric") == "age_r2").then(-1.7414973210880866).otherwise(pl.col("point")).alias("point"),
+        pl.when(pl.col("metric") == "age_r2").then(-1.7414973210880875).otherwise(pl.col("lo")).alias("lo"),
+        pl.when(pl.col("metric") == "age_r2").then(-1.7414973210880875).otherwise(pl.col("hi")).alias("hi"))
+    # A percentile interval that does not hold its point (a skewed bootstrap): the point is drawn hollow.
+    table = table.with_columns(pl.when((pl.col("metric") == "age_mae") & (pl.col("model") == OTHER))
+                               .then(pl.col("hi") + 1.0).otherwise(pl.col("point")).alias("point"))
+    fig, data = forest.draw(table, REF, "t")
+    assert data.filter(pl.col("outside"))[["model", "metric"]].rows() == [(OTHER, "age_mae")]
+    panel = next(ax for ax in fig.axes if ax.get_title() == "demographics: age_mae")
+    fills = {ln.get_xdata()[0]: ln.get_fillstyle() for ln in panel.lines if ln.get_marker() in ("o", "s")}
+    outside = data.filter(pl.col("outside"))["point"][0]
+    assert fills.pop(outside) == "none" and set(fills.values()) == {"full"}
+    assert HOLLOW_NOTE in fig.get_suptitle()
+    png_bytes(fig)  # draws without an error
+    assert HOLLOW_NOTE not in forest.draw(tidy_table(), REF, "t")[0].get_suptitle()
+
+
+def test_a_figure_that_raises_is_logged_by_name_and_the_others_are_drawn(tmp_path, monkeypatch, caplog):
+    out = write_run(tmp_path / "run")
+
+    def broken(*args, **kwargs):
+        raise ValueError("'xerr' must not contain negative values")
+
+    monkeypatch.setattr(forest, "draw", broken)
+    with caplog.at_level("WARNING", logger="harness.figures"):
+        paths = draw_task_figures(out, NAME)
+    assert [p.name for p in paths] == EXPECTED_FILES[1:]
+    assert (f"{NAME}: figure forest.png not drawn: ValueError: 'xerr' must not contain negative values"
+            in caplog.text)
+    # Nothing is stamped: the next drawing tries the failed figure again (and warns again).
+    assert not (out / "figures" / NAME / STAMP).exists()
+    monkeypatch.undo()
+    assert [p.name for p in draw_task_figures(out, NAME)] == EXPECTED_FILES
+
+
+def test_the_figure_stamp_holds_matplotlibs_version(tmp_path, monkeypatch):
+    """The stamp decides whether figures are redrawn; matplotlib draws them but is not in the code version."""
+    out = write_run(tmp_path / "run")
+    before = inputs_digest(out, NAME)
+    real = figures_module.metadata.version
+    monkeypatch.setattr(figures_module.metadata, "version",
+                        lambda name: "0.0.1" if name == "matplotlib" else real(name))
+    assert inputs_digest(out, NAME) != before
+
+
+def test_a_candid_run_with_two_test_patients_writes_its_results_and_figures(tmp_path, monkeypatch, caplog):
+    """Issue 20 item 5: on a CANDID-PTX layout with 2 test patients the run wrote results/, then died (exit 1, no
+    candid.md) drawing the forest plot, whose age R^2 point lay 1e-15 outside its interval. And any figure that
+    fails is logged by name while the Markdown, JSON and tidy table are written and the exit code stays 0."""
+    import pydicom
+    from dicom_fixtures import make_candid
+
+    from harness.run import main as run
+
+    monkeypatch.setenv("RADDINO_BENCH_CACHE", str(tmp_path / "digests"))
+    root = tmp_path / "data" / "candid-ptx"
+    make_candid(root, extra=30)
+    # Its 30 extra images under 3 patients (patient = filename prefix), so that 2 of the 6 patients are tested
+    # (one with 10 images), and one age per patient.
+    reports = root / "Pneumothorax_reports.csv"
+    reports.write_text(re.sub(r"P20(\d\d)_", lambda m: f"P{2000 + int(m.group(1)) % 3}_", reports.read_text()))
+    ages = {"P1001": 79, "P1002": 64, "P1003": 55, "P2000": 38, "P2001": 41, "P2002": 22}
+    files = {f.name.removesuffix(".dcm"): f for f in (root / "dataset").iterdir()}
+    for line in reports.read_text().splitlines()[1:]:
+        if line.startswith("P"):
+            patient, uid = line.split("_")[0], line.split(",")[1]
+            ds = pydicom.dcmread(files[uid])
+            ds.PatientAge = f"{ages[patient]:03d}Y"
+            ds.save_as(files[uid])
+    args = ["--models", "pixels", "--tasks", "candid:demographics", "--data-root", str(tmp_path / "data"),
+            "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), "--bootstrap", "200",
+            "--workers", "0"]
+    assert run(args) == 0
+    out = tmp_path / "out"
+    r2 = read_tidy(out / "results" / "candid.parquet").filter(pl.col("metric") == "age_r2").row(0, named=True)
+    assert r2["point"] > r2["hi"] and point_outside(r2["point"], r2["lo"], r2["hi"]) is False  # the case
+    assert "## Figures" in (out / "candid.md").read_text() and (out / "figures" / "candid" / "forest.png").is_file()
+
+    def broken(*a, **k):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(forest, "draw", broken)
+    shutil.rmtree(out)
+    with caplog.at_level("WARNING", logger="harness.figures"):
+        assert run(args) == 0
+    assert "candid: figure forest.png not drawn: RuntimeError: boom" in caplog.text
+    for f in (out / "candid.md", out / "results" / "candid.csv", out / "results" / "candid" / "pixels.json"):
+        assert f.is_file(), f
+    assert "forest.png" not in (out / "candid.md").read_text()
 
 
 # ---------------------------------------------------------------------------------------------------------- curves

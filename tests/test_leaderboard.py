@@ -73,3 +73,17 @@ def test_a_fresh_folder_without_tables_is_an_error_not_up_to_date(tmp_path, caps
     assert main(["check", str(committed), str(tmp_path / "empty")]) == 2
     captured = capsys.readouterr()
     assert "holds no results table" in captured.err and "up to date" not in captured.out
+
+
+def test_check_compares_the_significance_decision_exactly(tmp_path):
+    """Issue 20: the tolerance applied to p_holm too, so a † could flip across 0.05 unnoticed."""
+    def rows(p):
+        return [TidyRow("t", "random-vit", "linear", "auroc", "macro", 0.75, 0.6, 0.85, -0.06, p, 1000)]
+
+    assert check_dirs(_lb(tmp_path / "a", rows(0.0490)), _lb(tmp_path / "b", rows(0.0495))) == []
+    flipped = check_dirs(_lb(tmp_path / "c", rows(0.0495)), _lb(tmp_path / "d", rows(0.0505)))
+    assert [(m.where.rsplit(", ", 1)[1], m.committed, m.fresh) for m in flipped] == [("p_holm < 0.05", "True",
+                                                                                      "False")]
+    # Beyond the tolerance, the p value itself is reported as well.
+    moved = check_dirs(_lb(tmp_path / "e", rows(0.01)), _lb(tmp_path / "f", rows(0.3)))
+    assert [m.where.rsplit(", ", 1)[1] for m in moved] == ["p_holm", "p_holm < 0.05"]

@@ -1,6 +1,8 @@
 import numpy as np
+from _synthetic_task import synthetic_run
 
 from harness.probes import linear
+from harness.protocols import ProbeOptions
 from harness.probes.linear import choose_C, grid_edge, linear_probe
 
 
@@ -87,3 +89,22 @@ def test_probe_jobs_below_one_is_a_usage_error(capsys):
 
     assert main(["--models", "pixels", "--tasks", "demo", "--probe-jobs", "0"]) == 2
     assert "error: --probe-jobs must be at least 1" in capsys.readouterr().err
+
+
+def test_a_label_with_one_positive_training_patient_says_its_C_fell_back():
+    """Issue 20: with one positive training patient no CV fold can hold one out, and C silently became 0.1."""
+    rng = np.random.default_rng(0)
+    pid = np.repeat(np.arange(60), 2)
+    common = (rng.random(120) < 0.4).astype(np.int8)
+    # Patients 0, 3, 6, 9, 12 are in the test split (pid % 3 == 0), patient 1 is the only training positive.
+    rare = np.isin(pid, [0, 3, 6, 9, 12, 1]).astype(np.int8)
+    x = rng.normal(size=(120, 6))
+    x[:, 0] += 2.0 * common
+    tr, encs = synthetic_run(pid, ["common", "rare"], np.stack([common, rare], 1), {"a": x, "b": -x}, "a",
+                             ProbeOptions(n_jobs=1), 50, 0)
+    result = linear.fit_and_score(tr, encs)
+    labels = {lab["name"]: lab for lab in result.to_record("a")["labels"]}
+    assert labels["rare"]["C"] == linear.fallback_C() == 0.1 and labels["rare"]["C_fallback"]
+    assert not labels["common"]["C_fallback"]
+    assert ("`C` not cross-validated, fixed at C = 0.1 (the grid's middle), since a fold needs two training patients "
+            "of each class: rare (1 positive / 39 negative training patients).") in result.section.notes

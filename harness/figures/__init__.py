@@ -14,6 +14,9 @@ input that is present but malformed is an error naming the file. `docs/figures.m
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -59,9 +62,11 @@ def _per_model(folder: Path, models: list[str], suffix: str, columns: tuple[str,
     return found
 
 
-def task_figures(out: Path, name: str) -> list[tuple[str, "Figure", pl.DataFrame]]:
+def task_figures(out: Path, name: str, failures: list[str] | None = None
+                 ) -> list[tuple[str, "Figure", pl.DataFrame]]:
     """(file name, figure, data it drew) of every figure task `name` of the run in `out` has inputs for; a note
-    on stderr for each one skipped."""
+    on stderr for each one skipped, a warning for each one whose drawing raised (its file name also appended to
+    `failures`)."""
     results = out / "results"
     table_path = results / f"{name}.parquet"
     table = read_tidy(table_path) if table_path.exists() else None
@@ -72,7 +77,18 @@ def task_figures(out: Path, name: str) -> list[tuple[str, "Figure", pl.DataFrame
         models = table["model"].unique(maintain_order=True).to_list()
     drawn: list[tuple[str, "Figure", pl.DataFrame]] = []
 
-    def keep(file: str, made: tuple["Figure", pl.DataFrame] | None, missing: str) -> None:
+    def keep(file: str, make: Callable[[], tuple["Figure", pl.DataFrame] | None], missing: str) -> None:
+        """Draw one figure; one that fails is logged with its name and left out, never costing the others (or the
+        run's results, written before any figure)."""
+        try:
+            made = make()
+        except FigureInputError:  # a malformed input file: the caller's error, naming the file
+            raise
+        except Exception as e:  # any drawing failure (matplotlib raises many types): never worth a result
+            failed(name, file, e)
+            if failures is not None:
+                failures.append(file)
+            return
         if made is None:
             note(f"{name}: {file} not drawn: {missing}")
         else:
@@ -84,18 +100,19 @@ def task_figures(out: Path, name: str) -> list[tuple[str, "Figure", pl.DataFrame
     else:
         if reference is None:
             note(f"{name}: no reference model in {results / (name + MANIFEST)}: none is marked")
-        keep(forest.FILE, forest.draw(table, reference, name), f"no headline metric with a value in {table_path}")
+        keep(forest.FILE, lambda: forest.draw(table, reference, name),
+             f"no headline metric with a value in {table_path}")
         predictions = _per_model(results / name, models, ".predictions.parquet", curves.PREDICTION_COLUMNS,
                                  "the linear probe's predictions")
         for kind, (file, *_) in curves.KINDS.items():
-            keep(file, curves.draw(predictions, table, kind, name) if predictions else None,
+            keep(file, lambda kind=kind: curves.draw(predictions, table, kind, name) if predictions else None,
                  f"no label with both classes in results/{name}/<model>.predictions.parquet" if predictions else
                  f"no results/{name}/<model>.predictions.parquet (protocol linear)")
-        keep(subgroups.FILE, subgroups.draw(table, reference, name),
+        keep(subgroups.FILE, lambda: subgroups.draw(table, reference, name),
              f"no subgroup_auroc or subgroup_gap row with a value in {table_path}")
         demographics = _per_model(results / name, models, ".demographics.parquet", age.DEMOGRAPHICS_COLUMNS,
                                   "the demographics predictions")
-        keep(age.FILE, age.draw(demographics, table, name),
+        keep(age.FILE, lambda: age.draw(demographics, table, name),
              f"no test image with a known age in results/{name}/<model>.demographics.parquet (protocol "
              "demographics)")
     rank = {m: i for i, m in enumerate(models)}
@@ -103,10 +120,17 @@ def task_figures(out: Path, name: str) -> list[tuple[str, "Figure", pl.DataFrame
     sets = sorted(((overlays.read_overlays(p), p) for p in paths), key=lambda s: (rank.get(s[0].model, len(rank)),
                                                                                     s[1].name))
     for ov, path in sets:
-        keep(overlay_file(path.name.removesuffix(overlays.SUFFIX)), overlays.draw(ov, name), f"{path} shows no image")
+        keep(overlay_file(path.name.removesuffix(overlays.SUFFIX)), lambda ov=ov: overlays.draw(ov, name),
+             f"{path} shows no image")
     if not paths:
         note(f"{name}: no segmentation overlays: no results/{name}/<model>{overlays.SUFFIX} (protocol seg)")
     return drawn
+
+
+def failed(name: str, file: str, error: Exception) -> None:
+    """A figure that raised: a warning naming the task and the figure (and the error), the run going on."""
+    logging.getLogger("harness.figures").warning(f"warning: {name}: figure {file} not drawn: "
+                                                 f"{type(error).__name__}: {error}")
 
 
 def overlay_file(stem: str) -> str:
@@ -119,16 +143,26 @@ STAMP = ".drawn-from"
 _INPUT_SUFFIXES = (".predictions.parquet", ".demographics.parquet", overlays.SUFFIX)
 
 
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "absent"
+
+
 def inputs_digest(out: Path, name: str) -> str:
     """sha256 of everything the figures of task `name` are drawn from: the tidy table, the run's settings, the
-    per-image files, and the code that draws them (the harness's sources)."""
+    per-image files, and the code that draws them (the harness's sources and matplotlib's version)."""
     from harness.results_cache import code_version
 
     results = out / "results"
     files = [results / f"{name}.parquet"]
     if (results / name).is_dir():
         files += sorted(f for f in (results / name).iterdir() if f.name.endswith(_INPUT_SUFFIXES))
-    chunks = [code_version().encode(), json.dumps(_settings(out, name), sort_keys=True).encode()]
+    # matplotlib draws the PNGs but computes no result, so the results cache's code version leaves it out: its
+    # version is added here, or an upgrade that changes how figures look would leave the old PNGs in place.
+    chunks = [code_version().encode(), f"matplotlib=={_version('matplotlib')}".encode(),
+              json.dumps(_settings(out, name), sort_keys=True).encode()]
     for f in files:
         if f.is_file():
             chunks += [b"\0" + f.name.encode() + b"\0", f.read_bytes()]
@@ -139,7 +173,9 @@ def draw_task_figures(out: Path, name: str) -> list[Path]:
     """Draw every figure of task `name` of the run in `out` into ``out/figures/<name>/`` (each PNG written
     atomically; PNGs of an earlier drawing that this one did not write are removed, so none is stale) and return
     the paths written. When the figures there were drawn from the same inputs by the same code (a rerun with
-    nothing changed), nothing is redrawn. Raises FigureInputError when an input file is malformed."""
+    nothing changed), nothing is redrawn. A figure that fails to draw or save is logged with its name and left out
+    (the others are drawn, and nothing is stamped, so a rerun tries it again). Raises FigureInputError when an input
+    file is malformed."""
     out = Path(out)
     folder = out / FOLDER / name
     digest = inputs_digest(out, name)
@@ -149,16 +185,25 @@ def draw_task_figures(out: Path, name: str) -> list[Path]:
         recorded = []
     if recorded and recorded[0] == digest and all((folder / f).is_file() for f in recorded[1:]):
         return [folder / f for f in recorded[1:]]
-    written = []
-    for file, fig, _ in task_figures(out, name):
-        with atomic_path(folder / file) as tmp:
-            tmp.write_bytes(png_bytes(fig))
+    written: list[Path] = []
+    failures: list[str] = []
+    for file, fig, _ in task_figures(out, name, failures):
+        try:
+            with atomic_path(folder / file) as tmp:
+                tmp.write_bytes(png_bytes(fig))
+        except Exception as e:  # as in task_figures: log it, save the others
+            failed(name, file, e)
+            failures.append(file)
+            continue
         written.append(folder / file)
     for old in sorted(folder.glob("*.png")) if folder.is_dir() else []:
         if old not in written:
             old.unlink()
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(folder / STAMP, "\n".join([digest, *(p.name for p in written)]) + "\n")
+    if not failures:
+        atomic_write_text(folder / STAMP, "\n".join([digest, *(p.name for p in written)]) + "\n")
+    else:  # a figure failed: the next run draws again (and says so again) instead of trusting the stamp
+        (folder / STAMP).unlink(missing_ok=True)
     return written
 
 

@@ -22,8 +22,10 @@ TIDY_COLUMNS = tidy.COLUMNS
 _FLOATS = ("point", "lo", "hi", "delta", "p_holm")
 #: Significance mark, as in the leaderboards: the paired difference to the reference after Holm.
 SIGNIFICANT = "†"
-ALPHA = 0.05
+ALPHA = tidy.ALPHA
 REFERENCE_COLOUR, OTHER_COLOUR = "black", "tab:blue"
+#: Said in a figure's title when one of its points is drawn hollow (`interval_panel`).
+HOLLOW_NOTE = "hollow: point outside its interval"
 #: PNG text chunks: fixed, so the bytes depend on what is drawn and not on the matplotlib version or the date.
 PNG_METADATA = {"Software": "raddino-bench harness.figures"}
 
@@ -101,11 +103,28 @@ def is_headline(label: str) -> bool:
     return label in ("", "macro")
 
 
+def point_outside(point: float, lo: float, hi: float) -> bool:
+    """Whether `point` lies outside [lo, hi] by more than rounding. A percentile interval need not contain its point
+    estimate (a skewed or tiny bootstrap distribution); but a point that equals an interval end computed along
+    another summation order differs from it in the last bits (-0.6054107221936009 against -0.605410722193601),
+    which is not "outside"."""
+    slack = 1e-9 * max(1.0, abs(point))
+    return point < lo - slack or point > hi + slack
+
+
+def error_bar(point: float, lo: float, hi: float) -> list[list[float]]:
+    """matplotlib's xerr for one point: its distances to the interval ends, each at least 0 (matplotlib rejects a
+    negative one, and a point outside its interval has one; it is then drawn hollow, its bar reaching only the
+    side the interval lies on)."""
+    return [[max(0.0, point - lo)], [max(0.0, hi - point)]]
+
+
 def interval_panel(ax: "Axes", rows: pl.DataFrame, reference: str | None, zero_line: bool = False) -> list[dict]:
     """One point with its 95% CI per row of `rows` (columns of the tidy table), grouped by label in the order the
     rows come in, top to bottom: the reference model a black square with "(ref)" after its name, the others blue
-    circles, † right of the interval where p_holm < 0.05. A row without an interval is drawn as a point. Returns
-    what was plotted, one dict per point (rows without a point are left out: nothing to draw)."""
+    circles, hollow when the point lies outside its interval (`point_outside`), † right of the interval where
+    p_holm < 0.05. A row without an interval is drawn as a point. Returns what was plotted, one dict per point (rows
+    without a point are left out: nothing to draw)."""
     drawn, ticks, names, y = [], [], [], 0.0
     for label in rows["label"].unique(maintain_order=True):
         for r in rows.filter(pl.col("label") == label).iter_rows(named=True):
@@ -113,19 +132,20 @@ def interval_panel(ax: "Axes", rows: pl.DataFrame, reference: str | None, zero_l
                 continue
             ref = r["model"] == reference
             ci = r["lo"] is not None and r["hi"] is not None
-            xerr = [[r["point"] - r["lo"]], [r["hi"] - r["point"]]] if ci else None
-            ax.errorbar([r["point"]], [y], xerr=xerr, fmt="s" if ref else "o", capsize=3,
-                        color=REFERENCE_COLOUR if ref else OTHER_COLOUR)
+            outside = ci and point_outside(r["point"], r["lo"], r["hi"])
+            ax.errorbar([r["point"]], [y], xerr=error_bar(r["point"], r["lo"], r["hi"]) if ci else None,
+                        fmt="s" if ref else "o", capsize=3, color=REFERENCE_COLOUR if ref else OTHER_COLOUR,
+                        fillstyle="none" if outside else "full")
             sig = r["p_holm"] is not None and r["p_holm"] < ALPHA
             if sig:
-                ax.annotate(SIGNIFICANT, (r["hi"] if ci else r["point"], y), xytext=(3, 0), textcoords="offset points",
-                            va="center", ha="left", fontsize=9)
+                ax.annotate(SIGNIFICANT, (max(r["hi"], r["point"]) if ci else r["point"], y), xytext=(3, 0),
+                            textcoords="offset points", va="center", ha="left", fontsize=9)
             name = r["model"] + (" (ref)" if ref else "")
             names.append(name if is_headline(label) else f"{label}: {name}")
             ticks.append(y)
             drawn.append({"model": r["model"], "protocol": r["protocol"], "metric": r["metric"], "label": label,
                           "point": r["point"], "lo": r["lo"], "hi": r["hi"], "significant": sig, "reference": ref,
-                          "y": y})
+                          "outside": outside, "y": y})
             y += 1.0
         y += 0.5  # a gap between label groups
     if zero_line:

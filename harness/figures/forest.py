@@ -5,7 +5,7 @@ from typing import TYPE_CHECKING
 
 import polars as pl
 
-from harness.figures.common import SIGNIFICANT, grid_shape, interval_panel, new_figure
+from harness.figures.common import HOLLOW_NOTE, SIGNIFICANT, grid_shape, interval_panel, new_figure
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -30,6 +30,32 @@ def panels(rows: pl.DataFrame) -> list[tuple[str, str]]:
     return sorted(pairs, key=lambda pm: rank.get(pm[0], len(rank)))  # stable: table order within a protocol
 
 
+def family(metric: str) -> str:
+    """The scale a metric is read on: panels of one family share their x range, so that equal differences look
+    equal across panels (with a range per panel, 0.002 between two k-NN AUROCs can fill one). AUROCs of any protocol
+    (``auroc``, ``sex_auroc``) are one family, Dice of any head another (``dice_linear``, ``dice_multi-level``), IoU
+    another; any other metric (an MAE in years, an R^2) is its own."""
+    for name in ("auroc", "auprc"):
+        if metric == name or metric.endswith(f"_{name}"):
+            return name
+    return metric.split("_")[0] if metric.startswith(("dice_", "iou_")) else metric
+
+
+def family_ranges(rows: pl.DataFrame, pad: float = 0.12) -> dict[str, tuple[float, float]]:
+    """Per metric family, the x range that holds every point and interval end of its rows, widened by `pad` of
+    its width each side (room for the † right of the widest interval); a family whose values are all equal gets
+    a range of 0.02 around them."""
+    values: dict[str, list[float]] = {}
+    for r in rows.iter_rows(named=True):
+        values.setdefault(family(r["metric"]), []).extend(v for v in (r["point"], r["lo"], r["hi"]) if v is not None)
+    out = {}
+    for name, vs in values.items():
+        lo, hi = min(vs), max(vs)
+        margin = pad * (hi - lo) if hi > lo else 0.01
+        out[name] = (lo - margin, hi + margin)
+    return out
+
+
 def draw(table: pl.DataFrame, reference: str | None, title: str) -> tuple["Figure", pl.DataFrame] | None:
     """The forest plot and the points it drew (model, protocol, metric, label, point, lo, hi, significant,
     reference); None when the table has no headline row with a point."""
@@ -42,14 +68,18 @@ def draw(table: pl.DataFrame, reference: str | None, title: str) -> tuple["Figur
     fig = new_figure(5.0 * n_cols, n_rows * (1.2 + 0.28 * tallest))
     axes = fig.subplots(n_rows, n_cols, squeeze=False).ravel()
     drawn: list[dict] = []
+    ranges = family_ranges(rows)
     for ax, (protocol, metric) in zip(axes, pairs):
         mine = rows.filter((pl.col("protocol") == protocol) & (pl.col("metric") == metric))
         drawn += interval_panel(ax, mine, reference)
+        ax.set_xlim(*ranges[family(metric)])
         macro = " (macro)" if (mine["label"] == "macro").all() else ""
         ax.set_title(f"{protocol}: {metric}{macro}", fontsize=10)
     for ax in axes[len(pairs):]:
         ax.set_visible(False)
     ref = f"square: reference `{reference}`; " if reference else ""
-    fig.suptitle(f"{title}: headline metrics, point and 95% CI\n({ref}{SIGNIFICANT} paired difference to the "
-                 "reference significant after Holm, p < 0.05)", fontsize=10)
+    hollow = f"; {HOLLOW_NOTE}" if any(d["outside"] for d in drawn) else ""
+    fig.suptitle(f"{title}: headline metrics, point and 95% CI, x range shared per metric family\n({ref}"
+                 f"{SIGNIFICANT} paired difference to the reference significant after Holm, p < 0.05{hollow})",
+                 fontsize=10)
     return fig, pl.DataFrame(drawn)

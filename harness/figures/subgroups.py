@@ -5,7 +5,7 @@ from typing import TYPE_CHECKING
 
 import polars as pl
 
-from harness.figures.common import SIGNIFICANT, interval_panel, new_figure
+from harness.figures.common import HOLLOW_NOTE, SIGNIFICANT, interval_panel, new_figure
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -30,6 +30,7 @@ def draw(table: pl.DataFrame, reference: str | None, title: str) -> tuple["Figur
         drawn += interval_panel(ax, table.filter(pl.col("metric") == metric), reference, zero_line=zero)
         ax.set_title(panel_title, fontsize=10)
     ref = f"square: reference `{reference}`; " if reference else ""
-    fig.suptitle(f"{title}: subgroups, point and 95% CI\n({ref}{SIGNIFICANT}: p_holm < 0.05 in the results table)",
-                 fontsize=10)
+    hollow = f"; {HOLLOW_NOTE}" if any(d["outside"] for d in drawn) else ""
+    fig.suptitle(f"{title}: subgroups, point and 95% CI\n({ref}{SIGNIFICANT}: p_holm < 0.05 in the results table"
+                 f"{hollow})", fontsize=10)
     return fig, pl.DataFrame(drawn)

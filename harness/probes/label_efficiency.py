@@ -1,24 +1,30 @@
 """Label efficiency: the linear probe refitted on a fraction of the training patients, test split unchanged.
 
-For each fraction f of ``--label-fractions`` below 1, ``--label-draws`` seeded draws each keep round(f * P) of the
-P training patients (at least one), all images of a kept patient included. Draw d is the first patients of one
-permutation of the sorted patient pseudonyms made by a generator seeded with (seed, d), so a draw's smaller
-fractions are subsets of its larger ones and the curve moves only by what is added. The fraction 1 is the whole
-training split, fitted once (every draw would be the same): it is the linear probe itself.
+Draws. For each fraction f of ``--label-fractions`` below 1, ``--label-draws`` seeded draws each keep round(f * P) of
+the P training patients, all images of a kept patient included. The draws are stratified by label and nested:
+draw d orders the sorted patient pseudonyms by a permutation from a generator seeded with (seed, d), then moves to
+the front, for each class (positive, negative) of each evaluable label that the patients already moved lack, the
+first patient of the permutation that has it (DINOv2's few-shot sampling likewise keeps examples of every class).
+A fraction keeps the first patients of that order: every draw of every fraction holds a positive and a negative
+training patient of every evaluable label, so every fraction's macro averages the same labels, and a draw's
+smaller fractions are subsets of its larger ones (the curve moves only by what is added). When those front
+patients outnumber round(f * P), the fraction keeps as many as the largest front among its draws, and the notes
+say so. The fraction 1 is the whole training split, fitted once (every draw would be the same): the linear probe.
 
-A label enters the macro of a fraction when it is evaluable for the linear probe (``label_status``) and every draw
-of that fraction holds a positive and a negative training patient of it; otherwise it is reported as not
-evaluable at that fraction, with the patient counts per draw.
-
-Draws and resamples: every draw is scored on the same test images with the task's shared bootstrap resamples.
-The point is the mean over draws of the draws' macro AUROC; in resample b the value is the mean over draws of
-their macro AUROC in resample b, and the 95% interval is the percentile interval of those values. It is the
-test-sampling uncertainty of the draw-averaged curve; the spread between draws (min-max of their points) is
-given in the results JSON and the notes. Paired differences to the reference use the same per-resample means
-(every model sees the same draws), Holm-corrected per fraction.
+Intervals. A cell's point is the mean over draws of the draws' macro AUROC. Its 95% interval is the percentile
+interval over (draw, test resample) pairs: the task's shared bootstrap resample b is scored with the probe of draw
+b mod D (resamples are independent of the draws, so this is a random pairing in which every draw is used equally).
+The interval thus holds the between-draw variability as well as the test-sampling one: it is the interval of what
+one draw of f of the patients gives on a new test sample, which is wider than the uncertainty of the mean over D
+draws and so also covers how the mean moves with the draw seed (tests/test_label_efficiency.py checks that). It
+rests on the D draws made; with one draw it cannot hold the draws' variability, and the notes say so. The paired
+difference to the reference pairs the same (draw, resample) for every model (every model sees the same draws), so
+its test, Holm-corrected per fraction, accounts for the draw; † is shown only where it does (two or more draws, or
+the fraction 1, which has no draw). docs/statistics.md has the reasoning.
 """
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -26,7 +32,7 @@ import numpy as np
 from harness import stats
 from harness.leaderboard import Cell, Section
 from harness.log import progress
-from harness.probes.linear import linear_probe
+from harness.probes.linear import fallback_note, linear_probe
 from harness.protocols import ProtocolResult, TaskRun, label_status
 from harness.common.hashing import array_digest
 from harness.tidy import rows_of
@@ -38,31 +44,82 @@ if TYPE_CHECKING:
 
 NAME = "label-efficiency"
 TITLE = "Label efficiency (linear probe on a fraction of the training patients)"
+#: Part of every results-cache key of this protocol: changed whenever the draws or what a cached entry means
+#: change, so that no entry computed by an earlier method is read (2: draws stratified by label).
+METHOD = 2
+#: Said on the figure beside a hollow point: its macro averages another label set than the full training split's.
+OTHER_LABELS_NOTE = "hollow: macro over another label set than at the largest fraction (not joined)"
+
+log = logging.getLogger(__name__)
 
 
 def fraction_label(f: float) -> str:
     return f"{100 * f:g}%"
 
 
-def draw_patients(patients: np.ndarray, fractions: tuple[float, ...], n_draws: int, seed: int
-                  ) -> dict[float, list[np.ndarray]]:
+def _draw_order(strata: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """One draw's order of the patients (rows of `strata`, bool [P, K]: patient p has class k) and how many at its
+    front were moved there to hold every class."""
+    order = rng.permutation(len(strata))
+    front: list[int] = []
+    held = np.zeros(strata.shape[1], dtype=bool)
+    for k in range(strata.shape[1]):
+        if not held[k]:
+            p = int(order[np.argmax(strata[order, k])])  # the first patient of the permutation with class k
+            front.append(p)
+            held |= strata[p]
+    moved = np.isin(order, front)
+    return np.concatenate([order[moved], order[~moved]]), len(front)
+
+
+def draw_patients(patients: np.ndarray, fractions: tuple[float, ...], n_draws: int, seed: int,
+                  strata: np.ndarray | None = None) -> dict[float, list[np.ndarray]]:
     """Per fraction, the kept patients of each draw (one draw, everyone, for the fraction 1). `patients` must be
-    the sorted unique pseudonyms, so the draws depend on the patients and the seed only."""
-    orders = [np.random.default_rng([seed, d]).permutation(len(patients)) for d in range(n_draws)]
+    the sorted unique pseudonyms, so the draws depend on the patients, `strata` and the seed only. `strata` (bool
+    [P, K], row p for patients[p]) are the classes every draw must hold a patient of; each must have one."""
+    strata = np.zeros((len(patients), 0), dtype=bool) if strata is None else np.asarray(strata, dtype=bool)
+    if strata.shape[0] != len(patients):
+        raise ValueError(f"strata have {strata.shape[0]} rows for {len(patients)} patients; give one per patient")
+    empty = np.flatnonzero(~strata.any(axis=0))
+    if empty.size:
+        raise ValueError(f"strata column(s) {empty.tolist()} hold no patient: no draw can hold that class")
+    drawn = [_draw_order(strata, np.random.default_rng([seed, d])) for d in range(n_draws)]
+    front = max((n for _, n in drawn), default=0)
     out: dict[float, list[np.ndarray]] = {}
     for f in fractions:
         if f >= 1.0:
             out[f] = [patients]
         else:
-            n = max(1, round(f * len(patients)))
-            out[f] = [patients[np.sort(order[:n])] for order in orders]
+            n = max(1, round(f * len(patients)), front)
+            out[f] = [patients[np.sort(order[:n])] for order, _ in drawn]
     return out
 
 
+def paired_resamples(boot: np.ndarray) -> np.ndarray:
+    """[D, B] per-draw values on the shared resamples -> [B]: resample b scored by draw b mod D."""
+    boot = np.asarray(boot)
+    b = np.arange(boot.shape[1])
+    return boot[b % boot.shape[0], b]
+
+
+def _segments(flags: list[bool]) -> list[list[int]]:
+    """Runs of consecutive indices with the same flag, as index lists."""
+    runs: list[list[int]] = []
+    for i, flag in enumerate(flags):
+        if runs and flags[runs[-1][-1]] == flag:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
+
+
 def figure_png(curves: dict[str, list[dict]], title: str) -> tuple[bytes, "Figure"]:
-    """The curves as a PNG (one line with its interval band per model, fraction on a log axis), and the figure,
-    whose plotted values the tests compare with the section. `curves[model]` are rows with "fraction" and the
-    macro summary "macro_auroc" ({"point", "lo", "hi"})."""
+    """The curves as a PNG (per model, its points with their interval band, fraction on a log axis), and the
+    figure, whose plotted values the tests compare with the section. `curves[model]` are rows with "fraction",
+    "labels" (the macro's label names) and the macro summary "macro_auroc" ({"point", "lo", "hi"}).
+
+    A point whose macro averages other labels than the model's largest fraction is drawn hollow and is not joined
+    to the others by the line (a line through it would read as one curve over one label set); the figure says so."""
     import io
 
     # Imported here: matplotlib's first import builds a font cache, which importing this module should not
@@ -73,15 +130,26 @@ def figure_png(curves: dict[str, list[dict]], title: str) -> tuple[bytes, "Figur
     fig = Figure(figsize=(6.0, 4.0), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.subplots()
-    for model, rows in curves.items():
+    other_labels = False
+    for i, (model, rows) in enumerate(curves.items()):
         shown = [r for r in rows if r["macro_auroc"]["point"] is not None]
         if not shown:
             continue
-        x = [r["fraction"] for r in shown]
-        (line,) = ax.plot(x, [r["macro_auroc"]["point"] for r in shown], marker="o", label=model)
+        full = set(max(shown, key=lambda r: r["fraction"])["labels"])
+        same = [set(r["labels"]) == full for r in shown]
+        other_labels |= not all(same)
+        colour = f"C{i % 10}"  # the model's colour in matplotlib's default cycle, for its points and its band
+        for k, run in enumerate(_segments(same)):
+            part = [shown[i] for i in run]
+            x, y = [r["fraction"] for r in part], [r["macro_auroc"]["point"] for r in part]
+            if same[run[0]]:
+                ax.plot(x, y, marker="o", color=colour, label=model if k == 0 else None)
+            else:  # unjoined, hollow points
+                ax.plot(x, y, marker="o", linestyle="none", fillstyle="none", color=colour,
+                        label=model if k == 0 else None)
         banded = [r for r in shown if r["macro_auroc"]["lo"] is not None]
         ax.fill_between([r["fraction"] for r in banded], [r["macro_auroc"]["lo"] for r in banded],
-                        [r["macro_auroc"]["hi"] for r in banded], color=line.get_color(), alpha=0.2, linewidth=0)
+                        [r["macro_auroc"]["hi"] for r in banded], color=colour, alpha=0.2, linewidth=0)
     if ax.get_lines():
         ax.set_xscale("log")
         # Ticks at the fractions themselves, as percentages (the section's column names), not powers of ten.
@@ -89,15 +157,28 @@ def figure_png(curves: dict[str, list[dict]], title: str) -> tuple[bytes, "Figur
         ax.set_xticks(fractions, [fraction_label(f) for f in fractions])
         ax.minorticks_off()
         ax.legend(fontsize=7)
+        if other_labels:
+            ax.text(0.01, 0.01, OTHER_LABELS_NOTE, fontsize=7, transform=ax.transAxes, va="bottom")
     else:  # a log axis needs data: say why the figure is empty instead
         ax.text(0.5, 0.5, "no evaluable label at any fraction", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("fraction of training patients")
-    ax.set_ylabel("macro AUROC (95% CI)")
+    ax.set_ylabel("macro AUROC (95% CI over draws and test resamples)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     return buf.getvalue(), fig
+
+
+def patient_strata(y: np.ndarray, keys: np.ndarray, labels: list[int]) -> np.ndarray:
+    """bool [P, 2K] over the sorted unique `keys`: whether patient p has a positive image of labels[k] (column k)
+    and a negative one (column K + k)."""
+    _, patient = np.unique(keys, return_inverse=True)
+    pos = np.zeros((patient.max(initial=-1) + 1, len(labels)), dtype=bool)
+    neg = np.zeros_like(pos)
+    np.logical_or.at(pos, patient, y[:, labels].astype(bool))
+    np.logical_or.at(neg, patient, ~y[:, labels].astype(bool))
+    return np.concatenate([pos, neg], axis=1)
 
 
 def fit_and_score(tr: TaskRun, encoders: list[Encoder]) -> ProtocolResult:
@@ -109,84 +190,99 @@ def fit_and_score(tr: TaskRun, encoders: list[Encoder]) -> ProtocolResult:
     train_keys = np.array(tr.patient_keys(train_rows))
     patients = np.unique(train_keys)
     fractions, n_draws = tuple(sorted(set(tr.options.label_fractions))), tr.options.label_draws
-    draws = draw_patients(patients, fractions, n_draws, tr.seed)
     evaluable, _ = label_status(tr.task, tr.split, tr.min_positive_patients)
+    ok = [int(j) for j in np.flatnonzero(evaluable)]
+    # Evaluable labels have both classes among the training images, so every stratum has a patient.
+    draws = draw_patients(patients, fractions, n_draws, tr.seed, patient_strata(y[train_rows], train_keys, ok))
+    names = [t.label_names[j] for j in ok]
+    skip = {j: "not evaluable" for j in range(len(t.label_names)) if j not in ok}
+    # Between-draw variability enters the intervals and tests only with two or more draws; the fraction 1 has none.
+    accounts = n_draws > 1
 
     notes = [f"Macro AUROC of the linear probe refitted on a fraction of the {len(patients)} training patients "
-             f"(`--label-fractions`), {n_draws} seeded patient draws per fraction below 100% (`--label-draws`, "
+             f"(`--label-fractions`), {n_draws} seeded patient draws per fraction below 100% (`--label-draws`; "
+             "stratified: every draw holds a positive and a negative training patient of every evaluable label; "
              "nested: a draw's smaller fractions are subsets of its larger ones), the test split unchanged; 100% is "
-             "the linear probe itself. Cell: mean over draws [95% CI of that mean over the shared test-patient "
-             "resamples; it leaves out the spread between draws, listed below]. Reference for paired differences: "
-             f"`{tr.reference}`, Holm-corrected per fraction."]
+             "the linear probe itself. Cell: mean over draws [95% CI over (draw, test resample) pairs: it holds the "
+             "spread between draws as well as the test sampling]. Reference for paired differences: "
+             f"`{tr.reference}`, on the same pairs, Holm-corrected per fraction."]
+    if not accounts and any(f < 1.0 for f in fractions):
+        notes.append("One draw per fraction: below 100% the intervals and tests cannot hold the spread between "
+                     "draws, so no † is shown there; use `--label-draws` 2 or more (5 or more for a stable interval).")
     columns, per_fraction = [], []
     for f in fractions:
-        chosen = [np.isin(train_keys, kept) for kept in draws[f]]  # per draw, which training rows it keeps
-        rows_d = [train_rows[c] for c in chosen]
-        pos_neg = [stats.patients_per_class(y[train_rows[c]], train_keys[c]) for c in chosen]
-        ok = [j for j in np.flatnonzero(evaluable) if all(p[j] > 0 and n[j] > 0 for p, n in pos_neg)]
-        lost = [f"{t.label_names[j]} (positive/negative training patients per draw: "
-                + ", ".join(f"{p[j]}/{n[j]}" for p, n in pos_neg) + ")"
-                for j in np.flatnonzero(evaluable) if j not in ok]
+        rows_d = [train_rows[np.isin(train_keys, kept)] for kept in draws[f]]  # per draw, the training rows it keeps
         col = f"{fraction_label(f)} ({len(draws[f][0])} patients)"
         columns.append(col)
-        per_fraction.append((f, col, rows_d, ok, lost))
-        if lost:
-            notes.append(f"Not evaluable at {fraction_label(f)}, left out of its macro: " + "; ".join(lost) + ".")
-    if len({tuple(ok) for *_, ok, _ in per_fraction}) > 1:
-        notes.append("The fractions' macros average different label sets (see above): compare them with care.")
-    notes.append(f"Figure: [{tr.out_name}_label_efficiency.png]({tr.out_name}_label_efficiency.png).")
+        per_fraction.append((f, col, rows_d))
+        nominal = max(1, round(f * len(patients)))
+        if f < 1.0 and len(draws[f][0]) > nominal:
+            notes.append(f"{fraction_label(f)} keeps {len(draws[f][0])} patients, not {nominal}: that many are "
+                         "needed to hold a positive and a negative patient of every evaluable label in every draw.")
 
     curves: dict[str, list[dict]] = {e.name: [] for e in encoders}
     cells: dict[str, dict[str, Cell]] = {e.name: {} for e in encoders}
-    for f, col, rows_d, ok, _ in per_fraction:
-        skip = {j: "not evaluable at this fraction" for j in range(len(t.label_names)) if j not in ok}
-        points, resampled = {}, {}
+    fell_back: list[str] = []
+    for f, col, rows_d in per_fraction:
+        points, resampled, fallback_draws = {}, {}, {}
 
-        def draws_of(x: np.ndarray, rows_d: list[np.ndarray] = rows_d, ok: list[int] = ok,
-                     skip: dict[int, str] = skip) -> dict:
-            """One model's probes on every draw of this fraction: each draw's macro AUROC and its resamples."""
-            points_d, boot_d = [], []
+        def draws_of(x: np.ndarray, rows_d: list[np.ndarray] = rows_d) -> dict:
+            """One model's probes on every draw of this fraction: each draw's macro AUROC, its resamples, and the
+            labels whose C could not be cross-validated."""
+            points_d, boot_d, fallback_d = [], [], []
             for rows in rows_d if ok else []:  # no label to score: nothing to fit
                 probe = linear_probe(x[rows], y[rows], groups[rows], x[test], y[test], t.label_names, seed=tr.seed,
                                      skip=skip, n_jobs=tr.options.n_jobs)
-                summary, boot = stats.classification_summary(probe.scores[:, ok], y[test][:, ok],
-                                                             [t.label_names[j] for j in ok], tr.weights)
+                summary, boot = stats.classification_summary(probe.scores[:, ok], y[test][:, ok], names, tr.weights)
                 points_d.append(summary["auroc"]["macro"]["point"])
                 boot_d.append(boot["auroc"])
-            return {"points": points_d, "boot": boot_d}
+                fallback_d.append([j for j in ok if probe.labels[j].C_fallback])
+            return {"points": points_d, "boot": boot_d, "fallback": fallback_d}
 
-        settings = {"fraction": f, "draws": [array_digest(r) for r in rows_d], "labels": [int(j) for j in ok]}
+        settings = {"method": METHOD, "fraction": f, "draws": [array_digest(r) for r in rows_d], "labels": ok}
         for enc in progress(encoders, f"label efficiency {f:g}: fits and bootstrap"):
             x = tr.features[enc.name].global_
             work = tr.memo(NAME, tr.feature_key(enc.name), settings, lambda x=x: draws_of(x))
-            draw_points, draw_boot = work["points"], work["boot"]
+            draw_points = work["points"]
+            for d, labels in enumerate(work["fallback"]):
+                for j in labels:
+                    fallback_draws.setdefault(int(j), set()).add(d)
             if ok:
                 points[enc.name] = float(np.mean(draw_points))
-                resampled[enc.name] = np.mean(draw_boot, axis=0)
+                resampled[enc.name] = paired_resamples(work["boot"])
             curves[enc.name].append({
-                "fraction": f, "patients": len(draws[f][0]), "draws": len(rows_d),
-                "labels": [t.label_names[j] for j in ok],
+                "fraction": f, "patients": len(draws[f][0]), "draws": len(rows_d), "labels": names,
                 "macro_auroc": stats.summarise(points[enc.name], resampled[enc.name]) if ok else
                 {"point": None, "lo": None, "hi": None},
                 "draw_points": draw_points})
+        # Whether a fold can be made depends on the labels and the draw only: the same for every model.
+        fell_back += [f"{t.label_names[j]} at {fraction_label(f)} ({len(ds)} of {len(rows_d)} draw(s))"
+                      for j, ds in sorted(fallback_draws.items())]
         paired = stats.compare_to_reference(resampled, points, tr.reference) if ok else {}
+        marks = accounts or f >= 1.0
         for enc in encoders:
             row = curves[enc.name][-1]
-            row["paired_to_reference"] = paired.get(enc.name)
-            p_holm = (paired.get(enc.name) or {}).get("p_holm")
+            row["paired_to_reference"] = paired.get(enc.name) if marks else None
+            p_holm = (row["paired_to_reference"] or {}).get("p_holm")
             cells[enc.name][col] = Cell.from_summary(row["macro_auroc"], p_holm is not None and p_holm < 0.05,
                                                      note="n/e: no evaluable label")
+    if fell_back:
+        notes.append(fallback_note(fell_back))
     spread = [f"`{m}` " + ", ".join(f"{fraction_label(r['fraction'])} {min(r['draw_points']):.3f}-"
                                     f"{max(r['draw_points']):.3f}" for r in rows if len(r["draw_points"]) > 1)
               for m, rows in curves.items()]
     if any(len(r["draw_points"]) > 1 for rows in curves.values() for r in rows):
         notes.append("Spread of the draws' macro AUROC (min-max): " + "; ".join(spread) + ".")
-    png, _ = figure_png(curves, f"{tr.task.name}: label efficiency")
-    records = {e.name: {"fractions": list(fractions), "draws": n_draws, "seed": tr.seed, "curve": curves[e.name]}
-               for e in encoders}
+    files, figure = {}, f"{tr.out_name}_label_efficiency.png"
+    try:
+        files[figure], _ = figure_png(curves, f"{tr.task.name}: label efficiency")
+        notes.append(f"Figure: [{figure}]({figure}).")
+    except Exception as e:  # matplotlib raises many types; a figure is never worth the section's numbers
+        log.warning(f"warning: {tr.out_name}: figure {figure} not drawn: {type(e).__name__}: {e}")
+    records = {e.name: {"fractions": list(fractions), "draws": n_draws, "seed": tr.seed, "method": METHOD,
+                        "curve": curves[e.name]} for e in encoders}
     # One row per fraction, the curve's macro AUROC over draws, labelled by the fraction itself (macro@0.1).
     tidy = [row for e in encoders for r in curves[e.name]
             for row in rows_of(tr.out_name, NAME, e.name, "auroc", f"macro@{r['fraction']:g}", r["macro_auroc"],
                                r["paired_to_reference"])]
-    return ProtocolResult(NAME, Section(TITLE, columns, cells, notes=notes), records,
-                          files={f"{tr.out_name}_label_efficiency.png": png}, tidy=tidy)
+    return ProtocolResult(NAME, Section(TITLE, columns, cells, notes=notes), records, files=files, tidy=tidy)

@@ -47,6 +47,8 @@ class LabelResult:
     #: logistic fits (cross-validation and final) and how many stopped at max_iter without converging
     fits: int = 0
     not_converged: int = 0
+    #: no cross-validation fold could be scored (fewer than two training patients of a class): C is `fallback_C`
+    C_fallback: bool = False
 
 
 @dataclass
@@ -79,11 +81,17 @@ def _cv_folds(x: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int, max_f
     return list(StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed).split(x, y, groups))
 
 
+def fallback_C(Cs: tuple[float, ...] = DEFAULT_CS) -> float:
+    """The C a label gets when no cross-validation fold could be scored (fewer than two patients of a class): the
+    grid's middle, 0.1 for the default grid."""
+    return Cs[len(Cs) // 2]
+
+
 def _best_C(Cs: tuple[float, ...], scores: np.ndarray) -> tuple[float, float]:
     """(C, mean fold AUROC) from [C, fold] validation AUROCs (a fold that could not be scored is NaN throughout);
-    the grid's middle and NaN when no fold was scored."""
+    `fallback_C` and NaN when no fold was scored."""
     if not np.isfinite(scores).any():
-        return Cs[len(Cs) // 2], float("nan")
+        return fallback_C(Cs), float("nan")
     mean = np.nanmean(scores, axis=1)
     best = int(np.nanargmax(mean))  # first maximum = smallest C = strongest regularisation
     return Cs[best], float(mean[best])
@@ -150,8 +158,15 @@ def linear_probe(x_train: np.ndarray, y_train: np.ndarray, groups_train: np.ndar
         # A C that fell back to the grid's middle (no CV possible) was not chosen, so it is not "at an edge".
         edge = grid_edge(Cs, C) if np.isfinite(cv_auroc) else ""
         results[j] = LabelResult(label_names[j], True, C=C, cv_auroc=cv_auroc, counts=counts[j], C_at_edge=edge,
-                                 fits=logs[j].fits, not_converged=logs[j].not_converged)
+                                 fits=logs[j].fits, not_converged=logs[j].not_converged,
+                                 C_fallback=not np.isfinite(cv_auroc))
     return ProbeResult(scores, [results[j] for j in range(len(label_names))])
+
+
+def fallback_note(which: list[str]) -> str:
+    """The section note for labels whose C fell back to `fallback_C`; `which` describes each (name and counts)."""
+    return (f"`C` not cross-validated, fixed at C = {fallback_C():g} (the grid's middle), since a fold needs two "
+            "training patients of each class: " + "; ".join(which) + ".")
 
 
 def fit_and_score(tr: TaskRun, encoders: list[Encoder]) -> ProtocolResult:
@@ -197,6 +212,13 @@ def fit_and_score(tr: TaskRun, encoders: list[Encoder]) -> ProtocolResult:
     if edges:
         notes.append("Penalty chosen at the edge of its grid (the best C may lie beyond it): " + "; ".join(edges)
                      + ".")
+    # Whether a fold can be made depends on the labels and the split only, so these labels are the same for every
+    # model; the counts are of patients, the unit the folds are grouped by.
+    fell_back = [j for j, lab in enumerate(labels) if any(probes[e.name].labels[j].C_fallback for e in encoders)]
+    if fell_back:
+        pos, neg = stats.patients_per_class(y[train], groups[train])
+        notes.append(fallback_note([f"{t.label_names[j]} ({pos[j]} positive / {neg[j]} negative training patients)"
+                                    for j in fell_back]))
     unconverged = sum(lab.not_converged for e in encoders for lab in probes[e.name].labels)
     if unconverged:
         notes.append(f"{unconverged} of {sum(lab.fits for e in encoders for lab in probes[e.name].labels)} "
