@@ -346,3 +346,28 @@ def test_initial_weights_are_kept_beside_the_run_for_the_comparison(blob_images,
         torch.testing.assert_close(a, b, msg=name)
     assert any(not torch.equal(a, b) for a, b in zip(init.state_dict().values(), final.state_dict().values()))
     assert state.iteration == 3
+
+
+def test_probing_a_finished_run_writes_one_validation_line_per_checkpoint(blob_images, tmp_path, capsys):
+    """python -m trainer.monitor RUN --task TASK: the step-0 weights and every kept checkpoint, on the validation
+    split, the same numbers the in-training probe logged for the last one."""
+    from trainer import monitor
+
+    cfg = tiny_cfg("eval.task=demo:n_patients=150,size=64", "run.checkpoint_every=1", "run.keep_last=5", steps=2)
+    cfg.data.sources = [str(blob_images)]
+    train(cfg, tmp_path)
+    assert monitor.main([str(tmp_path), "--task", "demo:n_patients=150,size=64"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "validation.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [0, 1, 2]
+    logged = [r for r in read_metrics(tmp_path) if "probe_linear_auroc_cls" in r]
+    for pool in ("cls", "avg", "cls+avg"):
+        assert rows[0][f"probe_linear_auroc_{pool}"] == pytest.approx(logged[0][f"probe_linear_auroc_{pool}"])
+        assert rows[-1][f"probe_knn_auroc_{pool}"] == pytest.approx(logged[-1][f"probe_knn_auroc_{pool}"])
+
+
+@pytest.mark.parametrize("argv, message", [(["--pools", "max"], "--pools 'max'"), ([], "no init/ or checkpoints")])
+def test_probing_a_run_with_bad_arguments_exits_2(tmp_path, capsys, argv, message):
+    from trainer import monitor
+
+    assert monitor.main([str(tmp_path), "--task", "demo", *argv]) == 2
+    assert message in capsys.readouterr().err

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -174,3 +175,70 @@ class InTrainingProbe:
         row = {"iteration": iteration, **probe_metrics(feats, self.data, self.seed)}
         row["eval_seconds"] = time.perf_counter() - t0
         return row
+
+
+# ------------------------------------------------------------------------------------------------ after training
+
+def run_checkpoints(run: Path) -> list[Path]:
+    """The step-0 weights (``RUN/init``) and every kept checkpoint of a run, in training order."""
+    from trainer.checkpoint import CKPT_RE
+
+    found = sorted((p for p in (run / "checkpoints").glob("ckpt_*") if CKPT_RE.match(p.name)),
+                   key=lambda p: int(CKPT_RE.match(p.name).group(1)))
+    init = sorted((run / "init" / "checkpoints").glob("ckpt_*"))
+    return init[:1] + found
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m trainer.monitor RUN --task TASK``: the validation probe on a finished (or running) run's step-0
+    weights and every kept checkpoint, for runs trained without ``eval.task`` or to compare runs afterwards. Writes
+    ``RUN/validation.jsonl`` (one line per checkpoint) and prints a table; exits 2 on a usage error."""
+    import argparse
+    import json
+    import sys
+
+    from tabulate import tabulate
+
+    from trainer.checkpoint import load_backbone
+
+    p = argparse.ArgumentParser(prog="python -m trainer.monitor", description=main.__doc__.split("\n\n")[0])
+    p.add_argument("run", type=Path, help="a training run directory (with init/ and checkpoints/)")
+    p.add_argument("--task", required=True, help="harness task spec, e.g. csv:/data/eval/labels.csv")
+    p.add_argument("--data-root", default=None, help="harness --data-root for registered datasets")
+    p.add_argument("--pools", default="cls,avg,cls+avg", help="comma list of harness --global-pool values")
+    p.add_argument("--seed", type=int, default=0, help="the harness's split seed (its default)")
+    p.add_argument("--test-fraction", type=float, default=0.3, help="the harness's test fraction (its default)")
+    p.add_argument("--val-fraction", type=float, default=VALIDATION_FRACTION,
+                   help="share of the training patients scored (the rest fit the probes)")
+    args = p.parse_args(argv)
+    pools = tuple(x for x in args.pools.split(",") if x)
+    if not pools or any(x not in ("cls", "avg", "cls+avg") for x in pools):
+        print(f"error: --pools {args.pools!r}: a comma list of cls, avg, cls+avg", file=sys.stderr)
+        return 2
+    ckpts = run_checkpoints(args.run) if args.run.is_dir() else []
+    if not ckpts:
+        print(f"error: {args.run}: no init/ or checkpoints/ckpt_* here; pass a training run directory",
+              file=sys.stderr)
+        return 2
+    _, cfg = load_backbone(ckpts[-1])
+    try:
+        data = load_probe_data(args.task, cfg, args.data_root, args.seed, args.test_fraction, args.val_fraction)
+    except (ValueError, OSError) as e:
+        print(f"error: --task {args.task!r}: {e}", file=sys.stderr)
+        return 2
+    rows = []
+    for ckpt in ckpts:
+        backbone, _ = load_backbone(ckpt)
+        iteration = 0 if ckpt.parent.parent.name == "init" else int(ckpt.name.removeprefix("ckpt_"))
+        rows.append(InTrainingProbe(data, args.seed, torch.device("cpu"), pools)(backbone, iteration))
+        print(f"{ckpt}: " + "  ".join(f"{k.removeprefix('probe_')} {v:.4f}" for k, v in rows[-1].items()
+                                      if k.startswith("probe_")), file=sys.stderr)
+    (args.run / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    keys = [k for k in rows[0] if k.startswith("probe_")]
+    print(tabulate([[r["iteration"], *(r.get(k) for k in keys)] for r in rows],
+                   headers=["iteration", *(k.removeprefix("probe_") for k in keys)], floatfmt=".4f"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
