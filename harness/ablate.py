@@ -650,6 +650,11 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                         "nothing is trained or evaluated")
     p.add_argument("--seed", type=int, default=0, help="seed of the data fractions and of the evaluation's split "
                                                        "and bootstrap")
+    p.add_argument("--eval-split", choices=("test", "validation"), default="test",
+                   help="evaluation: harness.run --split; validation scores a split of the eval task's training "
+                        "patients, for choosing among variants without touching the test patients")
+    p.add_argument("--global-pool", choices=("cls", "avg", "cls+avg"),
+                   help="evaluation: harness.run --global-pool (harness default)")
     p.add_argument("--bootstrap", type=int, help="evaluation: patient-level bootstrap resamples (harness default)")
     p.add_argument("--min-positive-patients", type=int,
                    help="evaluation: positive (and negative) test patients a label needs (harness default)")
@@ -670,6 +675,10 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
 
 def harness_options(args: argparse.Namespace) -> list[str]:
     extra = ["--seed", str(args.seed)]
+    if args.eval_split != "test":
+        extra += ["--split", args.eval_split]
+    if args.global_pool:
+        extra += ["--global-pool", args.global_pool]
     if args.bootstrap is not None:
         extra += ["--bootstrap", str(args.bootstrap)]
     if args.min_positive_patients is not None:

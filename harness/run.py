@@ -52,10 +52,10 @@ from harness.registry import resolve
 from harness.protocols import (MIN_POSITIVE_PATIENTS, ProbeOptions, ProtocolResult, TaskRun, feature_sets,
                                label_status, usable_cores)
 from harness.results_cache import ResultsCache, ResultsCacheFull
-from harness.splits import make_split, pseudonym, split_hash, write_split
+from harness.splits import make_split, pseudonym, split_hash, validation_split, write_split
 from harness.taskspec import TaskSpec, UsageError, parse_task_list
 from harness.taskspec import parse_task_spec as _parse_spec
-from harness.tasks.base import TASKS, Task, TaskContext, TaskError, TaskTable, build_task
+from harness.tasks.base import TASKS, Subset, Task, TaskContext, TaskError, build_task
 
 #: Named, not __name__: run as ``python -m harness.run`` this module is __main__, outside the harness logger.
 log = logging.getLogger("harness.run")
@@ -161,6 +161,10 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the split, the probe's CV and the bootstrap")
     p.add_argument("--test-fraction", type=float, default=0.3,
                    help="fraction of patients in the test split when the task has no predefined one")
+    p.add_argument("--split", choices=("test", "validation"), default="test",
+                   help="test: fit on the training patients, score the test patients (report this, once); "
+                        "validation: drop the test patients, fit on most training patients and score the others "
+                        "(harness.splits.validation_split; choose recipes, checkpoints and poolings on this)")
     p.add_argument("--reference", default=None,
                    help="model every other is compared with (paired bootstrap); default: the first model")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
@@ -230,12 +234,24 @@ def provenance() -> dict:
             "packages": {p: version(p) for p in pkgs}}
 
 
+def validation_task(task: Task, split: np.ndarray, seed: int) -> tuple[Subset, np.ndarray]:
+    """The task's training patients only, as a task of their own, with the inner split (harness.splits.
+    validation_split) in the train / test roles: the test patients' images are never read."""
+    inner = np.array(validation_split(task.table.patient_ids, list(split), seed))
+    rows = np.flatnonzero(inner != "test")
+    return Subset(task, rows, "validation"), np.where(inner[rows] == "val", "test", "train")
+
+
 def evaluate_task(spec: TaskSpec, encoders: list[Encoder], args: argparse.Namespace, ctx: TaskContext,
                   cache: FeatureCache, device: torch.device, reference: str) -> Path:
     task = build_task(spec.name, spec.arg, ctx)
     t = task.table
     summary = task.summary()
     split = np.array(make_split(t.patient_ids, args.seed, args.test_fraction, t.split))
+    if args.split == "validation":
+        task, split = validation_task(task, split, args.seed)
+        t = task.table
+        summary = task.summary()
     for part in ("train", "test"):
         idx = split == part
         summary[f"{part}_images"] = int(idx.sum())
@@ -266,7 +282,8 @@ def evaluate_task(spec: TaskSpec, encoders: list[Encoder], args: argparse.Namesp
     results_cache = ResultsCache(args.cache_dir / "results", recompute=args.recompute)
     tr = TaskRun(task, split, split_hash(t.image_ids, list(split)), weights, feats, summary, extract=extract_for,
                  seed=args.seed, reference=reference, min_positive_patients=args.min_positive_patients,
-                 out_name=output_name(spec, task) + pool_suffix(args.global_pool), options=probe_options(args), results_cache=results_cache)
+                 out_name=output_name(spec, task.parent if args.split == "validation" else task)
+                 + ("-validation" if args.split == "validation" else "") + pool_suffix(args.global_pool), options=probe_options(args), results_cache=results_cache)
     results: dict[str, ProtocolResult] = {}
     for proto in protocols:
         entry = PROTOCOLS.get(proto)
@@ -330,9 +347,16 @@ def probe_options(args: argparse.Namespace) -> ProbeOptions:
                         n_jobs=args.probe_jobs)
 
 
-def split_description(t: TaskTable, split: np.ndarray, seed: int) -> str:
+def split_description(task: Task, split: np.ndarray, seed: int) -> str:
     """How the split was made: an official split where the task gives one for every image (the seed played no
-    part), else seeded by patient (around the official rows when some have one)."""
+    part), else seeded by patient (around the official rows when some have one); for ``--split validation``, the
+    training patients of that split divided again."""
+    if isinstance(task, Subset) and task.name.endswith("/validation"):
+        return (f"validation split (--split validation): the training patients of the "
+                f"{split_description(task.parent, split, seed)} split only, divided again by patient "
+                f"(harness.splits.validation_split, seed {seed} + 7919); its 'test' rows are the validation "
+                f"patients, and the task's test patients are not read")
+    t = task.table
     given = [s for s in (t.split or []) if s]
     if t.split is not None and len(given) == len(t):
         return "official test split (the seed played no part)"
@@ -504,7 +528,7 @@ def write_outputs(tr: TaskRun, encoders: list[Encoder], results: dict[str, Proto
             "task": task.name, "model": enc.name, "encoder": enc.identity(), "input_policy": args.input_policy,
             "global_pool": args.global_pool,
             "split": {"hash": tr.split_hash, "seed": args.seed, "file": f"splits/{name}.csv",
-                      "test_fraction": args.test_fraction, "how": split_description(t, tr.split, args.seed)},
+                      "test_fraction": args.test_fraction, "how": split_description(task, tr.split, args.seed)},
             "bootstrap": {"n_resamples": args.bootstrap, "seed": args.seed, "unit": "patient", "ci": "percentile 95%",
                           "drawn_over": "sorted patient_key",
                           "conditioned_on": "a positive and a negative patient of every evaluable label",
@@ -535,7 +559,7 @@ def write_outputs(tr: TaskRun, encoders: list[Encoder], results: dict[str, Proto
         ("Labels", label_header(tr)),
         ("Label rule", f"readers aggregated per image by `{aggregation}`" if aggregation else
                        "one 0/1 value per image as the task gives it (no aggregation)"),
-        ("Split", f"{split_description(t, tr.split, args.seed)}: train {summary['train_images']} images / "
+        ("Split", f"{split_description(task, tr.split, args.seed)}: train {summary['train_images']} images / "
                   f"{summary['train_patients']} patients, test {summary['test_images']} images / "
                   f"{summary['test_patients']} patients; hash `{tr.split_hash}` (`splits/{name}.csv`)"),
         ("Bootstrap", f"{args.bootstrap} patient-level resamples, seed {args.seed}, percentile 95% CI; drawn over the "
