@@ -359,13 +359,18 @@ def test_probing_a_finished_run_writes_one_validation_line_per_checkpoint(blob_i
     assert monitor.main([str(tmp_path), "--task", "demo:n_patients=150,size=64"]) == 0
     rows = [json.loads(line) for line in (tmp_path / "validation.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [0, 1, 2]
+    assert monitor.main([str(tmp_path), "--task", "demo:n_patients=150,size=64", "--iterations", "0,2"]) == 0
+    assert [json.loads(line)["iteration"] for line in (tmp_path / "validation.jsonl").read_text().splitlines()] == [
+        0, 2]
+    assert monitor.main([str(tmp_path), "--task", "demo", "--iterations", "x"]) == 2
     logged = [r for r in read_metrics(tmp_path) if "probe_linear_auroc_cls" in r]
     for pool in ("cls", "avg", "cls+avg"):
         assert rows[0][f"probe_linear_auroc_{pool}"] == pytest.approx(logged[0][f"probe_linear_auroc_{pool}"])
         assert rows[-1][f"probe_knn_auroc_{pool}"] == pytest.approx(logged[-1][f"probe_knn_auroc_{pool}"])
 
 
-@pytest.mark.parametrize("argv, message", [(["--pools", "max"], "--pools 'max'"), ([], "no init/ or checkpoints")])
+@pytest.mark.parametrize("argv, message", [(["--pools", "max"], "--pools 'max'"), ([], "no init/ or checkpoints"),
+                                           (["--iterations", "x"], "no init/ or checkpoints")])
 def test_probing_a_run_with_bad_arguments_exits_2(tmp_path, capsys, argv, message):
     from trainer import monitor
 

@@ -189,6 +189,10 @@ def run_checkpoints(run: Path) -> list[Path]:
     return init[:1] + found
 
 
+def _iteration(ckpt: Path) -> int:
+    return 0 if ckpt.parent.parent.name == "init" else int(ckpt.name.removeprefix("ckpt_"))
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m trainer.monitor RUN --task TASK``: the validation probe on a finished (or running) run's step-0
     weights and every kept checkpoint, for runs trained without ``eval.task`` or to compare runs afterwards. Writes
@@ -210,12 +214,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--test-fraction", type=float, default=0.3, help="the harness's test fraction (its default)")
     p.add_argument("--val-fraction", type=float, default=VALIDATION_FRACTION,
                    help="share of the training patients scored (the rest fit the probes)")
+    p.add_argument("--iterations", default="",
+                   help="comma list of the iterations to probe (0 = the step-0 weights); default: every kept one")
     args = p.parse_args(argv)
     pools = tuple(x for x in args.pools.split(",") if x)
     if not pools or any(x not in ("cls", "avg", "cls+avg") for x in pools):
         print(f"error: --pools {args.pools!r}: a comma list of cls, avg, cls+avg", file=sys.stderr)
         return 2
     ckpts = run_checkpoints(args.run) if args.run.is_dir() else []
+    if args.iterations:
+        try:
+            wanted = {int(x) for x in args.iterations.split(",") if x.strip()}
+        except ValueError:
+            print(f"error: --iterations {args.iterations!r}: a comma list of integers", file=sys.stderr)
+            return 2
+        ckpts = [c for c in ckpts if _iteration(c) in wanted]
     if not ckpts:
         print(f"error: {args.run}: no init/ or checkpoints/ckpt_* here; pass a training run directory",
               file=sys.stderr)
@@ -229,8 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for ckpt in ckpts:
         backbone, _ = load_backbone(ckpt)
-        iteration = 0 if ckpt.parent.parent.name == "init" else int(ckpt.name.removeprefix("ckpt_"))
-        rows.append(InTrainingProbe(data, args.seed, torch.device("cpu"), pools)(backbone, iteration))
+        rows.append(InTrainingProbe(data, args.seed, torch.device("cpu"), pools)(backbone, _iteration(ckpt)))
         print(f"{ckpt}: " + "  ".join(f"{k.removeprefix('probe_')} {v:.4f}" for k, v in rows[-1].items()
                                       if k.startswith("probe_")), file=sys.stderr)
     (args.run / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
