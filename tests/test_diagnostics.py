@@ -370,7 +370,7 @@ def test_probing_a_finished_run_writes_one_validation_line_per_checkpoint(blob_i
 
 
 @pytest.mark.parametrize("argv, message", [(["--pools", "max"], "--pools 'max'"), ([], "no init/ or checkpoints"),
-                                           (["--iterations", "x"], "no init/ or checkpoints")])
+                                           (["--iterations", "x"], "--iterations 'x'")])
 def test_probing_a_run_with_bad_arguments_exits_2(tmp_path, capsys, argv, message):
     from trainer import monitor
 
