@@ -367,7 +367,7 @@ def tidy_rows(eval_dir: Path, names: dict[str, tuple[str, str, str]]) -> list[di
     rows = []
     for manifest in sorted((eval_dir / "results").glob("*.leaderboard.json")):
         settings = json.loads(manifest.read_text())["settings"]
-        if [m for m, _ in settings["models"]] != list(names):
+        if list(settings["models"]) != list(names):
             continue  # a leaderboard of an earlier evaluation with other variants
         folder = manifest.parent / manifest.name.removesuffix(".leaderboard.json")
         results = {m: json.loads((folder / f"{safe_name(m)}.json").read_text())["protocols"] for m in names}
