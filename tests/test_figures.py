@@ -46,7 +46,7 @@ def tidy_table(seed: int = 0) -> pl.DataFrame:
             rows.append({"task": "synth", "model": model, "protocol": protocol, "metric": metric, "label": label,
                          "point": point, "lo": round(point - 0.05 - 0.001 * j, 4),
                          "hi": round(point + 0.04 + 0.001 * j, 4), "delta": None if ref else round(point - 0.5, 4),
-                         "p_holm": None if ref else (0.01 if j % 2 else 0.3), "n_valid": 1000})
+                         "p_holm": None if ref else (0.01 if j % 2 else 0.3), "n_valid": 1000, "global_pool": "cls"})
     table = pl.DataFrame(rows)
     # A metric without an interval, and one not evaluable (no point): drawn as a point, and not drawn.
     table = table.with_columns(
