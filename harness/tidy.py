@@ -31,8 +31,11 @@ COLUMNS = ("task", "model", "protocol", "metric", "label", "point", "lo", "hi", 
 SCHEMA = {"task": pl.String, "model": pl.String, "protocol": pl.String, "metric": pl.String, "label": pl.String,
           "point": pl.Float64, "lo": pl.Float64, "hi": pl.Float64, "delta": pl.Float64, "p_holm": pl.Float64,
           "n_valid": pl.Int64, "global_pool": pl.String}
-#: the columns that identify a row (a table holds each combination once)
-KEY = ("task", "model", "protocol", "metric", "label", "global_pool")
+#: the columns that identify a row (a table holds each combination once; one table is one --global-pool, whose
+#: output name differs from the others')
+KEY = ("task", "model", "protocol", "metric", "label")
+#: the numbers of a row, compared within a tolerance by `differences`
+NUMBERS = ("point", "lo", "hi", "delta", "p_holm", "n_valid")
 
 
 class TidyRow(NamedTuple):
@@ -110,7 +113,9 @@ def differences(committed: list[TidyRow], fresh: list[TidyRow], tol: float) -> l
         if key not in a or key not in b:
             out.append((where, "whole row", "present" if key in a else "absent", "present" if key in b else "absent"))
             continue
-        for col in COLUMNS[len(KEY):]:
+        if a[key].global_pool != b[key].global_pool:
+            out.append((where, "global_pool", a[key].global_pool, b[key].global_pool))
+        for col in NUMBERS:
             x, y = getattr(a[key], col), getattr(b[key], col)
             if x is None or y is None:
                 same = x is None and y is None
