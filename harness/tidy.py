@@ -32,7 +32,7 @@ SCHEMA = {"task": pl.String, "model": pl.String, "protocol": pl.String, "metric"
           "point": pl.Float64, "lo": pl.Float64, "hi": pl.Float64, "delta": pl.Float64, "p_holm": pl.Float64,
           "n_valid": pl.Int64, "global_pool": pl.String}
 #: the columns that identify a row (a table holds each combination once; one table is one --global-pool, whose
-#: output name differs from the others')
+#: output name differs from the others)
 KEY = ("task", "model", "protocol", "metric", "label")
 #: the numbers of a row, compared within a tolerance by `differences`
 NUMBERS = ("point", "lo", "hi", "delta", "p_holm", "n_valid")
