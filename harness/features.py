@@ -372,9 +372,9 @@ class FeatureCache:
         return FeatureSet(g, grids["patch"], layers, key=key, from_cache=True, dense_mode="cache")
 
     @staticmethod
-    def _discard(d: Path) -> None:
-        """Move a damaged entry out of its place (one rename, so no reader sees half of it), then delete it."""
-        aside = temp_dir(d.parent, d.name + ".damaged")
+    def _discard(d: Path, why: str = "damaged") -> None:
+        """Move an entry out of its place (one rename, so no reader sees half of it), then delete it."""
+        aside = temp_dir(d.parent, f"{d.name}.{why}")
         try:
             os.rename(d, aside / "entry")
         except FileNotFoundError:
@@ -399,12 +399,7 @@ class FeatureCache:
             if final.is_dir():
                 # No manifest: a folder left by an older harness that wrote entries in place and was killed. No
                 # reader uses it (readers need the manifest): move it aside, remove it, try again.
-                aside = temp_dir(final.parent, final.name + ".stale")
-                try:
-                    os.rename(final, aside / "entry")
-                except FileNotFoundError:
-                    pass  # another process moved it first
-                shutil.rmtree(aside)
+                FeatureCache._discard(final, "stale")
             elif final.exists():
                 break  # a file in the way: not ours to remove
         raise OSError(f"cannot publish feature-cache entry {final}: {error}; is the cache directory writable?")
