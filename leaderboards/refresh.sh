@@ -16,3 +16,13 @@ if [ -f "$shared_csv" ]; then
 else
   echo "note: $shared_csv not found; the shared-data leaderboard was not regenerated"
 fi
+# The Kermany pediatric set (5,190 images): the task on which the trainer's global feature is measured
+# (docs/pretraining.md). Only `pixels` here: a ViT-S/14 at 224 px over 5,190 images costs CI several minutes on two
+# cores, and trained checkpoints are not committed (they derive from the images). The set has no masks, sex or
+# age, so only the two classification probes apply.
+kermany_csv="../shared/data/kermany-pediatric-cxr/labels.csv"
+if [ -f "$kermany_csv" ]; then
+  python -m harness.run --models pixels --tasks "csv:$kermany_csv" --protocols linear,knn --out "$out"
+else
+  echo "note: $kermany_csv not found; the Kermany leaderboard was not regenerated"
+fi
