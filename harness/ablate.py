@@ -703,12 +703,32 @@ def check_inputs(args: argparse.Namespace, variants: list[Variant]) -> None:
             raise AblationError(f"data manifest {parse_source(spec).path} does not exist")
     root, named = parse_data_roots(args.data_root)
     ctx = TaskContext(data_root=root, data_roots=named, seed=args.seed)
+    tasks = []
     for raw in (t for task in args.eval_task for t in split_task_list(task)):
         spec = parse_task_spec(raw)
         try:
-            build_task(spec.name, spec.arg, ctx)
+            tasks.append(build_task(spec.name, spec.arg, ctx))
         except (TaskError, KeyError, ValueError, OSError) as e:
             raise AblationError(f"--eval-task {raw!r}: {e}") from e
+    warn_test_overlap(args, variants, tasks)
+
+
+def warn_test_overlap(args: argparse.Namespace, variants: list[Variant], tasks: list) -> None:
+    """A warning naming the count when the pretraining images include test-split images of an evaluation task:
+    the harness's numbers on that split would be optimistic (docs/pretraining.md, "Pretrain on the training
+    patients only")."""
+    from harness.splits import count_identical_files, test_split_digests
+    from trainer.data import parse_source, read_manifest
+
+    manifests = dict.fromkeys(s for v in variants for s in v.sources if not s.startswith(str(args.output)))
+    paths = list(dict.fromkeys(p for spec in manifests for p in read_manifest(parse_source(spec).path)))
+    for task in tasks:
+        overlap = count_identical_files(paths, test_split_digests(task, args.seed))
+        if overlap:
+            print(f"warning: {overlap} of the {len(paths)} pretraining image(s) in --data are byte-identical to "
+                  f"test-split images of {task.name} (seed {args.seed}); its leaderboard would be optimistic. "
+                  "Pretrain on the training patients only (docs/pretraining.md#pretrain-on-the-training-patients-only)",
+                  file=sys.stderr)
 
 
 def print_plan(output: Path, variants: list[Variant], cfgs: list[TrainConfig]) -> None:

@@ -90,6 +90,27 @@ def make_split(patient_ids: list[str], seed: int, test_fraction: float = 0.3,
     return split
 
 
+def count_identical_files(paths: list[Path], digests: frozenset[str]) -> int:
+    """How many of the files `paths` are byte-identical to one of `digests` (sha256 of image files): the check that
+    pretraining images are not a task's test images. A manifest can name copies or another folder of the same
+    data, so contents are compared, not paths. Patients cannot be compared: a pretraining manifest has none."""
+    if not digests:
+        return 0
+    from harness.common.hashing import sha256_file
+
+    return sum(sha256_file(p) in digests for p in paths)
+
+
+def test_split_digests(task, seed: int, test_fraction: float = 0.3) -> frozenset[str]:
+    """sha256 of the image files of `task`'s test split at `seed` (harness.run's split); empty for a task whose
+    images are not files (the synthetic demo)."""
+    digests = task.file_digests()
+    if digests is None:
+        return frozenset()
+    split = make_split(task.table.patient_ids, seed, test_fraction, task.table.split)
+    return frozenset(d for d, s in zip(digests, split) if s == "test")
+
+
 #: Share of the training patients held out as the validation split (recipe, checkpoint and pooling selection).
 VALIDATION_FRACTION = 0.25
 #: Added to the split seed so the inner permutation is not the outer one restricted to the training patients.

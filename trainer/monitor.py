@@ -90,11 +90,9 @@ def load_probe_data(spec: str, cfg_dict: dict, data_root: str | None, seed: int,
 
 def test_overlap(data: ProbeData, paths: list) -> int:
     """How many pretraining images (files) are byte-identical to a test-split image of the probe's task."""
-    if not data.test_digests:
-        return 0
-    from harness.common.hashing import sha256_file
+    from harness.splits import count_identical_files
 
-    return sum(sha256_file(p) in data.test_digests for p in paths)
+    return count_identical_files(paths, data.test_digests)
 
 
 @torch.no_grad()
