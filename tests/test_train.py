@@ -132,8 +132,10 @@ def test_cli_run_logs_checkpoints_and_exports_the_teacher(blob_images, tmp_path)
     assert main(argv) == 0
     rows = read_metrics(out)
     assert [r["iteration"] for r in rows] == [1, 2, 3, 4]
-    for key in ("loss", "dino", "ibot", "koleo", "lr", "wd", "momentum", "teacher_temp", "images_per_s", "memory_mb"):
+    for key in ("loss", "dino", "ibot", "koleo", "lr", "wd", "momentum", "teacher_temp", "images_per_s", "memory_mb",
+                "wall_s", "cpu_s"):
         assert all(np.isfinite(r[key]) for r in rows), key
+    assert all(r["cpu_s"] > 0 and r["wall_s"] > 0 for r in rows)
     assert rows[0]["lr"] < rows[1]["lr"]  # linear warm-up over 2 iterations
     assert [p.name for p in list_checkpoints(out)] == ["ckpt_0000002", "ckpt_0000004"]
     assert yaml.safe_load((out / "config.yaml").read_text())["model"]["depth"] == 2
@@ -307,3 +309,22 @@ def test_smoke_run_on_shared_cxr_lowers_the_loss(shared_cxr, tmp_path):
         assert np.isfinite([r[key] for r in rows]).all(), key
     losses = np.array([r["loss"] for r in rows])
     assert losses[-10:].mean() < losses[:10].mean()
+
+
+def test_cpu_seconds_counts_a_live_child_process():
+    """The loader's workers are live children: their CPU time is in the learning curve's compute axis before they
+    exit (RUSAGE_CHILDREN alone would miss it)."""
+    import subprocess
+    import sys
+
+    from trainer.train import cpu_seconds
+
+    burn = ("import time, sys\nwhile time.process_time() < 0.5: pass\n"
+            "print('burnt', flush=True)\nsys.stdin.read()")
+    before = cpu_seconds()
+    child = subprocess.Popen([sys.executable, "-c", burn], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "burnt"
+        assert cpu_seconds() - before >= 0.4  # /proc counts whole clock ticks: a little under 0.5 s
+    finally:
+        child.communicate("")

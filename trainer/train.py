@@ -249,6 +249,24 @@ def memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def cpu_seconds() -> float:
+    """CPU seconds (user + system) used so far by this process, all its threads, and its live child processes
+    (the data loader's workers, which ``RUSAGE_CHILDREN`` counts only once they exit). Children are found through
+    Linux's /proc; elsewhere only this process and its finished children are counted."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
+    total = own.ru_utime + own.ru_stime + reaped.ru_utime + reaped.ru_stime
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    for children in Path("/proc/self/task").glob("*/children"):
+        for pid in children.read_text().split():
+            try:  # fields 14 and 15 of /proc/PID/stat: utime, stime in clock ticks (after the ")" of the name)
+                fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+                total += (int(fields[11]) + int(fields[12])) / tick
+            except (OSError, ValueError, IndexError):  # the worker exited between the listing and the read
+                continue
+    return total
+
+
 class StopSignal:
     """SIGTERM / SIGUSR1 (SLURM preemption, scancel) ask the loop to checkpoint and leave after this step."""
 
@@ -593,6 +611,7 @@ class Meter:
         self.jsonl = output / "metrics.jsonl" if output else None
         self.device, self.images_per_step = device, images_per_step
         self.t0, self.steps, self.n_bad = time.perf_counter(), 0, 0
+        self.cpu0 = cpu_seconds()
 
     def record(self, iteration: int, total: int, logged: torch.Tensor, n_bad: int, values: dict[str, float],
                diagnostics: dict[str, float] | None) -> None:
@@ -607,7 +626,10 @@ class Meter:
                "lr": values["lr"], "wd": values["wd"], "momentum": values["momentum"],
                "teacher_temp": values["teacher_temp"],
                "images_per_s": self.steps * self.images_per_step / elapsed, "memory_mb": memory_mb(self.device),
-               "skipped_images": self.n_bad, **diagnostics}
+               "skipped_images": self.n_bad,
+               # Since the previous logged row, so the sums stay right when a resume trims the rows after its
+               # checkpoint; cpu_s (this rank's process and loader workers) is the compute axis of a learning curve.
+               "wall_s": elapsed, "cpu_s": cpu_seconds() - self.cpu0, **diagnostics}
         self._append(row)
         eta = elapsed / self.steps * (total - iteration)
         log.info("it %d/%d  loss %.4f (dino %.4f ibot %.4f koleo %.4f)  H(t) %.3f/%.3f patch %.3f (ln K %.3f)  "
@@ -618,7 +640,7 @@ class Meter:
                  diagnostics["prototypes_used"], row["lr"], row["momentum"], row["images_per_s"], row["memory_mb"],
                  format_seconds(eta),
                  f"  skipped {self.n_bad} unreadable" if self.n_bad else "")
-        self.t0, self.steps = time.perf_counter(), 0
+        self.t0, self.steps, self.cpu0 = time.perf_counter(), 0, cpu_seconds()
 
     def probe(self, row: dict[str, float]) -> None:
         """One in-training probe result: its own JSON line (keys probe_*) and a log line."""
