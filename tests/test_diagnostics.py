@@ -359,9 +359,13 @@ def test_probing_a_finished_run_writes_one_validation_line_per_checkpoint(blob_i
     assert monitor.main([str(tmp_path), "--task", "demo:n_patients=150,size=64"]) == 0
     rows = [json.loads(line) for line in (tmp_path / "validation.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [0, 1, 2]
-    assert monitor.main([str(tmp_path), "--task", "demo:n_patients=150,size=64", "--iterations", "0,2"]) == 0
-    assert [json.loads(line)["iteration"] for line in (tmp_path / "validation.jsonl").read_text().splitlines()] == [
-        0, 2]
+    # Probing as checkpoints appear: a later call keeps the other iterations' rows and replaces its own.
+    (tmp_path / "validation.jsonl").unlink()
+    for its in ("2", "0,2"):
+        assert monitor.main([str(tmp_path), "--task", "demo:n_patients=150,size=64", "--iterations", its]) == 0
+    again = [json.loads(line) for line in (tmp_path / "validation.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in again] == [0, 2]
+    assert again[1]["probe_knn_auroc_avg"] == pytest.approx(rows[2]["probe_knn_auroc_avg"])
     assert monitor.main([str(tmp_path), "--task", "demo", "--iterations", "x"]) == 2
     logged = [r for r in read_metrics(tmp_path) if "probe_linear_auroc_cls" in r]
     for pool in ("cls", "avg", "cls+avg"):

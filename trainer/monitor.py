@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from harness.common.atomic import atomic_write_text
 from harness.splits import VALIDATION_FRACTION
 
 
@@ -243,7 +244,13 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(InTrainingProbe(data, args.seed, torch.device("cpu"), pools)(backbone, _iteration(ckpt)))
         print(f"{ckpt}: " + "  ".join(f"{k.removeprefix('probe_')} {v:.4f}" for k, v in rows[-1].items()
                                       if k.startswith("probe_")), file=sys.stderr)
-    (args.run / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # Rows of iterations probed earlier (another --iterations call) are kept, so checkpoints can be probed as a
+    # run writes them; a row probed again is replaced.
+    out = args.run / "validation.jsonl"
+    done = {r["iteration"] for r in rows}
+    kept = [json.loads(line) for line in out.read_text().splitlines() if line.strip()] if out.is_file() else []
+    merged = sorted([r for r in kept if r.get("iteration") not in done] + rows, key=lambda r: r["iteration"])
+    atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in merged))
     keys = [k for k in rows[0] if k.startswith("probe_")]
     print(tabulate([[r["iteration"], *(r.get(k) for k in keys)] for r in rows],
                    headers=["iteration", *(k.removeprefix("probe_") for k in keys)], floatfmt=".4f"))
