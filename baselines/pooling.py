@@ -12,7 +12,7 @@ import torch
 if TYPE_CHECKING:
     from baselines.registry import Features
 
-__all__ = ["DEFAULT_GLOBAL_POOL", "GLOBAL_POOLS", "pool_global"]
+__all__ = ["GLOBAL_POOLS", "pool_global"]
 
 #: How an encoder's tokens become the one vector per image that the global protocols (linear, k-NN, demographics,
 #: label efficiency) read (``--global-pool``; docs/evaluate.md#global-pooling):
@@ -20,7 +20,6 @@ __all__ = ["DEFAULT_GLOBAL_POOL", "GLOBAL_POOLS", "pool_global"]
 #: ``avg`` the mean of its last layer's patch grid (a ViT's final-normed patch tokens, registers excluded);
 #: ``cls+avg`` both, concatenated (DINOv2's linear evaluation, dinov2/eval/linear.py, without the extra blocks).
 GLOBAL_POOLS = ("cls", "avg", "cls+avg")
-DEFAULT_GLOBAL_POOL = "cls"
 
 
 def pool_global(f: "Features", pool: str) -> torch.Tensor:

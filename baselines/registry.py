@@ -33,7 +33,13 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from baselines.pooling import DEFAULT_GLOBAL_POOL, GLOBAL_POOLS, pool_global
+from baselines.pooling import GLOBAL_POOLS, pool_global
+
+#: The pooling every encoder is read with unless --global-pool says otherwise: chosen on the validation patients of
+#: the Kermany task, never on a test split (docs/evaluate.md#global-pooling). Here, not in baselines.pooling, because
+#: it is a choice, not extraction code: the pooling a feature was made with is in its cache key either way, and
+#: changing the default must not invalidate features made with an explicit --global-pool.
+DEFAULT_GLOBAL_POOL = "cls"
 from baselines.preprocess import Preprocess
 from harness.common.sources import closure, sources_digest
 from harness.registry import Entry, Registry, resolve
