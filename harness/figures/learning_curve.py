@@ -138,6 +138,11 @@ def curve_data(run: Path, evaluation: Path, task: str) -> CurveData:
 def draw(data: CurveData) -> "Figure":
     if data.cpu_hours is not None:
         its, hours = (np.asarray(a, dtype=float) for a in data.cpu_hours)
+        if len(its) > 1:  # extend linearly past both ends: np.interp clamps, which piles the axis margin's ticks up
+            far = 1e6 * max(1.0, its[-1])
+            lead, tail = (hours[1] - hours[0]) / (its[1] - its[0]), (hours[-1] - hours[-2]) / (its[-1] - its[-2])
+            its = np.concatenate([[its[0] - far], its, [its[-1] + far]])
+            hours = np.concatenate([[hours[0] - lead * far], hours, [hours[-1] + tail * far]])
         to_hours = (lambda x: np.interp(x, its, hours), lambda h: np.interp(h, hours, its))
     fig = new_figure(11, 4.2)
     axes = fig.subplots(1, len(PROBES), sharey=True)
