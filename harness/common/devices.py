@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from harness.common.errors import UsageError
+
 
 def pick_device(name: str) -> torch.device:
     """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda``, ``cuda:N``, ``mps``. Where CUDA is available, a
@@ -18,3 +20,17 @@ def pick_device(name: str) -> torch.device:
     if device.type == "cuda" and device.index is None and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return device
+
+
+def check_here(device: torch.device, flag: str) -> None:
+    """UsageError naming `flag` when `device` is not on this machine (``cuda`` without a GPU, ``cuda:3`` with two),
+    before any model is built: `pick_device` leaves that to the first tensor moved there, deep inside the work."""
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"{flag} {device}: no CUDA device on this machine (torch.cuda.is_available() is false); "
+                             "use cpu, or auto to take a GPU only where there is one")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"{flag} {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"{flag} {device}: no Apple MPS device on this machine; use cpu or auto")
