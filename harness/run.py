@@ -40,7 +40,8 @@ from baselines.registry import (
 from harness import stats, tidy
 from harness.checks import check_eval_args, default_protocols
 from harness.common.atomic import atomic_path, atomic_write_text
-from harness.common.devices import pick_device
+from harness.common.devices import check_here, pick_device
+from harness.common.errors import DataError, UsageError, command
 from harness.common.paths import cache_dir, safe_name
 from harness.common.hashing import array_digest
 from harness.features import DEFAULT_DENSE_BUDGET_GB, FeatureCache, extract, precision
@@ -53,7 +54,7 @@ from harness.protocols import (MIN_POSITIVE_PATIENTS, ProbeOptions, ProtocolResu
                                label_status, usable_cores)
 from harness.results_cache import ResultsCache, ResultsCacheFull
 from harness.splits import make_split, pseudonym, split_hash, validation_split, write_split
-from harness.taskspec import TaskSpec, UsageError, parse_task_list
+from harness.taskspec import TaskSpec, parse_task_list
 from harness.taskspec import parse_task_spec as _parse_spec
 from harness.tasks.base import TASKS, Subset, Task, TaskContext, TaskError, build_task
 
@@ -628,17 +629,16 @@ def list_registered(weights_dir: Path | None) -> None:
                    headers=["protocol", "by default", "runs after", "what"]))
 
 
+@command
 def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     args = build_parser(prog).parse_args(argv)
     setup_logging(args.verbose - args.quiet)
     if args.list:
         list_registered(args.weights_dir)
         return 0
-    try:
-        names, specs = check_eval_args(args)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    names, specs = check_eval_args(args)
+    device = pick_device(args.device)
+    check_here(device, "--device")  # the sweep plans GPU jobs on machines without one; here the work runs here
     for spec in specs:
         log.debug(f"task {spec.text!r}: {spec.name}, argument {spec.arg!r}, protocols {', '.join(spec.protocols)}; "
                   f"output in {args.out if args.out is not None else DEFAULT_RUNS / '<output name>'}")
@@ -646,29 +646,24 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     try:
         encoders, skipped = load_encoders(names, args.weights_dir, args.input_policy, explicit, args.global_pool)
     except (WeightsMissing, KeyError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise UsageError(str(e)) from e
     print(tabulate([[e.name, "ready", e.weights_digest[:12]] for e in encoders]
                    + [[n, "skipped", why] for n, why in skipped], headers=["encoder", "status", "weights / reason"]))
     if not encoders:
-        print("error: no encoder could be loaded", file=sys.stderr)
-        return 2
+        raise UsageError("no encoder could be loaded")
     reference = args.reference or encoders[0].name
     if reference not in {e.name for e in encoders}:
-        print(f"error: --reference {reference!r} is not among the loaded models", file=sys.stderr)
-        return 2
+        raise UsageError(f"--reference {reference!r} is not among the loaded models")
     root, named = parse_data_roots(args.data_root)
     ctx = TaskContext(data_root=root, data_roots=named, skip_bad=args.skip_bad, seed=args.seed,
                       on_duplicate=args.on_duplicate)
     cache = FeatureCache(args.cache_dir)
-    device = pick_device(args.device)
     written = []
     for spec in specs:
         try:
             written.append(evaluate_task(spec, encoders, args, ctx, cache, device, reference))
         except (TaskError, ValueError, FloatingPointError, ResultsCacheFull) as e:
-            print(f"error: task {spec.text!r}: {e}", file=sys.stderr)
-            return 1
+            raise DataError(f"task {spec.text!r}: {e}") from e
     for w in written:
         print(f"wrote {w}")
     return 0
