@@ -656,7 +656,8 @@ def truncate_metrics(path: Path, iteration: int | None) -> None:
     it stops the run naming it."""
     if not path.exists():
         return
-    lines = path.read_text().splitlines()
+    text = path.read_text()
+    lines = text.splitlines()
     rows = []
     for n, line in enumerate(lines, start=1):
         if not line.strip():
@@ -664,7 +665,7 @@ def truncate_metrics(path: Path, iteration: int | None) -> None:
         try:
             rows.append((line, json.loads(line)["iteration"]))
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            if n < len(lines):
+            if n < len(lines) or text.endswith("\n"):  # every line is written whole, its newline last
                 raise DataError(f"{path}:{n}: not a metrics line ({e}); delete or repair that line, then resume "
                                 "again") from None
             log.warning("%s:%d: dropped a partial last line (a killed run's): %.60r", path, n, line)
