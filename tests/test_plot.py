@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from trainer.plot import figure_data, main, plot, read_metrics
 
