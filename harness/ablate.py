@@ -716,7 +716,7 @@ def check_flags(args: argparse.Namespace) -> None:
     if args.eval_device:
         check_device(args.eval_device)
         if not args.slurm:  # evaluated here, so its device must be here; a SLURM job runs where the device is
-            check_here(pick_device(args.eval_device), "--eval-device")
+            check_here(pick_device(args.eval_device), f"--eval-device {args.eval_device}")
 
 
 def check_inputs(args: argparse.Namespace, variants: list[Variant], cfgs: list[TrainConfig]) -> None:

@@ -638,7 +638,7 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
         return 0
     names, specs = check_eval_args(args)
     device = pick_device(args.device)
-    check_here(device, "--device")  # the sweep plans GPU jobs on machines without one; here the work runs here
+    check_here(device, f"--device {args.device}")  # the sweep plans GPU jobs on machines without one; here the work runs here
     for spec in specs:
         log.debug(f"task {spec.text!r}: {spec.name}, argument {spec.arg!r}, protocols {', '.join(spec.protocols)}; "
                   f"output in {args.out if args.out is not None else DEFAULT_RUNS / '<output name>'}")

@@ -347,7 +347,7 @@ def train(cfg: TrainConfig, output: str | Path, resume: str | None = None) -> Tr
         device = pick_device(cfg.run.device)
     except ValueError as e:
         raise UsageError(f"run.device={cfg.run.device!r}: {e}") from None
-    check_here(device, "run.device=")
+    check_here(device, f"run.device={cfg.run.device}")
     if rank == 0:
         setup_logging()
     # The data and the probe task are read before any model is built, so that a wrong --data or eval.task fails in

@@ -22,15 +22,16 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def check_here(device: torch.device, flag: str) -> None:
-    """UsageError naming `flag` when `device` is not on this machine (``cuda`` without a GPU, ``cuda:3`` with two),
-    before any model is built: `pick_device` leaves that to the first tensor moved there, deep inside the work."""
+def check_here(device: torch.device, given: str) -> None:
+    """UsageError when `device` is not on this machine (``cuda`` without a GPU, ``cuda:3`` with two), before any
+    model is built: `pick_device` leaves that to the first tensor moved there, deep inside the work. `given` names
+    the flag or key and its value as the user wrote them (``--device cuda``)."""
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UsageError(f"{flag} {device}: no CUDA device on this machine (torch.cuda.is_available() is false); "
-                             "use cpu, or auto to take a GPU only where there is one")
+            raise UsageError(f"{given}: no CUDA device on this machine (torch.cuda.is_available() is false); use "
+                             "cpu, or auto to take a GPU only where there is one")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(f"{flag} {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+            raise UsageError(f"{given}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 to "
+                             f"cuda:{torch.cuda.device_count() - 1}")
     elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"{flag} {device}: no Apple MPS device on this machine; use cpu or auto")
+        raise UsageError(f"{given}: no Apple MPS device on this machine; use cpu or auto")
