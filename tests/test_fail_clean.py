@@ -191,6 +191,8 @@ def _trainer_usage_error(argv: list[str], capsys) -> str:
     ("run.device=gpu", "run.device='gpu'"),
     ("a list with some missing images", "2 of the 3 images it lists do not exist"),
     ("run.seed=-1", "run.seed=-1: must be >= 0"),
+    ("a .txt list that is not text", "not a text file"),
+    ("model.pretrained=/no/such/file", "model.pretrained=/no/such/file: no such file or folder"),
 ])
 def test_trainer_usage_errors_come_before_any_folder_or_model(case, words, blob_images, tmp_path, capsys,
                                                                no_models):
@@ -208,6 +210,9 @@ def test_trainer_usage_errors_come_before_any_folder_or_model(case, words, blob_
         extra = ["--resume", str(blob_images)]
     elif case == "a list with some missing images":
         (tmp_path / "list.txt").write_text(f"{blob_images / '00.png'}\nnope1.png\nnope2.png\n")
+        extra = ["--data", str(tmp_path / "list.txt")]
+    elif case == "a .txt list that is not text":
+        (tmp_path / "list.txt").write_bytes(bytes(range(128, 256)))
         extra = ["--data", str(tmp_path / "list.txt")]
     else:
         extra = [case]

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset
 
-from harness.common.errors import DataError
+from harness.common.errors import DataError, first_line
 from harness.common.imaging import RASTER_SUFFIXES, ImageDecodeError, is_dicom, load_radiograph
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,12 @@ def read_manifest(path: Path) -> list[Path]:
         raise FileNotFoundError(f"data manifest {path} does not exist{relative}: pass --data an existing folder, "
                                 ".txt, .csv or .parquet list")
     elif path.suffix == ".txt":
-        lines = (line.strip() for line in path.read_text().splitlines())
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"data manifest {path}: not a text file ({e.reason} at byte {e.start}); a .txt "
+                             "lists one image path a line") from None
+        lines = (line.strip() for line in text.splitlines())
         files = [_resolve(path, line) for line in lines if line and not line.startswith("#")]
     elif path.suffix in (".csv", ".parquet"):
         files = [_resolve(path, p) for p in _path_column(path)]
@@ -119,7 +124,10 @@ def _resolve(manifest: Path, entry: str) -> Path:
 def _path_column(path: Path) -> list[str]:
     import polars as pl
 
-    df = pl.read_csv(path, infer_schema_length=0) if path.suffix == ".csv" else pl.read_parquet(path)
+    try:
+        df = pl.read_csv(path, infer_schema_length=0) if path.suffix == ".csv" else pl.read_parquet(path)
+    except Exception as e:  # polars' own error types: whatever it is, this file is not a table it can read
+        raise ValueError(f"data manifest {path}: cannot be read as {path.suffix} ({first_line(e)})") from None
     for name in PATH_COLUMNS:
         if name in df.columns:
             return [str(v) for v in df[name].drop_nulls().to_list()]

@@ -348,6 +348,9 @@ def train(cfg: TrainConfig, output: str | Path, resume: str | None = None) -> Tr
     except ValueError as e:
         raise UsageError(f"run.device={cfg.run.device!r}: {e}") from None
     check_here(device, f"run.device={cfg.run.device}")
+    for key, path in (("model.pretrained", cfg.model.pretrained), ("model.pretrained_head", cfg.model.pretrained_head)):
+        if path is not None and not Path(path).exists():
+            raise UsageError(f"{key}={path}: no such file or folder")
     if rank == 0:
         setup_logging()
     # The data and the probe task are read before any model is built, so that a wrong --data or eval.task fails in
