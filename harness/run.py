@@ -195,7 +195,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="count", default=0,
                    help="only warnings and errors on stderr (stdout keeps the tables and 'wrote' lines)")
     p.add_argument("-v", "--verbose", action="count", default=0,
-                   help="debug messages, and progress bars even when stderr is not a terminal")
+                   help="debug messages, progress bars even when stderr is not a terminal, and an error's traceback")
     return p
 
 

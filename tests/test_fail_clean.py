@@ -100,13 +100,14 @@ def _undecodable_mid_run(tmp_path: Path, images: Path) -> list[str]:
     ("a manifest naming a missing image", 2, "1 of the 1 images it lists do not exist", False),
     ("--skip-bad with no readable image", 1, "unreadable images in a row", False),
     ("optim.base_lr=nan", 2, "optim.base_lr=nan: must be a finite number > 0", False),
-    ("optim.batch_size_per_gpu=0", 2, "optim.batch_size_per_gpu=0: must be >= 1", False),
+    # Without KoLeo, whose own check wants 2 images, a batch of 0 passed the config's checks.
+    ("optim.batch_size_per_gpu=0 loss.koleo_weight=0", 2, "optim.batch_size_per_gpu=0: must be >= 1", False),
     ("an image a loader worker cannot decode mid-run", 1, "cannot decode", True),
 ])
 def test_the_trainer_exits_with_one_line_whatever_stops_it(case, status, words, folder_left, blob_images, tmp_path):
     data = {"a manifest naming a missing image": _missing_image, "--skip-bad with no readable image": _none_readable,
             "an image a loader worker cannot decode mid-run": _undecodable_mid_run}.get(case)
-    extra = data(tmp_path, blob_images) if data else ["--data", str(blob_images), case]
+    extra = data(tmp_path, blob_images) if data else ["--data", str(blob_images), *case.split()]
     overrides = [a for a in extra if re.fullmatch(r"[a-z_]+\.[a-z_]+=.*", a)]  # after the flags, all together
     flags = [a for a in extra if a not in overrides]
     run = tmp_path / "run"
