@@ -42,7 +42,7 @@ from harness.checks import check_eval_args, default_protocols
 from harness.common.atomic import atomic_path, atomic_write_text
 from harness.common.devices import check_here, pick_device
 from harness.common.errors import DataError, UsageError, command
-from harness.common.paths import cache_dir, safe_name
+from harness.common.paths import cache_dir, check_writable_folder, safe_name
 from harness.common.hashing import array_digest
 from harness.features import DEFAULT_DENSE_BUDGET_GB, FeatureCache, extract, precision
 from harness.figures import FigureInputError, draw_task_figures, figure_links
@@ -259,6 +259,12 @@ def evaluate_task(spec: TaskSpec, encoders: list[Encoder], args: argparse.Namesp
         summary[f"{part}_patients"] = len({p for p, s in zip(t.patient_ids, split) if s == part})
         summary[f"{part}_positives"] = {n: int(t.labels[idx, j].sum()) for j, n in enumerate(t.label_names)}
     print_summary(summary)
+    out_name = (output_name(spec, task.parent if args.split == "validation" else task)
+                + ("-validation" if args.split == "validation" else "") + pool_suffix(args.global_pool))
+    out = task_out_dir(args.out, out_name)
+    # The folders this task writes, now that its name is known: before any feature is computed, not after.
+    for folder in (out, out / "splits", out / "results" / out_name, out / "figures" / out_name):
+        check_writable_folder(folder, "--out")
 
     test_idx = np.flatnonzero(split == "test")
     # Drawn over the pseudonyms the outputs carry (so a reader can redraw them), conditioned on a positive and a
@@ -283,8 +289,7 @@ def evaluate_task(spec: TaskSpec, encoders: list[Encoder], args: argparse.Namesp
     results_cache = ResultsCache(args.cache_dir / "results", recompute=args.recompute)
     tr = TaskRun(task, split, split_hash(t.image_ids, list(split)), weights, feats, summary, extract=extract_for,
                  seed=args.seed, reference=reference, min_positive_patients=args.min_positive_patients,
-                 out_name=output_name(spec, task.parent if args.split == "validation" else task)
-                 + ("-validation" if args.split == "validation" else "") + pool_suffix(args.global_pool), options=probe_options(args), results_cache=results_cache)
+                 out_name=out_name, options=probe_options(args), results_cache=results_cache)
     results: dict[str, ProtocolResult] = {}
     for proto in protocols:
         entry = PROTOCOLS.get(proto)
@@ -662,6 +667,8 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     for spec in specs:
         try:
             written.append(evaluate_task(spec, encoders, args, ctx, cache, device, reference))
+        except UsageError:  # a folder of this task's outputs that cannot be written
+            raise
         except (TaskError, ValueError, FloatingPointError, ResultsCacheFull) as e:
             raise DataError(f"task {spec.text!r}: {e}") from e
     for w in written:

@@ -436,6 +436,19 @@ def test_evaluation_folders_are_checked_before_any_model(case, words, tmp_path, 
     assert sorted(tmp_path.rglob("*")) == before
 
 
+def test_a_task_folder_that_cannot_be_written_stops_before_any_feature(tmp_path, capsys, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("features were extracted before the task's output folders were checked")
+
+    monkeypatch.setattr(harness.run, "extract", never)
+    out = tmp_path / "lb"
+    (out / "results").mkdir(parents=True)
+    (out / "results" / "demo-n_patients_8").write_text("x")  # where this task's per-model results go
+    assert harness.run.main(["--models", "pixels", "--tasks", "demo:n_patients=8", "--out", str(out)]) == 2
+    assert "results/demo-n_patients_8: is a file" in one_error_line(capsys.readouterr().err)
+    assert sorted(p.name for p in out.rglob("*")) == ["demo-n_patients_8", "results"], "nothing half-written"
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_evaluation_device_is_checked_before_any_model(tmp_path, capsys, nothing_built):
     assert harness.run.main(["--models", "pixels", "--tasks", "demo", "--out", str(tmp_path / "lb"),
