@@ -25,7 +25,7 @@ import re
 import shutil
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import yaml
@@ -37,11 +37,10 @@ from harness.common.atomic import atomic_dir
 from harness.common.errors import DataError, first_line
 from trainer.config import ModelConfig, TrainConfig, config_from_dict, save_config
 
-FILES = ("model.safetensors", "optimizer.pt", "state.json", "config.yaml")
-
 
 class CheckpointError(DataError):
     """A checkpoint's file is missing, cannot be read, or does not fit the others; the message names it."""
+
 
 CKPT_RE = re.compile(r"^ckpt_(\d{7,})$")
 
@@ -161,13 +160,15 @@ def read_config(ckpt_dir: Path) -> TrainConfig:
     """The config.yaml of a checkpoint, as a TrainConfig."""
     path = Path(ckpt_dir) / "config.yaml"
     raw = _read(path, lambda p: yaml.safe_load(p.read_text()))
+    if not isinstance(raw, dict):  # an empty file would otherwise be read as the schema's defaults
+        raise CheckpointError(f"{path} is damaged: not a training config (no mapping in it)")
     try:
-        return config_from_dict(raw if isinstance(raw, dict) else {})
+        return config_from_dict(raw)
     except ValueError as e:
         raise CheckpointError(f"{path} is damaged: not a training config ({e})") from None
 
 
-def _read(path: Path, reader: Any) -> Any:
+def _read(path: Path, reader: Callable[[Path], Any]) -> Any:
     """`reader(path)`, any failure of it a CheckpointError naming the file: whatever a damaged file makes a parser
     raise (SafetensorError, a zip error, JSONDecodeError, ...) means the same thing to the caller."""
     if not path.is_file():
