@@ -47,7 +47,9 @@ def find_checkpoint(name: str, path: Path) -> Path:
 def ckpt(spec: EncoderSpec) -> Encoder:
     from trainer.checkpoint import load_backbone
 
-    ckpt_dir = find_checkpoint(spec.name, Path(spec.arg).expanduser())
-    model, cfg = load_backbone(ckpt_dir, which="teacher")
+    given = Path(spec.arg).expanduser()
+    ckpt_dir = find_checkpoint(spec.name, given)
+    # From the path given, so that a damaged latest checkpoint of a run is named with the run's newest intact one.
+    model, cfg = load_backbone(given, which="teacher")
     digest = sha256_files([ckpt_dir / "model.safetensors"])
     return ViTEncoder(spec.name, model, spec.apply_policy(checkpoint_preprocess(cfg)), digest)

@@ -39,7 +39,9 @@ from typing import Any
 import numpy as np
 
 from harness.common.atomic import atomic_path, atomic_write_json, atomic_write_text
-from harness.common.paths import safe_name
+from harness.common.errors import (AT_LEAST_0, AT_LEAST_1, EXIT_INTERRUPTED, UsageError, add_verbose_flag,
+                                   check_flag, command)
+from harness.common.paths import check_writable_folder, safe_name
 from trainer.config import TrainConfig, load_config
 
 SHORTCUTS = ("mim", "resolution", "data", "sources")
@@ -50,7 +52,7 @@ TABLE_COLUMNS = ("task", "axis", "value", "variant", "metric", "point", "lo", "h
                  "delta_hi", "p_holm", "significant")
 
 
-class AblationError(ValueError):
+class AblationError(UsageError):
     """A usage error found before anything trains (exit status 2)."""
 
 
@@ -254,20 +256,20 @@ def variant_dir(output: Path, v: Variant) -> Path:
 
 
 def finished(run: Path, cfg: TrainConfig) -> bool:
-    """The run's latest checkpoint is at this variant's last iteration."""
-    from trainer.checkpoint import latest_checkpoint
+    """The run's newest intact checkpoint (the one it would resume from) is at this variant's last iteration."""
+    from trainer.checkpoint import newest_intact, read_state
 
-    ckpt = latest_checkpoint(run)
-    return ckpt is not None and json.loads((ckpt / "state.json").read_text())["iteration"] >= cfg.optim.total_iters
+    ckpt = newest_intact(run)
+    return ckpt is not None and read_state(ckpt)["iteration"] >= cfg.optim.total_iters
 
 
 def check_existing(output: Path, variants: list[Variant], cfgs: list[TrainConfig]) -> None:
     """A variant folder trained with other settings belongs to another ablation: refuse rather than mix them."""
-    from trainer.checkpoint import latest_checkpoint
+    from trainer.checkpoint import newest_intact
     from trainer.train import config_changes
 
     for v, cfg in zip(variants, cfgs):
-        ckpt = latest_checkpoint(variant_dir(output, v))
+        ckpt = newest_intact(variant_dir(output, v))
         changes = config_changes(ckpt / "config.yaml", cfg) if ckpt is not None else []
         if changes:
             raise AblationError(f"{variant_dir(output, v)} was trained with other settings ({'; '.join(changes)}): "
@@ -293,8 +295,9 @@ def trainer_argv(args: argparse.Namespace, output: Path, v: Variant) -> list[str
     return argv + v.overrides
 
 
-def train_all(output: Path, variants: list[Variant], cfgs: list[TrainConfig]) -> bool:
-    """Train the unfinished variants one after the other; False when a signal stopped one (rerun to resume)."""
+def train_all(output: Path, variants: list[Variant], cfgs: list[TrainConfig]) -> int:
+    """Train the unfinished variants one after the other: 0, or the exit status when a signal stopped one (130
+    for Ctrl-C, else 1; rerun to resume)."""
     from trainer.train import train
 
     for v, cfg in zip(variants, cfgs):
@@ -307,8 +310,8 @@ def train_all(output: Path, variants: list[Variant], cfgs: list[TrainConfig]) ->
         if state.stopped_by is not None:
             print(f"variant {v.name} stopped by {state.stopped_by} at iteration {state.iteration}; rerun the same "
                   "command to resume it", file=sys.stderr)
-            return False
-    return True
+            return EXIT_INTERRUPTED if state.stopped_by == "SIGINT" else 1
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -670,6 +673,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     s.add_argument("--eval-gpus", type=int, default=0, help="GPUs of the evaluation job")
     s.add_argument("--wait", action="store_true", help="wait for the evaluation job and report its result")
     add_cluster_args(p)
+    add_verbose_flag(p)
     return p
 
 
@@ -692,15 +696,40 @@ def harness_options(args: argparse.Namespace) -> list[str]:
     return extra
 
 
-def check_inputs(args: argparse.Namespace, variants: list[Variant]) -> None:
-    """Manifests exist and the evaluation tasks can be read, so neither fails after hours of training."""
+def check_flags(args: argparse.Namespace) -> None:
+    """The numeric flags, --output, and the evaluation's --cache-dir and --eval-device (UsageError)."""
+    from harness.checks import check_device
+    from harness.common.devices import check_here, pick_device
+
+    for flag, value, allowed in (("--steps", args.steps, AT_LEAST_1), ("--seed", args.seed, AT_LEAST_0),
+                                 ("--bootstrap", args.bootstrap, AT_LEAST_1),
+                                 ("--min-positive-patients", args.min_positive_patients, AT_LEAST_1),
+                                 ("--array-parallelism", args.array_parallelism, AT_LEAST_1),
+                                 ("--max-requeues", args.max_requeues, AT_LEAST_0),
+                                 ("--eval-gpus", args.eval_gpus, AT_LEAST_0)):
+        check_flag(flag, value, allowed)
+    if "," in str(args.output):
+        raise AblationError(f"--output {args.output}: no commas, please (the harness's --models is a comma list)")
+    check_writable_folder(args.output, "--output")
+    if args.cache_dir:
+        check_writable_folder(Path(args.cache_dir), "--cache-dir")
+    if args.eval_device:
+        check_device(args.eval_device)
+        if not args.slurm:  # evaluated here, so its device must be here; a SLURM job runs where the device is
+            check_here(pick_device(args.eval_device), f"--eval-device {args.eval_device}")
+
+
+def check_inputs(args: argparse.Namespace, variants: list[Variant], cfgs: list[TrainConfig]) -> None:
+    """Every manifest is read as the trainer will read it (present, listing images that exist, its first sample
+    decoded) and the evaluation tasks are built, so that neither fails after hours of training and a failed
+    ablation leaves no plan.json behind. The data-fraction manifests (under --output) are cut from these."""
     from harness.run import parse_data_roots, parse_task_spec, split_task_list
     from harness.tasks.base import TaskContext, TaskError, build_task
-    from trainer.data import parse_source
+    from trainer.train import open_data
 
     for spec in dict.fromkeys(s for v in variants for s in v.sources if not s.startswith(str(args.output))):
-        if not parse_source(spec).path.exists():
-            raise AblationError(f"data manifest {parse_source(spec).path} does not exist")
+        one = dataclasses.replace(cfgs[0], data=dataclasses.replace(cfgs[0].data, sources=[spec]))
+        open_data(one)
     root, named = parse_data_roots(args.data_root)
     ctx = TaskContext(data_root=root, data_roots=named, seed=args.seed)
     tasks = []
@@ -732,19 +761,20 @@ def warn_test_overlap(args: argparse.Namespace, variants: list[Variant], tasks: 
 
 
 def print_plan(output: Path, variants: list[Variant], cfgs: list[TrainConfig]) -> None:
-    from trainer.checkpoint import latest_checkpoint
+    from trainer.checkpoint import newest_intact, read_state
 
     print(f"ablation {output}: {len(variants)} variants")
     for v, cfg in zip(variants, cfgs):
         run = variant_dir(output, v)
-        ckpt = latest_checkpoint(run)
+        ckpt = newest_intact(run)
         status = ("finished" if finished(run, cfg) else
-                  f"resumes at {json.loads((ckpt / 'state.json').read_text())['iteration']}" if ckpt else "to train")
+                  f"resumes at {read_state(ckpt)['iteration']}" if ckpt else "to train")
         what = "base" if v.axis == BASE else ", ".join(f"{a}={x}" for a, x in zip(v.axis.split("+"),
                                                                              v.value.split(",")))
         print(f"  {v.name:<28} {what:<28} {cfg.optim.total_iters} it, {status}")
 
 
+@command
 def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     args = build_parser(prog).parse_args(argv)
     args.output = args.output.resolve()
@@ -753,32 +783,33 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     missing = [flag for flag, value in (("--config", args.config), ("--axes", args.axes),
                                         ("--eval-task", args.eval_task)) if not value]
     if missing:
-        print(f"error: {', '.join(missing)} required (only --replot goes without them)", file=sys.stderr)
-        return 2
+        raise AblationError(f"{', '.join(missing)} required (only --replot goes without them)")
+    # Everything is checked before anything is written (plan.json) or trained; the trainer's own errors (a key,
+    # a value, a manifest) are UsageErrors too, and a first image that cannot be decoded a DataError.
+    check_flags(args)
     try:
-        if args.steps is not None and args.steps < 1:
-            raise AblationError(f"--steps {args.steps}: must be >= 1")
-        if "," in str(args.output):
-            raise AblationError(f"--output {args.output}: no commas, please (the harness's --models is a comma list)")
         variants, cfgs = build_plan(args)
-        check_inputs(args, variants)
-        check_existing(args.output, variants, cfgs)
-        if args.slurm:
-            from slurm.cluster import resolve_options
+    except UsageError:
+        raise
+    except (ValueError, OSError) as e:  # a manifest read to cut a data fraction from it
+        raise AblationError(str(e)) from e
+    check_inputs(args, variants, cfgs)
+    check_existing(args.output, variants, cfgs)
+    if args.slurm:
+        from slurm.cluster import resolve_options
 
+        try:
             resolve_options(args)  # a bad --time or cluster file fails here, before the plan is printed
-    except (ValueError, FileNotFoundError) as e:  # AblationError and the trainer's and cluster's own ValueErrors
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        except (ValueError, FileNotFoundError) as e:
+            raise AblationError(str(e)) from e
     print_plan(args.output, variants, cfgs)
     if args.slurm:
         return submit_slurm(args, variants, cfgs, harness_options(args))
     if args.dry_run:
         return 0
     write_plan(args.output, variants, args)
-    if not train_all(args.output, variants, cfgs):
-        return 1
-    return evaluate(args.output, harness_options(args))
+    code = train_all(args.output, variants, cfgs)
+    return code or evaluate(args.output, harness_options(args))
 
 
 if __name__ == "__main__":

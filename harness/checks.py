@@ -2,7 +2,8 @@
 
 `check_eval_args` validates the numeric flags, the device, every model name (registered, its argument, a
 ``ckpt:DIR`` directory that exists, weights present for a model named explicitly), ``--reference``, every task
-and protocol name (with ``--task-arg`` and ``--protocols``), a task's file, and the ``--data-root`` folders. A
+and protocol name (with ``--task-arg`` and ``--protocols``), a task's file, the ``--data-root`` folders, and that
+``--out`` and ``--cache-dir`` can be written. A
 failure is a `UsageError` with one line and, for a misspelt name, a did-you-mean: the command exits 2 having built
 nothing. What only a task's own reader can judge (the contents of its files, the values of its options) is
 checked when the task is built.
@@ -15,9 +16,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from baselines.registry import ENCODERS, resolve_names, weights_status
+from harness.common.errors import AT_LEAST_0, POSITIVE, UsageError, check_flag
+from harness.common.paths import check_writable_folder
 from harness.probes import PROTOCOLS
-from harness.taskspec import (TaskSpec, UsageError, apply_task_args, is_word, parse_protocols, parse_task_list,
-                              suggest)
+from harness.taskspec import TaskSpec, apply_task_args, is_word, parse_protocols, parse_task_list, suggest
 from harness.tasks.base import TASKS
 
 #: ``--data-root NAME=DIR``: a NAME is spelt like this (as `harness.run.parse_data_roots` reads it).
@@ -47,8 +49,11 @@ def check_numbers(args: argparse.Namespace) -> None:
     if args.min_positive_patients < 1:
         raise UsageError("--min-positive-patients must be at least 1 (a label needs a positive patient to be "
                          "scored)")
-    if args.knn_k < 1 or not args.knn_temperature > 0:
-        raise UsageError("--knn-k must be at least 1 and --knn-temperature positive")
+    if args.knn_k < 1:
+        raise UsageError("--knn-k must be at least 1")
+    check_flag("--knn-temperature", args.knn_temperature, POSITIVE)
+    check_flag("--seed", args.seed, AT_LEAST_0)
+    check_flag("--dense-cache-gb", args.dense_cache_gb, AT_LEAST_0)
     if args.label_draws < 1:
         raise UsageError("--label-draws must be at least 1")
     if args.probe_jobs < 1:
@@ -166,6 +171,18 @@ def check_eval_args(args: argparse.Namespace) -> tuple[list[str], list[TaskSpec]
     for spec in specs:
         check_task(spec)
     check_data_roots(args.data_root)
-    if args.out is not None and args.out.exists() and not args.out.is_dir():
-        raise UsageError(f"--out {args.out} is a file; give a folder")
+    check_outputs(args)
     return names, specs
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """--out (or the default runs/), the folders it will hold, and --cache-dir: each a folder that can be written,
+    or made, so that nothing fails to be written after the features and the probes have been computed."""
+    from harness.run import DEFAULT_RUNS
+
+    if args.out is None:  # each task in its own runs/<name>/
+        check_writable_folder(DEFAULT_RUNS, "--out (default runs/)")
+    else:
+        for folder in (args.out, args.out / "splits", args.out / "results", args.out / "figures"):
+            check_writable_folder(folder, "--out")
+    check_writable_folder(args.cache_dir, "--cache-dir")

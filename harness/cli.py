@@ -6,9 +6,9 @@
 
 Each command is an existing ``python -m`` tool, run with its own parser (its flags, help and examples), so both
 spellings accept exactly the same arguments. Nothing heavy is imported before a command is chosen:
-``raddino-bench --help`` loads neither torch nor any encoder. Exit codes: 0 done, 1 the work failed (bad data in a
-task's files, stale leaderboards, a failed job), 2 a usage error (reported before anything is built), 130
-interrupted.
+``raddino-bench --help`` loads neither torch nor any encoder. Exit codes (harness.common.errors, the same for
+every tool): 0 done, 1 the work failed (bad data in a task's files, stale leaderboards, a failed job), 2 a usage
+error (reported before anything is built), 130 interrupted.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from harness.common.errors import UsageError, command
 from harness.taskspec import suggest
 
 PROG = "raddino-bench"
@@ -99,8 +100,7 @@ examples:
                         "$HF_HOME/raddino-bench)")
     args = p.parse_args(argv)
     if args.weights_dir is not None and not args.weights_dir.is_dir():
-        print(f"error: --weights-dir {args.weights_dir} is not a directory", file=sys.stderr)
-        return 2
+        raise UsageError(f"--weights-dir {args.weights_dir} is not a directory")
     from harness.run import list_registered
 
     list_registered(args.weights_dir)
@@ -130,14 +130,12 @@ def _plot(argv: list[str], prog: str) -> int:
         if {"-h", "--help"} & set(argv):
             print(PLOT_HELP, end="")
             return 0
-        print(f"error: {prog}: give a folder: a harness output folder or a training run directory "
-              f"(see {prog} --help)", file=sys.stderr)
-        return 2
+        raise UsageError(f"{prog}: give a folder: a harness output folder or a training run directory "
+                         f"(see {prog} --help)")
     folder = next((Path(a) for a in folders if Path(a).is_dir()), None)
     if folder is None:
-        print(f"error: {prog}: {folders[0]} is not a folder (give a harness output folder or a training run "
-              "directory)", file=sys.stderr)
-        return 2
+        raise UsageError(f"{prog}: {folders[0]} is not a folder (give a harness output folder or a training run "
+                         "directory)")
     if (folder / TRAINER_METRICS).is_file():
         from trainer.plot import main as trainer_plot
 
@@ -147,10 +145,9 @@ def _plot(argv: list[str], prog: str) -> int:
     except ModuleNotFoundError as e:
         if e.name != "harness.plot":  # a dependency of it is missing: that is its own error
             raise
-        print(f"error: {prog} {folder}: plotting a harness output folder needs harness.plot, which this "
-              f"installation lacks (update raddino-bench); a training run directory holds {TRAINER_METRICS}",
-              file=sys.stderr)
-        return 2
+        raise UsageError(f"{prog} {folder}: plotting a harness output folder needs harness.plot, which this "
+                         f"installation lacks (update raddino-bench); a training run directory holds "
+                         f"{TRAINER_METRICS}") from None
     return _call(module.main, argv, prog)
 
 
@@ -167,17 +164,13 @@ def run_command(name: str, argv: list[str]) -> int:
     return _call(module.main, [*command.fixed, *argv], prog)
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
     if args.command not in COMMANDS:
-        print(f"error: unknown command {args.command!r}{suggest(args.command, COMMANDS)}; commands: "
-              f"{', '.join(COMMANDS)}", file=sys.stderr)
-        return 2
-    try:
-        return run_command(args.command, args.args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        raise UsageError(f"unknown command {args.command!r}{suggest(args.command, COMMANDS)}; commands: "
+                         f"{', '.join(COMMANDS)}")
+    return run_command(args.command, args.args)
 
 
 if __name__ == "__main__":

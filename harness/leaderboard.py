@@ -10,13 +10,13 @@ number shown with an interval is also a row of the task's tidy table (``<out>/re
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tabulate import tabulate
 
 from harness import tidy
+from harness.common.errors import AT_LEAST_0, UsageError, add_verbose_flag, check_flag, command
 
 SIGNIFICANT = "†"
 REFRESH_COMMAND = "bash leaderboards/refresh.sh"
@@ -158,22 +158,26 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     c.add_argument("fresh", type=Path, help="folder of freshly generated ones")
     c.add_argument("--tol", type=float, default=0.002,
                    help="largest difference of a number that is not stale (whether p_holm < 0.05 must match exactly)")
+    add_verbose_flag(c)
     return p
 
 
+@command
 def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     """``python -m harness.leaderboard check COMMITTED_DIR FRESH_DIR``: exit 1 listing every stale number."""
     args = build_parser(prog).parse_args(argv)
+    check_flag("--tol", args.tol, AT_LEAST_0)  # NaN would call every number stale
+    for flag, folder in (("COMMITTED", args.committed), ("FRESH", args.fresh)):
+        if not folder.is_dir():
+            raise UsageError(f"{flag} {folder}: not a folder (give the committed leaderboards and a fresh copy)")
     try:
         bad = check_dirs(args.committed, args.fresh, args.tol)
     except ValueError as e:  # a table that cannot be read names its file
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise UsageError(str(e)) from e
     n = len(list((Path(args.fresh) / "results").glob("*.csv")))
     if not bad and n == 0:  # e.g. a refresh that failed before writing: nothing was checked, so nothing is current
-        print(f"error: {args.fresh} holds no results table (results/<task>.csv) to compare; regenerate it with "
-              f"{REFRESH_COMMAND}", file=sys.stderr)
-        return 2
+        raise UsageError(f"{args.fresh} holds no results table (results/<task>.csv) to compare; regenerate it with "
+                         f"{REFRESH_COMMAND}")
     if not bad:
         print(f"leaderboards up to date: {n} results table(s) match within {args.tol}")
         return 0

@@ -40,8 +40,9 @@ from baselines.registry import (
 from harness import stats, tidy
 from harness.checks import check_eval_args, default_protocols
 from harness.common.atomic import atomic_path, atomic_write_text
-from harness.common.devices import pick_device
-from harness.common.paths import cache_dir, safe_name
+from harness.common.devices import check_here, pick_device
+from harness.common.errors import DataError, UsageError, command
+from harness.common.paths import cache_dir, check_writable_folder, safe_name
 from harness.common.hashing import array_digest
 from harness.features import DEFAULT_DENSE_BUDGET_GB, FeatureCache, extract, precision
 from harness.figures import FigureInputError, draw_task_figures, figure_links
@@ -53,7 +54,7 @@ from harness.protocols import (MIN_POSITIVE_PATIENTS, ProbeOptions, ProtocolResu
                                label_status, usable_cores)
 from harness.results_cache import ResultsCache, ResultsCacheFull
 from harness.splits import make_split, pseudonym, split_hash, validation_split, write_split
-from harness.taskspec import TaskSpec, UsageError, parse_task_list
+from harness.taskspec import TaskSpec, parse_task_list
 from harness.taskspec import parse_task_spec as _parse_spec
 from harness.tasks.base import TASKS, Subset, Task, TaskContext, TaskError, build_task
 
@@ -194,7 +195,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="count", default=0,
                    help="only warnings and errors on stderr (stdout keeps the tables and 'wrote' lines)")
     p.add_argument("-v", "--verbose", action="count", default=0,
-                   help="debug messages, and progress bars even when stderr is not a terminal")
+                   help="debug messages, progress bars even when stderr is not a terminal, and an error's traceback")
     return p
 
 
@@ -258,6 +259,12 @@ def evaluate_task(spec: TaskSpec, encoders: list[Encoder], args: argparse.Namesp
         summary[f"{part}_patients"] = len({p for p, s in zip(t.patient_ids, split) if s == part})
         summary[f"{part}_positives"] = {n: int(t.labels[idx, j].sum()) for j, n in enumerate(t.label_names)}
     print_summary(summary)
+    out_name = (output_name(spec, task.parent if args.split == "validation" else task)
+                + ("-validation" if args.split == "validation" else "") + pool_suffix(args.global_pool))
+    out = task_out_dir(args.out, out_name)
+    # The folders this task writes, now that its name is known: before any feature is computed, not after.
+    for folder in (out, out / "splits", out / "results" / out_name, out / "figures" / out_name):
+        check_writable_folder(folder, "--out")
 
     test_idx = np.flatnonzero(split == "test")
     # Drawn over the pseudonyms the outputs carry (so a reader can redraw them), conditioned on a positive and a
@@ -282,8 +289,7 @@ def evaluate_task(spec: TaskSpec, encoders: list[Encoder], args: argparse.Namesp
     results_cache = ResultsCache(args.cache_dir / "results", recompute=args.recompute)
     tr = TaskRun(task, split, split_hash(t.image_ids, list(split)), weights, feats, summary, extract=extract_for,
                  seed=args.seed, reference=reference, min_positive_patients=args.min_positive_patients,
-                 out_name=output_name(spec, task.parent if args.split == "validation" else task)
-                 + ("-validation" if args.split == "validation" else "") + pool_suffix(args.global_pool), options=probe_options(args), results_cache=results_cache)
+                 out_name=out_name, options=probe_options(args), results_cache=results_cache)
     results: dict[str, ProtocolResult] = {}
     for proto in protocols:
         entry = PROTOCOLS.get(proto)
@@ -628,17 +634,16 @@ def list_registered(weights_dir: Path | None) -> None:
                    headers=["protocol", "by default", "runs after", "what"]))
 
 
+@command
 def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     args = build_parser(prog).parse_args(argv)
     setup_logging(args.verbose - args.quiet)
     if args.list:
         list_registered(args.weights_dir)
         return 0
-    try:
-        names, specs = check_eval_args(args)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    names, specs = check_eval_args(args)
+    device = pick_device(args.device)
+    check_here(device, f"--device {args.device}")  # the sweep plans GPU jobs on machines without one; here the work runs here
     for spec in specs:
         log.debug(f"task {spec.text!r}: {spec.name}, argument {spec.arg!r}, protocols {', '.join(spec.protocols)}; "
                   f"output in {args.out if args.out is not None else DEFAULT_RUNS / '<output name>'}")
@@ -646,29 +651,26 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     try:
         encoders, skipped = load_encoders(names, args.weights_dir, args.input_policy, explicit, args.global_pool)
     except (WeightsMissing, KeyError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise UsageError(str(e)) from e
     print(tabulate([[e.name, "ready", e.weights_digest[:12]] for e in encoders]
                    + [[n, "skipped", why] for n, why in skipped], headers=["encoder", "status", "weights / reason"]))
     if not encoders:
-        print("error: no encoder could be loaded", file=sys.stderr)
-        return 2
+        raise UsageError("no encoder could be loaded")
     reference = args.reference or encoders[0].name
     if reference not in {e.name for e in encoders}:
-        print(f"error: --reference {reference!r} is not among the loaded models", file=sys.stderr)
-        return 2
+        raise UsageError(f"--reference {reference!r} is not among the loaded models")
     root, named = parse_data_roots(args.data_root)
     ctx = TaskContext(data_root=root, data_roots=named, skip_bad=args.skip_bad, seed=args.seed,
                       on_duplicate=args.on_duplicate)
     cache = FeatureCache(args.cache_dir)
-    device = pick_device(args.device)
     written = []
     for spec in specs:
         try:
             written.append(evaluate_task(spec, encoders, args, ctx, cache, device, reference))
+        except UsageError:  # a folder of this task's outputs that cannot be written
+            raise
         except (TaskError, ValueError, FloatingPointError, ResultsCacheFull) as e:
-            print(f"error: task {spec.text!r}: {e}", file=sys.stderr)
-            return 1
+            raise DataError(f"task {spec.text!r}: {e}") from e
     for w in written:
         print(f"wrote {w}")
     return 0

@@ -13,20 +13,16 @@ NAME.KEY=VALUE`` adds one option to every task NAME of ``--tasks`` and takes the
 (``--task-arg csv.path=/data/a,b/labels.csv``: ``path`` is the argument of a task that takes one).
 ``--protocols linear,knn`` replaces the default protocols of every task whose spec names none.
 
-Everything here is pure (the registered names come in as arguments) and light to import: `suggest` and
-`UsageError` serve the console script's own errors too.
+Everything here is pure (the registered names come in as arguments) and light to import: `suggest` serves the
+console script's own errors too; a malformed spec is a `harness.common.errors.UsageError` (exit 2).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from typing import Collection
 
+from harness.common.errors import UsageError
 from harness.registry import suggest  # noqa: F401  (re-exported: the console script's errors use it too)
-
-
-class UsageError(ValueError):
-    """A command line that cannot run; the message is one line naming the flag, the value and the fix."""
-
 
 @dataclass
 class TaskSpec:

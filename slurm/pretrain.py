@@ -17,7 +17,6 @@ Interruptions:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
@@ -25,21 +24,19 @@ from pathlib import Path
 
 import submitit
 import torch
-import yaml
 
+from harness.common.errors import AT_LEAST_0, AT_LEAST_1, UsageError, add_verbose_flag, check_flag, command
+from harness.common.paths import check_writable_folder
 from slurm.cluster import add_cluster_args, executor_parameters, make_executor, resolve_options, sbatch_script
-from trainer.checkpoint import latest_checkpoint
+from trainer.checkpoint import newest_intact, read_config, read_state
 from trainer.config import load_config
 from trainer.train import main as train_main
 
 
 def run_finished(output: Path) -> bool:
-    """The run's latest checkpoint is at its last iteration."""
-    ckpt = latest_checkpoint(output)
-    if ckpt is None:
-        return False
-    total = yaml.safe_load((ckpt / "config.yaml").read_text())["optim"]["total_iters"]
-    return json.loads((ckpt / "state.json").read_text())["iteration"] >= total
+    """The run's newest intact checkpoint (the one it resumes from) is at its last iteration."""
+    ckpt = newest_intact(output)
+    return ckpt is not None and read_state(ckpt)["iteration"] >= read_config(ckpt).optim.total_iters
 
 
 class PretrainJob:
@@ -71,7 +68,10 @@ class PretrainJob:
         signal.signal(signal.SIGUSR2, hold_usr2)
         # A USR1 that lands before the trainer installs its own handler must not kill the process.
         signal.signal(signal.SIGUSR1, lambda signum, frame: None)
-        train_main([*self.trainer_argv, "--resume", "auto"])
+        code = train_main([*self.trainer_argv, "--resume", "auto"])
+        if code != 0:  # the trainer said why on stderr (this job's log); fail the job so that SLURM shows it
+            raise RuntimeError(f"the trainer exited with status {code}: see this job's stderr and "
+                               f"{self.output / 'train.log'}")
         finished = run_finished(self.output)
         if usr2_seen and not finished and callable(submitit_handler):
             submitit_handler(usr2_seen[0], None)  # checkpoint() + requeue + exit on rank 0; returns elsewhere
@@ -108,6 +108,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--wait", action="store_true", help="wait for the job to finish and report its result")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="trainer config overrides")
     add_cluster_args(p)
+    add_verbose_flag(p)
     return p
 
 
@@ -128,8 +129,10 @@ def prepare(argv: list[str] | None = None, prog: str = PROG):
     Returns (args, executor parameters, submitit folder, the job callable)."""
     args = build_parser(prog).parse_intermixed_args(argv)  # key=value overrides may sit anywhere
     args.output = args.output.resolve()  # the job may start in another directory
-    if args.nodes < 1:
-        raise ValueError(f"--nodes {args.nodes}: must be >= 1")
+    check_flag("--nodes", args.nodes, AT_LEAST_1)
+    check_flag("--tasks-per-node", args.tasks_per_node, AT_LEAST_1)
+    check_flag("--max-requeues", args.max_requeues, AT_LEAST_0)
+    check_writable_folder(args.output, "--output")
     opts = resolve_options(args)
     tasks = args.tasks_per_node or max(opts.gpus_per_node, 1)
     cfg = load_config(args.config, args.overrides, steps=args.steps)  # a bad key fails here, not on the cluster
@@ -141,12 +144,14 @@ def prepare(argv: list[str] | None = None, prog: str = PROG):
     return args, params, folder, PretrainJob(trainer_argv(args), args.output)
 
 
+@command
 def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     try:
         args, params, folder, job_fn = prepare(argv, prog)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except UsageError:
+        raise
+    except (ValueError, FileNotFoundError) as e:  # the trainer's config, the cluster file, a time
+        raise UsageError(str(e)) from e
     if args.dry_run:
         print(sbatch_script(folder, params))
         return 0

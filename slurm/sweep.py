@@ -30,6 +30,7 @@ from harness.checks import check_eval_args, task_specs
 from harness.features import FeatureCache, cache_key, extract
 from harness.common.atomic import atomic_write_json
 from harness.common.devices import pick_device
+from harness.common.errors import AT_LEAST_0, AT_LEAST_1, POSITIVE, UsageError, check_flag, command
 from harness.protocols import feature_sets
 from harness.run import DEFAULT_RUNS, load_encoders, parse_data_roots
 from harness.run import build_parser as harness_parser
@@ -239,10 +240,14 @@ def parse(argv: list[str], prog: str = PROG) -> tuple[argparse.Namespace, argpar
     return args, harness_parser().parse_args(rest), rest
 
 
+@command
 def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args, hargs, harness_argv = parse(argv, prog)
+        check_flag("--probe-gpus", args.probe_gpus, AT_LEAST_0)
+        check_flag("--array-parallelism", args.array_parallelism, AT_LEAST_1)
+        check_flag("--poll-seconds", args.poll_seconds, POSITIVE)
         opts = resolve_options(args)
         if hargs.device == "auto":
             # The device is part of the feature-cache key: the plan, the GPU feature jobs and the CPU leaderboard
@@ -250,9 +255,10 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
             hargs.device = "cuda" if opts.gpus_per_node else "cpu"
             harness_argv = [*harness_argv, "--device", hargs.device]
         plan = make_plan(hargs)
-    except (ValueError, KeyError, FileNotFoundError, WeightsMissing) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except UsageError:
+        raise
+    except (ValueError, KeyError, FileNotFoundError, WeightsMissing) as e:  # a task's files, a weights file, ...
+        raise UsageError(str(e)) from e
     for name, why in plan.skipped:
         print(f"skipped {name}: {why}")
     print(f"{len(plan.pending)} feature job(s) to run, {len(plan.cached)} cached:")

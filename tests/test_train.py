@@ -125,7 +125,7 @@ def test_continue_from_a_dinov2_backbone_and_head_file(tmp_path):
 # The loop in-process
 
 
-def test_cli_run_logs_checkpoints_and_exports_the_teacher(blob_images, tmp_path):
+def test_cli_run_logs_checkpoints_and_exports_the_teacher(blob_images, tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["--config", "smoke", "--data", str(blob_images), "--output", str(out), "--steps", "4", *TINY,
             "run.checkpoint_every=2"]
@@ -142,8 +142,9 @@ def test_cli_run_logs_checkpoints_and_exports_the_teacher(blob_images, tmp_path)
     assert "it 4/4" in (out / "train.log").read_text()
     teacher, cfg = load_backbone(out)
     assert cfg["optim"]["total_iters"] == 4 and teacher.n_blocks == 2
-    with pytest.raises(FileExistsError, match="--resume auto"):
-        main(argv)  # never silently overwrite a run
+    capsys.readouterr()
+    assert main(argv) == 2  # never silently overwrite a run
+    assert "already has checkpoints: pass --resume auto" in capsys.readouterr().err
 
 
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(blob_images, tmp_path, monkeypatch):

@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from harness.common.atomic import atomic_write_text
+from harness.common.errors import AT_LEAST_0, AT_LEAST_1, OPEN_UNIT, POSITIVE, UNIT, Interval
 from trainer.vit import PRESETS as VIT_PRESETS
 
 
@@ -249,8 +250,51 @@ def save_config(cfg: TrainConfig, path: Path) -> None:
     atomic_write_text(path, to_yaml(cfg))
 
 
+#: The values every number of the schema may take (a tuple's: each of its elements); NaN and infinity never pass.
+#: `validate` checks them all, so an out-of-range value stops the run before anything is built, naming its key,
+#: instead of hanging or failing steps later (a NaN lr, a batch of 0 images). The tests hold this table to every
+#: numeric key of the schema.
+RANGES: dict[str, Interval] = {
+    "model.patch_size": AT_LEAST_1, "model.img_size": AT_LEAST_1, "model.depth": AT_LEAST_1,
+    "model.num_register_tokens": AT_LEAST_0, "model.layerscale_init": AT_LEAST_0,
+    "model.drop_path_rate": Interval(0, 1, high_open=True), "model.interpolate_offset": AT_LEAST_0,
+    "head.out_dim": AT_LEAST_1, "head.hidden_dim": AT_LEAST_1, "head.bottleneck_dim": AT_LEAST_1,
+    "head.nlayers": AT_LEAST_1,
+    "loss.dino_weight": AT_LEAST_0, "loss.ibot_weight": AT_LEAST_0, "loss.koleo_weight": AT_LEAST_0,
+    "loss.student_temp": POSITIVE, "loss.center_momentum": UNIT, "loss.mask_ratio_min_max": UNIT,
+    "loss.mask_sample_probability": UNIT,
+    "crops.global_size": AT_LEAST_1, "crops.local_size": AT_LEAST_1, "crops.n_local": AT_LEAST_0,
+    "crops.global_scale": Interval(0, 1, low_open=True), "crops.local_scale": Interval(0, 1, low_open=True),
+    "crops.mean": Interval(), "crops.std": POSITIVE, "crops.blur_p": UNIT,
+    "optim.total_iters": AT_LEAST_1, "optim.batch_size_per_gpu": AT_LEAST_1, "optim.base_lr": POSITIVE,
+    "optim.min_lr": AT_LEAST_0, "optim.warmup_iters": AT_LEAST_0, "optim.weight_decay": AT_LEAST_0,
+    "optim.weight_decay_end": AT_LEAST_0, "optim.layerwise_decay": Interval(0, 1, low_open=True),
+    "optim.patch_embed_lr_mult": AT_LEAST_0, "optim.clip_grad": AT_LEAST_0,
+    "optim.freeze_last_layer_iters": AT_LEAST_0, "optim.momentum_teacher": UNIT,
+    "optim.final_momentum_teacher": UNIT, "optim.teacher_temp": POSITIVE, "optim.warmup_teacher_temp": POSITIVE,
+    "optim.warmup_teacher_temp_iters": AT_LEAST_0, "optim.adamw_betas": Interval(0, 1, high_open=True),
+    "data.load_size": AT_LEAST_1, "data.num_workers": AT_LEAST_0,
+    "run.seed": AT_LEAST_0, "run.log_every": AT_LEAST_1, "run.checkpoint_every": AT_LEAST_1,
+    "run.keep_last": AT_LEAST_1, "run.collapse_window": AT_LEAST_1, "run.collapse_margin": OPEN_UNIT,
+    "eval.every": AT_LEAST_0, "eval.seed": AT_LEAST_0, "eval.test_fraction": OPEN_UNIT,
+    "eval.val_fraction": OPEN_UNIT,
+}
+
+
+def check_ranges(cfg: TrainConfig) -> None:
+    """Every number of `cfg` within its RANGES entry (None, where the schema allows it, means "unset")."""
+    for key, allowed in RANGES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        for x in value if isinstance(value, tuple) else (value,):
+            if x is not None and (why := allowed.problem(x)):
+                shown, each = (list(value), " (each value)") if isinstance(value, tuple) else (value, "")
+                raise ValueError(f"{key}={shown}: {why}{each}")
+
+
 def validate(cfg: TrainConfig) -> None:
     """Reject settings that would fail later, deep inside the loop, with a less helpful message."""
+    check_ranges(cfg)
     c, o, l = cfg.crops, cfg.optim, cfg.loss
     if cfg.model.arch not in VIT_PRESETS:
         raise ValueError(f"model.arch={cfg.model.arch!r}: use one of {', '.join(VIT_PRESETS)}")
@@ -261,21 +305,16 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"loss.centering={l.centering!r}: use 'centering' or 'sinkhorn_knopp'")
     if o.lr_scaling not in ("sqrt_wrt_1024", "none"):
         raise ValueError(f"optim.lr_scaling={o.lr_scaling!r}: use 'sqrt_wrt_1024' or 'none'")
-    if o.total_iters < 1:
-        raise ValueError(f"optim.total_iters={o.total_iters} must be >= 1")
+    for name, (low, high) in (("loss.mask_ratio_min_max", l.mask_ratio_min_max),
+                              ("crops.global_scale", c.global_scale), ("crops.local_scale", c.local_scale)):
+        if low > high:
+            raise ValueError(f"{name}=[{low}, {high}]: the first value must not exceed the second")
+    if o.warmup_iters > o.total_iters:
+        raise ValueError(f"optim.warmup_iters={o.warmup_iters} exceeds optim.total_iters={o.total_iters}; lower it "
+                         "(e.g. to 10% of the run)")
     if l.koleo_weight > 0 and o.batch_size_per_gpu < 2:
         # KoLeo's nearest neighbour is undefined for one image per device (dinov2 koleo_loss.py, issue #314).
         raise ValueError("optim.batch_size_per_gpu=1 makes KoLeo undefined: use >= 2 or set loss.koleo_weight=0")
-    if cfg.run.collapse_window < 1 or not 0 < cfg.run.collapse_margin < 1:
-        raise ValueError(f"run.collapse_window={cfg.run.collapse_window} must be >= 1 and run.collapse_margin="
-                         f"{cfg.run.collapse_margin} in (0, 1)")
-    if cfg.eval.every < 0 or not 0 < cfg.eval.test_fraction < 1:
-        raise ValueError(f"eval.every={cfg.eval.every} must be >= 0 and eval.test_fraction="
-                         f"{cfg.eval.test_fraction} in (0, 1)")
-    if cfg.run.keep_last < 1:
-        raise ValueError(f"run.keep_last={cfg.run.keep_last} must be >= 1")
-    if not 0 < cfg.eval.val_fraction < 1:
-        raise ValueError(f"eval.val_fraction={cfg.eval.val_fraction} must be in (0, 1)")
     # The harness's --global-pool values (baselines.registry.GLOBAL_POOLS), spelled out: the trainer does not
     # import the harness's side of the house to validate a config.
     bad = [p for p in cfg.eval.pools if p not in ("cls", "avg", "cls+avg")]

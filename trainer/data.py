@@ -16,17 +16,23 @@ device (trainer.crops).
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
+import multiprocessing
+import os
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset
 
+from harness.common.errors import DataError, first_line
 from harness.common.imaging import RASTER_SUFFIXES, ImageDecodeError, is_dicom, load_radiograph
 
 log = logging.getLogger(__name__)
@@ -36,7 +42,7 @@ PATH_COLUMNS = ("path", "image", "file", "filename")
 MAX_REPLACEMENTS = 100  # unreadable images replaced in a row before the run is stopped as hopeless
 
 
-class BadImageError(RuntimeError):
+class BadImageError(DataError):
     """An image could not be read and --skip-bad is off; the message names the file."""
 
 
@@ -70,7 +76,12 @@ def read_manifest(path: Path) -> list[Path]:
         raise FileNotFoundError(f"data manifest {path} does not exist{relative}: pass --data an existing folder, "
                                 ".txt, .csv or .parquet list")
     elif path.suffix == ".txt":
-        lines = (line.strip() for line in path.read_text().splitlines())
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"data manifest {path}: not a text file ({e.reason} at byte {e.start}); a .txt "
+                             "lists one image path a line") from None
+        lines = (line.strip() for line in text.splitlines())
         files = [_resolve(path, line) for line in lines if line and not line.startswith("#")]
     elif path.suffix in (".csv", ".parquet"):
         files = [_resolve(path, p) for p in _path_column(path)]
@@ -80,6 +91,23 @@ def read_manifest(path: Path) -> list[Path]:
         raise ValueError(f"data manifest {path} lists no images: a folder is searched recursively for PNG/JPEG/DICOM "
                          "files, a .txt lists one path a line, a .csv/.parquet in a path column")
     return files
+
+
+def existing_files(manifest: Path, files: list[Path], skip_bad: bool) -> list[Path]:
+    """The listed files that exist. Missing ones stop the run here, counted, before any model is built (rather than
+    one at a time, hours in); with ``skip_bad`` they are left out with a warning, unless none is left."""
+    missing = {p for p in files if not p.is_file()}
+    if not missing:
+        return files
+    first = next(p for p in files if p in missing)
+    what = (f"data manifest {manifest}: {len(missing)} of the {len(files)} images it lists do not exist (first: "
+            f"{first}; relative paths are relative to the manifest's folder)")
+    if len(missing) == len(files):
+        raise ValueError(f"{what}: fix the paths or pass --data another manifest")
+    if not skip_bad:
+        raise ValueError(f"{what}: fix or remove them, or pass --skip-bad to leave them out")
+    log.warning("%s: left out (--skip-bad)", what)
+    return [p for p in files if p not in missing]
 
 
 def _looks_like_image(p: Path) -> bool:
@@ -96,7 +124,10 @@ def _resolve(manifest: Path, entry: str) -> Path:
 def _path_column(path: Path) -> list[str]:
     import polars as pl
 
-    df = pl.read_csv(path, infer_schema_length=0) if path.suffix == ".csv" else pl.read_parquet(path)
+    try:
+        df = pl.read_csv(path, infer_schema_length=0) if path.suffix == ".csv" else pl.read_parquet(path)
+    except Exception as e:  # polars' own error types: whatever it is, this file is not a table it can read
+        raise ValueError(f"data manifest {path}: cannot be read as {path.suffix} ({first_line(e)})") from None
     for name in PATH_COLUMNS:
         if name in df.columns:
             return [str(v) for v in df[name].drop_nulls().to_list()]
@@ -111,7 +142,7 @@ class SampleStream:
     ``weight_s / n_s`` (normalised).
     """
 
-    def __init__(self, sources: list[str], seed: int):
+    def __init__(self, sources: list[str], seed: int, skip_bad: bool = False):
         parsed = [parse_source(s) for s in sources]
         if not parsed:
             raise ValueError("no data: pass --data MANIFEST (a folder, .txt, .csv or .parquet)")
@@ -122,6 +153,8 @@ class SampleStream:
         probs = []
         for src in parsed:
             files = read_manifest(src.path)
+            if not src.path.is_dir():  # a folder lists what it holds; a list file may name files that are gone
+                files = existing_files(src.path, files, skip_bad)
             self.paths += files
             if src.weight is not None:
                 probs.append(np.full(len(files), src.weight / len(files)))
@@ -182,7 +215,16 @@ class RankBatches(IterableDataset):
         step = worker
         while True:
             first = self.start_position + step * self.batch_size * self.world_size + self.rank * self.batch_size
-            yield self.batch(first)
+            try:
+                batch = self.batch(first)
+            except BadImageError as e:
+                if info is None:
+                    raise
+                # In a worker process, handed over as a value: a DataLoader re-raises a worker's exception with the
+                # worker's traceback in its message, and `Batches` raises it again in the main process as it was.
+                yield {"error": str(e)}
+                return
+            yield batch
             step += n_workers
 
     def batch(self, first: int) -> dict:
@@ -206,28 +248,69 @@ class RankBatches(IterableDataset):
                 return image, attempt
             except ImageDecodeError as e:
                 if not self.skip_bad:
-                    raise BadImageError(f"{e}\n  -> fix or remove this file from the manifest, "
+                    raise BadImageError(f"{e}; fix or remove this file from the manifest, "
                                         "or pass --skip-bad to skip unreadable images") from e
                 log.warning("skipping unreadable image %s (%s)", path, e)
                 index = self.stream.replacement(position, attempt)
-        raise BadImageError(f"{MAX_REPLACEMENTS} unreadable images in a row at sample {position}: "
-                            "check the manifest (is it the right folder?)")
+        raise BadImageError(f"{MAX_REPLACEMENTS} unreadable images in a row at sample {position} (--skip-bad): "
+                            "check the manifest (is it the right folder? are these images?)")
 
 
 def make_loader(stream: SampleStream, batch_size: int, image_size: int, rank: int, world_size: int,
                 start_position: int, skip_bad: bool, num_workers: int, pin_memory: bool,
-                cache: bool = False) -> Iterator[dict]:
-    """An endless iterator of this rank's batches."""
+                cache: bool = False) -> Batches:
+    """An endless iterator of this rank's batches; `Batches.close` when done with it."""
     dataset = RankBatches(stream, batch_size, image_size, rank, world_size, start_position, skip_bad, cache)
-    if num_workers == 0:
-        return iter(dataset)
-    loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                        prefetch_factor=2, worker_init_fn=_ignore_stop_signals)
-    return iter(loader)
+    return Batches(dataset, num_workers, pin_memory)
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    # SLURM signals every process of a job step: a worker killed by SIGTERM would fail the main process's next
-    # fetch before it can checkpoint. Workers exit on their own when the main process does.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+class Batches:
+    """This rank's batches, decoded in the main process or by DataLoader worker processes.
+
+    The workers ignore the signals that stop a run (SIGTERM and SIGUSR1, which SLURM sends to every process of a
+    job step; SIGINT, which a terminal's Ctrl-C sends to the whole process group): a worker dead of them would
+    fail the main process's next fetch before it could write its checkpoint. Ignoring SIGTERM for good would
+    make them immortal, though: at exit Python's multiprocessing stops them with SIGTERM and then waits for them,
+    forever. So `close` raises a flag the workers share, after which SIGTERM ends them; the trainer closes its
+    batches whatever way its loop ends.
+    """
+
+    def __init__(self, dataset: RankBatches, num_workers: int, pin_memory: bool):
+        self.closing: Any = None
+        if num_workers == 0:
+            self._batches: Iterator[dict] = iter(dataset)
+            return
+        # Lock-free shared memory: the workers read it in a signal handler.
+        self.closing = multiprocessing.RawValue(ctypes.c_bool, False)
+        loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                            prefetch_factor=2, worker_init_fn=functools.partial(_worker_signals, self.closing))
+        self._batches = iter(loader)
+
+    def __iter__(self) -> Iterator[dict]:
+        return self
+
+    def __next__(self) -> dict:
+        batch = next(self._batches)
+        if "error" in batch:
+            raise BadImageError(batch["error"])
+        return batch
+
+    def close(self) -> None:
+        """Let the worker processes go: the DataLoader stops them at once when nothing else holds it (a traceback
+        being raised may), else multiprocessing's SIGTERM at exit does."""
+        if self.closing is not None:
+            self.closing.value = True
+        self._batches = iter(())
+
+
+def _worker_signals(closing: Any, worker_id: int) -> None:
+    """A worker's signal handlers (see `Batches`): the stop signals are ignored until the loader is closed."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, functools.partial(_exit_once_closed, closing))
+
+
+def _exit_once_closed(closing: Any, signum: int, frame: object) -> None:
+    if closing.value:
+        # Status 0: the main process's DataLoader reports a worker that ends by a signal as an error of its own.
+        os._exit(0)

@@ -20,6 +20,8 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from harness.common.atomic import atomic_dir
+from harness.common.errors import UsageError, add_verbose_flag, command
+from harness.common.paths import check_writable_folder
 from trainer.checkpoint import load_backbone, resolve_checkpoint
 from trainer.convert import dinov2_state_dict, save_hf
 from trainer.vit import VisionTransformer
@@ -29,10 +31,11 @@ DINOV2_CONFIG = "vit_config.json"
 
 
 def load_teacher(ckpt: str | Path) -> VisionTransformer:
-    """The teacher backbone of a checkpoint or run directory, with a clear error when the path is wrong."""
+    """The teacher backbone of a checkpoint or run directory, with a clear error when the path is wrong (and a
+    CheckpointError naming the file when one is damaged)."""
     if not Path(ckpt).exists():
         raise FileNotFoundError(f"{ckpt}: no such checkpoint or run directory")
-    model, _ = load_backbone(resolve_checkpoint(ckpt), which="teacher")
+    model, _ = load_backbone(ckpt, which="teacher")
     return model
 
 
@@ -73,17 +76,30 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     parser.add_argument("ckpt", help="a run directory (its latest checkpoint) or a checkpoints/ckpt_* directory")
     parser.add_argument("--format", required=True, choices=("hf", "dinov2"), dest="fmt")
     parser.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    add_verbose_flag(parser)
     return parser
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """The checkpoint's path and --out, before any weights are read (UsageError)."""
+    if not Path(args.ckpt).exists():
+        raise UsageError(f"{args.ckpt}: no such checkpoint or run directory")
+    try:
+        resolve_checkpoint(args.ckpt)
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from None
+    out = Path(args.out)
+    if out.is_dir() and any(out.iterdir()):
+        raise UsageError(f"--out {out} exists and is not an empty directory; remove it or write elsewhere")
+    check_writable_folder(out, "--out")
+
+
+@command
 def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     args = build_parser(prog).parse_args(argv)
-    try:
-        model = load_teacher(args.ckpt)
-        out = write_export(model, args.fmt, args.out)
-    except (FileNotFoundError, FileExistsError, RuntimeError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    check_args(args)
+    model = load_teacher(args.ckpt)  # a damaged checkpoint: CheckpointError naming the file (exit 1)
+    out = write_export(model, args.fmt, args.out)
     note = interpolation_note(model) if args.fmt == "hf" else None
     if note:
         print(note, file=sys.stderr)

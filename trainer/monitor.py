@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from harness.common.atomic import atomic_write_text
+from harness.common.errors import command
 from harness.splits import VALIDATION_FRACTION
 
 
@@ -192,6 +192,7 @@ def _iteration(ckpt: Path) -> int:
     return 0 if ckpt.parent.parent.name == "init" else int(ckpt.name.removeprefix("ckpt_"))
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     """``python -m trainer.monitor RUN --task TASK``: the validation probe on a finished (or running) run's step-0
     weights and every kept checkpoint, for runs trained without ``eval.task`` or to compare runs afterwards. Writes
@@ -202,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from tabulate import tabulate
 
+    from harness.common.atomic import atomic_write_text
+    from harness.common.errors import AT_LEAST_0, OPEN_UNIT, UsageError, add_verbose_flag, check_flag
+    from harness.common.paths import check_writable_folder
     from trainer.checkpoint import load_backbone
 
     p = argparse.ArgumentParser(prog="python -m trainer.monitor", description=main.__doc__.split("\n\n")[0])
@@ -215,29 +219,29 @@ def main(argv: list[str] | None = None) -> int:
                    help="share of the training patients scored (the rest fit the probes)")
     p.add_argument("--iterations", default="",
                    help="comma list of the iterations to probe (0 = the step-0 weights); default: every kept one")
+    add_verbose_flag(p)
     args = p.parse_args(argv)
+    check_flag("--seed", args.seed, AT_LEAST_0)
+    check_flag("--test-fraction", args.test_fraction, OPEN_UNIT)
+    check_flag("--val-fraction", args.val_fraction, OPEN_UNIT)
     pools = tuple(x for x in args.pools.split(",") if x)
     if not pools or any(x not in ("cls", "avg", "cls+avg") for x in pools):
-        print(f"error: --pools {args.pools!r}: a comma list of cls, avg, cls+avg", file=sys.stderr)
-        return 2
+        raise UsageError(f"--pools {args.pools!r}: a comma list of cls, avg, cls+avg")
     ckpts = run_checkpoints(args.run) if args.run.is_dir() else []
     if args.iterations:
         try:
             wanted = {int(x) for x in args.iterations.split(",") if x.strip()}
         except ValueError:
-            print(f"error: --iterations {args.iterations!r}: a comma list of integers", file=sys.stderr)
-            return 2
+            raise UsageError(f"--iterations {args.iterations!r}: a comma list of integers") from None
         ckpts = [c for c in ckpts if _iteration(c) in wanted]
     if not ckpts:
-        print(f"error: {args.run}: no init/ or checkpoints/ckpt_* here; pass a training run directory",
-              file=sys.stderr)
-        return 2
+        raise UsageError(f"{args.run}: no init/ or checkpoints/ckpt_* here; pass a training run directory")
+    check_writable_folder(args.run, "RUN")  # validation.jsonl goes there, after every checkpoint is probed
     _, cfg = load_backbone(ckpts[-1])
     try:
         data = load_probe_data(args.task, cfg, args.data_root, args.seed, args.test_fraction, args.val_fraction)
     except (ValueError, OSError) as e:
-        print(f"error: --task {args.task!r}: {e}", file=sys.stderr)
-        return 2
+        raise UsageError(f"--task {args.task!r}: {e}") from e
     rows = []
     for ckpt in ckpts:
         backbone, _ = load_backbone(ckpt)

@@ -25,6 +25,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness.common.errors import UsageError, add_verbose_flag, command
+from harness.common.paths import check_writable_folder
+
 METRICS = "metrics.jsonl"
 DEFAULT_PNG = "learning_curves.png"
 
@@ -70,18 +73,23 @@ class MetricsError(ValueError):
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    """The JSON objects of RUN_DIR/metrics.jsonl, in file order (training lines and probe lines alike)."""
+    """The JSON objects of RUN_DIR/metrics.jsonl, in file order (training lines and probe lines alike); a partial
+    last line, the one a running run is writing or a killed one left, is left out."""
     path = Path(run_dir) / METRICS
     if not path.is_file():
         raise MetricsError(f"{path} not found: RUN_DIR must be a trainer run directory (the --output of "
                            "python -m trainer.train) that has logged at least one step")
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
+    text = path.read_text()
+    lines = text.splitlines()
+    for n, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
+            if n == len(lines) and not text.endswith("\n"):  # the line a running (or killed) run is writing
+                continue
             raise MetricsError(f"{path}:{n}: not a JSON line ({e}); delete or repair that line") from e
         if not isinstance(row, dict) or "iteration" not in row:
             raise MetricsError(f"{path}:{n}: expected a JSON object with an 'iteration' key")
@@ -192,16 +200,19 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", metavar="RUN_DIR", help="a trainer run directory (holds metrics.jsonl)")
     p.add_argument("--out", help=f"PNG to write (default RUN_DIR/{DEFAULT_PNG})")
+    add_verbose_flag(p)
     return p
 
 
+@command
 def main(argv: list[str] | None = None, prog: str = PROG) -> int:
-    p = build_parser(prog)
-    args = p.parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
+    out = Path(args.out) if args.out else Path(args.run_dir) / DEFAULT_PNG
+    check_writable_folder(out.parent, "--out")
     try:
         out = plot(args.run_dir, args.out)
-    except MetricsError as e:
-        p.error(str(e))  # exit status 2, with the usage line
+    except MetricsError as e:  # no metrics.jsonl, or a damaged one: the RUN_DIR given is not one to plot
+        raise UsageError(str(e)) from None
     print(out)
     return 0
 

@@ -14,9 +14,11 @@ Everything random in a step is seeded from (seed, iteration, rank), so a resumed
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import logging
+import logging.handlers
 import os
 import resource
 import signal
@@ -36,18 +38,22 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from harness.common.atomic import atomic_write_text
-from harness.common.devices import pick_device
+from harness.common.devices import check_here, pick_device
+from harness.common.errors import EXIT_INTERRUPTED, DataError, UsageError, add_verbose_flag, command
+from harness.common.paths import check_writable_folder
 from trainer.checkpoint import (
+    CheckpointError,
     build_backbone,
     flat_state,
     latest_checkpoint,
+    list_checkpoints,
     load_checkpoint,
     restore_state,
     save_checkpoint,
 )
 from trainer.config import TrainConfig, load_config, save_config, to_yaml
 from trainer.crops import MultiCropAugmentation
-from trainer.data import SampleStream, make_loader
+from trainer.data import RankBatches, SampleStream, make_loader
 from trainer.diagnostics import CollapseMonitor, step_diagnostics
 from trainer.heads import DINOHead
 from trainer.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
@@ -268,9 +274,10 @@ def cpu_seconds() -> float:
 
 
 class StopSignal:
-    """SIGTERM / SIGUSR1 (SLURM preemption, scancel) ask the loop to checkpoint and leave after this step."""
+    """SIGTERM / SIGUSR1 (SLURM preemption, scancel) and SIGINT (Ctrl-C) ask the loop to checkpoint and leave after
+    this step. A second SIGINT stops at once, without a checkpoint, as an impatient Ctrl-C expects."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self):
         self.received: int | None = None
@@ -282,7 +289,9 @@ class StopSignal:
                 self._previous[s] = signal.signal(s, self._handle)
         return self
 
-    def _handle(self, signum, frame) -> None:
+    def _handle(self, signum: int, frame: object) -> None:
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt
         self.received = signum
 
     def __exit__(self, *exc):
@@ -343,17 +352,33 @@ def save_initial(state: TrainState, output: Path, cfg: TrainConfig) -> None:
 
 
 def train(cfg: TrainConfig, output: str | Path, resume: str | None = None) -> TrainState:
-    """Run (or continue) pretraining; returns the final state. Joins no process group itself (see main)."""
+    """Run (or continue) pretraining; returns the final state. Joins no process group itself (see main).
+
+    Everything the run needs is checked before its folder is made or any model is built: --output and --resume,
+    the device, the data, the probe task (UsageError) and the checkpoint to resume from (a damaged one is skipped
+    for the newest intact one, with a warning). A run that fails these checks leaves nothing behind.
+    """
     output = Path(output)
     rank, world = rank_and_world()
-    device = pick_device(cfg.run.device)
+    check_output(output, resume)
+    try:
+        device = pick_device(cfg.run.device)
+    except ValueError as e:
+        raise UsageError(f"run.device={cfg.run.device!r}: {e}") from None
+    check_here(device, f"run.device={cfg.run.device}")
+    for key, path in (("model.pretrained", cfg.model.pretrained), ("model.pretrained_head", cfg.model.pretrained_head)):
+        if path is not None and not Path(path).exists():
+            raise UsageError(f"{key}={path}: no such file or folder")
     if rank == 0:
-        output.mkdir(parents=True, exist_ok=True)
-        setup_logging(output)
+        setup_logging()
     # The data and the probe task are read before any model is built, so that a wrong --data or eval.task fails in
     # seconds, not after the 65,536-prototype head and the optimiser are built.
     stream = open_data(cfg)
     probe = build_probe(cfg, stream, device) if rank == 0 and cfg.eval.task else None
+    start = checkpoint_to_resume(output, resume)
+    if rank == 0:
+        output.mkdir(parents=True, exist_ok=True)
+        log_to_file(output)
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
 
     student, teacher = build_models(cfg)
@@ -364,17 +389,16 @@ def train(cfg: TrainConfig, output: str | Path, resume: str | None = None) -> Tr
     dino_loss = DINOLoss(cfg.head.out_dim, cfg.loss.student_temp, cfg.loss.center_momentum).to(device)
     ibot_loss = iBOTPatchLoss(cfg.head.out_dim, cfg.loss.student_temp, cfg.loss.center_momentum).to(device)
     state = TrainState(student, teacher, optimizer, dino_loss, ibot_loss)
-    resume_from(state, output, resume, device, cfg)
+    if start is not None:
+        resume_from(state, start, device, cfg)
     if rank == 0:
+        truncate_metrics(output / "metrics.jsonl", state.iteration if start is not None else None)
         save_config(cfg, output / "config.yaml")
         if cfg.run.save_initial and state.iteration == 0:
             save_initial(state, output, cfg)
 
     sched = Schedules.from_config(cfg.optim, peak_lr=cfg.optim.scaled_lr(world))
     batch_size = cfg.optim.batch_size_per_gpu
-    loader = make_loader(stream, batch_size, cfg.data.load_size or cfg.crops.global_size, rank, world,
-                         state.samples_seen, cfg.data.skip_bad, cfg.data.num_workers, device.type == "cuda",
-                         cfg.data.cache_images)
     augment = MultiCropAugmentation(cfg.crops.global_size, cfg.crops.local_size, cfg.crops.n_local,
                                     global_scale=cfg.crops.global_scale, local_scale=cfg.crops.local_scale,
                                     mean=cfg.crops.mean, std=cfg.crops.std, global1_blur_p=cfg.crops.blur_p[0],
@@ -392,7 +416,11 @@ def train(cfg: TrainConfig, output: str | Path, resume: str | None = None) -> Tr
     monitor = CollapseMonitor(cfg.run.collapse_window, cfg.run.collapse_margin)
     if probe is not None and state.iteration == 0:
         meter.probe(probe(teacher.backbone, 0))
-    with StopSignal() as stop:
+    loader = make_loader(stream, batch_size, cfg.data.load_size or cfg.crops.global_size, rank, world,
+                         state.samples_seen, cfg.data.skip_bad, cfg.data.num_workers, device.type == "cuda",
+                         cfg.data.cache_images)
+    # Closed however the loop ends: loader workers outlive an exception otherwise, and the process never exits.
+    with StopSignal() as stop, contextlib.closing(loader):
         while state.iteration < cfg.optim.total_iters:
             it = state.iteration
             seed = step_seed(cfg.run.seed, it, rank)
@@ -456,20 +484,17 @@ def train(cfg: TrainConfig, output: str | Path, resume: str | None = None) -> Tr
     return state
 
 
-class DataError(ValueError):
-    """--data names no manifest, a missing one, or one without images: reported before any model is built."""
-
-
 def open_data(cfg: TrainConfig) -> SampleStream:
-    """The sample stream of cfg.data.sources; trainer.data's errors name the manifest and the fix."""
+    """The sample stream of cfg.data.sources: a --data that names no manifest, a missing one, one without images
+    or one listing missing files is a UsageError naming the manifest and the fix, before any model is built. The
+    first sample is decoded too, as the loader will (BadImageError): a folder of files that are no images at all
+    fails here, not after the models are built."""
     try:
-        return SampleStream(cfg.data.sources, cfg.run.seed)
+        stream = SampleStream(cfg.data.sources, cfg.run.seed, cfg.data.skip_bad)
     except (ValueError, OSError) as e:
-        raise DataError(str(e)) from e
-
-
-class ProbeTaskError(ValueError):
-    """eval.task could not be read (unknown task, missing file): reported before the first step."""
+        raise UsageError(str(e)) from e
+    RankBatches(stream, 1, cfg.data.load_size or cfg.crops.global_size, 0, 1, 0, cfg.data.skip_bad).load_position(0)
+    return stream
 
 
 def build_probe(cfg: TrainConfig, stream: SampleStream, device: torch.device) -> "InTrainingProbe":
@@ -482,7 +507,7 @@ def build_probe(cfg: TrainConfig, stream: SampleStream, device: torch.device) ->
         data = load_probe_data(cfg.eval.task, cfg.to_dict(), cfg.eval.data_root, cfg.eval.seed,
                                cfg.eval.test_fraction, cfg.eval.val_fraction)
     except (ValueError, OSError) as e:  # the harness's TaskError is a ValueError naming the file and the fix
-        raise ProbeTaskError(str(e)) from e
+        raise UsageError(f"eval.task={cfg.eval.task!r}: {e}") from e
     log.info("in-training probe: %s, validation split of its training patients: %d images (%d fit / %d scored), "
              "pools %s, every %s iterations", data.name, len(data.split), (data.split == "train").sum(),
              (data.split == "val").sum(), ",".join(cfg.eval.pools), cfg.eval.every or "(start and end only)")
@@ -541,34 +566,83 @@ def watch_collapse(monitor: CollapseMonitor, iteration: int, diagnostics: dict[s
     return bool(collapse.item())
 
 
-def resume_from(state: TrainState, output: Path, resume: str | None, device: torch.device,
-                cfg: TrainConfig) -> None:
-    """``resume``: None (fresh run; refuse to overwrite a run's checkpoints), "auto" (latest if any) or a dir."""
+def check_output(output: Path, resume: str | None) -> None:
+    """--output and --resume, before anything is written: a folder that can be written, not a finished (or any)
+    run's unless resuming it, and a --resume DIR that is a checkpoint directory (UsageError)."""
+    check_writable_folder(output, "--output")
+    if resume is None and list_checkpoints(output):
+        raise UsageError(f"--output {output} already has checkpoints: pass --resume auto to continue that run, "
+                         "or choose another --output")
+    if resume not in (None, "auto"):
+        where = Path(resume)
+        if not where.is_dir():
+            raise UsageError(f"--resume {resume}: no such directory; give auto (the latest checkpoint of --output) "
+                             "or a RUN/checkpoints/ckpt_* directory")
+        if not (where / "state.json").is_file():
+            raise UsageError(f"--resume {resume}: not a checkpoint directory (no state.json); give auto or a "
+                             "RUN/checkpoints/ckpt_* directory")
+
+
+@dataclass
+class Start:
+    """The checkpoint a run resumes from, read (and checked) before any model is built."""
+    path: Path
+    tensors: dict[str, torch.Tensor]
+    optimizer_state: dict
+    meta: dict
+
+
+def checkpoint_to_resume(output: Path, resume: str | None) -> Start | None:
+    """``resume``: None (a fresh run), "auto" (the newest intact checkpoint of ``output``, if any) or a directory.
+
+    Under "auto" a damaged checkpoint is skipped with a warning naming its file, and the newest intact one is used
+    (that is what a requeued job needs); when all are damaged the run stops naming them. A damaged directory
+    given by name is an error (CheckpointError), naming the file and pointing at "auto"."""
     if resume is None:
-        if latest_checkpoint(output) is not None:
-            raise FileExistsError(f"{output} already has checkpoints: pass --resume auto to continue that run, "
-                                  "or choose another --output")
-        return
-    ckpt = latest_checkpoint(output) if resume == "auto" else Path(resume)
-    if ckpt is None:
-        return
-    tensors, optimizer_state, meta = load_checkpoint(ckpt)
-    restore_state(state.modules(), {k: v.to(device) for k, v in tensors.items()}, ckpt)
+        return None
+    if resume != "auto":
+        path = Path(resume)
+        try:
+            return Start(path, *load_checkpoint(path))
+        except CheckpointError as e:
+            raise CheckpointError(f"--resume {resume}: {e}; pass --resume auto to resume from the newest intact "
+                                  "checkpoint of --output") from e
+    damaged = []
+    for path in reversed(list_checkpoints(output)):
+        try:
+            start = Start(path, *load_checkpoint(path))
+        except CheckpointError as e:
+            damaged.append(str(e))
+            continue
+        if damaged and rank_and_world()[0] == 0:
+            log.warning("WARNING skipped %d damaged checkpoint(s): %s; resuming from the newest intact one, %s (a "
+                        "damaged one is left where it is, and replaced when the run writes its iteration again)",
+                        len(damaged), "; ".join(damaged), path)
+        return start
+    if damaged:
+        raise CheckpointError(f"every checkpoint of {output} is damaged: {'; '.join(damaged)}. Start the run again "
+                              f"with another --output, or move {output / 'checkpoints'} away")
+    return None
+
+
+def resume_from(state: TrainState, start: Start, device: torch.device, cfg: TrainConfig) -> None:
+    """Load a checkpoint into the freshly built state (models, losses' centres, optimiser, counters)."""
+    ckpt = start.path
+    restore_state(state.modules(), {k: v.to(device) for k, v in start.tensors.items()}, ckpt)
     changes = config_changes(ckpt / "config.yaml", cfg)
     # torch's load_state_dict also restores each group's options, including our multipliers: keep this run's
     # values, so that what config.yaml says is what the optimiser does.
     fresh = [(g["lr_multiplier"], g["wd_multiplier"], g["is_last_layer"]) for g in state.optimizer.param_groups]
     try:
-        state.optimizer.load_state_dict(optimizer_state)
+        state.optimizer.load_state_dict(start.optimizer_state)
     except ValueError as e:
-        raise ValueError(f"cannot resume from {ckpt}: this config groups the parameters differently from the "
+        raise UsageError(f"cannot resume from {ckpt}: this config groups the parameters differently from the "
                          f"checkpoint's ({'; '.join(changes) or 'no key differs'}), so its AdamW state does not "
                          "fit. Restore those keys to resume, or start a new --output") from e
     for g, (lr_mult, wd_mult, is_last) in zip(state.optimizer.param_groups, fresh):
         g["lr_multiplier"], g["wd_multiplier"], g["is_last_layer"] = lr_mult, wd_mult, is_last
-    state.iteration, state.samples_seen = meta["iteration"], meta["samples_seen"]
+    state.iteration, state.samples_seen = start.meta["iteration"], start.meta["samples_seen"]
     if rank_and_world()[0] == 0:
-        truncate_metrics(output / "metrics.jsonl", state.iteration)
         log.info("resumed from %s at iteration %d", ckpt, state.iteration)
         if changes:
             log.warning("resuming with settings that differ from the checkpoint's: %s. From iteration %d on, "
@@ -596,11 +670,29 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def truncate_metrics(path: Path, iteration: int) -> None:
-    """Drop log lines of steps after the checkpoint (a killed run logged them; the resumed run redoes them)."""
+def truncate_metrics(path: Path, iteration: int | None) -> None:
+    """Drop the log lines of steps after the checkpoint resumed from (a killed run logged them; the resumed run
+    redoes them), or every line when the run starts afresh (``iteration`` None) over a run killed before its first
+    checkpoint. A partial last line, which a killed run leaves, is dropped with a warning; a damaged line before
+    it stops the run naming it."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["iteration"] <= iteration]
+    text = path.read_text()
+    lines = text.splitlines()
+    rows = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((line, json.loads(line)["iteration"]))
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            if n < len(lines) or text.endswith("\n"):  # every line is written whole, its newline last
+                raise DataError(f"{path}:{n}: not a metrics line ({e}); delete or repair that line, then resume "
+                                "again") from None
+            log.warning("%s:%d: dropped a partial last line (a killed run's): %.60r", path, n, line)
+    keep = [line for line, it in rows if iteration is not None and it <= iteration]
+    if iteration is None and rows:
+        log.warning("%s: dropped the %d lines of an earlier run that wrote no checkpoint", path, len(rows))
     atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
@@ -661,16 +753,32 @@ def format_seconds(s: float) -> str:
     return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
 
 
-def setup_logging(output: Path) -> None:
-    """Log lines to stderr and RUN_DIR/train.log (replacing the handlers of an earlier run in this process)."""
+LOG_FORMAT = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+
+
+def setup_logging() -> None:
+    """Log lines to stderr, and into a buffer that `log_to_file` empties into RUN_DIR/train.log once the run's
+    folder exists (it is made only when every check has passed); replaces the handlers of an earlier run in this
+    process."""
     log.setLevel(logging.INFO)
     for old in list(log.handlers):
         log.removeHandler(old)
         old.close()
-    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
-    for handler in (logging.StreamHandler(sys.stderr), logging.FileHandler(output / "train.log")):
-        handler.setFormatter(fmt)
-        log.addHandler(handler)
+    stderr = logging.StreamHandler(sys.stderr)
+    stderr.setFormatter(LOG_FORMAT)
+    log.addHandler(stderr)
+    log.addHandler(logging.handlers.MemoryHandler(capacity=10_000, flushLevel=logging.CRITICAL + 1))
+
+
+def log_to_file(output: Path) -> None:
+    """From now on, log lines go to RUN_DIR/train.log too, starting with those logged before it existed."""
+    file = logging.FileHandler(output / "train.log")
+    file.setFormatter(LOG_FORMAT)
+    for buffer in [h for h in log.handlers if isinstance(h, logging.handlers.MemoryHandler)]:
+        buffer.setTarget(file)
+        buffer.close()  # flushes into the file
+        log.removeHandler(buffer)
+    log.addHandler(file)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -700,6 +808,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config (preset, --steps, overrides, --data) as YAML and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. optim.base_lr=1e-4 crops.n_local=4")
+    add_verbose_flag(p)
     return p
 
 
@@ -711,13 +820,15 @@ def parse_args(argv: list[str] | None, prog: str = PROG) -> argparse.Namespace:
     return args
 
 
+@command
 def main(argv: list[str] | None = None, prog: str = PROG) -> int:
+    """0: trained (or stopped by SIGTERM / SIGUSR1 with a checkpoint, for a requeue); 130: stopped by Ctrl-C, with
+    a checkpoint; otherwise harness.common.errors' statuses (2: a usage error, found before anything was built)."""
     args = parse_args(argv, prog)
     try:
         cfg = load_config(args.config, args.overrides, steps=args.steps)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise UsageError(str(e)) from None
     if args.data:
         cfg.data.sources = args.data
     if args.skip_bad:
@@ -727,17 +838,11 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
         return 0
     setup_distributed()
     try:
-        train(cfg, args.output, args.resume)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ProbeTaskError as e:
-        print(f"error: eval.task={cfg.eval.task!r}: {e}", file=sys.stderr)
-        return 2
+        state = train(cfg, args.output, args.resume)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    return 0
+    return EXIT_INTERRUPTED if state.stopped_by == "SIGINT" else 0
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from harness.common.errors import UsageError
+
 
 def pick_device(name: str) -> torch.device:
     """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda``, ``cuda:N``, ``mps``. Where CUDA is available, a
@@ -18,3 +20,18 @@ def pick_device(name: str) -> torch.device:
     if device.type == "cuda" and device.index is None and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return device
+
+
+def check_here(device: torch.device, given: str) -> None:
+    """UsageError when `device` is not on this machine (``cuda`` without a GPU, ``cuda:3`` with two), before any
+    model is built: `pick_device` leaves that to the first tensor moved there, deep inside the work. `given` names
+    the flag or key and its value as the user wrote them (``--device cuda``)."""
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"{given}: no CUDA device on this machine (torch.cuda.is_available() is false); use "
+                             "cpu, or auto to take a GPU only where there is one")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"{given}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 to "
+                             f"cuda:{torch.cuda.device_count() - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"{given}: no Apple MPS device on this machine; use cpu or auto")

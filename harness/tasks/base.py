@@ -187,6 +187,12 @@ def build_task(name: str, arg: str | None, ctx: TaskContext) -> Task:
     if entry.takes_arg and not arg:
         raise TaskError(f"task {name!r} needs an argument: {name}:ARG")
     task = entry.load()(replace(ctx, arg=arg))
+    if not task.table.image_ids:  # every image skipped (--skip-bad): nothing to split, extract or score
+        skipped = getattr(task, "skipped", [])
+        why = (f": all {len(skipped)} it lists were skipped as missing or unreadable (--skip-bad), e.g. "
+               f"{skipped[0][0]}: {skipped[0][1]}; check the paths (is --data-root, or the labels file, the right "
+               "one?)" if skipped else "")
+        raise TaskError(f"task {name!r} has no image to evaluate{why}")
     merge_duplicates(task, ctx.on_duplicate)
     return task
 
