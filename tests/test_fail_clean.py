@@ -515,7 +515,8 @@ def test_a_failed_ablation_leaves_nothing(case, status, words, dry_run, blob_ima
 
 
 TOOLS = ["harness.run", "harness.ablate", "harness.leaderboard", "harness.plot", "harness.cli", "trainer.train",
-         "trainer.export", "trainer.plot", "trainer.monitor", "slurm.pretrain", "slurm.sweep"]
+         "trainer.export", "trainer.plot", "trainer.monitor", "slurm.pretrain", "slurm.sweep",
+         "harness.figures.learning_curve"]
 
 
 def test_every_command_line_tool_goes_through_the_one_error_path():

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import polars as pl
 
+from harness.common.errors import UsageError, add_verbose_flag, command
 from harness.figures.common import FigureInputError, new_figure, png_bytes, read_tidy
 
 if TYPE_CHECKING:
@@ -171,6 +171,7 @@ def draw(data: CurveData) -> "Figure":
     return fig
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m harness.figures.learning_curve",
                                 description=__doc__.split("\n\n")[0])
@@ -178,12 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("evaluation", type=Path, help="a harness.run --out folder with the run's checkpoints as models")
     p.add_argument("--task", required=True, help="the task's output name in that folder (as in <name>.md)")
     p.add_argument("--out", type=Path, default=None, help=f"the PNG (default: RUN/{DEFAULT_PNG})")
+    add_verbose_flag(p)
     args = p.parse_args(argv)
     try:
         data = curve_data(args.run, args.evaluation, args.task)
-    except FigureInputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except FigureInputError as e:  # a folder or file named on the command line that does not hold what it should
+        raise UsageError(str(e)) from None
     out = args.out or args.run / DEFAULT_PNG
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(png_bytes(draw(data)))
