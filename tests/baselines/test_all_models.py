@@ -1,17 +1,13 @@
-"""``python -m harness.run --models all`` end to end, with an empty weights folder and with a full one.
+"""``raddino-bench eval --models all`` end to end, with an empty weights folder and with a full one.
 
-The models expected are the registry's (every encoder of the table but the parametrised ``ckpt:DIR``), so a model
-added to the table is expected here too: it must then get its files in tests/baselines/tiny_weights.py. Empty: only
-the weight-free floors (pixels, random-vit) run; every pretrained model is listed as skipped, naming its folder and
-the files to put there.
-Full: every family's folder holds a small random model written in that model's published file layout, and every
-encoder gets a leaderboard row and a results file carrying the digest of the weight files it loaded. An encoder
-registered by one table line from a package of its own shows up in ``--list`` and ``--models all`` with no other
-edit.
-
-The weight files (tests/baselines/tiny_weights.py) are written without the reference libraries, so this runs in any
-environment; that their parameter names are the official ones is checked against the reference libraries themselves
-(timm, open_clip, hi-ml-multimodal) by the test that needs them (CI).
+Every expectation is read from the encoder table (every encoder but the parametrised ``ckpt:DIR``) and from each
+model's declared `WeightFiles`, so an encoder added by one table line needs no edit here. Empty: only the
+weight-free floors run; every pretrained model is one ``skipped  weights missing`` row, and the note under the table
+names the folder searched, the Hugging Face cache when a model is published there, and each model's fetch command.
+Full: every family `tests.baselines.tiny_weights` can fake holds a small random model in its published file layout,
+and every such encoder gets a leaderboard row and a results file carrying the digest of the weight files it loaded
+(a family it cannot fake yet stays a listed skip). An encoder registered by one table line from a package of its
+own shows up in ``ls`` and ``--models all`` with no other edit, with or without weight files.
 """
 from __future__ import annotations
 
@@ -26,7 +22,8 @@ import pytest
 import torch
 
 from baselines.biovil_t import BioViLTImage
-from baselines.registry import ENCODERS
+from baselines.registry import ENCODERS, weights_status
+from harness.listing import WEIGHTS_DIR_PLACEHOLDER
 from harness.probes import PROTOCOLS
 from harness.run import main
 from tests.baselines.refs import reference
@@ -36,16 +33,6 @@ from tests.baselines.tiny_weights import WRITERS, biomedclip_visual, dinov2_stat
 ALL = tuple(n for n, e in ENCODERS.entries.items() if not e.takes_arg)
 FLOORS = tuple(n for n in ALL if ENCODERS.get(n).weight_files is None)
 PRETRAINED = tuple(n for n in ALL if n not in FLOORS)
-# Every file name a skip message must mention: the documented layout, plus the alternative layouts where a loader
-# accepts more than one. Written out here, not read from the loaders, so a loader that changes them fails this test.
-SKIP_MENTIONS = {
-    "rad-dino": ("config.json", "model.safetensors"),
-    "dinov2-base": ("config.json", "model.safetensors", "dinov2_vitb14_pretrain.pth"),
-    "clip": ("config.json", "model.safetensors", "open_clip_model.safetensors", "open_clip_pytorch_model.bin"),
-    "biomedclip": ("open_clip_config.json", "open_clip_pytorch_model.bin"),
-    "biovil-t": ("biovil_t_image_model_proj_size_128.pt",),
-    "mrm": ("MRM.pth",),
-}
 # One task spec, no commas: 8 patients (17 images) at the default phantom size, linear probe only.
 TASK = "demo:n_patients=8:linear"
 OUT_NAME = "demo-n_patients_8"  # the task's options are part of its output names
@@ -87,28 +74,53 @@ def _sha256(paths: list[Path]) -> str:
 
 # ---------------------------------------------------------------------------------------------------- the tests
 
-def test_every_registered_model_has_its_expectations_here():
-    """A model added to the table needs its skip message's file names and a writer in tests/baselines/tiny_weights.py."""
-    assert FLOORS == ("pixels", "random-vit")  # the leaderboards' floors, weight-free
-    assert set(SKIP_MENTIONS) == set(PRETRAINED) == set(WRITERS)
+def _folder(weights: Path, name: str) -> Path:
+    return weights / (ENCODERS.get(name).folder or name)
 
 
+def _note(out: str) -> str:
+    """The paragraph under the encoder status table (stdout's second block)."""
+    return out.split("\n\n", 2)[1]
+
+
+def test_the_leaderboards_floors_need_no_weights_and_every_writer_is_a_registered_model():
+    assert {"pixels", "random-vit"} <= set(FLOORS)  # leaderboards/refresh.sh runs them on any machine
+    assert set(WRITERS) <= set(PRETRAINED)  # a writer for a model the table lost is dead test code
+
+
+def test_what_models_name_prints_names_every_accepted_file_and_every_place_searched(tmp_path):
+    """``--models NAME`` with NAME's weights absent: its folder, every file of every layout it accepts, and the
+    Hugging Face cache when it is published there (conftest points the cache at tmp)."""
+    empty = tmp_path / "weights"
+    empty.mkdir()
+    for name in PRETRAINED:
+        status = weights_status(name, empty)
+        assert status.startswith(f"missing: {name}: weights not found in {_folder(empty, name)};"), status
+        declared = ENCODERS.get(name).weight_files
+        for f in {f for layout in declared.layouts for f in layout}:
+            assert f in status, f"{name}: the message does not name {f}: {status}"
+        assert (os.environ["HF_HUB_CACHE"] in status) == bool(declared.hub), status
+
+
+@pytest.mark.slow
 def test_empty_weights_folder_runs_the_floors_and_lists_every_skip(tmp_path, capsys):
     empty = tmp_path / "weights"
     empty.mkdir()
     assert _run(tmp_path, empty) == 0
-    table = _encoder_table(capsys.readouterr().out)
+    out = capsys.readouterr().out
+    table = _encoder_table(out)
     assert set(table) == set(FLOORS) | set(PRETRAINED)  # ckpt:DIR is parametrised, never part of `all`
     for name in FLOORS:
         assert table[name].split()[1] == "ready", table[name]
     for name in PRETRAINED:
-        line = table[name]
-        assert line.split()[1] == "skipped", line
-        assert f"weights not found in {empty / name};" in line, line
-        # A model published on the Hugging Face hub is searched in its cache too (conftest points it at tmp).
-        assert (os.environ["HF_HUB_CACHE"] in line) == bool(ENCODERS.get(name).weight_files.hub), line
-        for f in SKIP_MENTIONS[name]:
-            assert f in line, f"{name}: skip reason does not name {f}: {line}"
+        assert table[name].split()[1:] == ["skipped", "weights", "missing"], table[name]
+    note = _note(out)
+    assert f"{empty}/<model>/" in note, note
+    assert (os.environ["HF_HUB_CACHE"] in note) == any(ENCODERS.get(n).weight_files.hub for n in PRETRAINED)
+    for name in PRETRAINED:
+        assert name in note
+        download = ENCODERS.get(name).weight_files.download
+        assert download.replace(WEIGHTS_DIR_PLACEHOLDER, str(empty)) in note, f"{name}: no fetch command\n{note}"
 
     lb = tmp_path / "lb"
     rows = _linear_rows((lb / f"{OUT_NAME}.md").read_text())
@@ -117,20 +129,23 @@ def test_empty_weights_folder_runs_the_floors_and_lists_every_skip(tmp_path, cap
     assert sorted(p.stem for p in (lb / "results" / OUT_NAME).glob("*.json")) == sorted(FLOORS)
 
 
+@pytest.mark.slow
 def test_full_weights_folder_runs_and_ranks_every_model(tmp_path, capsys):
     weights = tmp_path / "weights"
-    files = {name: write(weights / name) for name, write in WRITERS.items()}
+    files = {name: write(_folder(weights, name)) for name, write in WRITERS.items()}
+    ready = FLOORS + tuple(n for n in PRETRAINED if n in WRITERS)
     assert _run(tmp_path, weights) == 0
     table = _encoder_table(capsys.readouterr().out)
-    assert {n: line.split()[1] for n, line in table.items()} == {n: "ready" for n in FLOORS + PRETRAINED}
+    assert {n: line.split()[1] for n, line in table.items()} == \
+        {n: "ready" if n in ready else "skipped" for n in FLOORS + PRETRAINED}
 
     lb = tmp_path / "lb"
     rows = _linear_rows((lb / f"{OUT_NAME}.md").read_text())
-    assert sorted(rows) == sorted(FLOORS + PRETRAINED)
+    assert sorted(rows) == sorted(ready)
     for name, row in rows.items():
         assert CELL.match(row["macro AUROC"]) and CELL.match(row["macro AUPRC"]), (name, row)
 
-    for name in FLOORS + PRETRAINED:
+    for name in ready:
         res = json.loads((lb / "results" / OUT_NAME / f"{name}.json").read_text())
         assert res["model"] == name
         digest = res["encoder"]["weights_digest"]
@@ -193,14 +208,15 @@ def test_written_files_use_the_official_parameter_names(family):
 
 def test_list_says_whose_weights_are_present_and_where_and_shows_the_protocols(tmp_path, capsys):
     weights = tmp_path / "weights"
-    WRITERS["rad-dino"](weights / "rad-dino")
+    WRITERS["rad-dino"](_folder(weights, "rad-dino"))
     assert main(["--list", "--weights-dir", str(weights)]) == 0
-    out = capsys.readouterr().out
-    lines = {line.split()[0]: line for line in out.splitlines() if line.strip()}
-    assert f"present in {weights / 'rad-dino'}" in lines["rad-dino"]
-    for name in PRETRAINED:
-        if name != "rad-dino":
-            assert "missing" in lines[name] and f"--models {name}" in lines[name], lines[name]
+    encoders, note, *others = capsys.readouterr().out.split("\n\n")  # the encoder table, its note, the rest
+    lines = {line.split()[0]: line for block in (encoders, *others) for line in block.splitlines() if line.strip()}
+    assert f"present in {_folder(weights, 'rad-dino')}" in lines["rad-dino"]
+    missing = [n for n in PRETRAINED if n != "rad-dino"]
+    for name in missing:
+        assert re.search(r"\smissing\s", lines[name]), lines[name]
+    assert f"Weights missing for {', '.join(missing)}:" in " ".join(note.split()), note
     for name in FLOORS:
         assert "none needed" in lines[name]
     for name, p in PROTOCOLS.entries.items():
@@ -229,10 +245,18 @@ class Toy(Encoder):
 
 def build(spec: EncoderSpec) -> Encoder:
     return Toy(spec.name)
+
+
+def build_pretrained(spec: EncoderSpec) -> Encoder:
+    spec.require_weights()
+    return Toy(spec.name)
 """
 
 
+@pytest.mark.slow
 def test_an_encoder_added_by_one_table_line_is_listed_and_part_of_all(tmp_path, monkeypatch, capsys):
+    """Two encoders of a package of its own, one weight-free and one declaring a weight file: each is listed and
+    part of `all` by its table line alone, the second a listed skip until its file is in its folder."""
     package = f"toy_{tmp_path.name.replace('-', '_')}"  # its own name: the registry caches what it imported
     (tmp_path / "src" / package).mkdir(parents=True)
     (tmp_path / "src" / package / "__init__.py").write_text("")
@@ -240,15 +264,28 @@ def test_an_encoder_added_by_one_table_line_is_listed_and_part_of_all(tmp_path, 
     monkeypatch.syspath_prepend(str(tmp_path / "src"))
     monkeypatch.setattr(ENCODERS, "entries", dict(ENCODERS.entries))  # the table as it was, after the test
     ENCODERS.register("toy", f"{package}.toy:build", description="a test's own encoder")
-
-    assert main(["--list"]) == 0
-    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
-    assert "a test's own encoder" in lines["toy"] and "none needed" in lines["toy"]
+    ENCODERS.register("toy-pretrained", f"{package}.toy:build_pretrained", weights=("toy.pt",),
+                      description="a test's own encoder with a weight file")
 
     empty = tmp_path / "weights"
     empty.mkdir()
+    assert main(["--list", "--weights-dir", str(empty)]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert "a test's own encoder" in lines["toy"] and "none needed" in lines["toy"]
+    assert "toy.pt" in lines["toy-pretrained"] and re.search(r"\smissing\s", lines["toy-pretrained"])
+
     assert _run(tmp_path, empty) == 0
-    table = _encoder_table(capsys.readouterr().out)
+    out = capsys.readouterr().out
+    table = _encoder_table(out)
     assert table["toy"].split()[1] == "ready"
+    assert table["toy-pretrained"].split()[1:] == ["skipped", "weights", "missing"]
+    assert "toy-pretrained" in _note(out)
     rows = _linear_rows((tmp_path / "lb" / f"{OUT_NAME}.md").read_text())
     assert list(rows) == [*FLOORS, "toy"] and CELL.match(rows["toy"]["macro AUROC"])
+
+    (empty / "toy-pretrained").mkdir()
+    (empty / "toy-pretrained" / "toy.pt").write_bytes(b"toy")
+    assert _run(tmp_path, empty) == 0
+    assert _encoder_table(capsys.readouterr().out)["toy-pretrained"].split()[1] == "ready"
+    rows = _linear_rows((tmp_path / "lb" / f"{OUT_NAME}.md").read_text())
+    assert list(rows) == [*FLOORS, "toy", "toy-pretrained"]
