@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 import baselines.biovil_t as biovil_t
@@ -21,6 +22,7 @@ def _reference_model():
     return ImageModel(img_encoder_type=ImageEncoderType.RESNET50_MULTI_IMAGE, joint_feature_size=128)
 
 
+@pytest.mark.slow
 def test_matches_hi_ml_multimodal(tmp_path):
     ref = _reference_model()
     assert ref.training, "hi-ml-multimodal's constructor leaves the model in training mode (the trap we avoid)"

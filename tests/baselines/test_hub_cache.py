@@ -143,6 +143,7 @@ def test_clip_transformers_folder_loads_from_the_hf_cache(tmp_path, empty_weight
     assert build_encoder("clip", weights_dir=empty_weights).weights_folder == snap
 
 
+@pytest.mark.slow
 def test_import_and_build_leave_the_environment_alone(tmp_path):
     """In a fresh interpreter (imports happen once per process): importing every registered encoder family, task
     and protocol, then building an encoder from --weights-dir and from the hub cache, changes no environment

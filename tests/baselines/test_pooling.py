@@ -81,6 +81,7 @@ def _run(tmp_path, out, pool):
                  "--min-positive-patients", "2", "--probe-jobs", "1", "--global-pool", pool])
 
 
+@pytest.mark.slow
 def test_another_pooling_on_a_cached_run_recomputes_and_is_written_down(tmp_path):
     """A run with avg pooling after a cls run (same cache) gets its own features, its own numbers, its own output
     name, and says which pooling it used in the header and the tidy table."""

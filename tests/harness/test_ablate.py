@@ -42,6 +42,7 @@ def ibot_terms(run) -> list[float]:
             if "ibot" in json.loads(line)]
 
 
+@pytest.mark.slow
 def test_two_variants_train_evaluate_and_write_table_section_and_figure_then_a_rerun_skips_them(
         blob_images, tmp_path, capsys):
     out = tmp_path / "abl"
@@ -93,6 +94,7 @@ def test_two_variants_train_evaluate_and_write_table_section_and_figure_then_a_r
     assert {**checkpoint_times(base), **checkpoint_times(off)} == before
 
 
+@pytest.mark.slow
 def test_an_ablation_interrupted_after_its_first_variant_resumes_there(blob_images, tmp_path, monkeypatch, capsys):
     import trainer.train
 
@@ -184,6 +186,7 @@ def test_resolution_axis_scales_the_local_crops_on_the_patch_grid(blob_images, t
     assert (big.crops.global_size, big.model.img_size, big.crops.local_size) == (64, 64, 32)
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 @pytest.mark.skipif(WHY_NOT is not None, reason=f"no SLURM: {WHY_NOT}")
 def test_slurm_trains_an_array_then_evaluates_in_a_dependent_job(blob_images, tmp_path, capsys):

@@ -171,6 +171,7 @@ def _csv_run(tmp_path, csv, out, *extra, protocols="linear,knn,demographics"):
                  "--probe-jobs", "1", *extra])
 
 
+@pytest.mark.slow
 def test_every_input_of_a_result_is_in_its_key(tmp_path, monkeypatch):
     csv = labelled_set(tmp_path / "data")
     assert _csv_run(tmp_path, csv, "base") == 0
@@ -219,6 +220,7 @@ def test_every_input_of_a_result_is_in_its_key(tmp_path, monkeypatch):
 DEMO = "demo:n_patients=24,size=64,p_effusion=0.4,p_nodule=0.4"
 
 
+@pytest.mark.slow
 def test_segmentation_results_are_keyed_by_the_geometry_code_and_the_masks(tmp_path, monkeypatch):
     """The review: an edit of the resize that maps predictions back (baselines/preprocess.py) reused the result."""
     def run(out):
@@ -259,6 +261,7 @@ def _sections(out, stem):
             for p, v in manifest["protocols"].items()}
 
 
+@pytest.mark.slow
 def test_a_one_protocol_run_after_a_label_change_shows_no_old_number(tmp_path, caplog):
     """The review: with 12 labels flipped, a ``csv:...:knn`` run kept the linear section computed from the old
     labels. Every section must equal a full run on the new labels, or be absent."""
@@ -282,6 +285,7 @@ def test_a_one_protocol_run_after_a_label_change_shows_no_old_number(tmp_path, c
     assert {f.name for f in (tmp_path / "lb/results/csv-data").iterdir()} == {"pixels.json", "pixels.knn.parquet"}
 
 
+@pytest.mark.slow
 def test_a_section_is_dropped_when_the_task_data_it_reads_changed(tmp_path, caplog):
     """Ages edited, images and labels unchanged: a k-NN run keeps the linear section, not the demographic one."""
     csv = labelled_set(tmp_path / "data")
@@ -333,6 +337,7 @@ def test_a_damaged_feature_entry_is_recomputed(tmp_path, caplog, damage, file):
     assert extract(TinyTask(), [enc], cache, dense=True, workers=0)["pixels"].from_cache  # whole again
 
 
+@pytest.mark.slow
 def test_a_damaged_entry_in_a_run_is_recomputed_not_a_crash(tmp_path, caplog):
     """End to end: every results entry and every feature file zeroed, the run still finishes with the same
     numbers."""

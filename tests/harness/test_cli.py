@@ -18,6 +18,7 @@ def test_pyproject_declares_the_console_script():
     assert scripts == {"raddino-bench": "harness.cli:main"}
 
 
+@pytest.mark.slow
 def test_top_level_help_imports_nothing_heavy():
     code = ("import sys\nfrom harness.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit as e:\n"
             "    code = e.code\nheavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'numpy', "

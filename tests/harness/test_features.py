@@ -128,6 +128,7 @@ else:
 """
 
 
+@pytest.mark.slow
 def test_two_writers_and_a_reader_share_one_key(tmp_path):
     """Runs sharing --cache-dir: concurrent saves of one key all succeed, and a reader never finds half an entry
     or one deleted under it."""

@@ -203,6 +203,7 @@ def test_error_bars_are_clamped_and_a_point_outside_its_interval_is_hollow():
     assert HOLLOW_NOTE not in forest.draw(tidy_table(), REF, "t")[0].get_suptitle()
 
 
+@pytest.mark.slow
 def test_a_figure_that_raises_is_logged_by_name_and_the_others_are_drawn(tmp_path, monkeypatch, caplog):
     out = write_run(tmp_path / "run")
 
@@ -231,6 +232,7 @@ def test_the_figure_stamp_holds_matplotlibs_version(tmp_path, monkeypatch):
     assert inputs_digest(out, NAME) != before
 
 
+@pytest.mark.slow
 def test_a_candid_run_with_two_test_patients_writes_its_results_and_figures(tmp_path, monkeypatch, caplog):
     """Issue 20 item 5: on a CANDID-PTX layout with 2 test patients the run wrote results/, then died (exit 1, no
     candid.md) drawing the forest plot, whose age R^2 point lay 1e-15 outside its interval. And any figure that
@@ -414,6 +416,7 @@ EXPECTED_FILES = ["forest.png", "roc.png", "pr.png", "subgroups.png", "age_calib
                   f"overlays_{safe_name(REF)}.png", f"overlays_{safe_name(OTHER)}.png"]
 
 
+@pytest.mark.slow
 def test_draw_task_figures_writes_every_figure_deterministically(tmp_path):
     out = write_run(tmp_path / "run")
     stale = out / "figures" / NAME / "old.png"
@@ -491,6 +494,7 @@ def test_png_bytes_carry_no_date():
     assert b"Creation Time" not in blob and b"tIME" not in blob
 
 
+@pytest.mark.slow
 def test_a_real_run_draws_every_figure_from_its_own_table(tmp_path):
     """harness.run on a small demo task: the figures are written beside the leaderboard, linked from it, and the
     forest plot's points are the tidy table's."""

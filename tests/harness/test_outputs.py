@@ -32,6 +32,7 @@ def labelled(tmp_path):
     return labelled_set(tmp_path / "data")
 
 
+@pytest.mark.slow
 def test_results_json_has_null_not_nan(tmp_path, labelled):
     # With one positive training patient, the rare label's penalty cannot be cross-validated: cv_auroc is NaN.
     assert _run(tmp_path, labelled, "--min-positive-patients", "1") == 0
@@ -41,6 +42,7 @@ def test_results_json_has_null_not_nan(tmp_path, labelled):
     _strict((tmp_path / "lb/results/csv-data.leaderboard.json").read_text())
 
 
+@pytest.mark.slow
 def test_rare_labels_leave_the_macro_and_the_header_says_why(tmp_path, labelled, capsys):
     assert _run(tmp_path, labelled) == 0
     md = (tmp_path / "lb/csv-data.md").read_text()
@@ -58,6 +60,7 @@ def test_rare_labels_leave_the_macro_and_the_header_says_why(tmp_path, labelled,
     assert "--min-positive-patients must be at least 1" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_one_protocol_run_is_merged_and_leaves_nothing_stale(tmp_path, labelled, capsys):
     lb = tmp_path / "lb"
     assert _run(tmp_path, labelled) == 0
@@ -109,6 +112,7 @@ def _docs_block(marker: str) -> str:
     return re.search(r"```python\n(.*?)```", after, re.S).group(1)
 
 
+@pytest.mark.slow
 def test_readme_script_reproduces_every_interval_from_the_published_files(tmp_path, labelled, monkeypatch):
     assert _run(tmp_path, labelled) == 0
     folder = tmp_path / "lb/results/csv-data"
@@ -126,6 +130,7 @@ def test_readme_script_reproduces_every_interval_from_the_published_files(tmp_pa
     assert min(widths) > 0.05  # real intervals, not a degenerate [1, 1]
 
 
+@pytest.mark.slow
 def test_demographic_predictions_are_published_per_image(tmp_path, labelled):
     assert _run(tmp_path, labelled) == 0
     demo = pl.read_parquet(tmp_path / "lb/results/csv-data/pixels.demographics.parquet")
@@ -136,6 +141,7 @@ def test_demographic_predictions_are_published_per_image(tmp_path, labelled):
     assert set(demo["patient_key"]) == set(split.filter(pl.col("split") == "test")["patient_key"])
 
 
+@pytest.mark.slow
 @pytest.mark.shared
 def test_real_data_macro_keeps_its_labels_and_reproduces(shared_cxr, tmp_path, monkeypatch):
     """The review's case: on the shared set, fungal and no_finding have too few positive test patients. They are

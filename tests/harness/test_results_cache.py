@@ -48,6 +48,7 @@ def _tidy(tmp_path, out):
     return pl.read_parquet(tmp_path / out / "results" / f"{STEM}.parquet")
 
 
+@pytest.mark.slow
 def test_a_rerun_recomputes_nothing_and_writes_the_same_numbers(tmp_path, monkeypatch, caplog):
     assert _run(tmp_path, "first", "pixels,random-vit") == 0
     calls = _count_work(monkeypatch)
@@ -65,6 +66,7 @@ def test_a_rerun_recomputes_nothing_and_writes_the_same_numbers(tmp_path, monkey
     assert _tidy(tmp_path, "third").equals(_tidy(tmp_path, "first"))
 
 
+@pytest.mark.slow
 def test_adding_a_model_computes_only_that_model(tmp_path, monkeypatch):
     calls = _count_work(monkeypatch)
     assert _run(tmp_path, "one", "pixels", "linear,knn,seg") == 0
@@ -80,6 +82,7 @@ def test_adding_a_model_computes_only_that_model(tmp_path, monkeypatch):
     assert _tidy(tmp_path, "fresh").equals(both)
 
 
+@pytest.mark.slow
 def test_a_changed_setting_is_a_different_entry(tmp_path, monkeypatch):
     assert _run(tmp_path, "a", "pixels", "linear") == 0
     calls = _count_work(monkeypatch)
@@ -128,6 +131,7 @@ def test_a_corrupt_entry_is_recomputed_and_a_full_disk_is_a_clear_error(tmp_path
     assert not path.exists()
 
 
+@pytest.mark.slow
 def test_a_full_results_cache_stops_the_run_with_exit_1(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("harness.results_cache.disk_usage", lambda _p: type("U", (), {"free": 10})())
     assert _run(tmp_path, "lb", "pixels", "linear") == 1
@@ -135,6 +139,7 @@ def test_a_full_results_cache_stops_the_run_with_exit_1(tmp_path, monkeypatch, c
     assert "error: task" in err and f"results cache {tmp_path / 'cache' / 'results'} needs" in err
 
 
+@pytest.mark.slow
 def test_edited_ages_are_recomputed(tmp_path, monkeypatch):
     """The images (so the features) unchanged, one patient's age corrected in the CSV: the demographic probes are
     refitted (sex and age are part of every entry's key), the linear probe is not."""

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import polars as pl
+import pytest
 
 from harness.run import main, parse_task_spec
 from tests.conftest import REPO
@@ -25,6 +26,7 @@ def test_parse_task_spec():
     assert parse_task_spec("csv:/a/b.csv").arg == "/a/b.csv"
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_on_csv(tmp_path, capsys):
     csv = csv_set(tmp_path / "data")
     out, cache = tmp_path / "lb", tmp_path / "cache"
@@ -50,6 +52,7 @@ def test_cli_end_to_end_on_csv(tmp_path, capsys):
     assert (out / "csv-data.md").read_text() == md
 
 
+@pytest.mark.slow
 def test_cli_knn_and_label_efficiency_sit_beside_the_linear_probe(tmp_path):
     """k-NN runs by default and publishes its scores; label efficiency runs on request, is merged into the same
     leaderboard after the k-NN section, and its figure is written beside the leaderboard."""
@@ -103,6 +106,7 @@ def test_cli_unknown_model_is_a_clear_error(capsys):
     assert "unknown encoder 'no-such-model'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_on_shared_data(shared_cxr, tmp_path):
     out = tmp_path / "lb"
     proc = subprocess.run([sys.executable, "-m", "harness.run", "--models", "pixels", "--tasks",
@@ -116,6 +120,7 @@ def test_cli_on_shared_data(shared_cxr, tmp_path):
     assert "not found" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_on_demo_runs_every_default_protocol(tmp_path):
     out = tmp_path / "lb"
     assert main(["--models", "pixels", "--tasks", "demo:n_patients=30,size=64", "--out", str(out),

@@ -8,12 +8,14 @@ import subprocess
 import sys
 
 import polars as pl
+import pytest
 
 from harness.splits import pseudonym
 from tests.conftest import REPO
 from tests.harness.tasks.dicom_fixtures import make_all
 
 
+@pytest.mark.slow
 def test_cli_runs_the_three_dicom_datasets(tmp_path):
     vindr, candid, rsna = make_all(tmp_path / "data", extra=16)
     out, cache = tmp_path / "out", tmp_path / "cache"

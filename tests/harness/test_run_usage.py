@@ -85,6 +85,7 @@ def test_an_explicit_model_without_weights_is_refused_before_loading(nothing_bui
     assert f"rad-dino: weights not found in {empty / 'rad-dino'}" in line
 
 
+@pytest.mark.slow
 def test_task_arg_path_with_a_comma_protocols_default_out_and_streams(tmp_path, monkeypatch, capsys):
     """A csv in a folder named 'a,b' given through --task-arg; --protocols linear only; no --out: runs/<name>/;
     stdout holds the encoder table and the 'wrote' line, stderr the progress messages (and bars with -v)."""

@@ -86,6 +86,7 @@ PIECES = st.sampled_from(["demo", "csv", "vindr", "demo:linear", "csv:/d/labels.
                           "demo:n=1", "rsna:splits=/x/RSNA", " seg ", "", "csv:/d/l.csv:seg", "k=v:label-efficiency"])
 
 
+@pytest.mark.slow
 @settings(max_examples=400, derandomize=True, deadline=None)
 @given(st.lists(PIECES, min_size=1, max_size=6))
 def test_same_specs_as_the_regex_splitter_on_every_input_it_accepts(pieces):

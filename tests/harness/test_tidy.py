@@ -10,6 +10,9 @@ import pytest
 from harness import tidy
 from harness.run import main
 
+# Every test reads one whole run of the command (the module fixture `board`).
+pytestmark = pytest.mark.slow
+
 TASK = "demo:n_patients=30,size=64"
 NAME = "demo-n_patients_30-size_64"
 

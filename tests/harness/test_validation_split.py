@@ -4,6 +4,7 @@ import csv
 
 import numpy as np
 import polars as pl
+import pytest
 
 from harness.splits import make_split, validation_split
 from harness.tasks.base import TaskContext, build_task
@@ -28,6 +29,7 @@ def test_validation_split_divides_only_the_training_patients():
     assert validation_split(pid, outer, 0) == inner and validation_split(pid, outer, 1) != inner
 
 
+@pytest.mark.slow
 def test_a_validation_run_never_reads_a_test_image_and_scores_the_validation_patients(tmp_path, monkeypatch):
     read: list[int] = []
     original = DemoTask.load_image

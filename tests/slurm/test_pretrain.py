@@ -39,6 +39,7 @@ def wait(condition, seconds: float, what: str) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_preempted_job_is_requeued_and_repeats_the_uninterrupted_losses(blob_images, tmp_path):
     common = ["--config", "smoke", "--data", str(blob_images), "--steps", str(STEPS), *TINY]
     # The reference, in plain Python beside the job, with the same single thread as the job's one CPU.

@@ -41,6 +41,7 @@ def test_dry_run_plans_from_the_cache_and_prints_both_scripts(tmp_path, capsys):
     assert "--array" not in out and "--dependency" not in out
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 @pytest.mark.skipif(WHY_NOT is not None, reason=f"no SLURM: {WHY_NOT}")
 def test_sweep_lists_failures_retries_them_and_writes_the_leaderboard(tmp_path, capsys):

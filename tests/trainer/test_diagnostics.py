@@ -187,6 +187,7 @@ def test_dino_term_without_local_crops_divides_like_upstream():
 # The in-training probe
 
 
+@pytest.mark.slow
 def test_probe_runs_at_start_every_n_and_at_the_end(blob_images, tmp_path):
     cfg = tiny_cfg("eval.task=demo:n_patients=150,size=64", "eval.every=2", steps=3)
     cfg.data.sources = [str(blob_images)]
@@ -199,6 +200,7 @@ def test_probe_runs_at_start_every_n_and_at_the_end(blob_images, tmp_path):
         assert 0 <= r["probe_sex_auroc"] <= 1 and math.isfinite(r["probe_age_mae"])
 
 
+@pytest.mark.slow
 def test_probe_equals_the_harness_probes_on_the_validation_split(blob_images, tmp_path):
     """The probe is the harness's code on the inner split of the training patients: recompute its k-NN and linear
     macro AUROC for each pooling from harness functions on a saved checkpoint."""
@@ -347,6 +349,7 @@ def test_initial_weights_are_kept_beside_the_run_for_the_comparison(blob_images,
     assert state.iteration == 3
 
 
+@pytest.mark.slow
 def test_probing_a_finished_run_writes_one_validation_line_per_checkpoint(blob_images, tmp_path, capsys):
     """python -m trainer.monitor RUN --task TASK: the step-0 weights and every kept checkpoint, on the validation
     split, the same numbers the in-training probe logged for the last one."""

@@ -123,6 +123,7 @@ def test_bad_line_names_file_and_line(tmp_path, capsys):
     assert e.value.code == 2 and "metrics.jsonl:2" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_command_line(tmp_path):
     run = write_run(tmp_path / "run", full_rows())
     out = tmp_path / "curves.png"

@@ -112,6 +112,7 @@ def test_continue_from_a_dinov2_backbone_and_head_file(tmp_path):
 # The loop in-process
 
 
+@pytest.mark.slow
 def test_cli_run_logs_checkpoints_and_exports_the_teacher(blob_images, tmp_path):
     out = tmp_path / "run"
     argv = ["--config", "smoke", "--data", str(blob_images), "--output", str(out), "--steps", "4", *TINY,
@@ -131,6 +132,7 @@ def test_cli_run_logs_checkpoints_and_exports_the_teacher(blob_images, tmp_path)
         main(argv)  # never silently overwrite a run
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(blob_images, tmp_path, monkeypatch):
     import trainer.train as tt
 
@@ -189,6 +191,7 @@ def uninterrupted(blob_images, tmp_path_factory) -> list[dict]:
     return read_metrics(out)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_repeats_the_uninterrupted_losses(blob_images, tmp_path, uninterrupted):
     proc = launch(blob_images, tmp_path)
     wait_for_iteration(proc, tmp_path, 4)
@@ -206,6 +209,7 @@ def test_sigkill_then_resume_repeats_the_uninterrupted_losses(blob_images, tmp_p
             (ref["iteration"], ref["loss"], ref["dino"], ref["ibot"], ref["koleo"], ref["lr"])
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_before_exit_and_resumes_identically(blob_images, tmp_path, uninterrupted):
     # With a DataLoader worker, signalled together with the main process as SLURM does on preemption.
     proc = launch(blob_images, tmp_path, "data.num_workers=1")
@@ -247,6 +251,7 @@ def ddp_worker(rank: int, port: int, images: str, out: str, logits: torch.Tensor
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_two_ranks_stay_identical_and_sinkhorn_uses_the_global_batch(blob_images, tmp_path):
     logits = torch.randn(8, 64, generator=torch.Generator().manual_seed(0)) * 3
     mp.spawn(ddp_worker, args=(free_port(), str(blob_images), str(tmp_path), logits), nprocs=2, join=True)
@@ -263,6 +268,7 @@ def test_ddp_two_ranks_stay_identical_and_sinkhorn_uses_the_global_batch(blob_im
     assert not torch.allclose(r0["sk"], local, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_torchrun_cli_trains_on_two_gloo_ranks(blob_images, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "GLOO_SOCKET_IFNAME": "lo"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
@@ -280,6 +286,7 @@ def test_torchrun_cli_trains_on_two_gloo_ranks(blob_images, tmp_path):
 # Real radiographs
 
 
+@pytest.mark.slow
 def test_smoke_run_on_shared_cxr_lowers_the_loss(shared_cxr, tmp_path):
     # Cheap on purpose: depth 2, 64 px globals with 16 px patches (16 tokens), 2 locals of 32 px, batch 8.
     cfg = load_config("smoke", ["model.depth=2", "model.patch_size=16", "model.img_size=64", "crops.global_size=64",

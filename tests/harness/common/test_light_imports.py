@@ -3,7 +3,10 @@ trainer and the launchers can use it without pulling in the harness's heavy part
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.slow
 def test_common_modules_import_neither_torch_nor_the_trainer():
     code = ("import sys\n"
             "import harness.common.atomic, harness.common.hashing, harness.common.imaging, harness.common.options\n"

@@ -65,6 +65,7 @@ def _demographics(tr, encs):
     return demographics.fit_and_score(tr, encs, linear.fit_and_score(tr, encs))
 
 
+@pytest.mark.slow
 def test_planted_signal_is_recovered_and_noise_is_not():
     tr, encs = _run()
     result = _demographics(tr, encs)

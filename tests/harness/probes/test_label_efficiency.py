@@ -36,6 +36,7 @@ def ran():
     return tr, encs, result
 
 
+@pytest.mark.slow
 def test_the_whole_training_split_is_the_linear_probe_exactly(ran):
     tr, encs, result = ran
     lin, lencs = _run()
@@ -56,6 +57,7 @@ def test_the_whole_training_split_is_the_linear_probe_exactly(ran):
     assert rows["b", "macro@1"].p_holm == full["paired_to_reference"]["p_holm"] and rows["a", "macro@1"].delta is None
 
 
+@pytest.mark.slow
 def test_every_draw_holds_a_positive_and_a_negative_patient_of_every_label(ran):
     """Issue 20: unstratified draws of 6 of the 60 training patients often missed the 3 positive "scarce" ones, and
     the 10% macro then averaged one label where the others averaged two."""
@@ -111,6 +113,7 @@ def test_stratified_draws_hold_every_class_and_stay_nested():
         draw_patients(patients, (0.1,), 2, seed=0, strata=strata[:3])
 
 
+@pytest.mark.slow
 def test_figure_plots_the_sections_numbers(ran):
     tr, encs, result = ran
     section = result.section
@@ -178,6 +181,7 @@ def _draw_seed_run(draw_seed: int):
         return label_efficiency.fit_and_score(tr, encs).to_record("m")["curve"][0]["macro_auroc"]
 
 
+@pytest.mark.slow
 def test_the_interval_covers_how_the_cell_moves_with_the_draw_seed():
     """Issue 20: changing only the draw seed moved a cell by more than its interval, which held only the test
     sampling. Over 6 draw seeds, the cells' points all lie inside every seed's interval."""
@@ -193,6 +197,7 @@ def test_resample_b_is_scored_by_draw_b_mod_d():
     np.testing.assert_array_equal(label_efficiency.paired_resamples(boot), [0.0, 5.0, 10.0, 3.0])
 
 
+@pytest.mark.slow
 def test_one_draw_shows_no_dagger_where_the_test_cannot_hold_the_draw():
     tr, encs = _run(fractions=(0.3, 1.0), draws=1)
     result = label_efficiency.fit_and_score(tr, encs)
@@ -222,6 +227,7 @@ def test_figure_marks_and_does_not_join_fractions_over_another_label_set():
     assert len(fig.axes[0].get_lines()) == 1 and not fig.axes[0].texts
 
 
+@pytest.mark.slow
 def test_a_change_of_method_is_a_results_cache_miss(tmp_path, monkeypatch):
     tr, encs = _run(fractions=(0.3, 1.0), draws=2)
     tr.results_cache = cache = ResultsCache(tmp_path)
@@ -233,6 +239,7 @@ def test_a_change_of_method_is_a_results_cache_miss(tmp_path, monkeypatch):
     assert (cache.hits, cache.misses) == (4, 8)
 
 
+@pytest.mark.slow
 def test_a_figure_that_raises_costs_only_the_figure(monkeypatch, caplog):
     tr, encs = _run(fractions=(0.3, 1.0), draws=2)
 

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from harness.probes import linear
 from harness.protocols import ProbeOptions
@@ -58,6 +59,7 @@ def test_penalty_at_the_edge_of_its_grid_is_flagged():
     assert inner.C_at_edge == grid_edge((two.C / 100, two.C / 10, two.C, two.C * 10, two.C * 100), inner.C)
 
 
+@pytest.mark.slow
 def test_results_are_bit_identical_for_any_number_of_jobs():
     """Workers fit (label, fold) pairs in any order and on one BLAS thread each: every number must match the
     in-process run exactly, label by label (a result filed under the wrong label would differ)."""
@@ -91,6 +93,7 @@ def test_probe_jobs_below_one_is_a_usage_error(capsys):
     assert "error: --probe-jobs must be at least 1" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_label_with_one_positive_training_patient_says_its_C_fell_back():
     """Issue 20: with one positive training patient no CV fold can hold one out, and C silently became 0.1."""
     rng = np.random.default_rng(0)

@@ -100,6 +100,7 @@ def _run(task, encoders, tmp_path, *, in_memory=False, **extract_kw):
     return fit_and_score(tr, encoders, BUDGET), logs
 
 
+@pytest.mark.slow
 def test_streaming_gives_the_in_memory_numbers_on_the_demo_task(tmp_path):
     """Bit-identical, not just close: the streamed path reads the same fp16 rows into the same batches, sums the
     channel statistics over the same chunks in the same order and trains on the same targets, so every float
@@ -132,6 +133,7 @@ def test_targets_on_disk_equal_the_stacked_targets(tmp_path):
     np.testing.assert_array_equal(np.asarray(on_disk), stacked.numpy())
 
 
+@pytest.mark.slow
 def test_reencode_fallback_gives_the_cached_results(tmp_path):
     """Over the disk budget the dense entry is not written and the heads re-encode every batch: the log says so
     and why, and every number is the one the cached path gives. Exact here: the pixels encoder computes each image
