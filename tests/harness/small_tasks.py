@@ -34,7 +34,7 @@ class TinyTask(Task):
         return f"tiny-{len(self)}"
 
 
-def blob(hw: tuple[int, int]) -> np.ndarray:
+def lung_mask(hw: tuple[int, int]) -> np.ndarray:
     """A lung-like mask away from the borders."""
     h, w = hw
     yy, xx = np.mgrid[:h, :w]
@@ -57,12 +57,12 @@ class MaskedTask(Task):
             self.mask_names = ()
 
     def load_mask(self, i: int) -> np.ndarray | None:
-        return blob(self.shapes[i]) if self.table.has_mask[i] else None
+        return lung_mask(self.shapes[i]) if self.table.has_mask[i] else None
 
     def load_image(self, i: int) -> np.ndarray:
         rng = np.random.default_rng(i)
         img = 0.6 + 0.1 * rng.random(self.shapes[i])
-        img[blob(self.shapes[i])[0]] = 0.15  # air-filled lungs are dark
+        img[lung_mask(self.shapes[i])[0]] = 0.15  # air-filled lungs are dark
         return (img + 0.05 * rng.normal(size=img.shape)).astype(np.float32)
 
     def content_digest(self) -> str:

@@ -29,7 +29,7 @@ from harness.probes.segmentation import (
 from harness.protocols import TaskRun
 from harness.splits import pseudonym
 from harness.tasks.base import TaskError
-from tests.harness.small_tasks import MaskedTask, blob, pixels_encoders
+from tests.harness.small_tasks import MaskedTask, lung_mask, pixels_encoders
 
 
 def test_dice_iou_match_the_formula():
@@ -55,7 +55,7 @@ def test_mask_round_trip_through_the_protocol_geometry(policy, hw, loss_size):
     other up to resampling error, inside what the encoder sees."""
     pre = Preprocess(size=48, policy=policy)
     geo = geometry(*hw, pre)
-    mask = blob(hw)
+    mask = lung_mask(hw)
     target = mask_to_input(mask, geo, loss_size)
     if loss_size is not None:  # the head's logits are upsampled from the loss grid the same way at scoring
         target = F.interpolate(target[None], size=(48, 48), mode="bilinear", align_corners=False)[0]
@@ -145,7 +145,7 @@ def test_protocol_end_to_end(tmp_path):
     per_image = pl.read_parquet(io.BytesIO(result.files["results/tiny-seg/pixels.seg.parquet"]))
     ml = per_image.filter(pl.col("head") == "multi-level")["dice"].to_numpy()[:4]
     np.testing.assert_allclose(ov.dice[:, 0], ml)
-    np.testing.assert_array_equal(ov.truths[0], blob(task.shapes[test[0]])[0])  # small images: kept at full size
+    np.testing.assert_array_equal(ov.truths[0], lung_mask(task.shapes[test[0]])[0])  # small images: kept at full size
     with np.load(tmp_path / "o.npz") as z:
         texts = {str(v) for k in z.files if z[k].dtype.kind == "U" for v in z[k].ravel()}
     assert texts and not texts & set(task.table.image_ids)
@@ -159,7 +159,7 @@ class _TwoStructures(MaskedTask):
     mask_names = ("lungs", "tube")
 
     def load_mask(self, i):
-        lungs = blob(self.shapes[i])
+        lungs = lung_mask(self.shapes[i])
         tube = np.zeros_like(lungs)
         if i % 4 == 0:
             tube[0, 5:-5, 18:22] = True
