@@ -162,6 +162,7 @@ def _names_and_shapes(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, ..
     return {k: tuple(v.shape) for k, v in state.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["dinov2-base", "biomedclip", "biovil-t", "mrm"])
 def test_written_files_use_the_official_parameter_names(family):
     """The formats tiny_weights writes without the reference libraries hold exactly the names and shapes the reference

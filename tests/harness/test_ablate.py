@@ -157,6 +157,7 @@ def test_data_fractions_are_seeded_nested_subsets_that_keep_weights(blob_images,
     assert subset_sources([str(blob_images)], 1.0, 0, tmp_path) == ([str(blob_images)], {})
 
 
+@pytest.mark.slow
 def test_dry_run_prints_the_plan_and_the_slurm_scripts_and_writes_nothing(blob_images, tmp_path, capsys):
     out = tmp_path / "abl"
     base = argv(blob_images, out, "mim=on,off", "resolution=32,64", "data=1.0,0.5")
@@ -227,6 +228,7 @@ def test_a_sources_axis_trains_each_named_mix_and_data_fractions_subset_it(blob_
                                               "--mix", f"mixed={half}"]))
 
 
+@pytest.mark.slow
 def test_slurm_training_jobs_get_the_trainer_arguments_of_the_validated_plan(blob_images, tmp_path):
     """What an array task runs (trainer.train's command line) resolves to exactly the config validated here."""
     import pickle

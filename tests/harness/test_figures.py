@@ -464,6 +464,7 @@ def test_a_table_without_a_column_is_an_error_naming_it(tmp_path, capsys):
     assert err.startswith("error: ") and "p_holm" in err and err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_cli_prints_the_written_paths(tmp_path, capsys):
     out = write_run(tmp_path / "run")
     assert main([str(out), "--task", NAME]) == 0

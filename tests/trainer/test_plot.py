@@ -136,6 +136,7 @@ def test_command_line(tmp_path):
     assert missing.returncode == 2 and "metrics.jsonl not found" in missing.stderr
 
 
+@pytest.mark.slow
 def test_plots_a_real_training_run(tmp_path, blob_images):
     import torch
 

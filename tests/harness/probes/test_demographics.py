@@ -83,6 +83,7 @@ def test_planted_signal_is_recovered_and_noise_is_not():
     assert cal["slope_ci"][0] < cal["slope"] < cal["slope_ci"][1] and cal["clusters"] == 30
 
 
+@pytest.mark.slow
 def test_shuffled_labels_give_chance():
     tr, encs = _run(shuffle=True, seed=3)
     a = _demographics(tr, encs).to_record("a")
@@ -91,6 +92,7 @@ def test_shuffled_labels_give_chance():
     assert a["age"]["r2"]["point"] < 0.1
 
 
+@pytest.mark.slow
 def test_missing_sex_and_age_are_excluded_and_counted():
     tr, encs = _run(missing=7)
     result = _demographics(tr, encs)
@@ -107,6 +109,7 @@ def test_missing_sex_and_age_are_excluded_and_counted():
                for n in section.notes)
 
 
+@pytest.mark.slow
 def test_subgroup_view_finds_a_gap_that_exists():
     tr, encs = _run(gap=True, n_patients=150)
     result = _demographics(tr, encs)
@@ -134,6 +137,7 @@ def test_subgroup_view_scores_the_linear_protocols_predictions():
     assert sub["sex"]["gap"]["point"] == 0.0
 
 
+@pytest.mark.slow
 def test_tidy_rows_are_the_sections_numbers_named_as_its_columns():
     tr, encs = _run(gap=True, n_patients=150)
     result = _demographics(tr, encs)
