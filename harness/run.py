@@ -554,7 +554,8 @@ def write_outputs(tr: TaskRun, encoders: list[Encoder], results: dict[str, Proto
     aggregation = summary.get("reader_aggregation")
     header = [
         ("Task", f"`{task.name}`: {summary['images']} images, {summary['patients']} patients"
-                 + (f" (outputs named `{name}`)" if name != safe_name(task.name) else "")),
+                 + (f" (outputs named `{name}`)" if name != safe_name(task.name) else "")
+                 + (f"; {task.header_note}" if task.header_note else "")),
         ("Labels", label_header(tr)),
         ("Label rule", f"readers aggregated per image by `{aggregation}`" if aggregation else
                        "one 0/1 value per image as the task gives it (no aggregation)"),

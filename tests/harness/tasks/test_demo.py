@@ -8,6 +8,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from harness.protocols import MIN_POSITIVE_PATIENTS, label_status
+from harness.splits import make_split
 from harness.tasks import demo as demo_mod
 from harness.tasks.base import TaskContext, TaskError, build_task
 from harness.tasks.demo import LABEL_NAMES, DemoTask, PhantomConfig, render_image, render_mask
@@ -245,10 +247,20 @@ def test_factory_and_arguments():
     t = build_task("demo", "n_patients=4,size=64,p_nodule=1", TaskContext())
     assert t.name == "demo" and len(set(t.table.patient_ids)) == 4 and t.table.labels[:, 1].all()
     assert t.load_image(0).shape == (64, 64)
-    assert len(build_task("demo", None, TaskContext())) > 500  # the default set: ~600 images, table only
+    assert len(build_task("demo", None, TaskContext())) == 241  # the default set (table only)
     with pytest.raises(TaskError, match="n_patient"):
         build_task("demo", "n_patient=4", TaskContext())
     with pytest.raises(TaskError, match="p_nodule"):
         build_task("demo", "p_nodule=2", TaskContext())
     with pytest.raises(TaskError, match="size='big'"):
         build_task("demo", "size=big", TaskContext())
+
+
+def test_the_default_set_is_the_small_one_and_every_label_is_evaluable():
+    """The first-run default (PhantomConfig's comment): about 250 images, every label evaluable at the default split
+    (seed 0, 30% test) and --min-positive-patients, and the leaderboard's Task line says it is the small set."""
+    t = DemoTask()
+    assert len(t) < 300
+    ok, why = label_status(t, np.asarray(make_split(t.table.patient_ids, 0, 0.3)), MIN_POSITIVE_PATIENTS)
+    assert ok.all(), why
+    assert "small default" in t.header_note and "small default" not in DemoTask(PhantomConfig(n_patients=5)).header_note
