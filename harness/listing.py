@@ -21,6 +21,7 @@ from harness.tasks.base import TASKS
 #: The placeholder `WeightFiles.download` commands write for the weights root; the note fills in the real one so
 #: that a command can be pasted as printed.
 WEIGHTS_DIR_PLACEHOLDER = "<weights-dir>"
+#: Width the note's paragraph is wrapped to; the fetch commands below it stay whole, however long.
 WIDTH = 116
 
 
