@@ -1,7 +1,7 @@
 """``raddino-bench``: one console script for every tool of the project.
 
     raddino-bench eval --models pixels,random-vit --tasks demo      # = python -m harness.run
-    raddino-bench ls                                                # encoders, tasks, protocols
+    raddino-bench ls [PATTERN]                                      # encoders, tasks, protocols
     raddino-bench COMMAND --help
 
 Each command is an existing ``python -m`` tool, run with its own parser (its flags, help and examples), so both
@@ -93,17 +93,25 @@ def _ls(argv: list[str], prog: str) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog="""\
 examples:
   %(prog)s
+  %(prog)s dino                             # names holding 'dino': rad-dino, dinov2-base
+  %(prog)s 'bio*'                           # shell wildcards, as timm's list_models(pattern)
   %(prog)s --weights-dir /data/weights      # where 'eval --weights-dir /data/weights' would look
 """)
+    p.add_argument("pattern", nargs="?", default=None, metavar="PATTERN",
+                   help="list only the encoders, tasks and protocols whose names match: shell wildcards (* ? [..]), "
+                        "case-insensitive; without a wildcard, the names that contain it")
     p.add_argument("--weights-dir", type=Path, default=None,
                    help="folder with one sub-folder of weights per model (default: $RADDINO_BENCH_WEIGHTS, else "
                         "$HF_HOME/raddino-bench)")
     args = p.parse_args(argv)
     if args.weights_dir is not None and not args.weights_dir.is_dir():
         raise UsageError(f"--weights-dir {args.weights_dir} is not a directory")
-    from harness.run import list_registered
+    from harness.listing import list_registered
 
-    list_registered(args.weights_dir)
+    if not list_registered(args.weights_dir, args.pattern):
+        # grep's convention: the listing ran, and found nothing
+        print(f"no encoder, task or protocol name matches {args.pattern!r}", file=sys.stderr)
+        return 1
     return 0
 
 

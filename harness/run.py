@@ -29,13 +29,11 @@ from tabulate import tabulate
 
 from baselines.registry import (
     DEFAULT_GLOBAL_POOL,
-    ENCODERS,
     GLOBAL_POOLS,
     Encoder,
     WeightsMissing,
     build_encoder,
     default_weights_dir,
-    weights_status,
 )
 from harness import stats, tidy
 from harness.checks import check_eval_args, default_protocols
@@ -47,6 +45,7 @@ from harness.common.hashing import array_digest
 from harness.features import DEFAULT_DENSE_BUDGET_GB, FeatureCache, extract, precision
 from harness.figures import FigureInputError, draw_task_figures, figure_links
 from harness.leaderboard import render, section_from_json, section_to_json
+from harness.listing import list_registered, status_table
 from harness.log import setup_logging
 from harness.probes import PROTOCOLS
 from harness.registry import resolve
@@ -56,7 +55,7 @@ from harness.results_cache import ResultsCache, ResultsCacheFull
 from harness.splits import make_split, pseudonym, split_hash, validation_split, write_split
 from harness.taskspec import TaskSpec, parse_task_list
 from harness.taskspec import parse_task_spec as _parse_spec
-from harness.tasks.base import TASKS, Subset, Task, TaskContext, TaskError, build_task
+from harness.tasks.base import Subset, Task, TaskContext, TaskError, build_task
 
 #: Named, not __name__: run as ``python -m harness.run`` this module is __main__, outside the harness logger.
 log = logging.getLogger("harness.run")
@@ -561,7 +560,8 @@ def write_outputs(tr: TaskRun, encoders: list[Encoder], results: dict[str, Proto
     aggregation = summary.get("reader_aggregation")
     header = [
         ("Task", f"`{task.name}`: {summary['images']} images, {summary['patients']} patients"
-                 + (f" (outputs named `{name}`)" if name != safe_name(task.name) else "")),
+                 + (f" (outputs named `{name}`)" if name != safe_name(task.name) else "")
+                 + (f"; {task.header_note}" if task.header_note else "")),
         ("Labels", label_header(tr)),
         ("Label rule", f"readers aggregated per image by `{aggregation}`" if aggregation else
                        "one 0/1 value per image as the task gives it (no aggregation)"),
@@ -614,26 +614,6 @@ def print_summary(s: dict) -> None:
             f"  {item['file']}: {item['reason']}" for item in s["skipped"][:20]))
 
 
-def list_registered(weights_dir: Path | None) -> None:
-    """Encoders (with whether their weights are present, and where, found without loading them), tasks and
-    protocols, in table order."""
-    def where(name: str) -> str:
-        status = weights_status(name, weights_dir)
-        # The full WeightsMissing text (places searched, fetch command) is what `--models NAME` prints.
-        return status.split(";")[0] + f" (details: --models {name})" if status.startswith("missing") else status
-
-    print(tabulate([[n, "name:ARG" if e.takes_arg else "", ", ".join(e.expected_files) or "(none)", where(n),
-                     e.description] for n, e in ENCODERS.entries.items()],
-                   headers=["encoder", "form", "weight files", "weights", "what"]))
-    print()
-    print(tabulate([[n, "name:ARG" if e.takes_arg else "", e.description] for n, e in TASKS.entries.items()],
-                   headers=["task", "form", "what"]))
-    print()
-    print(tabulate([[n, "yes" if p.default else f"when asked: TASK:{n} or --protocols {n}", ", ".join(p.after),
-                     p.description] for n, p in PROTOCOLS.entries.items()],
-                   headers=["protocol", "by default", "runs after", "what"]))
-
-
 @command
 def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     args = build_parser(prog).parse_args(argv)
@@ -652,8 +632,7 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
         encoders, skipped = load_encoders(names, args.weights_dir, args.input_policy, explicit, args.global_pool)
     except (WeightsMissing, KeyError, ValueError, FileNotFoundError) as e:
         raise UsageError(str(e)) from e
-    print(tabulate([[e.name, "ready", e.weights_digest[:12]] for e in encoders]
-                   + [[n, "skipped", why] for n, why in skipped], headers=["encoder", "status", "weights / reason"]))
+    print(status_table(encoders, [n for n, _ in skipped], args.weights_dir))
     if not encoders:
         raise UsageError("no encoder could be loaded")
     reference = args.reference or encoders[0].name

@@ -164,6 +164,7 @@ for line, code in blocks:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("page", EXECUTED, ids=lambda p: p.name)
 def test_python_examples_run_as_written(page, tmp_path):
     blocks = python_blocks(page)

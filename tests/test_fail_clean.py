@@ -104,6 +104,7 @@ def _undecodable_mid_run(tmp_path: Path, images: Path) -> list[str]:
     ("optim.batch_size_per_gpu=0 loss.koleo_weight=0", 2, "optim.batch_size_per_gpu=0: must be >= 1", False),
     ("an image a loader worker cannot decode mid-run", 1, "cannot decode", True),
 ])
+@pytest.mark.slow
 def test_the_trainer_exits_with_one_line_whatever_stops_it(case, status, words, folder_left, blob_images, tmp_path):
     data = {"a manifest naming a missing image": _missing_image, "--skip-bad with no readable image": _none_readable,
             "an image a loader worker cannot decode mid-run": _undecodable_mid_run}.get(case)
@@ -118,6 +119,7 @@ def test_the_trainer_exits_with_one_line_whatever_stops_it(case, status, words, 
     assert run.exists() == folder_left, "a run that fails its checks before starting leaves no folder"
 
 
+@pytest.mark.slow
 def test_a_library_caller_s_uncaught_error_still_ends_the_process(blob_images, tmp_path):
     """Without the command-line wrapper the exception reaches the interpreter's top level with the loader's frames
     in its traceback: the closed loader's workers must still let the interpreter exit."""
@@ -138,6 +140,7 @@ def test_a_library_caller_s_uncaught_error_still_ends_the_process(blob_images, t
     assert proc.returncode == 1 and "BadImageError" in err, err[-3000:]
 
 
+@pytest.mark.slow
 def test_ctrl_c_writes_a_checkpoint_and_exits_130(blob_images, tmp_path):
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -296,6 +299,7 @@ def resume_argv(images: Path, run: Path, *extra: str) -> list[str]:
             "run.checkpoint_every=2", "--resume", "auto", *extra]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("file, how", [("model.safetensors", "truncated"), ("optimizer.pt", "truncated"),
                                        ("state.json", "truncated"), ("config.yaml", "not YAML"),
                                        ("state.json", "another iteration")])
@@ -313,6 +317,7 @@ def test_resume_skips_a_damaged_latest_checkpoint_naming_its_file(file, how, tra
     assert [json.loads(x)["iteration"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_resume_with_every_checkpoint_damaged_names_them_all(trained_run, blob_images, tmp_path, one_thread,
                                                              capsys):
     run = tmp_path / "run"
@@ -325,6 +330,7 @@ def test_resume_with_every_checkpoint_damaged_names_them_all(trained_run, blob_i
     assert all(str(c / "model.safetensors") in line for c in list_checkpoints(run))
 
 
+@pytest.mark.slow
 def test_resume_of_a_damaged_checkpoint_by_name_points_at_auto(trained_run, blob_images, tmp_path, one_thread,
                                                                capsys):
     run = tmp_path / "run"
@@ -338,6 +344,7 @@ def test_resume_of_a_damaged_checkpoint_by_name_points_at_auto(trained_run, blob
     assert str(ckpt / "optimizer.pt") in line and "is damaged or unreadable" in line and "--resume auto" in line
 
 
+@pytest.mark.slow
 def test_a_partial_last_metrics_line_is_trimmed_with_a_warning(trained_run, blob_images, tmp_path, one_thread,
                                                                capsys):
     run = tmp_path / "run"
@@ -350,6 +357,7 @@ def test_a_partial_last_metrics_line_is_trimmed_with_a_warning(trained_run, blob
     assert [json.loads(x)["iteration"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_a_damaged_metrics_line_before_the_last_is_named(trained_run, blob_images, tmp_path, one_thread, capsys):
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
@@ -359,6 +367,7 @@ def test_a_damaged_metrics_line_before_the_last_is_named(trained_run, blob_image
     assert f"{run / 'metrics.jsonl'}:2: not a metrics line" in one_error_line(capsys.readouterr().err)
 
 
+@pytest.mark.slow
 def test_export_and_ckpt_name_the_damaged_file_and_the_intact_checkpoint(trained_run, tmp_path, capsys):
     from trainer.export import main as export_main
 

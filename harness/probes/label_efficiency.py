@@ -12,15 +12,15 @@ patients outnumber round(f * P), the fraction keeps as many as the largest front
 say so. The fraction 1 is the whole training split, fitted once (every draw would be the same): the linear probe.
 
 Intervals. A cell's point is the mean over draws of the draws' macro AUROC. Its 95% interval is the percentile
-interval over (draw, test resample) pairs: the task's shared bootstrap resample b is scored with the probe of draw
-b mod D (resamples are independent of the draws, so this is a random pairing in which every draw is used equally).
-The interval thus holds the between-draw variability as well as the test-sampling one: it is the interval of what
-one draw of f of the patients gives on a new test sample, which is wider than the uncertainty of the mean over D
-draws and so also covers how the mean moves with the draw seed (tests/test_label_efficiency.py checks that). It
-rests on the D draws made; with one draw it cannot hold the draws' variability, and the notes say so. The paired
-difference to the reference pairs the same (draw, resample) for every model (every model sees the same draws), so
-its test, Holm-corrected per fraction, accounts for the draw; † is shown only where it does (two or more draws, or
-the fraction 1, which has no draw). docs/statistics.md has the reasoning.
+interval over (draw, test resample) pairs: the task's shared bootstrap resample b is scored with the probe of draw b
+mod D (resamples are independent of the draws, so this is a random pairing in which every draw is used equally). The
+interval thus holds the between-draw variability as well as the test-sampling one: it is the interval of what one
+draw of f of the patients gives on a new test sample, which is wider than the uncertainty of the mean over D draws
+and so also covers how the mean moves with the draw seed (tests/harness/probes/test_label_efficiency.py checks
+that). It rests on the D draws made; with one draw it cannot hold the draws' variability, and the notes say so. The
+paired difference to the reference pairs the same (draw, resample) for every model (every model sees the same
+draws), so its test, Holm-corrected per fraction, accounts for the draw; † is shown only where it does (two or more
+draws, or the fraction 1, which has no draw). docs/statistics.md has the reasoning.
 """
 from __future__ import annotations
 

@@ -5,8 +5,9 @@ from harness.tasks.base import TASKS, Task, TaskContext, TaskError, build_task  
 TASKS.register("csv", "harness.tasks.csv_task:csv_task", takes_arg=True,
                description="any labels.csv: image, label_*, patient_id[, mask, sex, age, split]")
 TASKS.register("demo", "harness.tasks.demo:demo",
-               description="synthetic chest-radiograph phantom, no download (demo:n_patients=50,size=128 to resize): "
-                           "effusion, nodule, pneumothorax, cardiomegaly; lung masks; sex, age")
+               description="synthetic chest-radiograph phantom, no download; 120 patients by default, a first run in "
+                           "minutes (demo:n_patients=50,size=128 to resize): effusion, nodule, pneumothorax, "
+                           "cardiomegaly; lung masks; sex, age")
 TASKS.register("candid", "harness.tasks.candid:candid",
                description="CANDID-PTX: pneumothorax, chest tube, rib fracture labels; pneumothorax and chest-tube "
                            "masks; patient ids from the filename prefix")

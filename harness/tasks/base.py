@@ -74,6 +74,9 @@ class Task(ABC):
     skipped: list[tuple[str, str]]
     #: Patient ids folded into another patient because they share an identical image (see `merge_duplicates`).
     patients_merged: int = 0
+    #: What the leaderboard's Task line adds after the counts, for a set a reader could mistake for another (the
+    #: demo phantom says its size is the small first-run default); empty for a dataset.
+    header_note: str = ""
 
     def __len__(self) -> int:
         return len(self.table)
