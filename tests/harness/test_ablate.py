@@ -289,28 +289,15 @@ def test_without_replot_the_training_flags_are_required_and_exit_2(tmp_path, cap
     assert not any(tmp_path.iterdir())
 
 
-def _csv_task(root, n_patients: int):
-    """A csv: task of 2 distinct random 32 px PNGs per patient, one label."""
-    import numpy as np
-
-    (root / "images").mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    rows = ["image,patient_id,label_a"]
-    for p in range(n_patients):
-        for k in range(2):
-            Image.fromarray(rng.integers(0, 255, (32, 32), dtype=np.uint8)).save(root / "images" / f"{p}_{k}.png")
-            rows.append(f"images/{p}_{k}.png,P{p},{p % 2}")
-    (root / "labels.csv").write_text("\n".join(rows) + "\n")
-    return root / "labels.csv"
-
-
 def test_the_plan_warns_when_the_pretraining_images_include_the_eval_tasks_test_images(tmp_path, capsys):
     """Copies of test-split images in --data are counted by content before anything trains; a manifest of the
     training patients' images gets no warning."""
     from harness.splits import make_split
     from harness.tasks.base import TaskContext, build_task
 
-    labels = _csv_task(tmp_path / "task", n_patients=20)
+    from tests.harness.small_tasks import csv_set
+
+    labels = csv_set(tmp_path / "task", n_patients=20)
     task = build_task("csv", str(labels), TaskContext(seed=0))
     split = make_split(task.table.patient_ids, 0, 0.3, task.table.split)
     files = {s: [labels.parent / i for i, t in zip(task.table.image_ids, split) if t == s] for s in ("train", "test")}
