@@ -727,9 +727,10 @@ def check_inputs(args: argparse.Namespace, variants: list[Variant], cfgs: list[T
     from harness.tasks.base import TaskContext, TaskError, build_task
     from trainer.train import open_data
 
+    paths = []  # every image the manifests list, read once here for the test-overlap warning too
     for spec in dict.fromkeys(s for v in variants for s in v.sources if not s.startswith(str(args.output))):
         one = dataclasses.replace(cfgs[0], data=dataclasses.replace(cfgs[0].data, sources=[spec]))
-        open_data(one)
+        paths += open_data(one).paths
     root, named = parse_data_roots(args.data_root)
     ctx = TaskContext(data_root=root, data_roots=named, seed=args.seed)
     tasks = []
@@ -739,18 +740,15 @@ def check_inputs(args: argparse.Namespace, variants: list[Variant], cfgs: list[T
             tasks.append(build_task(spec.name, spec.arg, ctx))
         except (TaskError, KeyError, ValueError, OSError) as e:
             raise AblationError(f"--eval-task {raw!r}: {e}") from e
-    warn_test_overlap(args, variants, tasks)
+    warn_test_overlap(args, list(dict.fromkeys(paths)), tasks)
 
 
-def warn_test_overlap(args: argparse.Namespace, variants: list[Variant], tasks: list) -> None:
+def warn_test_overlap(args: argparse.Namespace, paths: list[Path], tasks: list) -> None:
     """A warning naming the count when the pretraining images include test-split images of an evaluation task:
     the harness's numbers on that split would be optimistic (docs/pretraining.md, "Pretrain on the training
     patients only")."""
     from harness.splits import count_identical_files, test_split_digests
-    from trainer.data import parse_source, read_manifest
 
-    manifests = dict.fromkeys(s for v in variants for s in v.sources if not s.startswith(str(args.output)))
-    paths = list(dict.fromkeys(p for spec in manifests for p in read_manifest(parse_source(spec).path)))
     for task in tasks:
         overlap = count_identical_files(paths, test_split_digests(task, args.seed))
         if overlap:
