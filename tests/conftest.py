@@ -76,3 +76,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def nothing_built(monkeypatch):
+    """Fail the test if harness.run builds an encoder or a task: what must be checked before any model loads."""
+    import harness.run
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"built before the command line was checked: {args}")
+
+    monkeypatch.setattr(harness.run, "build_encoder", refuse)
+    monkeypatch.setattr(harness.run, "build_task", refuse)

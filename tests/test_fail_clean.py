@@ -391,13 +391,6 @@ def test_export_and_ckpt_name_the_damaged_file_and_the_intact_checkpoint(trained
 # The evaluation checks its flags and folders before any model loads
 
 
-@pytest.fixture
-def nothing_built(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"built before the command line was checked: {args}")
-
-    monkeypatch.setattr(harness.run, "build_encoder", refuse)
-    monkeypatch.setattr(harness.run, "build_task", refuse)
 
 
 @pytest.mark.parametrize("flag, value, words", [

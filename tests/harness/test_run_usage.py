@@ -12,14 +12,6 @@ from harness.run import main
 from tests.harness.small_tasks import csv_set
 
 
-@pytest.fixture
-def nothing_built(monkeypatch):
-    """Fail the test if the harness builds an encoder or a task."""
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"built before the command line was checked: {args}")
-
-    monkeypatch.setattr(harness.run, "build_encoder", refuse)
-    monkeypatch.setattr(harness.run, "build_task", refuse)
 
 
 def _usage_error(argv: list[str], capsys) -> str:
