@@ -131,6 +131,14 @@ def test_print_config_prints_the_resolved_yaml_and_builds_nothing(tmp_path, caps
     assert load_config(str(tmp_path / "mine.yaml")) == expected
 
 
+@pytest.mark.parametrize("preset", ["smoke", "small", "rad-dino"])
+def test_print_config_of_each_preset_is_the_text_it_printed_before_the_recipe_moved_into_yaml(preset, capsys):
+    """golden/print-config/NAME.yaml is what `--print-config` printed when the recipe was the dataclasses'
+    defaults: the same keys, in the same order, with the same values."""
+    assert main(["--config", preset, "--print-config"]) == 0
+    assert capsys.readouterr().out == (GOLDEN.with_name("print-config") / f"{preset}.yaml").read_text()
+
+
 def test_output_is_required_unless_printing(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--config", "smoke"])
