@@ -405,7 +405,7 @@ def ddp_worker(rank: int, world: int, port: int, p: Profile, data: str, run_dir:
         cfg.data.num_workers = 0  # no loader processes inside the spawned ranks
         state = train(cfg, run_dir)
         weights = torch.cat([t.detach().float().flatten() for t in
-                             (*state.student.parameters(), *state.teacher.parameters())])
+                             (*state.model.student.parameters(), *state.model.teacher.parameters())])
         gathered = [torch.empty_like(weights) for _ in range(world)]
         dist.all_gather(gathered, weights)
         diff = max((g - gathered[0]).abs().max().item() for g in gathered)

@@ -266,7 +266,7 @@ def finished(run: Path, cfg: TrainConfig) -> bool:
 def check_existing(output: Path, variants: list[Variant], cfgs: list[TrainConfig]) -> None:
     """A variant folder trained with other settings belongs to another ablation: refuse rather than mix them."""
     from trainer.checkpoint import newest_intact
-    from trainer.train import config_changes
+    from trainer.config import config_changes
 
     for v, cfg in zip(variants, cfgs):
         ckpt = newest_intact(variant_dir(output, v))

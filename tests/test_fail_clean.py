@@ -177,7 +177,7 @@ def no_models(monkeypatch):
     def never(cfg):
         raise AssertionError("a model was built before the command line was checked")
 
-    monkeypatch.setattr(trainer.train, "build_models", never)
+    monkeypatch.setattr(trainer.train, "SSLMetaArch", never)
 
 
 def _trainer_usage_error(argv: list[str], capsys) -> str:

@@ -250,6 +250,26 @@ def save_config(cfg: TrainConfig, path: Path) -> None:
     atomic_write_text(path, to_yaml(cfg))
 
 
+def config_changes(saved: Path, cfg: TrainConfig) -> list[str]:
+    """``key: old -> new`` for every setting of ``cfg`` that differs from a checkpoint's config.yaml."""
+    if not saved.is_file():
+        return []
+    old = _flatten(yaml.safe_load(saved.read_text()) or {})
+    new = _flatten(yaml.safe_load(to_yaml(cfg)))  # the form config.yaml holds: tuples as lists
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k) and k != "data.sources"]
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 #: The values every number of the schema may take (a tuple's: each of its elements); NaN and infinity never pass.
 #: `validate` checks them all, so an out-of-range value stops the run before anything is built, naming its key,
 #: instead of hanging or failing steps later (a NaN lr, a batch of 0 images). The tests hold this table to every

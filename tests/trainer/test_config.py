@@ -87,7 +87,7 @@ def test_yaml_values_are_checked_and_converted_by_the_schema(tmp_path):
     ("model=3", "'model' is a section"),
     ("model.foo.bar=1", "unknown key 'model.foo'; known here: arch"),
     ("optim.base_lr", "expected key=value"),
-    ("model.arch=vit_huge", "model.arch='vit_huge': use one of vit_tiny, vit_small, vit_base"),  # not in build_models
+    ("model.arch=vit_huge", "model.arch='vit_huge': use one of vit_tiny, vit_small, vit_base"),  # at load, not at build
 ])
 def test_override_errors_name_the_override_key_and_type(override, message):
     with pytest.raises(ValueError, match=message):
@@ -113,7 +113,7 @@ def no_models(monkeypatch):
     def never(cfg):
         raise AssertionError("a model was built")
 
-    monkeypatch.setattr(trainer.train, "build_models", never)
+    monkeypatch.setattr(trainer.train, "SSLMetaArch", never)
 
 
 def test_print_config_prints_the_resolved_yaml_and_builds_nothing(tmp_path, capsys, no_models):

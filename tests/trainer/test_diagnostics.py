@@ -12,7 +12,7 @@ import torch
 from trainer.diagnostics import CollapseMonitor, feature_std, mean_entropy, prototypes_used, step_diagnostics
 from trainer.heads import DINOHead
 from trainer.losses import DINOLoss
-from trainer.train import main, param_groups, train
+from trainer.train import main, train
 from tests.trainer.tiny_run import TINY, read_metrics, tiny_cfg
 
 
@@ -138,7 +138,9 @@ def test_resume_applies_changed_multipliers_and_says_what_changed(blob_images, t
     changed.data.sources = [str(blob_images)]
     with caplog.at_level(logging.WARNING, logger="trainer"):
         state = train(changed, tmp_path, resume="auto")
-    expected = param_groups(state.student, 0.8, 0.5)
+    from trainer.meta_arch import SSLMetaArch
+
+    expected = SSLMetaArch(changed).param_groups()  # layer-wise decay 0.8, patch embedding x0.5
     assert [g["lr_multiplier"] for g in state.optimizer.param_groups] == [g["lr_multiplier"] for g in expected]
     said = " ".join(r.message for r in caplog.records)
     assert "optim.layerwise_decay: 0.9 -> 0.8" in said and "optim.total_iters: 2 -> 4" in said
@@ -166,8 +168,8 @@ def test_freeze_prototype_gain_keeps_g_at_one(blob_images, tmp_path):
     cfg = tiny_cfg("head.freeze_prototype_gain=true", "optim.freeze_last_layer_iters=0", steps=3)
     cfg.data.sources = [str(blob_images)]
     state = train(cfg, tmp_path)
-    assert torch.all(state.student.dino_head.last_layer.weight_g == 1.0)
-    assert torch.all(state.teacher.dino_head.last_layer.weight_g == 1.0)
+    assert torch.all(state.model.student.dino_head.last_layer.weight_g == 1.0)
+    assert torch.all(state.model.teacher.dino_head.last_layer.weight_g == 1.0)
 
 
 def test_dino_term_without_local_crops_divides_like_upstream():
@@ -307,7 +309,7 @@ def test_bad_eval_task_stops_before_any_model_is_built(blob_images, tmp_path, mo
     def never(cfg):
         raise AssertionError("a model was built before eval.task was checked")
 
-    monkeypatch.setattr(tt, "build_models", never)
+    monkeypatch.setattr(tt, "SSLMetaArch", never)
     argv = ["--config", "smoke", "--data", str(blob_images), "--output", str(tmp_path / "run"), "--steps", "2",
             *TINY, f"eval.task={task}"]
     assert main(argv) == 2
@@ -340,9 +342,9 @@ def test_initial_weights_are_kept_beside_the_run_for_the_comparison(blob_images,
     assert [p.name for p in (tmp_path / "init" / "checkpoints").iterdir()] == ["ckpt_0000000"]
     built = tiny_cfg(steps=3)
     torch.manual_seed(built.run.seed)
-    from trainer.train import build_models
+    from trainer.meta_arch import SSLMetaArch
 
-    fresh, _ = build_models(built)  # the same seed rebuilds exactly the step-0 weights
+    fresh = SSLMetaArch(built).student  # the same seed rebuilds exactly the step-0 weights
     for (name, a), b in zip(init.state_dict().items(), fresh.backbone.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)
     assert any(not torch.equal(a, b) for a, b in zip(init.state_dict().values(), final.state_dict().values()))

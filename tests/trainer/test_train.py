@@ -21,7 +21,8 @@ from safetensors.torch import save_file
 from trainer.checkpoint import latest_checkpoint, list_checkpoints, load_backbone
 from trainer.config import load_config
 from trainer.losses import DINOLoss
-from trainer.train import build_models, main, param_groups, train
+from trainer.meta_arch import SSLMetaArch
+from trainer.train import main, train
 
 from tests.conftest import REPO
 from tests.trainer.tiny_run import TINY, read_metrics, tiny_cfg
@@ -68,9 +69,8 @@ def test_yaml_overrides_and_steps(tmp_path):
 
 
 def test_param_groups_decay_rules():
-    cfg = tiny_cfg()
-    student, _ = build_models(cfg)
-    groups = param_groups(student, layerwise_decay=0.5, patch_embed_lr_mult=0.2)
+    model = SSLMetaArch(tiny_cfg("optim.layerwise_decay=0.5", "optim.patch_embed_lr_mult=0.2"))
+    student, groups = model.student, model.param_groups()
     where = {id(p): g for g in groups for p in g["params"]}
     bb, head = student.backbone, student.dino_head
     n = bb.n_blocks  # 2 -> multipliers 0.5^(3 - layer_id)
@@ -92,20 +92,20 @@ def test_continue_from_a_dinov2_backbone_and_head_file(tmp_path):
 
     cfg = tiny_cfg()
     torch.manual_seed(5)
-    source, _ = build_models(cfg)
+    source = SSLMetaArch(cfg).student
     save_dinov2(source.backbone, tmp_path / "backbone.safetensors")
     save_file({f"dino_head.{k}": v.contiguous() for k, v in source.dino_head.state_dict().items()},
               str(tmp_path / "head.safetensors"))
     cfg.model.pretrained = str(tmp_path / "backbone.safetensors")
     cfg.model.pretrained_head = str(tmp_path / "head.safetensors")
     torch.manual_seed(6)
-    student, teacher = build_models(cfg)
-    for model in (student, teacher):
+    built = SSLMetaArch(cfg)
+    for model in (built.student, built.teacher):
         assert torch.equal(model.backbone.pos_embed, source.backbone.pos_embed)
         assert torch.equal(model.dino_head.last_layer.weight_v, source.dino_head.last_layer.weight_v)
     cfg.model.depth = 3
     with pytest.raises(RuntimeError, match="does not fit model.arch"):
-        build_models(cfg)
+        SSLMetaArch(cfg)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -137,17 +137,17 @@ def test_cli_run_logs_checkpoints_and_exports_the_teacher(blob_images, tmp_path,
 
 @pytest.mark.slow
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(blob_images, tmp_path, monkeypatch):
-    import trainer.train as tt
+    from trainer.losses import iBOTPatchLoss
 
     calls = {"n": 0}
-    real = tt.iBOTPatchLoss.forward_masked
+    real = iBOTPatchLoss.forward_masked
 
     def poisoned(self, *args, **kwargs):  # the 3rd step's iBOT loss is NaN
         calls["n"] += 1
         value = real(self, *args, **kwargs)
         return value * float("nan") if calls["n"] == 3 else value
 
-    monkeypatch.setattr(tt.iBOTPatchLoss, "forward_masked", poisoned)
+    monkeypatch.setattr(iBOTPatchLoss, "forward_masked", poisoned)
     cfg = tiny_cfg("run.checkpoint_every=2", steps=6)
     cfg.data.sources = [str(blob_images)]
     with pytest.raises(FloatingPointError, match=r"iteration 3 .*ckpt_0000002"):
@@ -246,7 +246,7 @@ def ddp_worker(rank: int, port: int, images: str, out: str, logits: torch.Tensor
         cfg.data.sources = [images]
         state = train(cfg, out)
         flat = {name: torch.cat([p.detach().flatten() for p in m.parameters()])
-                for name, m in (("student", state.student), ("teacher", state.teacher))}
+                for name, m in (("student", state.model.student), ("teacher", state.model.teacher))}
         half = logits.chunk(2)[rank]
         sk = DINOLoss(logits.shape[1]).sinkhorn_knopp_teacher(half, teacher_temp=0.07)
         torch.save({**flat, "sk": sk}, Path(out) / f"rank{rank}.pt")
@@ -261,7 +261,7 @@ def test_ddp_two_ranks_stay_identical_and_sinkhorn_uses_the_global_batch(blob_im
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for name in ("student", "teacher"):
         assert torch.equal(r0[name], r1[name]), name
-    single, _ = build_models(tiny_cfg())
+    single = SSLMetaArch(tiny_cfg()).student
     assert not torch.equal(r0["student"], torch.cat([p.flatten() for p in single.parameters()]))  # it trained
     assert [r["iteration"] for r in read_metrics(tmp_path)] == [1, 2, 3]
     # Sinkhorn-Knopp over two ranks' halves == over the whole batch in one process, and != per-rank halves.
@@ -312,7 +312,7 @@ def test_cpu_seconds_counts_a_live_child_process():
     import subprocess
     import sys
 
-    from trainer.train import cpu_seconds
+    from trainer.meter import cpu_seconds
 
     burn = ("import time, sys\nwhile time.process_time() < 0.5: pass\n"
             "print('burnt', flush=True)\nsys.stdin.read()")
