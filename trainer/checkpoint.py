@@ -160,7 +160,7 @@ def read_config(ckpt_dir: Path) -> TrainConfig:
     """The config.yaml of a checkpoint, as a TrainConfig."""
     path = Path(ckpt_dir) / "config.yaml"
     raw = _read(path, lambda p: yaml.safe_load(p.read_text()))
-    if not isinstance(raw, dict):  # an empty file would otherwise be read as the schema's defaults
+    if not isinstance(raw, dict):  # an empty file would otherwise be read as the recipe (rad-dino)
         raise CheckpointError(f"{path} is damaged: not a training config (no mapping in it)")
     try:
         return config_from_dict(raw)

@@ -1,12 +1,14 @@
 """Training configuration: typed dataclasses (the schema), YAML presets, and dotted ``key=value`` overrides.
 
-The dataclasses are the schema: every key, its type and its default (the defaults are the rad-dino preset).
-OmegaConf builds a structured config from them and checks every value set on it: unknown keys are rejected, an
-int is accepted for a float, a YAML list for a tuple. The presets are YAML files in trainer/configs/, each naming
-its ``base`` preset (none: the schema's defaults) and carrying the reasons for its values as comments.
+Every value lives in one place, trainer/configs/rad-dino.yaml: the recipe, each key with its value and the source
+of that value. The dataclasses below are the schema only: the keys and their types, none with a value of its own
+(each is OmegaConf's MISSING, and tests/trainer/test_config.py fails on a key given a default here or left out of
+rad-dino.yaml). OmegaConf builds a structured config from them and checks every value set on it: unknown keys
+are rejected, an int is accepted for a float, a YAML list for a tuple.
 
-Resolution order: preset (or YAML file, which may name a ``base`` preset) -> ``--steps`` -> ``key=value`` overrides.
-The resolved config is written beside the checkpoints as ``config.yaml`` and is enough to rebuild the backbone.
+Resolution order: rad-dino.yaml -> the preset or YAML file, which may name another ``base`` preset (without one,
+it changes rad-dino) -> ``--steps`` -> ``key=value`` overrides. The resolved config is written beside the
+checkpoints as ``config.yaml`` and is enough to rebuild the backbone.
 
 Iteration counts are explicit: DINOv2 calls 1250 iterations an "epoch" (OFFICIAL_EPOCH_LENGTH in
 facebookresearch/dinov2 ``dinov2/configs/ssl_default_config.yaml``),
@@ -24,8 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import (
+    ConfigAttributeError,
+    ConfigKeyError,
+    MissingMandatoryValue,
+    OmegaConfBaseException,
+    ValidationError,
+)
 
 from harness.common.atomic import atomic_write_text
 from harness.common.errors import AT_LEAST_0, AT_LEAST_1, OPEN_UNIT, POSITIVE, UNIT, Interval
@@ -34,76 +42,72 @@ from trainer.vit import PRESETS as VIT_PRESETS
 
 @dataclass
 class ModelConfig:
-    arch: str = "vit_base"                  # trainer.vit preset: vit_tiny | vit_small | vit_base
-    patch_size: int = 14
-    img_size: int = 518                     # position-embedding grid size (37x37 at 518/14, as RAD-DINO)
-    depth: int | None = None                # None: the preset's depth (tests shrink it)
-    num_register_tokens: int = 0            # RAD-DINO has none (microsoft/rad-dino config.json)
-    layerscale_init: float | None = 1e-5
-    drop_path_rate: float = 0.3             # uniform over blocks (dinov2 ssl_default_config.yaml)
-    interpolate_offset: float = 0.1         # 0.1: register-free DINOv2/RAD-DINO (dinov2/models/vision_transformer.py)
-    interpolate_antialias: bool = False
-    pretrained: str | None = None           # DINOv2 backbone state dict / HF folder to continue from
-    pretrained_head: str | None = None      # DINO head safetensors (e.g. RAD-DINO's dino_head.safetensors)
+    arch: str = MISSING                     # trainer.vit preset: vit_tiny | vit_small | vit_base
+    patch_size: int = MISSING
+    img_size: int = MISSING                 # the position-embedding grid is img_size / patch_size square
+    depth: int | None = MISSING             # None: the arch's depth
+    num_register_tokens: int = MISSING
+    layerscale_init: float | None = MISSING  # None: no LayerScale
+    drop_path_rate: float = MISSING         # uniform over the blocks
+    interpolate_offset: float = MISSING     # position-embedding resampling (docs/pretraining.md, "Weights in and out")
+    interpolate_antialias: bool = MISSING
+    pretrained: str | None = MISSING        # DINOv2 backbone state dict / HF folder to continue from
+    pretrained_head: str | None = MISSING   # DINO head safetensors file
 
 
 @dataclass
 class HeadConfig:
-    out_dim: int = 65536                    # K: microsoft/rad-dino's dino_head.safetensors (92.6 MB) has 65536
-    hidden_dim: int = 2048
-    bottleneck_dim: int = 256
-    nlayers: int = 3
-    # Keep the prototypes' weight-norm gains at 1 (DINO v1's norm_last_layer); DINOv2 trains and decays them.
-    freeze_prototype_gain: bool = False
+    out_dim: int = MISSING                  # K, the number of prototypes
+    hidden_dim: int = MISSING
+    bottleneck_dim: int = MISSING
+    nlayers: int = MISSING
+    freeze_prototype_gain: bool = MISSING   # keep the prototypes' weight-norm gains at 1
 
 
 @dataclass
 class LossConfig:
-    dino_weight: float = 1.0                # dinov2 ssl_default_config.yaml: dino 1.0, ibot 1.0, koleo 0.1
-    ibot_weight: float = 1.0
-    koleo_weight: float = 0.1
-    centering: str = "centering"            # "centering" (softmax, EMA centre) | "sinkhorn_knopp"
-    student_temp: float = 0.1
-    center_momentum: float = 0.9
-    mask_ratio_min_max: tuple[float, float] = (0.1, 0.5)
-    mask_sample_probability: float = 0.5
+    dino_weight: float = MISSING
+    ibot_weight: float = MISSING
+    koleo_weight: float = MISSING
+    centering: str = MISSING                # "centering" (softmax, EMA centre) | "sinkhorn_knopp"
+    student_temp: float = MISSING
+    center_momentum: float = MISSING
+    mask_ratio_min_max: tuple[float, float] = MISSING
+    mask_sample_probability: float = MISSING
 
 
 @dataclass
 class CropConfig:
-    global_size: int = 518
-    local_size: int = 98                    # a multiple of patch 14: 98 as dinov2's configs/train/vitl14.yaml, not 96
-    n_local: int = 8
-    global_scale: tuple[float, float] = (0.32, 1.0)
-    local_scale: tuple[float, float] = (0.05, 0.32)
-    mean: float = 0.5307                    # microsoft/rad-dino preprocessor_config.json, grey -> 3 channels
-    std: float = 0.2583
-    # Blur probabilities (global 1, global 2, locals) as DINOv2 intended. Upstream inverts them
-    # (dinov2/data/augmentations.py, dinov2 PR #411), so DINOv2/RAD-DINO were trained with (0.0, 0.9, 0.5): set
-    # that to reproduce them.
-    blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5)
+    global_size: int = MISSING
+    local_size: int = MISSING
+    n_local: int = MISSING
+    global_scale: tuple[float, float] = MISSING
+    local_scale: tuple[float, float] = MISSING
+    mean: float = MISSING                   # grey intensity statistics, replicated to 3 channels
+    std: float = MISSING
+    blur_p: tuple[float, float, float] = MISSING  # global crop 1, global crop 2, the locals
 
 
 @dataclass
 class OptimConfig:
-    total_iters: int = 125_000              # 100 DINOv2 "epochs" of 1250 iterations
-    batch_size_per_gpu: int = 64
-    base_lr: float = 4e-3                   # per 1024 images, sqrt-scaled by the total batch (dinov2/utils/config.py)
-    lr_scaling: str = "sqrt_wrt_1024"       # "sqrt_wrt_1024" | "none"
-    min_lr: float = 1e-6
-    warmup_iters: int = 12_500
-    weight_decay: float = 0.04
-    weight_decay_end: float = 0.4
-    layerwise_decay: float = 0.9
-    patch_embed_lr_mult: float = 0.2
-    clip_grad: float = 3.0
-    freeze_last_layer_iters: int = 1250
-    momentum_teacher: float = 0.992
-    final_momentum_teacher: float = 1.0
-    teacher_temp: float = 0.07
-    warmup_teacher_temp: float = 0.04
-    warmup_teacher_temp_iters: int = 37_500  # 30 "epochs"
-    adamw_betas: tuple[float, float] = (0.9, 0.999)
+    total_iters: int = MISSING
+    batch_size_per_gpu: int = MISSING
+    base_lr: float = MISSING                # per 1024 images under lr_scaling sqrt_wrt_1024
+    lr_scaling: str = MISSING               # "sqrt_wrt_1024" | "none"
+    min_lr: float = MISSING
+    warmup_iters: int = MISSING
+    weight_decay: float = MISSING
+    weight_decay_end: float = MISSING
+    layerwise_decay: float = MISSING
+    patch_embed_lr_mult: float = MISSING
+    clip_grad: float = MISSING              # 0: no clipping
+    freeze_last_layer_iters: int = MISSING
+    momentum_teacher: float = MISSING
+    final_momentum_teacher: float = MISSING
+    teacher_temp: float = MISSING
+    warmup_teacher_temp: float = MISSING
+    warmup_teacher_temp_iters: int = MISSING
+    adamw_betas: tuple[float, float] = MISSING
 
     def scaled_lr(self, world_size: int) -> float:
         """The peak learning rate for this run's total batch (DINOv2's scaling rule, applied once)."""
@@ -114,41 +118,37 @@ class OptimConfig:
 
 @dataclass
 class DataConfig:
-    sources: list[str] = field(default_factory=list)  # manifests, each "PATH" or "PATH@WEIGHT" (see trainer.data)
-    load_size: int | None = None            # images are resized to this square before cropping;
-                                            # None: the global crop size
-    num_workers: int = 4
-    skip_bad: bool = False
-    cache_images: bool = False              # keep decoded images in memory (small data sets only)
+    sources: list[str] = MISSING            # manifests, each "PATH" or "PATH@WEIGHT" (see trainer.data)
+    load_size: int | None = MISSING         # the square images are resized to before cropping; None: global_size
+    num_workers: int = MISSING
+    skip_bad: bool = MISSING
+    cache_images: bool = MISSING            # keep decoded images in memory
 
 
 @dataclass
 class RunConfig:
-    seed: int = 0
-    log_every: int = 10
-    checkpoint_every: int = 1250
-    keep_last: int = 3
-    save_initial: bool = True               # write the step-0 weights to RUN/init (the "did it learn?" baseline)
-    device: str = "auto"                    # "auto" | "cpu" | "cuda"
-    bf16: bool = True                       # bf16 autocast on CUDA (no grad scaler needed); ignored on CPU
-    # Collapse watch (trainer.diagnostics): warn when the teacher's CLS target entropy stays within
-    # collapse_margin * ln K of ln K (uniform) or of 0 (one prototype) for collapse_window logged steps.
-    collapse_window: int = 10
-    collapse_margin: float = 0.01
-    stop_on_collapse: bool = False          # opt-in: checkpoint and stop a collapsed run instead of warning
+    seed: int = MISSING
+    log_every: int = MISSING
+    checkpoint_every: int = MISSING
+    keep_last: int = MISSING
+    save_initial: bool = MISSING            # write the step-0 weights to RUN/init
+    device: str = MISSING                   # "auto" | "cpu" | "cuda"
+    bf16: bool = MISSING                    # bf16 autocast on CUDA; ignored on CPU
+    collapse_window: int = MISSING          # the collapse watch (trainer.diagnostics)
+    collapse_margin: float = MISSING
+    stop_on_collapse: bool = MISSING
 
 
 @dataclass
 class EvalConfig:
     """The in-training probe (trainer.monitor): a labelled harness task the teacher is probed on while it trains."""
-    task: str | None = None                 # a harness task spec: csv:PATH/labels.csv, demo, vindr, ...
-    every: int = 0                          # probe every N iterations (and before the first and after the last);
-                                            # 0: only before the first and after the last
-    data_root: str | None = None            # harness --data-root for registered datasets (DIR or NAME=DIR)
-    seed: int = 0                           # the harness's split seed and probe seed (its default)
-    test_fraction: float = 0.3              # the harness's default; the test patients are never probed
-    val_fraction: float = 0.25              # share of the training patients the probe scores on (the rest fit it)
-    pools: list[str] = field(default_factory=lambda: ["cls", "avg", "cls+avg"])  # harness --global-pool values
+    task: str | None = MISSING              # a harness task spec; None: no probe
+    every: int = MISSING                    # 0: only before the first and after the last iteration
+    data_root: str | None = MISSING
+    seed: int = MISSING
+    test_fraction: float = MISSING
+    val_fraction: float = MISSING
+    pools: list[str] = MISSING              # harness --global-pool values
 
 
 @dataclass
@@ -167,6 +167,7 @@ class TrainConfig:
 
 
 CONFIG_DIR = Path(__file__).with_name("configs")  # the presets, one YAML file each
+RECIPE = CONFIG_DIR / "rad-dino.yaml"  # every key's value and its source; every other file changes some of them
 
 
 def preset_names() -> list[str]:
@@ -202,7 +203,7 @@ def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = (), 
 
 
 def _load_yaml(path: Path) -> DictConfig:
-    """A YAML file on top of its ``base`` preset; without one, on the schema's defaults (= the rad-dino preset)."""
+    """A YAML file on top of its ``base`` preset (without one, rad-dino); the recipe itself on the bare schema."""
     try:
         # OmegaConf's YAML loader, unlike PyYAML's, reads 1e-4 (no dot) as a float.
         raw = OmegaConf.to_container(OmegaConf.load(path))
@@ -210,13 +211,13 @@ def _load_yaml(path: Path) -> DictConfig:
         raise ValueError(f"{path}: not a valid YAML config: {e}") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
-    base = raw.pop("base", None)
-    if base is None:
-        node = OmegaConf.structured(TrainConfig)
-    elif base in preset_names():
-        node = _load_yaml(CONFIG_DIR / f"{base}.yaml")
+    if path.resolve() == RECIPE.resolve():
+        node = OmegaConf.structured(TrainConfig)  # every value MISSING until the recipe sets it
     else:
-        raise ValueError(f"{path}: base {base!r} is not a preset ({', '.join(preset_names())})")
+        base = raw.pop("base", RECIPE.stem)
+        if base not in preset_names():
+            raise ValueError(f"{path}: base {base!r} is not a preset ({', '.join(preset_names())})")
+        node = _load_yaml(CONFIG_DIR / f"{base}.yaml")
     _update(node, raw, str(path))
     return node
 
@@ -234,8 +235,9 @@ def rescale_iterations(optim: OptimConfig, steps: int) -> None:
 
 
 def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
-    """Rebuild a TrainConfig from its ``to_dict()`` form (e.g. a saved config.yaml)."""
-    node = OmegaConf.structured(TrainConfig)
+    """Rebuild a TrainConfig from its ``to_dict()`` form (e.g. a saved config.yaml). It is read on top of the
+    recipe, so that a key added since the file was written takes the recipe's value."""
+    node = _load_yaml(RECIPE)
     _update(node, raw, "config dict")
     return _to_config(node, "config dict")
 
@@ -363,6 +365,9 @@ def _reported(where: str, key: str | None = None) -> Iterator[None]:
         yield
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or key
+        if isinstance(e, MissingMandatoryValue):
+            raise ValueError(f"{where}: {key} has no value; {RECIPE} must give every key of the schema one") \
+                from None
         if isinstance(e, (ConfigKeyError, ConfigAttributeError)):
             section = getattr(e, "object_type", None)
             known = (f"; known here: {', '.join(f.name for f in dataclasses.fields(section))}"

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from omegaconf import MISSING
 
+import trainer.config
 import trainer.train
-from trainer.config import TrainConfig, config_from_dict, load_config, plain, preset_names, save_config
+from trainer.config import RECIPE, TrainConfig, config_from_dict, load_config, plain, preset_names, save_config
 from trainer.train import main
 
 GOLDEN = Path(__file__).with_name("golden") / "presets.json"
@@ -56,8 +58,51 @@ def test_presets_resolve_to_the_golden_configs(preset, steps, overrides):
 def test_presets_are_yaml_files_and_a_file_without_base_starts_from_rad_dino(tmp_path):
     assert preset_names() == ["rad-dino", "small", "smoke"]
     plain_file = tmp_path / "mine.yaml"
-    plain_file.write_text("# no base: the schema's defaults, which README documents as the rad-dino preset\n")
-    assert load_config(str(plain_file)) == load_config("rad-dino") == TrainConfig()
+    plain_file.write_text("# no base: the recipe, rad-dino\n")
+    assert load_config(str(plain_file)) == load_config("rad-dino")
+    for preset in ("smoke", "small"):  # each preset says which one it changes
+        assert yaml.safe_load((RECIPE.parent / f"{preset}.yaml").read_text())["base"] == "rad-dino"
+
+
+def schema_fields(cls: type = TrainConfig, prefix: str = "") -> list[tuple[str, dataclasses.Field]]:
+    """Every leaf key of the schema, dotted, with its dataclass field, in the schema's order."""
+    out = []
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        out += schema_fields(hint, f"{prefix}{f.name}.") if dataclasses.is_dataclass(hint) else [(prefix + f.name, f)]
+    return out
+
+
+def flat_keys(mapping: dict, prefix: str = "") -> list[str]:
+    return [k for key, v in mapping.items()
+            for k in (flat_keys(v, f"{prefix}{key}.") if isinstance(v, dict) else [prefix + key])]
+
+
+def test_the_recipe_is_the_one_place_of_every_value():
+    """rad-dino.yaml gives every key of the schema its value, in the schema's order (the order --print-config
+    prints), and the dataclasses give none: a key added to one without the other fails here."""
+    fields = schema_fields()
+    assert flat_keys(yaml.safe_load(RECIPE.read_text())) == [key for key, _ in fields]
+    with_values = [key for key, f in fields if f.default is not MISSING or f.default_factory is not dataclasses.MISSING]
+    assert with_values == [], f"the schema gives these keys values; give them in {RECIPE.name} instead"
+
+
+def test_every_value_of_the_recipe_says_where_it_comes_from():
+    """Each key of rad-dino.yaml has a comment: on its line, or the comment lines right above it."""
+    lines = RECIPE.read_text().splitlines()
+    bare = [line.strip() for n, line in enumerate(lines)
+            if line.startswith("  ") and not line.lstrip().startswith("#") and "#" not in line
+            and not lines[n - 1].lstrip().startswith("#")]
+    assert bare == []
+
+
+def test_a_recipe_without_a_key_names_it(tmp_path, monkeypatch):
+    recipe = tmp_path / "rad-dino.yaml"
+    recipe.write_text(RECIPE.read_text().replace("  seed: 0                         # dinov2 default train.seed\n", ""))
+    monkeypatch.setattr(trainer.config, "RECIPE", recipe)
+    monkeypatch.setattr(trainer.config, "CONFIG_DIR", tmp_path)
+    with pytest.raises(ValueError, match=r"run.seed has no value; .*rad-dino.yaml must give every key"):
+        load_config("rad-dino")
 
 
 def test_yaml_values_are_checked_and_converted_by_the_schema(tmp_path):

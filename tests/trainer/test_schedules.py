@@ -3,11 +3,12 @@ written from the formulas by hand."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
-from trainer.config import OptimConfig
+from trainer.config import load_config
 from trainer.schedules import Schedules, cosine_schedule, teacher_temp_schedule
 
 
@@ -42,9 +43,10 @@ def test_teacher_temperature_warms_up_linearly_then_stays():
 
 
 def test_from_config_lays_out_all_five_arrays():
-    optim = OptimConfig(total_iters=200, min_lr=1e-6, warmup_iters=20, weight_decay=0.04, weight_decay_end=0.4,
-                        freeze_last_layer_iters=10, momentum_teacher=0.992, final_momentum_teacher=1.0,
-                        teacher_temp=0.07, warmup_teacher_temp=0.04, warmup_teacher_temp_iters=60)
+    optim = replace(load_config("rad-dino").optim, total_iters=200, min_lr=1e-6, warmup_iters=20, weight_decay=0.04,
+                    weight_decay_end=0.4, freeze_last_layer_iters=10, momentum_teacher=0.992,
+                    final_momentum_teacher=1.0, teacher_temp=0.07, warmup_teacher_temp=0.04,
+                    warmup_teacher_temp_iters=60)
     s = Schedules.from_config(optim, peak_lr=1e-3)
     for arr in (s.lr, s.wd, s.momentum, s.teacher_temp, s.last_layer_lr):
         assert arr.shape == (200,)
@@ -62,6 +64,6 @@ def test_from_config_lays_out_all_five_arrays():
 
 def test_warmup_longer_than_the_run_is_an_error_naming_the_key():
     with pytest.raises(ValueError, match="optim.warmup_iters"):
-        Schedules.from_config(OptimConfig(total_iters=10, warmup_iters=20), peak_lr=1e-3)
+        Schedules.from_config(replace(load_config("rad-dino").optim, total_iters=10, warmup_iters=20), peak_lr=1e-3)
     with pytest.raises(ValueError, match="warmup_iters"):
         cosine_schedule(1.0, 0.0, total_iters=5, warmup_iters=6)
