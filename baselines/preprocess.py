@@ -10,6 +10,9 @@ Resize policies:
   (the Hugging Face / CLIP default; it cuts the lateral chest on portrait radiographs).
 - ``resize_stretch``: resize the whole image to ``size`` x ``size`` without cropping (the "harmonised" policy).
 - ``resize_longest_pad``: resize so the longest edge equals ``size``, then pad with black to a centred square.
+
+An intensity step may come before the geometry: ``equalize`` applies global histogram equalisation to the image at its
+own size (what CXformer's training and evaluation pipelines did with OpenCV's ``equalizeHist`` on 8-bit radiographs).
 """
 from __future__ import annotations
 
@@ -38,6 +41,8 @@ class Preprocess:
     # resize_shortest_crop only: the shortest edge is resized to `resize` (default `size`) before the centre
     # crop of `size`, as torchvision's Resize(256) + CenterCrop(224) does.
     resize: int | None = None
+    # Histogram equalisation of the radiograph at its own size, before any resize (`equalize_histogram`).
+    equalize: bool = False
 
     def __post_init__(self) -> None:
         if len(self.mean) not in (1, self.channels) or len(self.std) not in (1, self.channels):
@@ -53,6 +58,29 @@ class Preprocess:
     def harmonised(self) -> "Preprocess":
         """The same encoder input size and normalisation, but the whole radiograph resized without cropping."""
         return dataclasses.replace(self, policy="resize_stretch", resize=None)
+
+
+#: Grey levels the equalisation works on: 8-bit, the depth of the radiographs the equalising models were trained on.
+LEVELS = 256
+
+
+def equalize_histogram(img: torch.Tensor) -> torch.Tensor:
+    """Global histogram equalisation of a [..., H, W] image in [0, 1], as OpenCV's ``equalizeHist`` does it on 8-bit
+    images: the image is quantised to 256 levels, each level is mapped to its cumulative count above the darkest
+    level present, scaled so the brightest level present becomes 255 and rounded half to even, and the result is
+    scaled back to [0, 1]. An image of one grey level is returned quantised but otherwise unchanged."""
+    levels = (img.clamp(0.0, 1.0) * (LEVELS - 1)).round().long()
+    hist = torch.bincount(levels.flatten(), minlength=LEVELS)
+    darkest = int(torch.nonzero(hist)[0])
+    total = levels.numel()
+    if hist[darkest] == total:
+        return levels.float() / (LEVELS - 1)
+    # float32 arithmetic and round-half-to-even, as the 8-bit reference computes its lookup table; the darkest
+    # level present maps to 0 and every level below it is absent.
+    scale = torch.tensor((LEVELS - 1) / (total - int(hist[darkest])), dtype=torch.float32)
+    above_darkest = (torch.cumsum(hist, 0) - hist[darkest]).clamp(min=0).float()
+    lut = torch.round(above_darkest * scale).clamp(0, LEVELS - 1)
+    return lut[levels] / (LEVELS - 1)
 
 
 @dataclass(frozen=True)
@@ -137,7 +165,7 @@ def preprocess_batch(images: list[torch.Tensor], pre: Preprocess) -> torch.Tenso
         if img.ndim != 3 or img.shape[0] != 1:
             raise ValueError(f"expected a [1, H, W] single-channel image, got shape {tuple(img.shape)}")
         geo = geometry(img.shape[-2], img.shape[-1], pre)
-        x = img.float()[None] * pre.scale
+        x = (equalize_histogram(img.float()) if pre.equalize else img.float())[None] * pre.scale
         # Padding is black (0) before normalisation, so after it the border is the normalised black level.
         x = place(x, geo, pre.interpolation, fill=0.0)
         # Bicubic resampling overshoots; keep the input in the range the model was trained on.

@@ -1,7 +1,10 @@
+import dataclasses
+
 import pytest
 import torch
 
-from baselines.preprocess import Preprocess, geometry, place, preprocess_batch, unplace
+from baselines.preprocess import (Preprocess, equalize_histogram, geometry, place, preprocess_batch,
+                                 unplace)
 
 
 @pytest.mark.parametrize("policy", ["resize_shortest_crop", "resize_stretch", "resize_longest_pad"])
@@ -52,3 +55,35 @@ def test_resize_then_crop_like_torchvision():
     assert (g.resized_h, g.resized_w, g.top, g.left) == (256, 341, 16, 58)
     with pytest.raises(ValueError, match="resize"):
         Preprocess(size=224, resize=200)
+
+
+def test_equalize_maps_each_level_to_its_cumulative_share_above_the_darkest():
+    """Worked by hand: levels 10, 20, 30, 40 with counts 1, 2, 3, 2 (8 pixels, 7 above the darkest). Level j goes to
+    255 * (pixels at levels in (10, j]) / 7, rounded: 0, 255*2/7, 255*5/7, 255."""
+    levels = torch.tensor([10, 20, 20, 30, 30, 30, 40, 40], dtype=torch.float32).view(2, 4)
+    out = equalize_histogram(levels / 255) * 255
+    want = torch.tensor([0, 73, 73, 182, 182, 182, 255, 255], dtype=torch.float32).view(2, 4)
+    assert torch.allclose(out, want, atol=1e-4), out
+
+
+def test_equalize_rounds_half_to_even_and_leaves_a_flat_image_alone():
+    # Two levels: the darker goes to 0, the brighter to 255.
+    assert (equalize_histogram(torch.tensor([0.0, 0.0, 1.0])) * 255).round().tolist() == [0, 0, 255]
+    # Six pixels above the darkest: a step of 255 / 6 = 42.5 exactly, so 42.5 rounds to 42 and 127.5 to 128 (even).
+    six = torch.tensor([0, 5, 9, 9, 12, 12, 12], dtype=torch.float32) / 255
+    assert (equalize_histogram(six) * 255).round().tolist() == [0, 42, 128, 128, 255, 255, 255]
+    flat = torch.full((3, 3), 0.4)
+    assert torch.equal(equalize_histogram(flat), torch.full((3, 3), round(0.4 * 255) / 255))
+
+
+def test_equalize_runs_before_the_resize_and_only_when_asked():
+    """Equalising at the image's own size, then resizing, is not the same as resizing first: the histogram of the
+    resized image has other counts (bicubic mixes levels), so the order is observable and fixed."""
+    g = torch.Generator().manual_seed(0)
+    img = (torch.rand(1, 60, 50, generator=g) ** 3 * 255).round() / 255  # dark-skewed 8-bit levels
+    plain = Preprocess(size=32, policy="resize_stretch", mean=(0.0,), std=(1.0,), channels=1)
+    eq = dataclasses.replace(plain, equalize=True)
+    ours = preprocess_batch([img], eq)
+    assert torch.allclose(ours, preprocess_batch([equalize_histogram(img)], plain), atol=1e-6)
+    assert not torch.allclose(ours, equalize_histogram(preprocess_batch([img], plain)), atol=1e-2)
+    assert eq.harmonised().equalize and eq.as_dict()["equalize"] and not plain.as_dict()["equalize"]
