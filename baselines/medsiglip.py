@@ -6,9 +6,13 @@ SigLIP has no CLS token: its image embedding is the multi-head attention pooling
 tokens, which is this encoder's global feature (``--global-pool cls``); the 32 x 32 grid of those tokens is its
 dense feature.
 
-Native preprocessing is the repo's ``preprocessor_config.json`` (a SiglipImageProcessor): the whole image resized to
-448 x 448 (no crop) bicubic, rescaled to [0, 1], normalised with mean 0.5 and std 0.5. The position embeddings are
-trained for 448 px and SigLIP does not resample them, so a config with another input size is refused.
+Native preprocessing is what the model's authors run before the image processor (Google-Health/medsiglip on GitHub,
+``python/serving/predictor.py``, "method performed in training"): the radiograph, scaled to [0, 1], is padded with
+black to a centred square at its own size (the odd row or column at the bottom or right), then the SiglipImageProcessor
+resizes that square to 448 x 448 bicubic and normalises it with mean 0.5 and std 0.5. The hub repo's
+``preprocessor_config.json`` alone would stretch a non-square radiograph instead; ``--input-policy harmonised``
+gives that. The position embeddings are trained for 448 px and SigLIP does not resample them, so a config with
+another input size is refused.
 
 The repo is gated under the Health AI Developer Foundations terms: the download works once they are accepted on the
 repo's page by the logged-in account.
@@ -20,7 +24,8 @@ from baselines._hf import checked_config, from_folder, siglip_features
 from baselines.preprocess import Preprocess
 from baselines.registry import Encoder, EncoderSpec, HubRepo, WeightFiles
 
-NATIVE = Preprocess(size=448, policy="resize_stretch", interpolation="bicubic", mean=(0.5,), std=(0.5,), channels=3)
+NATIVE = Preprocess(size=448, policy="pad_square_resize", interpolation="bicubic", mean=(0.5,), std=(0.5,),
+                    channels=3)
 FILES = ("config.json", "model.safetensors")
 REPO = "google/medsiglip-448"
 DOWNLOAD = f"hf download {REPO} config.json model.safetensors --local-dir <weights-dir>/medsiglip-448"

@@ -10,6 +10,9 @@ Resize policies:
   (the Hugging Face / CLIP default; it cuts the lateral chest on portrait radiographs).
 - ``resize_stretch``: resize the whole image to ``size`` x ``size`` without cropping (the "harmonised" policy).
 - ``resize_longest_pad``: resize so the longest edge equals ``size``, then pad with black to a centred square.
+- ``pad_square_resize``: pad with black to a centred square at the image's own size, then resize that square to
+  ``size`` x ``size`` (the same placement as ``resize_longest_pad`` up to sub-pixel rounding, but resampled as one
+  image with its border, as MedSigLIP's authors do it).
 
 An intensity step may come before the geometry: ``equalize`` applies global histogram equalisation to the image at its
 own size (what CXformer's training and evaluation pipelines did with OpenCV's ``equalizeHist`` on 8-bit radiographs).
@@ -23,7 +26,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-ResizePolicy = Literal["resize_shortest_crop", "resize_stretch", "resize_longest_pad"]
+ResizePolicy = Literal["resize_shortest_crop", "resize_stretch", "resize_longest_pad", "pad_square_resize"]
 Interpolation = Literal["bicubic", "bilinear", "nearest", "area"]
 
 
@@ -86,7 +89,9 @@ def equalize_histogram(img: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class Geometry:
     """Where an (H, W) image lands inside the encoder's size x size input: resized to (rh, rw), then the
-    window [top:top+size, left:left+size] of the resized image is taken (negative offsets mean padding)."""
+    window [top:top+size, left:left+size] of the resized image is taken (negative offsets mean padding). A nonzero
+    `side` means the image was first padded with black to a side x side square, its top-left corner at
+    (pad_top, pad_left), and that square is what is resized."""
 
     height: int
     width: int
@@ -95,6 +100,9 @@ class Geometry:
     top: int
     left: int
     size: int
+    side: int = 0
+    pad_top: int = 0
+    pad_left: int = 0
 
 
 def geometry(height: int, width: int, pre: Preprocess) -> Geometry:
@@ -113,6 +121,10 @@ def geometry(height: int, width: int, pre: Preprocess) -> Geometry:
             rh, rw = s, max(1, round(s * width / height))
         else:
             rh, rw = max(1, round(s * height / width)), s
+    elif pre.policy == "pad_square_resize":
+        # The extra row or column of an odd difference goes to the bottom or right, as the reference pads.
+        side = max(height, width)
+        return Geometry(height, width, s, s, 0, 0, s, side, (side - height) // 2, (side - width) // 2)
     else:  # pragma: no cover - Literal guards this
         raise ValueError(f"unknown resize policy {pre.policy!r}")
     top = (rh - s) // 2 if rh >= s else -((s - rh) // 2)
@@ -129,6 +141,9 @@ def _resize(x: torch.Tensor, hw: tuple[int, int], interpolation: str) -> torch.T
 
 def place(x: torch.Tensor, geo: Geometry, interpolation: str, fill: float = 0.0) -> torch.Tensor:
     """Resize a [N, C, H, W] tensor and crop or pad it to [N, C, size, size] following `geo`."""
+    if geo.side:
+        x = F.pad(x, (geo.pad_left, geo.side - geo.width - geo.pad_left, geo.pad_top,
+                      geo.side - geo.height - geo.pad_top), value=fill)
     x = _resize(x, (geo.resized_h, geo.resized_w), interpolation)
     s = geo.size
     out = x.new_full((*x.shape[:-2], s, s), fill)
@@ -151,6 +166,9 @@ def unplace(y: torch.Tensor, geo: Geometry, interpolation: str = "bilinear") -> 
     h = min(geo.resized_h - sy, s - dy)
     w = min(geo.resized_w - sx, s - dx)
     canvas[..., sy:sy + h, sx:sx + w] = y[..., dy:dy + h, dx:dx + w]
+    if geo.side:
+        square = _resize(canvas, (geo.side, geo.side), interpolation)
+        return square[..., geo.pad_top:geo.pad_top + geo.height, geo.pad_left:geo.pad_left + geo.width]
     return _resize(canvas, (geo.height, geo.width), interpolation)
 
 

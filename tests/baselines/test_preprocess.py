@@ -7,7 +7,8 @@ from baselines.preprocess import (Preprocess, equalize_histogram, geometry, plac
                                  unplace)
 
 
-@pytest.mark.parametrize("policy", ["resize_shortest_crop", "resize_stretch", "resize_longest_pad"])
+@pytest.mark.parametrize("policy", ["resize_shortest_crop", "resize_stretch", "resize_longest_pad",
+                                    "pad_square_resize"])
 @pytest.mark.parametrize("hw", [(64, 64), (80, 56), (50, 72)])
 def test_output_shape_and_normalisation(policy, hw):
     pre = Preprocess(size=32, policy=policy, mean=(0.5,), std=(0.25,), channels=3)
@@ -29,7 +30,22 @@ def test_longest_pad_pads_black():
     assert x[0, 0, :, :5].abs().max() == 0 and x[0, 0, :, 5:15].min() == 1
 
 
-@pytest.mark.parametrize("policy", ["resize_stretch", "resize_longest_pad"])
+def test_pad_square_pads_at_native_size_then_resizes():
+    """A 3 x 6 white image: padded to 6 x 6 with the odd row at the bottom (rows 1..3 white), then resized to 6 x 6,
+    which is the identity, so the padding is seen exactly; and the whole is one resize of the padded square."""
+    pre = Preprocess(size=6, policy="pad_square_resize", interpolation="bilinear", mean=(0.0,), std=(1.0,),
+                     channels=1)
+    g = geometry(3, 6, pre)
+    assert (g.side, g.pad_top, g.pad_left) == (6, 1, 0)
+    x = preprocess_batch([torch.ones(1, 3, 6)], pre)[0, 0]
+    assert x[1:4].min() == 1 and x[0].max() == 0 and x[4:].max() == 0
+    img = torch.rand(1, 30, 20)
+    square = torch.nn.functional.pad(img, (5, 5, 0, 0))
+    stretched = dataclasses.replace(pre, size=12, policy="resize_stretch")
+    assert torch.equal(preprocess_batch([img], dataclasses.replace(pre, size=12)), preprocess_batch([square], stretched))
+
+
+@pytest.mark.parametrize("policy", ["resize_stretch", "resize_longest_pad", "pad_square_resize"])
 @pytest.mark.parametrize("hw", [(60, 60), (90, 60)])
 def test_place_unplace_round_trip(policy, hw):
     """A mask put through an encoder's geometry and back lands on itself up to resampling error."""
