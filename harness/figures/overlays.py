@@ -18,7 +18,8 @@ import numpy as np
 import polars as pl
 from PIL import Image
 
-from harness.figures.common import FigureInputError, new_figure
+from harness.common.plotting import new_figure
+from harness.figures.common import FigureInputError
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
