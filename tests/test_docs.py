@@ -156,7 +156,7 @@ def test_only_blocks_marked_not_run_are_left_out_and_new_files_are_named(tmp_pat
                     "import urllib.request\n```\n\n<!-- a plain comment -->\n```python\ny = 2\n```\n\n```bash\nls\n```\n"
                     "\n<!-- file: baselines/mine.py -->\n```python\nZ = 3\n```\n")
     assert python_blocks(page) == [(3, "x = 1", None, None), (8, "import urllib.request", "needs the network", None),
-                                   (13, "y = 2", None, None), (21, "Z = 3", None, "baselines/mine.py")]
+                                   (13, "y = 2", None, None), (22, "Z = 3", None, "baselines/mine.py")]
 
 
 # Runs each page's blocks in order in one namespace, compiled against the page so that a traceback names its line. A
