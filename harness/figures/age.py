@@ -6,8 +6,7 @@ from typing import TYPE_CHECKING
 
 import polars as pl
 
-from harness.common.plotting import GRID_ALPHA, new_figure
-from harness.figures.common import grid_shape, lookup
+from harness.figures.common import GRID_ALPHA, grid_shape, lookup, new_figure
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -1,6 +1,7 @@
 """What every figure of a harness run shares: reading the saved files it draws from (with their schema checked), its
-PNG bytes, and the point-and-interval panel of the forest and subgroup plots. The headless figure and the look the
-trainer's plots share with these are `harness.common.plotting`."""
+PNG bytes, the point-and-interval panel of the forest and subgroup plots, and the look every figure shares. That look
+and the headless figure live in `harness.common.plotting`, under the trainer's plot too; they are re-exported here so
+that a harness figure takes everything it shares from this one module."""
 from __future__ import annotations
 
 import math
@@ -13,6 +14,9 @@ import polars as pl
 
 from harness import tidy
 from harness.common import plotting
+from harness.common.plotting import BAND_ALPHA as BAND_ALPHA, GRID_ALPHA as GRID_ALPHA  # re-exported (see above)
+from harness.common.plotting import LEGEND_SIZE as LEGEND_SIZE, TITLE_SIZE as TITLE_SIZE
+from harness.common.plotting import new_figure as new_figure, style_panel as style_panel
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

@@ -8,8 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import polars as pl
 
-from harness.common.plotting import LEGEND_SIZE, new_figure, style_panel
-from harness.figures.common import grid_shape, lookup
+from harness.figures.common import LEGEND_SIZE, grid_shape, lookup, new_figure, style_panel
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

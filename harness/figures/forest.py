@@ -5,8 +5,7 @@ from typing import TYPE_CHECKING
 
 import polars as pl
 
-from harness.common.plotting import TITLE_SIZE, new_figure
-from harness.figures.common import HOLLOW_NOTE, SIGNIFICANT, grid_shape, interval_panel
+from harness.figures.common import HOLLOW_NOTE, SIGNIFICANT, TITLE_SIZE, grid_shape, interval_panel, new_figure
 from harness.probes import PROTOCOLS
 
 if TYPE_CHECKING:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from harness.common.plotting import BAND_ALPHA, LEGEND_SIZE, new_figure, style_panel
+from harness.figures.common import BAND_ALPHA, LEGEND_SIZE, new_figure, style_panel
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -27,8 +27,7 @@ import polars as pl
 
 from harness.common.atomic import atomic_write_bytes
 from harness.common.errors import UsageError, add_verbose_flag, command
-from harness.common.plotting import GRID_ALPHA, new_figure
-from harness.figures.common import FigureInputError, png_bytes, read_tidy
+from harness.figures.common import GRID_ALPHA, FigureInputError, new_figure, png_bytes, read_tidy
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -18,8 +18,7 @@ import numpy as np
 import polars as pl
 from PIL import Image
 
-from harness.common.plotting import new_figure
-from harness.figures.common import FigureInputError
+from harness.figures.common import FigureInputError, new_figure
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -5,8 +5,7 @@ from typing import TYPE_CHECKING
 
 import polars as pl
 
-from harness.common.plotting import TITLE_SIZE, new_figure
-from harness.figures.common import HOLLOW_NOTE, SIGNIFICANT, interval_panel
+from harness.figures.common import HOLLOW_NOTE, SIGNIFICANT, TITLE_SIZE, interval_panel, new_figure
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
