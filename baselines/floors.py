@@ -84,4 +84,4 @@ def random_vit(spec: EncoderSpec) -> Encoder:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_VIT_SEED)
         model = vit_small(patch_size=14, img_size=224, layerscale_init=1.0)
-    return ViTEncoder("random-vit", model, spec.apply_policy(RANDOM_VIT_PREPROCESS), state_dict_digest(model))
+    return ViTEncoder(spec.name, model, spec.apply_policy(RANDOM_VIT_PREPROCESS), state_dict_digest(model))

@@ -9,11 +9,8 @@ Jobs are written by submitit's ``SlurmExecutor``: ``--dry-run`` prints the exact
 from __future__ import annotations
 
 import argparse
-import functools
 import math
 import re
-import shutil
-import subprocess
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -180,20 +177,3 @@ def make_executor(folder: Path, params: dict[str, Any], max_requeues: int = 3) -
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=max_requeues)
     executor.update_parameters(**params)
     return executor
-
-
-@functools.lru_cache(maxsize=1)
-def slurm_unreachable() -> str | None:
-    """Why no SLURM controller with a usable node answers here, or None when ``sinfo`` shows one."""
-    if shutil.which("sinfo") is None:
-        return "sinfo not found (for a local cluster: bash slurm/local-cluster/start.sh)"
-    try:
-        r = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=15)
-    except subprocess.TimeoutExpired:
-        return "sinfo did not answer within 15 s"
-    if r.returncode != 0:
-        return f"sinfo failed: {r.stderr.strip() or r.returncode}"
-    states = {s.rstrip("*~#!%$@^-") for s in r.stdout.split()}
-    if not states & {"idle", "mixed", "allocated", "completing"}:
-        return f"no node is up (sinfo: {', '.join(sorted(states)) or 'no nodes'})"
-    return None

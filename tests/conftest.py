@@ -1,9 +1,12 @@
-"""Shared test fixtures: where ../shared lives, and deterministic torch settings."""
+"""Shared test fixtures: where ../shared lives, deterministic torch settings, private caches, and whether a SLURM
+controller answers."""
 from __future__ import annotations
 
-from pathlib import Path
-
+import functools
 import os
+import shutil
+import subprocess
+from pathlib import Path
 
 import numpy as np
 
@@ -88,3 +91,21 @@ def nothing_built(monkeypatch):
 
     monkeypatch.setattr(harness.run, "build_encoder", refuse)
     monkeypatch.setattr(harness.run, "build_task", refuse)
+
+
+@functools.lru_cache(maxsize=1)
+def slurm_unreachable() -> str | None:
+    """Why no SLURM controller with a usable node answers here, or None when ``sinfo`` shows one: the reason the
+    tests that submit jobs skip."""
+    if shutil.which("sinfo") is None:
+        return "sinfo not found (for a local cluster: bash slurm/local-cluster/start.sh)"
+    try:
+        r = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=15)
+    except subprocess.TimeoutExpired:
+        return "sinfo did not answer within 15 s"
+    if r.returncode != 0:
+        return f"sinfo failed: {r.stderr.strip() or r.returncode}"
+    states = {s.rstrip("*~#!%$@^-") for s in r.stdout.split()}
+    if not states & {"idle", "mixed", "allocated", "completing"}:
+        return f"no node is up (sinfo: {', '.join(sorted(states)) or 'no nodes'})"
+    return None

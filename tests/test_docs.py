@@ -1,7 +1,8 @@
 """The documentation holds: every relative link and #anchor in README.md and docs/*.md resolves, no section sign
 (pointers into private notes) is left in the tracked sources, README keeps the commands CI runs, and the Python
 examples of docs/extending.md and docs/python-api.md run as written (blocks after a `<!-- not-run: reason -->`
-comment are skipped, with the reason)."""
+comment are skipped, with the reason; a block after `<!-- file: PATH -->` is a new file of the repository, saved
+as PATH where its package finds it, not run)."""
 from __future__ import annotations
 
 import functools
@@ -21,6 +22,7 @@ EXECUTED = [REPO / "docs" / "extending.md", REPO / "docs" / "python-api.md"]
 SECTION_SIGN = "\u00a7"
 PRIVATE_NOTES = "shared/" + "reference"  # spelled in two parts so that this file does not match itself
 NOT_RUN = re.compile(r"^<!--\s*not-run:(.*)-->\s*$")
+NEW_FILE = re.compile(r"^<!--\s*file:\s*(\S+)\s*-->\s*$")
 LINK = re.compile(r"!?\[(?:[^\]\[]|\[[^\]]*\])*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
 
@@ -131,36 +133,50 @@ def test_readme_keeps_the_commands_ci_runs():
     assert re.search(r"^\. \.venv/bin/activate && python -m pytest -q$", readme, re.M)
 
 
-def python_blocks(page: Path) -> list[tuple[int, str, str | None]]:
-    """(line of the opening fence, code, not-run reason or None) of every ```python block of `page`."""
+def python_blocks(page: Path) -> list[tuple[int, str, str | None, str | None]]:
+    """(line of the opening fence, code, not-run reason or None, path of the new file it is or None) of every
+    ```python block of `page`."""
     lines = page.read_text().splitlines()
     blocks, i = [], 0
     while i < len(lines):
         if lines[i].strip() == "```python":
-            before = next((lines[j] for j in range(i - 1, -1, -1) if lines[j].strip()), "")
-            m = NOT_RUN.match(before.strip())
+            before = next((lines[j] for j in range(i - 1, -1, -1) if lines[j].strip()), "").strip()
+            not_run, new_file = NOT_RUN.match(before), NEW_FILE.match(before)
             end = next(j for j in range(i + 1, len(lines)) if lines[j].strip() == "```")
-            blocks.append((i + 1, "\n".join(lines[i + 1:end]), m.group(1).strip() if m else None))
+            blocks.append((i + 1, "\n".join(lines[i + 1:end]), not_run.group(1).strip() if not_run else None,
+                           new_file.group(1) if new_file else None))
             i = end
         i += 1
     return blocks
 
 
-def test_only_blocks_marked_not_run_are_left_out(tmp_path):
+def test_only_blocks_marked_not_run_are_left_out_and_new_files_are_named(tmp_path):
     page = tmp_path / "page.md"
     page.write_text("Text.\n\n```python\nx = 1\n```\n\n<!-- not-run: needs the network -->\n```python\n"
-                    "import urllib.request\n```\n\n<!-- a plain comment -->\n```python\ny = 2\n```\n\n```bash\nls\n```\n")
-    assert python_blocks(page) == [(3, "x = 1", None), (8, "import urllib.request", "needs the network"),
-                                   (13, "y = 2", None)]
+                    "import urllib.request\n```\n\n<!-- a plain comment -->\n```python\ny = 2\n```\n\n```bash\nls\n```\n"
+                    "\n<!-- file: baselines/mine.py -->\n```python\nZ = 3\n```\n")
+    assert python_blocks(page) == [(3, "x = 1", None, None), (8, "import urllib.request", "needs the network", None),
+                                   (13, "y = 2", None, None), (22, "Z = 3", None, "baselines/mine.py")]
 
 
-# Runs each page's blocks in order in one namespace, compiled against the page so that a traceback names its line.
+# Runs each page's blocks in order in one namespace, compiled against the page so that a traceback names its line. A
+# new file is saved under the overlay folder instead, and that folder is added to its package's search path, so
+# `import baselines.my_model` (and a registry target naming it) finds it as it would in the repository.
 _DRIVER = """
-import json, sys
-page, blocks = sys.argv[1], json.load(open(sys.argv[2]))
-namespace = sys.modules["__main__"].__dict__  # so that a registry target "__main__:name" resolves
-for line, code in blocks:
-    exec(compile("\\n" * line + code, page, "exec"), namespace)
+import importlib, json, sys
+from pathlib import Path
+page, blocks, overlay = sys.argv[1], json.load(open(sys.argv[2])), Path(sys.argv[3])
+namespace = sys.modules["__main__"].__dict__
+for line, code, new_file in blocks:
+    if new_file is None:
+        exec(compile("\\n" * line + code, page, "exec"), namespace)
+        continue
+    path = overlay / new_file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(code + "\\n")
+    package = importlib.import_module(".".join(Path(new_file).parent.parts))
+    if str(path.parent) not in package.__path__:
+        package.__path__.append(str(path.parent))
 """
 
 
@@ -168,9 +184,12 @@ for line, code in blocks:
 @pytest.mark.parametrize("page", EXECUTED, ids=lambda p: p.name)
 def test_python_examples_run_as_written(page, tmp_path):
     blocks = python_blocks(page)
-    runnable = [(line, code) for line, code, reason in blocks if reason is None]
+    runnable = [(line, code, new_file) for line, code, reason, new_file in blocks if reason is None]
     assert runnable, f"{page.name} has no runnable python block"
-    assert all(reason for _, _, reason in blocks if reason is not None), "a not-run comment must give its reason"
+    assert all(reason for _, _, reason, _ in blocks if reason is not None), "a not-run comment must give its reason"
+    for _, _, _, new_file in blocks:  # a new file of an existing package, never one the repository has
+        if new_file is not None:
+            assert (REPO / new_file).parent.is_dir() and not (REPO / new_file).exists(), new_file
     spec = tmp_path / "blocks.json"
     spec.write_text(json.dumps(runnable))
     work = tmp_path / "work"
@@ -178,13 +197,15 @@ def test_python_examples_run_as_written(page, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            "RADDINO_BENCH_CACHE": str(tmp_path / "cache"), "RADDINO_BENCH_WEIGHTS": str(tmp_path / "weights"),
            "HF_HUB_CACHE": str(tmp_path / "hf-hub"), "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", _DRIVER, str(page), str(spec)], cwd=work, env=env,
-                          capture_output=True, text=True, timeout=3600)
+    done = subprocess.run([sys.executable, "-c", _DRIVER, str(page), str(spec), str(tmp_path / "new-files")],
+                          cwd=work, env=env, capture_output=True, text=True, timeout=3600)
     assert done.returncode == 0, f"{page.name} examples failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    # The new files are read as the repository's own modules: their source keys the caches of what they compute.
+    assert "cannot be read" not in done.stderr, done.stderr[-3000:]
 
 
 @pytest.mark.parametrize("page,line,reason",
-                         [(p, line, reason) for p in EXECUTED for line, _, reason in python_blocks(p) if reason],
+                         [(p, line, reason) for p in EXECUTED for line, _, reason, _ in python_blocks(p) if reason],
                          ids=lambda v: v.name if isinstance(v, Path) else str(v)[:40])
 def test_blocks_marked_not_run(page, line, reason):
     pytest.skip(f"{page.name}:{line} not run: {reason}")

@@ -25,11 +25,15 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness.common.atomic import atomic_write_bytes
 from harness.common.errors import UsageError, add_verbose_flag, command
 from harness.common.paths import check_writable_folder
+from harness.common.plotting import BAND_ALPHA, LEGEND_SIZE, new_figure, png_bytes, style_panel
 
 METRICS = "metrics.jsonl"
 DEFAULT_PNG = "learning_curves.png"
+#: The PNG's Software text chunk (`harness.common.plotting.png_bytes`): no matplotlib version, no date.
+SOFTWARE = "raddino-bench trainer.plot"
 
 
 @dataclass
@@ -154,36 +158,27 @@ def plot(run_dir: str | Path, out: str | Path | None = None) -> Path:
     rows = read_metrics(run_dir)
     panels = figure_data(rows)
     out = Path(out) if out is not None else run_dir / DEFAULT_PNG
-    # matplotlib is imported here, not at module import: its font manager builds a cache on first import, and
-    # `import trainer.plot` should cost nothing. The Agg canvas is used directly (no pyplot, no global backend
-    # switch), so this works headless and does not disturb a caller's own matplotlib state.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     ncols = 2
     nrows = math.ceil(len(panels) / ncols)
-    fig = Figure(figsize=(6.0 * ncols, 3.2 * nrows), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = new_figure(6.0 * ncols, 3.2 * nrows)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax, panel in zip(axes, panels):
         for s in panel.series:
             (line,) = ax.plot(s.x, s.y, "--" if s.dashed else "-", marker="." if len(s.x) < 30 else None,
                               label=s.label)
             if s.lo is not None:
-                ax.fill_between(s.x, s.lo, s.hi, color=line.get_color(), alpha=0.2, linewidth=0)
+                ax.fill_between(s.x, s.lo, s.hi, color=line.get_color(), alpha=BAND_ALPHA, linewidth=0)
         for y, label in panel.hlines:
             ax.axhline(y, color="grey", linewidth=0.8, linestyle=":", label=label)
-        ax.set_title(panel.title, fontsize=10)
+        style_panel(ax, panel.title)
         ax.set_xlabel("iteration")
-        ax.grid(alpha=0.3)
         if len(panel.series) + len(panel.hlines) > 1:
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=LEGEND_SIZE)
     for ax in axes[len(panels):]:
         ax.set_visible(False)
     fig.suptitle(f"{run_dir.resolve().name}: {len(rows)} metrics lines, last iteration "
                  f"{max(int(r['iteration']) for r in rows)}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
+    atomic_write_bytes(out, png_bytes(fig, SOFTWARE))
     return out
 
 

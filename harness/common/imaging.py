@@ -16,7 +16,6 @@ import numpy as np
 #: Bump when a change here changes decoded pixels: caches keyed on file bytes include it (the bytes alone do
 #: not say how they were turned into an image).
 DECODER_VERSION = "imaging-2"
-DICOM_SUFFIXES = {".dcm", ".dicom", ".dic", ""}
 RASTER_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 
 

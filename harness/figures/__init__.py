@@ -24,7 +24,7 @@ import polars as pl
 
 from harness.figures import age, curves, forest, overlays, subgroups
 from harness.figures.common import FigureInputError, note, png_bytes, read_checked, read_tidy
-from harness.common.atomic import atomic_path, atomic_write_text
+from harness.common.atomic import atomic_write_bytes, atomic_write_text
 from harness.common.hashing import sha256_chunks
 from harness.common.paths import safe_name
 
@@ -189,8 +189,7 @@ def draw_task_figures(out: Path, name: str) -> list[Path]:
     failures: list[str] = []
     for file, fig, _ in task_figures(out, name, failures):
         try:
-            with atomic_path(folder / file) as tmp:
-                tmp.write_bytes(png_bytes(fig))
+            atomic_write_bytes(folder / file, png_bytes(fig))
         except Exception as e:  # as in task_figures: log it, save the others
             failed(name, file, e)
             failures.append(file)

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import polars as pl
 
-from harness.figures.common import grid_shape, lookup, new_figure
+from harness.figures.common import GRID_ALPHA, grid_shape, lookup, new_figure
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -47,7 +47,7 @@ def draw(demographics: dict[str, pl.DataFrame], table: pl.DataFrame | None, titl
         ax.set_xlabel("true age (years)")
         ax.set_ylabel("predicted age (years)")
         ax.set_title(f"{model}\nMAE {_value(mae, '.2f')} years, r {_value(r, '.3f')}", fontsize=9)
-        ax.grid(alpha=0.3)
+        ax.grid(alpha=GRID_ALPHA)
         drawn.append({"model": model, "age": df["age"].to_list(), "age_pred": df["age_pred"].to_list(),
                       "age_mae": None if mae is None else mae["point"], "age_r": None if r is None else r["point"]})
     for ax in axes[len(known):]:

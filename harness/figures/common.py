@@ -1,8 +1,9 @@
-"""What every figure shares: reading the saved files it draws from (with their schema checked), the headless
-figure, its deterministic PNG bytes, and the point-and-interval panel of the forest and subgroup plots."""
+"""What every figure of a harness run shares: reading the saved files it draws from (with their schema checked), its
+PNG bytes, the point-and-interval panel of the forest and subgroup plots, and the look every figure shares. That look
+and the headless figure live in `harness.common.plotting`, under the trainer's plot too; they are re-exported here so
+that a harness figure takes everything it shares from this one module."""
 from __future__ import annotations
 
-import io
 import math
 import logging
 from collections.abc import Sequence
@@ -12,6 +13,10 @@ from typing import TYPE_CHECKING
 import polars as pl
 
 from harness import tidy
+from harness.common import plotting
+from harness.common.plotting import BAND_ALPHA as BAND_ALPHA, GRID_ALPHA as GRID_ALPHA  # re-exported (see above)
+from harness.common.plotting import LEGEND_SIZE as LEGEND_SIZE, TITLE_SIZE as TITLE_SIZE
+from harness.common.plotting import new_figure as new_figure, style_panel as style_panel
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -26,8 +31,8 @@ ALPHA = tidy.ALPHA
 REFERENCE_COLOUR, OTHER_COLOUR = "black", "tab:blue"
 #: Said in a figure's title when one of its points is drawn hollow (`interval_panel`).
 HOLLOW_NOTE = "hollow: point outside its interval"
-#: PNG text chunks: fixed, so the bytes depend on what is drawn and not on the matplotlib version or the date.
-PNG_METADATA = {"Software": "raddino-bench harness.figures"}
+#: The Software text chunk of every harness PNG (`harness.common.plotting.png_bytes`).
+SOFTWARE = "raddino-bench harness.figures"
 
 
 class FigureInputError(ValueError):
@@ -76,21 +81,9 @@ def lookup(table: pl.DataFrame | None, model: str, protocol: str, metric: str, l
     return hit.row(0, named=True)
 
 
-def new_figure(width: float, height: float) -> "Figure":
-    """A figure on the Agg canvas. matplotlib is imported here, not at module import (its first import builds a
-    font cache); the canvas is used directly, so no pyplot state or global backend is touched (works headless)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def png_bytes(fig: "Figure", dpi: int = 100) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, metadata=PNG_METADATA)
-    return buf.getvalue()
+def png_bytes(fig: "Figure") -> bytes:
+    """A harness figure as PNG bytes, the same for the same drawing (no date, no matplotlib version)."""
+    return plotting.png_bytes(fig, SOFTWARE)
 
 
 def grid_shape(n: int, max_cols: int) -> tuple[int, int]:
@@ -153,5 +146,5 @@ def interval_panel(ax: "Axes", rows: pl.DataFrame, reference: str | None, zero_l
     ax.set_yticks(ticks, names, fontsize=8)
     ax.set_ylim(y - 0.5, -1.0)  # inverted: the first row at the top
     ax.margins(x=0.12)  # room for the † right of the widest interval
-    ax.grid(axis="x", alpha=0.3)
+    ax.grid(axis="x", alpha=plotting.GRID_ALPHA)
     return drawn

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import polars as pl
 
-from harness.figures.common import grid_shape, lookup, new_figure
+from harness.figures.common import LEGEND_SIZE, grid_shape, lookup, new_figure, style_panel
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -80,9 +80,9 @@ def draw(predictions: dict[str, pl.DataFrame], table: pl.DataFrame, kind: str, t
         ax.set_aspect("equal")
         ax.set_xlabel(x_name)
         ax.set_ylabel(y_name)
-        ax.set_title(lab, fontsize=10)
-        ax.legend(title=legend_title, fontsize=7, title_fontsize=7, loc="lower right" if kind == "roc" else "best")
-        ax.grid(alpha=0.3)
+        style_panel(ax, lab)
+        ax.legend(title=legend_title, fontsize=LEGEND_SIZE, title_fontsize=LEGEND_SIZE,
+                  loc="lower right" if kind == "roc" else "best")
     for ax in axes[len(per_label):]:
         ax.set_visible(False)
     name = "ROC" if kind == "roc" else "precision-recall"

@@ -5,14 +5,13 @@ from typing import TYPE_CHECKING
 
 import polars as pl
 
-from harness.figures.common import HOLLOW_NOTE, SIGNIFICANT, grid_shape, interval_panel, new_figure
+from harness.figures.common import HOLLOW_NOTE, SIGNIFICANT, TITLE_SIZE, grid_shape, interval_panel, new_figure
+from harness.probes import PROTOCOLS
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 FILE = "forest.png"
-#: Panels in the order the leaderboard shows the protocols; a protocol not listed comes after, in table order.
-PROTOCOL_ORDER = ("linear", "knn", "seg", "demographics", "label-efficiency")
 
 
 def headline_rows(table: pl.DataFrame) -> pl.DataFrame:
@@ -24,10 +23,12 @@ def headline_rows(table: pl.DataFrame) -> pl.DataFrame:
 
 
 def panels(rows: pl.DataFrame) -> list[tuple[str, str]]:
-    """(protocol, metric) pairs, protocols in PROTOCOL_ORDER, metrics in the order the table lists them."""
+    """(protocol, metric) pairs: protocols in the leaderboard's order, the protocol table's run order
+    (`PROTOCOLS.ordered`), then any protocol the table does not know, in the order the rows list them; metrics in
+    the order the rows list them."""
     pairs = list(dict.fromkeys(zip(rows["protocol"].to_list(), rows["metric"].to_list())))
-    rank = {p: i for i, p in enumerate(PROTOCOL_ORDER)}
-    return sorted(pairs, key=lambda pm: rank.get(pm[0], len(rank)))  # stable: table order within a protocol
+    rank = {p: i for i, p in enumerate(PROTOCOLS.ordered(PROTOCOLS))}
+    return sorted(pairs, key=lambda pm: rank.get(pm[0], len(rank)))  # stable: row order within a protocol
 
 
 def family(metric: str) -> str:
@@ -74,7 +75,7 @@ def draw(table: pl.DataFrame, reference: str | None, title: str) -> tuple["Figur
         drawn += interval_panel(ax, mine, reference)
         ax.set_xlim(*ranges[family(metric)])
         macro = " (macro)" if (mine["label"] == "macro").all() else ""
-        ax.set_title(f"{protocol}: {metric}{macro}", fontsize=10)
+        ax.set_title(f"{protocol}: {metric}{macro}", fontsize=TITLE_SIZE)
     for ax in axes[len(pairs):]:
         ax.set_visible(False)
     ref = f"square: reference `{reference}`; " if reference else ""

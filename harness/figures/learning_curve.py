@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import polars as pl
 
+from harness.common.atomic import atomic_write_bytes
 from harness.common.errors import UsageError, add_verbose_flag, command
-from harness.figures.common import FigureInputError, new_figure, png_bytes, read_tidy
+from harness.figures.common import GRID_ALPHA, FigureInputError, new_figure, png_bytes, read_tidy
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -162,7 +163,7 @@ def draw(data: CurveData) -> "Figure":
                 ax.axhspan(f.lo, f.hi, color=colour, alpha=0.12, linewidth=0)
         ax.set_title(f"{title}, macro AUROC ({data.pool})")
         ax.set_xlabel("training step")
-        ax.grid(alpha=0.3)
+        ax.grid(alpha=GRID_ALPHA)
         if data.cpu_hours is not None:
             ax.secondary_xaxis("top", functions=to_hours).set_xlabel("CPU-hours")
     axes[0].set_ylabel("macro AUROC")
@@ -186,8 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     except FigureInputError as e:  # a folder or file named on the command line that does not hold what it should
         raise UsageError(str(e)) from None
     out = args.out or args.run / DEFAULT_PNG
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(png_bytes(draw(data)))
+    atomic_write_bytes(out, png_bytes(draw(data)))
     print(out)
     return 0
 

@@ -5,7 +5,7 @@ from typing import TYPE_CHECKING
 
 import polars as pl
 
-from harness.figures.common import HOLLOW_NOTE, SIGNIFICANT, interval_panel, new_figure
+from harness.figures.common import HOLLOW_NOTE, SIGNIFICANT, TITLE_SIZE, interval_panel, new_figure
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -28,7 +28,7 @@ def draw(table: pl.DataFrame, reference: str | None, title: str) -> tuple["Figur
     drawn: list[dict] = []
     for ax, (metric, panel_title, zero) in zip(axes, shown):
         drawn += interval_panel(ax, table.filter(pl.col("metric") == metric), reference, zero_line=zero)
-        ax.set_title(panel_title, fontsize=10)
+        ax.set_title(panel_title, fontsize=TITLE_SIZE)
     ref = f"square: reference `{reference}`; " if reference else ""
     hollow = f"; {HOLLOW_NOTE}" if any(d["outside"] for d in drawn) else ""
     fig.suptitle(f"{title}: subgroups, point and 95% CI\n({ref}{SIGNIFICANT}: p_holm < 0.05 in the results table"

@@ -268,8 +268,6 @@ def fitted_tree(fitted: Fitted, c: Cohort, weights: np.ndarray, patient_ids: np.
             calibration(c.age[c.age_test], fitted.age.predictions, patient_ids[c.age_test])}
 
 
-#: metric -> model -> (point, [B] resampled values) of the demographic probes' headline metrics
-Scores = dict[str, dict[str, tuple[float, np.ndarray]]]
 METRICS = ("sex_auroc", "age_mae", "age_r2", "age_r")
 
 

@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from harness import stats
+from harness.figures.common import png_bytes
+from harness.figures.label_efficiency import draw as draw_curves, figure_file, fraction_label
 from harness.leaderboard import Cell, Section
 from harness.log import progress
 from harness.probes.linear import fallback_note, linear_probe
@@ -38,8 +40,6 @@ from harness.common.hashing import array_digest
 from harness.tidy import rows_of
 
 if TYPE_CHECKING:
-    from matplotlib.figure import Figure
-
     from baselines.registry import Encoder
 
 NAME = "label-efficiency"
@@ -47,14 +47,8 @@ TITLE = "Label efficiency (linear probe on a fraction of the training patients)"
 #: Part of every results-cache key of this protocol: changed whenever the draws or what a cached entry means
 #: change, so that no entry computed by an earlier method is read (2: draws stratified by label).
 METHOD = 2
-#: Said on the figure beside a hollow point: its macro averages another label set than the full training split's.
-OTHER_LABELS_NOTE = "hollow: macro over another label set than at the largest fraction (not joined)"
 
 log = logging.getLogger(__name__)
-
-
-def fraction_label(f: float) -> str:
-    return f"{100 * f:g}%"
 
 
 def _draw_order(strata: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, int]:
@@ -100,74 +94,6 @@ def paired_resamples(boot: np.ndarray) -> np.ndarray:
     boot = np.asarray(boot)
     b = np.arange(boot.shape[1])
     return boot[b % boot.shape[0], b]
-
-
-def _segments(flags: list[bool]) -> list[list[int]]:
-    """Runs of consecutive indices with the same flag, as index lists."""
-    runs: list[list[int]] = []
-    for i, flag in enumerate(flags):
-        if runs and flags[runs[-1][-1]] == flag:
-            runs[-1].append(i)
-        else:
-            runs.append([i])
-    return runs
-
-
-def figure_png(curves: dict[str, list[dict]], title: str) -> tuple[bytes, "Figure"]:
-    """The curves as a PNG (per model, its points with their interval band, fraction on a log axis), and the
-    figure, whose plotted values the tests compare with the section. `curves[model]` are rows with "fraction",
-    "labels" (the macro's label names) and the macro summary "macro_auroc" ({"point", "lo", "hi"}).
-
-    A point whose macro averages other labels than the model's largest fraction is drawn hollow and is not joined
-    to the others by the line (a line through it would read as one curve over one label set); the figure says so."""
-    import io
-
-    # Imported here: matplotlib's first import builds a font cache, which importing this module should not
-    # pay. The Agg canvas is used directly, so no pyplot state or global backend is touched.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6.0, 4.0), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    other_labels = False
-    for i, (model, rows) in enumerate(curves.items()):
-        shown = [r for r in rows if r["macro_auroc"]["point"] is not None]
-        if not shown:
-            continue
-        full = set(max(shown, key=lambda r: r["fraction"])["labels"])
-        same = [set(r["labels"]) == full for r in shown]
-        other_labels |= not all(same)
-        colour = f"C{i % 10}"  # the model's colour in matplotlib's default cycle, for its points and its band
-        for k, run in enumerate(_segments(same)):
-            part = [shown[i] for i in run]
-            x, y = [r["fraction"] for r in part], [r["macro_auroc"]["point"] for r in part]
-            if same[run[0]]:
-                ax.plot(x, y, marker="o", color=colour, label=model if k == 0 else None)
-            else:  # unjoined, hollow points
-                ax.plot(x, y, marker="o", linestyle="none", fillstyle="none", color=colour,
-                        label=model if k == 0 else None)
-        banded = [r for r in shown if r["macro_auroc"]["lo"] is not None]
-        ax.fill_between([r["fraction"] for r in banded], [r["macro_auroc"]["lo"] for r in banded],
-                        [r["macro_auroc"]["hi"] for r in banded], color=colour, alpha=0.2, linewidth=0)
-    if ax.get_lines():
-        ax.set_xscale("log")
-        # Ticks at the fractions themselves, as percentages (the section's column names), not powers of ten.
-        fractions = sorted({r["fraction"] for rows in curves.values() for r in rows})
-        ax.set_xticks(fractions, [fraction_label(f) for f in fractions])
-        ax.minorticks_off()
-        ax.legend(fontsize=7)
-        if other_labels:
-            ax.text(0.01, 0.01, OTHER_LABELS_NOTE, fontsize=7, transform=ax.transAxes, va="bottom")
-    else:  # a log axis needs data: say why the figure is empty instead
-        ax.text(0.5, 0.5, "no evaluable label at any fraction", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel("fraction of training patients")
-    ax.set_ylabel("macro AUROC (95% CI over draws and test resamples)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    return buf.getvalue(), fig
 
 
 def patient_strata(y: np.ndarray, keys: np.ndarray, labels: list[int]) -> np.ndarray:
@@ -273,12 +199,12 @@ def fit_and_score(tr: TaskRun, encoders: list[Encoder]) -> ProtocolResult:
               for m, rows in curves.items()]
     if any(len(r["draw_points"]) > 1 for rows in curves.values() for r in rows):
         notes.append("Spread of the draws' macro AUROC (min-max): " + "; ".join(spread) + ".")
-    files, figure = {}, f"{tr.out_name}_label_efficiency.png"
+    files, png = {}, figure_file(tr.out_name)
     try:
-        files[figure], _ = figure_png(curves, f"{tr.task.name}: label efficiency")
-        notes.append(f"Figure: [{figure}]({figure}).")
+        files[png] = png_bytes(draw_curves(curves, f"{tr.task.name}: label efficiency"))
+        notes.append(f"Figure: [{png}]({png}).")
     except Exception as e:  # matplotlib raises many types; a figure is never worth the section's numbers
-        log.warning(f"warning: {tr.out_name}: figure {figure} not drawn: {type(e).__name__}: {e}")
+        log.warning(f"warning: {tr.out_name}: figure {png} not drawn: {type(e).__name__}: {e}")
     records = {e.name: {"fractions": list(fractions), "draws": n_draws, "seed": tr.seed, "method": METHOD,
                         "curve": curves[e.name]} for e in encoders}
     # One row per fraction, the curve's macro AUROC over draws, labelled by the fraction itself (macro@0.1).

@@ -102,17 +102,6 @@ def _grid_by_fold(Cs: tuple[float, ...], per_fold: list[np.ndarray]) -> np.ndarr
     return np.stack(per_fold, axis=1) if per_fold else np.empty((len(Cs), 0))
 
 
-def choose_C(x: np.ndarray, y: np.ndarray, groups: np.ndarray, Cs: tuple[float, ...], seed: int,
-             max_folds: int = 5, log: FitLog | None = None) -> tuple[float, float]:
-    """Best C by patient-grouped stratified CV (mean fold AUROC); returns (C, cv_auroc). Too few patients of a class
-    to hold any out falls back to the middle of the grid, with cv_auroc NaN."""
-    runs = [fold_scores(x, y, tr, va, Cs, seed, MAX_ITER) for tr, va in _cv_folds(x, y, groups, seed, max_folds)]
-    if log is not None:
-        for _, fold_log in runs:
-            log.add(fold_log)
-    return _best_C(Cs, _grid_by_fold(Cs, [s for s, _ in runs]))
-
-
 def linear_probe(x_train: np.ndarray, y_train: np.ndarray, groups_train: np.ndarray, x_test: np.ndarray,
                  y_test: np.ndarray, label_names: list[str], seed: int = 0,
                  Cs: tuple[float, ...] = DEFAULT_CS, skip: dict[int, str] | None = None,

@@ -46,19 +46,6 @@ def rle_decode(rle: str, shape: tuple[int, int] = CANDID_GRID) -> np.ndarray:
     return flat.reshape(width, height).T
 
 
-def rle_encode(mask: np.ndarray) -> str:
-    """bool [H, W] -> RLE string in the same convention; an empty mask encodes as ``-1`` (as in the CSVs)."""
-    flat = np.asarray(mask, dtype=bool).T.reshape(-1)
-    padded = np.concatenate([[False], flat, [False]])
-    changes = np.flatnonzero(padded[1:] != padded[:-1])
-    if changes.size == 0:
-        return "-1"
-    starts, ends = changes[0::2], changes[1::2]
-    previous_ends = np.concatenate([[0], ends[:-1]])
-    pairs = np.stack([starts - previous_ends, ends - starts], axis=1).reshape(-1)
-    return " ".join(str(int(v)) for v in pairs)
-
-
 def resize_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Nearest-neighbour resize of a bool mask to `shape`, sampling at pixel centres so that a resize to the
     same shape is the identity and the mask stays aligned with the image it is stretched over."""

@@ -19,7 +19,6 @@ class TinyTask(Task):
     def __init__(self, n: int = 10, bad: int | None = None):
         self.name = "tiny"
         self.bad = bad
-        self.reads = 0
         self.table = TaskTable([f"i{k}" for k in range(n)], [f"p{k // 2}" for k in range(n)], ["a"],
                                np.array([[k % 2] for k in range(n)], np.int8), [None] * n, np.full(n, np.nan))
         self.skipped = []

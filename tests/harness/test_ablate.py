@@ -11,8 +11,8 @@ import yaml
 from PIL import Image
 
 from harness.ablate import figure, main, subset_sources
-from slurm.cluster import slurm_unreachable
 from trainer.checkpoint import list_checkpoints
+from tests.conftest import slurm_unreachable
 from tests.trainer.tiny_run import TINY as TINY_RUN
 
 WHY_NOT = slurm_unreachable()

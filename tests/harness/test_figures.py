@@ -15,7 +15,7 @@ from sklearn.metrics import roc_auc_score
 
 import harness.figures as figures_module
 from harness.figures import STAMP, FigureInputError, draw_task_figures, figure_links, inputs_digest, task_figures
-from harness.figures import age, curves, forest, overlays, subgroups
+from harness.figures import age, curves, forest, label_efficiency, overlays, subgroups
 from harness.figures.common import HOLLOW_NOTE, TIDY_COLUMNS, error_bar, png_bytes, point_outside, read_tidy
 from harness.common.paths import safe_name
 from harness.plot import main
@@ -154,6 +154,25 @@ def test_forest_plots_the_headline_rows_of_the_table():
     assert daggers == int(data["significant"].sum()) > 0
     assert any(t.get_text() == f"{REF} (ref)" for ax in axes for t in ax.get_yticklabels())
     assert any(t.get_text() == f"heart: {OTHER}" for ax in axes for t in ax.get_yticklabels())
+
+
+def test_forest_panels_follow_the_protocol_table_whatever_the_row_order(monkeypatch):
+    """The panels come in the leaderboard's protocol order, which is the protocol table's run order (dependencies
+    first, then table order): with the table reordered and a protocol added to it, the panels follow, whatever the
+    order of the rows; a protocol the table does not know comes last. Within a protocol, metrics keep the rows'
+    order."""
+    from harness.probes import PROTOCOLS
+
+    entries = dict(PROTOCOLS.entries)
+    reordered = {name: entries[name] for name in ("demographics", "seg", "linear", "knn", "label-efficiency")}
+    monkeypatch.setattr(PROTOCOLS, "entries", {**reordered, **entries})  # the table as it was, after the test
+    PROTOCOLS.register("added", "harness.probes.linear:fit_and_score", after=("linear",))
+    extra = pl.DataFrame([{**tidy_table().row(0, named=True), "protocol": p, "metric": "auroc", "label": "macro"}
+                          for p in ("added", "unknown")])
+    pairs = forest.panels(forest.headline_rows(pl.concat([tidy_table(), extra]).reverse()))
+    # demographics runs after linear; label-efficiency's rows are per fraction, never headline rows
+    assert list(dict.fromkeys(p for p, _ in pairs)) == ["seg", "linear", "demographics", "knn", "added", "unknown"]
+    assert [m for p, m in pairs if p == "linear"] == ["auprc", "auroc"]
 
 
 def test_forest_without_headline_rows_is_not_drawn():
@@ -482,6 +501,26 @@ def test_cli_usage_errors_exit_2(tmp_path, capsys):
     out = write_run(tmp_path / "run")
     assert main([str(out), "--task", "other"]) == 2
     assert f"it has {NAME}" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------- label efficiency
+
+def test_label_efficiency_marks_and_does_not_join_fractions_over_another_label_set():
+    def row(f, labels, point):
+        return {"fraction": f, "labels": labels, "macro_auroc": {"point": point, "lo": point - 0.1, "hi": point + 0.1}}
+
+    by_model = {"m": [row(0.01, ["x"], 0.6), row(0.1, ["x", "y"], 0.7), row(1.0, ["x", "y"], 0.8)]}
+    fig = label_efficiency.draw(by_model, "t")
+    ax = fig.axes[0]
+    joined = [ln for ln in ax.get_lines() if ln.get_linestyle() != "None"]
+    hollow = [ln for ln in ax.get_lines() if ln.get_fillstyle() == "none"]
+    assert len(joined) == 1 and list(joined[0].get_xdata()) == [0.1, 1.0]
+    assert len(hollow) == 1 and list(hollow[0].get_xdata()) == [0.01] and hollow[0].get_linestyle() == "None"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["m"]
+    assert any(label_efficiency.OTHER_LABELS_NOTE == t.get_text() for t in ax.texts)
+    # One label set throughout: one line, no note.
+    fig = label_efficiency.draw({"m": [row(0.1, ["x"], 0.7), row(1.0, ["x"], 0.8)]}, "t")
+    assert len(fig.axes[0].get_lines()) == 1 and not fig.axes[0].texts
 
 
 def test_schema_is_the_tidy_table_s():

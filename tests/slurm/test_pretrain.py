@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from slurm.cluster import make_executor, slurm_unreachable
+from slurm.cluster import make_executor
 from slurm.pretrain import prepare
-from tests.conftest import REPO
+from tests.conftest import REPO, slurm_unreachable
 from tests.trainer.tiny_run import TINY as TINY_RUN
 
 WHY_NOT = slurm_unreachable()

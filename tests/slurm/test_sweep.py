@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from harness.features import FeatureCache
-from slurm.cluster import slurm_unreachable
 from slurm.sweep import Pair, extract_features, main, make_plan, parse
+from tests.conftest import slurm_unreachable
 
 WHY_NOT = slurm_unreachable()
 

@@ -81,6 +81,15 @@ def test_writes_a_readable_png(tmp_path):
     assert pixels.std() > 0  # something was drawn, not a blank canvas
 
 
+def test_the_png_is_the_same_bytes_for_the_same_run(tmp_path):
+    """Drawn in the harness figures' style (harness.common.plotting): no date nor matplotlib version in the file,
+    so drawing the same metrics twice gives the same bytes."""
+    run = write_run(tmp_path / "run", full_rows())
+    first = plot(run, tmp_path / "a.png").read_bytes()
+    assert plot(run, tmp_path / "b.png").read_bytes() == first
+    assert b"raddino-bench trainer.plot" in first and b"Matplotlib version" not in first and b"tIME" not in first
+
+
 def test_old_runs_without_the_new_keys(tmp_path):
     rows = [train_line(it, OLD_KEYS) for it in (1, 10, 20)]
     run = write_run(tmp_path / "old", rows)

@@ -7,7 +7,9 @@ import pytest
 import harness.run as run
 from harness.probes import PROTOCOLS
 from harness.probes import label_efficiency, linear
-from harness.probes.label_efficiency import NAME, draw_patients, figure_png
+from harness.figures.common import png_bytes
+from harness.figures.label_efficiency import draw as draw_curves
+from harness.probes.label_efficiency import NAME, draw_patients
 from harness.protocols import ProbeOptions
 from harness.results_cache import ResultsCache
 from tests.harness.probes.synthetic import synthetic_run
@@ -118,7 +120,8 @@ def test_figure_plots_the_sections_numbers(ran):
     tr, encs, result = ran
     section = result.section
     curves = {e.name: result.to_record(e.name)["curve"] for e in encs}
-    png, fig = figure_png(curves, "synthetic: label efficiency")
+    fig = draw_curves(curves, "synthetic: label efficiency")
+    png = png_bytes(fig)
     assert result.files["synthetic_label_efficiency.png"] == png and png.startswith(b"\x89PNG")
     ax = fig.axes[0]
     for line, enc in zip(ax.get_lines(), encs):
@@ -209,24 +212,6 @@ def test_one_draw_shows_no_dagger_where_the_test_cannot_hold_the_draw():
     assert any(n.startswith("One draw per fraction") for n in result.section.notes)
 
 
-def test_figure_marks_and_does_not_join_fractions_over_another_label_set():
-    def row(f, labels, point):
-        return {"fraction": f, "labels": labels, "macro_auroc": {"point": point, "lo": point - 0.1, "hi": point + 0.1}}
-
-    curves = {"m": [row(0.01, ["x"], 0.6), row(0.1, ["x", "y"], 0.7), row(1.0, ["x", "y"], 0.8)]}
-    _, fig = figure_png(curves, "t")
-    ax = fig.axes[0]
-    joined = [ln for ln in ax.get_lines() if ln.get_linestyle() != "None"]
-    hollow = [ln for ln in ax.get_lines() if ln.get_fillstyle() == "none"]
-    assert len(joined) == 1 and list(joined[0].get_xdata()) == [0.1, 1.0]
-    assert len(hollow) == 1 and list(hollow[0].get_xdata()) == [0.01] and hollow[0].get_linestyle() == "None"
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["m"]
-    assert any(label_efficiency.OTHER_LABELS_NOTE == t.get_text() for t in ax.texts)
-    # One label set throughout: one line, no note.
-    _, fig = figure_png({"m": [row(0.1, ["x"], 0.7), row(1.0, ["x"], 0.8)]}, "t")
-    assert len(fig.axes[0].get_lines()) == 1 and not fig.axes[0].texts
-
-
 @pytest.mark.slow
 def test_a_change_of_method_is_a_results_cache_miss(tmp_path, monkeypatch):
     tr, encs = _run(fractions=(0.3, 1.0), draws=2)
@@ -246,7 +231,7 @@ def test_a_figure_that_raises_costs_only_the_figure(monkeypatch, caplog):
     def broken(*args):
         raise ValueError("'xerr' must not contain negative values")
 
-    monkeypatch.setattr(label_efficiency, "figure_png", broken)
+    monkeypatch.setattr(label_efficiency, "draw_curves", broken)
     with caplog.at_level("WARNING", logger=label_efficiency.__name__):
         result = label_efficiency.fit_and_score(tr, encs)
     assert dict(result.files) == {} and len(result.tidy) == 4

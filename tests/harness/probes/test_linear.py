@@ -1,10 +1,20 @@
 import numpy as np
 import pytest
 
+from harness.probe_fits import fold_scores
 from harness.probes import linear
 from harness.protocols import ProbeOptions
-from harness.probes.linear import choose_C, grid_edge, linear_probe
+from harness.probes.linear import grid_edge, linear_probe
 from tests.harness.probes.synthetic import synthetic_run
+
+
+def choose_C(x: np.ndarray, y: np.ndarray, groups: np.ndarray, Cs: tuple[float, ...], seed: int
+             ) -> tuple[float, float]:
+    """One label's (C, CV AUROC) chosen serially in this process, from the probe's own folds and choice rule: the
+    reference that `linear_probe`'s parallel (label, fold) fits must equal."""
+    per_fold = [fold_scores(x, y, tr, va, Cs, seed, linear.MAX_ITER)[0]
+                for tr, va in linear._cv_folds(x, y, groups, seed, max_folds=5)]
+    return linear._best_C(Cs, linear._grid_by_fold(Cs, per_fold))
 
 
 def _data(n=200, d=10, seed=0):
