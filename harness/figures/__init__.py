@@ -34,8 +34,8 @@ if TYPE_CHECKING:
 __all__ = ["FigureInputError", "draw_task_figures", "figure_links", "task_figures"]
 
 FOLDER = "figures"
-#: The run's manifest beside the results folder, as harness.run names it (harness.run is not imported here: it
-#: imports torch and every encoder, and it is the one that calls draw_task_figures).
+#: The run's manifest beside the results folder, as harness.outputs names it (harness.outputs is not imported here:
+#: it imports torch and the evaluation, and it is the one that calls draw_task_figures).
 MANIFEST = ".leaderboard.json"
 CAPTIONS = {forest.FILE: "Headline metrics (forest plot)", curves.KINDS["roc"][0]: "ROC curves (linear probe)",
             curves.KINDS["pr"][0]: "Precision-recall curves (linear probe)",

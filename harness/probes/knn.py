@@ -117,7 +117,7 @@ def fit_and_score(tr: TaskRun, encoders: list[Encoder]) -> ProtocolResult:
     settings = {"k": k, "temperature": temperature, "labels": [int(j) for j in ok]}
     for enc in progress(encoders, "k-NN probe: scores and bootstrap"):
         x = tr.features[enc.name].global_
-        work = tr.memo(NAME, tr.feature_key(enc.name), settings, lambda x=x: score_and_bootstrap(x))
+        work = tr.results.memo(NAME, tr.features[enc.name], settings, lambda x=x: score_and_bootstrap(x))
         scores, summaries[enc.name], resampled[enc.name] = work["scores"], work["summary"], work["resampled"]
         files[f"results/{tr.out_name}/{safe_name(enc.name)}.knn.parquet"] = parquet_bytes([
             {"image_id": t.image_ids[i], "patient_key": key, "label": n, "target": int(y[i, j]), "score": float(s)}

@@ -191,8 +191,8 @@ def fit_and_score(tr: TaskRun, encoders: list[Encoder]) -> ProtocolResult:
                 "resampled": resampled}
 
     settings = {"Cs": list(DEFAULT_CS), "max_iter": MAX_ITER, "skip": {str(j): why for j, why in skip.items()}}
-    work = {e.name: tr.memo(NAME, tr.feature_key(e.name), settings,
-                            lambda e=e: probe_and_bootstrap(tr.features[e.name].global_))
+    work = {e.name: tr.results.memo(NAME, tr.features[e.name], settings,
+                                    lambda e=e: probe_and_bootstrap(tr.features[e.name].global_))
             for e in progress(encoders, "linear probe: fits and bootstrap")}
     probes = {m: ProbeResult(w["scores"], [LabelResult(**lab) for lab in w["labels"]]) for m, w in work.items()}
     # Which labels are evaluable depends only on the labels and the split, so it is the same for every model.
