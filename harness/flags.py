@@ -39,6 +39,15 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         description="Evaluate frozen chest X-ray encoders with identical protocols; write Markdown leaderboards "
                     "with patient-clustered bootstrap CIs.",
         epilog=EXAMPLES, formatter_class=HelpFormatter)
+    _add_inputs(p)
+    _add_settings(p)
+    _add_running(p)
+    return p
+
+
+def _add_inputs(p: argparse.ArgumentParser) -> None:
+    """What is evaluated and where things are: the models, the tasks and their protocols, the data, the weights,
+    the caches and the output folder."""
     p.add_argument("--models", default="all",
                    help="comma list of encoders (see --list), 'all' = every registered encoder whose weights are "
                         "present (the others are listed as skipped, with where to put their files); "
@@ -70,6 +79,11 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None,
                    help="where leaderboards (<name>.md: the task name plus the options that change its numbers), "
                         "results/ and splits/ are written; unset: each task in its own runs/<name>/")
+
+
+def _add_settings(p: argparse.ArgumentParser) -> None:
+    """The settings that can change the numbers: the statistics, the protocols' options, the split, the
+    reference, the device (its precision), the input policy and the pooling (each one recorded with the results)."""
     p.add_argument("--bootstrap", type=int, default=stats.DEFAULT_RESAMPLES,
                    help="number of patient-level bootstrap resamples")
     p.add_argument("--min-positive-patients", type=int, default=MIN_POSITIVE_PATIENTS,
@@ -101,6 +115,11 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                    help="the one vector per image the global protocols read, the same for every model: cls = the "
                         "model's global embedding (a ViT's normed CLS token), avg = the mean of its last layer's "
                         "patch tokens, cls+avg = both concatenated (docs/evaluate.md#global-pooling)")
+
+
+def _add_running(p: argparse.ArgumentParser) -> None:
+    """How the work runs and what it prints, none of which changes a number: batches, workers, the dense cache's
+    budget, bad and duplicate images, listing and verbosity."""
     p.add_argument("--batch-size", type=int, default=16, help="images per feature-extraction batch")
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers decoding images")
     p.add_argument("--probe-jobs", type=int, default=usable_cores(),
@@ -121,7 +140,6 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                    help="only warnings and errors on stderr (stdout keeps the tables and 'wrote' lines)")
     p.add_argument("-v", "--verbose", action="count", default=0,
                    help="debug messages, progress bars even when stderr is not a terminal, and an error's traceback")
-    return p
 
 
 def eval_options(args: argparse.Namespace) -> EvalOptions:

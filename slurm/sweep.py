@@ -3,17 +3,18 @@
     python -m slurm.sweep --models all --tasks vindr,candid,rsna --data-root /data/cxr --weights-dir /data/weights \\
         --cache-dir /shared/cache --out leaderboards --cluster slurm/clusters/mycluster.yaml --gpus-per-node 1
 
-Every flag that is not the sweep's or a cluster option goes to ``python -m harness.run`` unchanged.
+Every flag that is not the sweep's or a cluster option is an evaluation flag, read as ``python -m harness.run`` reads it
+(`harness.flags`).
 
 1. Plan: every (model, task) pair whose features are not in the cache yet (the keys the evaluation reads).
 2. One job array, one task per such pair: feature extraction into the shared cache.
 3. One job that depends on the array (afterok) and evaluates every model on every task as ``harness.run`` does
    (`harness.evaluate`, `harness.outputs`): the probes and statistics read the cached features and regenerate
    the leaderboards.
-
-The jobs are given the flags as read here (`Sweep`, typed), not a command line to parse again.
 4. Wait, then list every failed job with its log files. ``--retry-failed`` replays the recorded sweep
    (``<folder>/sweep.json``): the pairs cached by now are skipped, so exactly the failed work is resubmitted.
+
+The jobs are given the flags as read and checked here (`Sweep`, typed), not a command line to parse again.
 
 Jobs start in the directory the sweep was submitted from, so relative paths mean the same in every job.
 """
@@ -54,8 +55,6 @@ DEFAULT_FOLDER = Path("slurm-logs") / "sweep"   # job scripts and logs; must be 
 class Pair:
     model: str
     task: str     # the task spec as given (demo, csv:PATH, vindr, ...; TaskSpec.text)
-
-
 
 
 PROG = "python -m slurm.sweep"

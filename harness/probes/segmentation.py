@@ -437,8 +437,8 @@ class MaskedImages:
     """The masked images of a task as segmentation sees them: the task's rows `rows` as a task, `subset`, whose
     rows `train` / `test` split them; the structures `names`, the test images' ids and pseudonymous patient keys,
     their own patient bootstrap (`weights`, over the keys the per-image file publishes), every mask's size, which
-    test truths are non-empty [n_test, K], and the test rows (positions in `test`) shown as overlays. `mask_digest` covers every mask's content (a segmentation
-    result depends on it as well as on the features)."""
+    test truths are non-empty [n_test, K], and the test rows (positions in `test`) shown as overlays.
+    `mask_digest` covers every mask's content (a segmentation result depends on it as well as on the features)."""
 
     rows: np.ndarray
     subset: Task
