@@ -10,6 +10,12 @@ Resize policies:
   (the Hugging Face / CLIP default; it cuts the lateral chest on portrait radiographs).
 - ``resize_stretch``: resize the whole image to ``size`` x ``size`` without cropping (the "harmonised" policy).
 - ``resize_longest_pad``: resize so the longest edge equals ``size``, then pad with black to a centred square.
+- ``pad_square_resize``: pad with black to a centred square at the image's own size, then resize that square to
+  ``size`` x ``size`` (the same placement as ``resize_longest_pad`` up to sub-pixel rounding, but resampled as one
+  image with its border, as MedSigLIP's authors do it).
+
+An intensity step may come before the geometry: ``equalize`` applies global histogram equalisation to the image at its
+own size (what CXformer's training and evaluation pipelines did with OpenCV's ``equalizeHist`` on 8-bit radiographs).
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-ResizePolicy = Literal["resize_shortest_crop", "resize_stretch", "resize_longest_pad"]
+ResizePolicy = Literal["resize_shortest_crop", "resize_stretch", "resize_longest_pad", "pad_square_resize"]
 Interpolation = Literal["bicubic", "bilinear", "nearest", "area"]
 
 
@@ -38,6 +44,8 @@ class Preprocess:
     # resize_shortest_crop only: the shortest edge is resized to `resize` (default `size`) before the centre
     # crop of `size`, as torchvision's Resize(256) + CenterCrop(224) does.
     resize: int | None = None
+    # Histogram equalisation of the radiograph at its own size, before any resize (`equalize_histogram`).
+    equalize: bool = False
 
     def __post_init__(self) -> None:
         if len(self.mean) not in (1, self.channels) or len(self.std) not in (1, self.channels):
@@ -55,10 +63,35 @@ class Preprocess:
         return dataclasses.replace(self, policy="resize_stretch", resize=None)
 
 
+#: Grey levels the equalisation works on: 8-bit, the depth of the radiographs the equalising models were trained on.
+LEVELS = 256
+
+
+def equalize_histogram(img: torch.Tensor) -> torch.Tensor:
+    """Global histogram equalisation of a [..., H, W] image in [0, 1], as OpenCV's ``equalizeHist`` does it on 8-bit
+    images: the image is quantised to 256 levels, each level is mapped to its cumulative count above the darkest
+    level present, scaled so the brightest level present becomes 255 and rounded half to even, and the result is
+    scaled back to [0, 1]. An image of one grey level is returned quantised but otherwise unchanged."""
+    levels = (img.clamp(0.0, 1.0) * (LEVELS - 1)).round().long()
+    hist = torch.bincount(levels.flatten(), minlength=LEVELS)
+    darkest = int(torch.nonzero(hist)[0])
+    total = levels.numel()
+    if hist[darkest] == total:
+        return levels.float() / (LEVELS - 1)
+    # float32 arithmetic and round-half-to-even, as the 8-bit reference computes its lookup table; the darkest
+    # level present maps to 0 and every level below it is absent.
+    scale = torch.tensor((LEVELS - 1) / (total - int(hist[darkest])), dtype=torch.float32)
+    above_darkest = (torch.cumsum(hist, 0) - hist[darkest]).clamp(min=0).float()
+    lut = torch.round(above_darkest * scale).clamp(0, LEVELS - 1)
+    return lut[levels] / (LEVELS - 1)
+
+
 @dataclass(frozen=True)
 class Geometry:
     """Where an (H, W) image lands inside the encoder's size x size input: resized to (rh, rw), then the
-    window [top:top+size, left:left+size] of the resized image is taken (negative offsets mean padding)."""
+    window [top:top+size, left:left+size] of the resized image is taken (negative offsets mean padding). A nonzero
+    `side` means the image was first padded with black to a side x side square, its top-left corner at
+    (pad_top, pad_left), and that square is what is resized."""
 
     height: int
     width: int
@@ -67,6 +100,9 @@ class Geometry:
     top: int
     left: int
     size: int
+    side: int = 0
+    pad_top: int = 0
+    pad_left: int = 0
 
 
 def geometry(height: int, width: int, pre: Preprocess) -> Geometry:
@@ -85,6 +121,10 @@ def geometry(height: int, width: int, pre: Preprocess) -> Geometry:
             rh, rw = s, max(1, round(s * width / height))
         else:
             rh, rw = max(1, round(s * height / width)), s
+    elif pre.policy == "pad_square_resize":
+        # The extra row or column of an odd difference goes to the bottom or right, as the reference pads.
+        side = max(height, width)
+        return Geometry(height, width, s, s, 0, 0, s, side, (side - height) // 2, (side - width) // 2)
     else:  # pragma: no cover - Literal guards this
         raise ValueError(f"unknown resize policy {pre.policy!r}")
     top = (rh - s) // 2 if rh >= s else -((s - rh) // 2)
@@ -101,6 +141,9 @@ def _resize(x: torch.Tensor, hw: tuple[int, int], interpolation: str) -> torch.T
 
 def place(x: torch.Tensor, geo: Geometry, interpolation: str, fill: float = 0.0) -> torch.Tensor:
     """Resize a [N, C, H, W] tensor and crop or pad it to [N, C, size, size] following `geo`."""
+    if geo.side:
+        x = F.pad(x, (geo.pad_left, geo.side - geo.width - geo.pad_left, geo.pad_top,
+                      geo.side - geo.height - geo.pad_top), value=fill)
     x = _resize(x, (geo.resized_h, geo.resized_w), interpolation)
     s = geo.size
     out = x.new_full((*x.shape[:-2], s, s), fill)
@@ -123,6 +166,9 @@ def unplace(y: torch.Tensor, geo: Geometry, interpolation: str = "bilinear") -> 
     h = min(geo.resized_h - sy, s - dy)
     w = min(geo.resized_w - sx, s - dx)
     canvas[..., sy:sy + h, sx:sx + w] = y[..., dy:dy + h, dx:dx + w]
+    if geo.side:
+        square = _resize(canvas, (geo.side, geo.side), interpolation)
+        return square[..., geo.pad_top:geo.pad_top + geo.height, geo.pad_left:geo.pad_left + geo.width]
     return _resize(canvas, (geo.height, geo.width), interpolation)
 
 
@@ -137,7 +183,7 @@ def preprocess_batch(images: list[torch.Tensor], pre: Preprocess) -> torch.Tenso
         if img.ndim != 3 or img.shape[0] != 1:
             raise ValueError(f"expected a [1, H, W] single-channel image, got shape {tuple(img.shape)}")
         geo = geometry(img.shape[-2], img.shape[-1], pre)
-        x = img.float()[None] * pre.scale
+        x = (equalize_histogram(img.float()) if pre.equalize else img.float())[None] * pre.scale
         # Padding is black (0) before normalisation, so after it the border is the normalised black level.
         x = place(x, geo, pre.interpolation, fill=0.0)
         # Bicubic resampling overshoots; keep the input in the range the model was trained on.

@@ -137,11 +137,18 @@ class WeightsMissing(RuntimeError):
 
 class HubRepo(NamedTuple):
     """A Hugging Face hub repo publishing an encoder's weights: its id, which of the encoder's file layouts its
-    snapshots hold, and the ref the documented download names (preferred over other cached revisions)."""
+    snapshots hold, the ref the documented download names (preferred over other cached revisions), and whether it
+    is gated (its files download only for a logged-in account that accepted the licence on the repo's page)."""
 
     repo_id: str
     layouts: tuple[tuple[str, ...], ...]
     ref: str = "main"
+    gated: bool = False
+
+    @property
+    def page(self) -> str:
+        """The repo's page on the hub, where a gated repo's licence is accepted."""
+        return f"https://huggingface.co/{self.repo_id}"
 
 
 @dataclass(frozen=True)
@@ -155,6 +162,11 @@ class WeightFiles:
     download: str = ""
     hub: tuple[HubRepo, ...] = ()
     accepts: Callable[[Path, tuple[str, ...]], bool] | None = None
+
+    @property
+    def gated(self) -> tuple[HubRepo, ...]:
+        """The gated repos among `hub`: the download fails until their licence is accepted."""
+        return tuple(r for r in self.hub if r.gated)
 
     def complete(self, folder: Path, layouts: tuple[tuple[str, ...], ...] | None = None) -> tuple[str, ...] | None:
         """The first of `layouts` (default: all) wholly present in `folder` and accepted, or None."""
@@ -238,6 +250,9 @@ class EncoderSpec:
                 return hit
         others = " | ".join(" + ".join(f) for f in w.layouts[1:])
         hint = f"Or instead: {others}. " if others else ""
+        if w.gated:
+            hint += (f"{self.name} is gated: accept its licence at {' or '.join(r.page for r in w.gated)}, logged in "
+                     "to Hugging Face (hf auth login), before fetching. ")
         if w.download:
             hint += f"To fetch them (with internet access): {w.download}"
             if w.hub:
@@ -270,11 +285,13 @@ class EncoderEntry(Entry):
     """An encoder's table line. `weights`: where its files may be, either the lazy target of a `WeightFiles`
     (``"baselines.clip:WEIGHTS"``, read without building the model) or simply the files expected in
     ``<weights-dir>/<folder or name>``; empty for a weight-free encoder. `takes_arg` makes it a parametrised
-    family spelled ``name:ARG`` (e.g. ``ckpt:/runs/exp1``), never part of ``--models all``."""
+    family spelled ``name:ARG`` (e.g. ``ckpt:/runs/exp1``), never part of ``--models all``. `licence`: the terms
+    the weights are published under, as ``ls`` shows them (docs/encoders.md links each)."""
 
     weights: str | tuple[str, ...] = ()
     folder: str = ""
     takes_arg: bool = False
+    licence: str = ""
 
     @property
     def weight_files(self) -> WeightFiles | None:
@@ -344,20 +361,34 @@ def weights_status(name: str, weights_dir: Path | None = None) -> str:
 
 
 # --- the table: one line per encoder, in the order of --list and --models all ------------------------------------
+# `licence` is what ``ls`` shows; docs/encoders.md links each one.
 ENCODERS.register("pixels", "baselines.floors:pixels", description="the downsampled image itself (weight-free floor)")
 ENCODERS.register("random-vit", "baselines.floors:random_vit",
                   description="ViT-S/14, fixed seed, random weights (weight-free floor)")
-ENCODERS.register("rad-dino", "baselines.rad_dino:rad_dino", weights="baselines.rad_dino:WEIGHTS",
+ENCODERS.register("rad-dino", "baselines.rad_dino:rad_dino", weights="baselines.rad_dino:WEIGHTS", licence="MIT",
                   description="RAD-DINO ViT-B/14 (transformers Dinov2Model folder).")
 ENCODERS.register("dinov2-base", "baselines.dinov2:dinov2_base", weights="baselines.dinov2:WEIGHTS",
+                  licence="Apache-2.0",
                   description="DINOv2 ViT-B/14, ImageNet-domain (transformers folder or official .pth).")
-ENCODERS.register("clip", "baselines.clip:clip", weights="baselines.clip:WEIGHTS",
+ENCODERS.register("clip", "baselines.clip:clip", weights="baselines.clip:WEIGHTS", licence="MIT",
                   description="OpenAI CLIP ViT-B/16 image tower (transformers folder or open_clip checkpoint).")
 ENCODERS.register("biomedclip", "baselines.biomedclip:biomedclip", weights="baselines.biomedclip:WEIGHTS",
-                  description="BiomedCLIP ViT-B/16 image tower (open_clip folder, vision tower only).")
-ENCODERS.register("biovil-t", "baselines.biovil_t:biovil_t", weights="baselines.biovil_t:WEIGHTS",
+                  licence="MIT", description="BiomedCLIP ViT-B/16 image tower (open_clip folder, vision tower only).")
+ENCODERS.register("biovil-t", "baselines.biovil_t:biovil_t", weights="baselines.biovil_t:WEIGHTS", licence="MIT",
                   description="BioViL-T ResNet-50 image encoder (hi-ml-multimodal checkpoint), single-image path.")
-ENCODERS.register("mrm", "baselines.mrm:mrm", weights="baselines.mrm:WEIGHTS",
+ENCODERS.register("mrm", "baselines.mrm:mrm", weights="baselines.mrm:WEIGHTS", licence="MIT (code repository)",
                   description="MRM ViT-B/16 (MRM.pth), CLS after the pretrained final norm.")
+ENCODERS.register("rad-dino-maira-2", "baselines.rad_dino:rad_dino", weights="baselines.rad_dino_maira_2:WEIGHTS",
+                  licence="MSRLA", description="RAD-DINO-MAIRA-2 ViT-B/14, RAD-DINO trained on more data.")
+ENCODERS.register("cxformer-base", "baselines.cxformer:cxformer", weights="baselines.cxformer:WEIGHTS_BASE",
+                  licence="CC-BY-NC-4.0", description="CXformer-B: DINOv2 ViT-B/14 + 4 registers on CXR, 518 px.")
+ENCODERS.register("cxformer-small", "baselines.cxformer:cxformer", weights="baselines.cxformer:WEIGHTS_SMALL",
+                  licence="CC-BY-NC-4.0", description="CXformer-S: DINOv2 ViT-S/14 + 4 registers on CXR, 518 px.")
+ENCODERS.register("medsiglip-448", "baselines.medsiglip:medsiglip", weights="baselines.medsiglip:WEIGHTS",
+                  licence="HAI-DEF terms", description="MedSigLIP-448 SigLIP-400M vision tower, MAP-pooled global.")
+ENCODERS.register("dinov2-base-reg4", "baselines.dinov2_reg4:dinov2_base_reg4", weights="baselines.dinov2_reg4:WEIGHTS",
+                  licence="Apache-2.0", description="DINOv2 ViT-B/14 + 4 registers, ImageNet-domain control.")
+ENCODERS.register("dinov3-vitb16", "baselines.dinov3:dinov3_vitb16", weights="baselines.dinov3:WEIGHTS",
+                  licence="DINOv3 License", description="DINOv3 ViT-B/16 + 4 registers, RoPE, natural-image control.")
 ENCODERS.register("ckpt", "baselines.ckpt:ckpt", takes_arg=True,
                   description="teacher of a raddino-bench training run: ckpt:RUN_OR_CKPT_DIR")

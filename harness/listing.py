@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from baselines.registry import ENCODERS, Encoder, default_weights_dir, hub_cache_dir, weights_status
+from baselines.registry import ENCODERS, Encoder, EncoderEntry, default_weights_dir, hub_cache_dir, weights_status
 from harness.probes import PROTOCOLS
 from harness.tasks.base import TASKS
 
@@ -36,6 +36,14 @@ def matches(name: str, pattern: str | None) -> bool:
     return fnmatchcase(name.lower(), pattern)
 
 
+def licence_cell(entry: EncoderEntry) -> str:
+    """The licence column of ``ls``: the entry's licence, ``gated`` when its hub repo is, ``-`` without weights."""
+    w = entry.weight_files
+    if w is None:
+        return "-"
+    return f"{entry.licence or '?'}{', gated' if w.gated else ''}"
+
+
 def missing_note(names: list[str], weights_dir: Path | None) -> str:
     """One paragraph on the encoders in `names` (registered with weight files, none found): where they were
     looked for, then each one's fetch command on its own line."""
@@ -50,8 +58,14 @@ def missing_note(names: list[str], weights_dir: Path | None) -> str:
     text = (f"Weights missing for {', '.join(names)}: looked in {where}. `--models NAME` names every file layout a "
             "model accepts. To fetch them (internet access):")
     width = max(map(len, names)) + 2
-    commands = [f"  {n:<{width}}{e.weight_files.download.replace(WEIGHTS_DIR_PLACEHOLDER, shlex.quote(str(root)))}"
-                for n, e in zip(names, entries) if e.weight_files.download]
+    commands = []
+    for n, e in zip(names, entries):
+        w = e.weight_files
+        if w.gated:  # a shell comment, so the block still pastes as printed
+            commands.append(f"  {n:<{width}}# gated: accept its licence at {' or '.join(r.page for r in w.gated)} "
+                            "while logged in (hf auth login) first")
+        if w.download:
+            commands.append(f"  {n:<{width}}{w.download.replace(WEIGHTS_DIR_PLACEHOLDER, shlex.quote(str(root)))}")
     # Paths and names stay whole on their lines, to be copied as printed.
     return "\n".join([textwrap.fill(text, WIDTH, break_long_words=False, break_on_hyphens=False), *commands])
 
@@ -81,8 +95,8 @@ def list_registered(weights_dir: Path | None, pattern: str | None = None) -> boo
                 status = "missing"
                 missing.append(n)
             rows.append([n, "name:ARG" if e.takes_arg else "", ", ".join(e.expected_files) or "(none)", status,
-                         e.description])
-        table = tabulate(rows, headers=["encoder", "form", "weight files", "weights", "what"])
+                         licence_cell(e), e.description])
+        table = tabulate(rows, headers=["encoder", "form", "weight files", "weights", "licence", "what"])
         note = missing_note(missing, weights_dir)
         blocks.append(f"{table}\n\n{note}" if note else table)
     if tasks:

@@ -1,12 +1,20 @@
-"""Shared by the baseline parity tests: importing the reference libraries, random tiny weights, inputs."""
+"""Shared by the baseline parity tests: importing the reference libraries, random tiny weights, inputs (real
+radiographs of the shared set among them, read at test time) and the check of a preprocessing against a model's own
+image processor."""
 from __future__ import annotations
 
 import importlib
 import os
+from pathlib import Path
 from types import ModuleType
+from typing import Callable
 
+import numpy as np
 import pytest
 import torch
+
+from baselines.preprocess import Preprocess, preprocess_batch
+from harness.common.imaging import load_radiograph
 
 # In CI (CI=true) the reference libraries are installed and a missing one is a failure, never a silent skip.
 REQUIRED = os.environ.get("CI") == "true" or os.environ.get("RADDINO_BENCH_REQUIRE_REFERENCE") == "1"
@@ -50,3 +58,54 @@ def assert_close(ours: torch.Tensor, ref: torch.Tensor, what: str, atol: float =
     assert ours.dtype == torch.float32, f"{what}: dtype {ours.dtype}"
     err = (ours - ref).abs().max().item()
     assert err <= atol, f"{what}: max abs difference {err:.3g} > {atol}"
+
+
+def radiographs(shared_cxr: Path) -> list[Path]:
+    """Two real radiographs of the shared set, read at test time: the first portrait and the first landscape one (in
+    name order), so that a centre crop is exercised along both axes."""
+    from PIL import Image
+
+    portrait = landscape = None
+    for path in sorted((shared_cxr / "images").glob("*.png")):
+        w, h = Image.open(path).size
+        if h > w and portrait is None:
+            portrait = path
+        elif w > h and landscape is None:
+            landscape = path
+        if portrait and landscape:
+            return [portrait, landscape]
+    pytest.skip(f"{shared_cxr}: no portrait and landscape pair of PNG radiographs")
+
+
+def preprocessed(paths: list[Path], pre: Preprocess) -> torch.Tensor:
+    """The encoder input the harness makes of `paths`: decoded once by `load_radiograph`, then `preprocess_batch`."""
+    return preprocess_batch([torch.from_numpy(load_radiograph(p))[None] for p in paths], pre)
+
+
+def assert_preprocessing_matches(pre: Preprocess, processor, path: Path,
+                                 intensity: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
+    """`pre` through `preprocess_batch` on the radiograph at `path` against a transformers image processor built from
+    the model's preprocessor_config.json values (`intensity`: the reference's own step on the 8-bit image before the
+    processor, e.g. OpenCV's equalisation). Two ways of feeding the processor:
+
+    - the decoded [0, 1] image itself (no rescale): equal within 1e-5 once clamped to the normalised image range,
+      the clamp the processor's 8-bit path applies by rounding the resized image back to 8 bits (our resize clamps
+      bicubic overshoot too); this checks the geometry, the kernel and the normalisation exactly;
+    - the 8-bit image, as users call it: equal up to that 8-bit rounding of the resized image, on average under half
+      a grey level."""
+    from PIL import Image
+
+    u8 = np.asarray(Image.open(path).convert("L"))
+    ref_u8 = intensity(u8) if intensity is not None else u8
+    ours = preprocessed([path], pre)
+    channels = ours.shape[1]
+    mean = torch.tensor(pre.mean).expand(channels).view(1, -1, 1, 1)
+    std = torch.tensor(pre.std).expand(channels).view(1, -1, 1, 1)
+    grey = torch.from_numpy(ref_u8.astype(np.float32) / 255)[None].expand(channels, -1, -1).contiguous()
+    ref = processor(images=grey, do_rescale=False, return_tensors="pt")["pixel_values"]
+    ref = torch.minimum(torch.maximum(ref, -mean / std), (1 - mean) / std)
+    assert_close(ours, ref, f"preprocessing of {path.name}")
+    ref8 = processor(images=Image.fromarray(ref_u8).convert("RGB"), return_tensors="pt")["pixel_values"]
+    assert ref8.shape == ours.shape
+    half_level = (0.5 / 255 / std).min().item()
+    assert (ours - ref8).abs().mean() < half_level, f"{path.name}: mean |ours - 8-bit processor| above half a level"

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from transformers import CLIPConfig, CLIPModel, Dinov2Config, Dinov2Model
+from transformers import (CLIPConfig, CLIPModel, DINOv3ViTConfig, DINOv3ViTModel, Dinov2Config, Dinov2Model,
+                          Dinov2WithRegistersConfig, Dinov2WithRegistersModel, SiglipConfig, SiglipModel)
 
 from baselines.biovil_t import BioViLTImage
 from trainer.vit import ViTConfig, VisionTransformer
@@ -102,6 +103,52 @@ def _mrm(folder: Path) -> list[Path]:
     return [folder / "MRM.pth"]
 
 
+# The five families of issue 22 are transformers folders: a small random model of the published class, at the native
+# input size and patch of the real one (its width and depth are what a small config may change: the loaders check
+# the patch size, the input size SigLIP needs and the register tokens, not the width).
+TINY = dict(hidden_size=64, num_attention_heads=2, intermediate_size=128)
+
+
+def tiny_siglip(layers: int = 2, **vision) -> SiglipModel:
+    """google/medsiglip-448: a full SiglipModel (text tower too, as the hub repo holds it), patch 14 at 448 px."""
+    text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=99,
+                max_position_embeddings=16)
+    cfg = SiglipConfig(text_config=text, vision_config={**TINY, "num_hidden_layers": layers, "image_size": 448,
+                                                        "patch_size": 14, **vision})
+    return randomise_(SiglipModel(cfg)).eval()
+
+
+def tiny_dinov2_reg(layers: int = 2, **config) -> Dinov2WithRegistersModel:
+    """CXformer and DINOv2-reg4: a Dinov2WithRegistersModel, patch 14, 4 registers, position grid of 518 px."""
+    cfg = Dinov2WithRegistersConfig(**{**TINY, "num_hidden_layers": layers, "image_size": 518, "patch_size": 14,
+                                       "num_register_tokens": 4, **config})
+    return randomise_(Dinov2WithRegistersModel(cfg)).eval()
+
+
+def tiny_dinov3(layers: int = 2, **config) -> DINOv3ViTModel:
+    """facebook/dinov3-vitb16-pretrain-lvd1689m: a DINOv3ViTModel, patch 16, 4 registers, RoPE."""
+    cfg = DINOv3ViTConfig(**{**TINY, "num_hidden_layers": layers, "patch_size": 16, "num_register_tokens": 4,
+                             **config})
+    return randomise_(DINOv3ViTModel(cfg)).eval()
+
+
+def tiny_dinov2(layers: int = 2, **config) -> Dinov2Model:
+    """RAD-DINO and RAD-DINO-MAIRA-2: a plain Dinov2Model, patch 14, position grid of 518 px."""
+    cfg = Dinov2Config(**{**TINY, "num_hidden_layers": layers, "image_size": 518, "patch_size": 14, **config})
+    return randomise_(Dinov2Model(cfg)).eval()
+
+
+def _saved(build: Callable[[], torch.nn.Module]) -> Callable[[Path], list[Path]]:
+    """A writer saving `build()` with transformers' own save_pretrained (config.json + model.safetensors)."""
+    def write(folder: Path) -> list[Path]:
+        build().save_pretrained(folder)
+        return [folder / "config.json", folder / "model.safetensors"]
+    return write
+
+
 WRITERS: dict[str, Callable[[Path], list[Path]]] = {
     "rad-dino": _rad_dino, "dinov2-base": _dinov2_base, "clip": _clip, "biomedclip": _biomedclip,
-    "biovil-t": _biovil_t, "mrm": _mrm}
+    "biovil-t": _biovil_t, "mrm": _mrm, "rad-dino-maira-2": _saved(tiny_dinov2),
+    "cxformer-base": _saved(tiny_dinov2_reg), "cxformer-small": _saved(tiny_dinov2_reg),
+    "medsiglip-448": _saved(tiny_siglip), "dinov2-base-reg4": _saved(tiny_dinov2_reg),
+    "dinov3-vitb16": _saved(tiny_dinov3)}
