@@ -8,6 +8,8 @@ import json
 import numpy as np
 import pytest
 
+from baselines.registry import DEFAULT_GLOBAL_POOL
+
 from harness import features
 from harness.evaluate import EvalOptions, evaluate, output_name, results_name
 from harness.outputs import write
@@ -52,7 +54,7 @@ def test_evaluate_writes_nothing_and_extracts_every_feature_once(tmp_path, monke
     assert calls == [(masked.content_digest(), True), (task.content_digest(), False)]
     assert [p.name for p in tmp_path.iterdir()] == ["cache"]
     assert list(results.protocols) == ["seg"] and results.name == "tiny-seg" and results.reference == "pixels"
-    assert {r.protocol for r in results.tidy} == {"seg"} and all(r.global_pool == "cls" for r in results.tidy)
+    assert {r.protocol for r in results.tidy} == {"seg"} and all(r.global_pool == DEFAULT_GLOBAL_POOL for r in results.tidy)
     assert set(results.feature_keys) == {"pixels", "pixels-crop"}
 
 
@@ -84,8 +86,8 @@ def test_the_writer_writes_what_the_command_writes(tmp_path):
 def test_a_reference_or_a_pooling_the_encoders_do_not_have_is_refused(tmp_path):
     with pytest.raises(ValueError, match="reference 'nobody' is not among the encoders"):
         evaluate(MaskedTask(), pixels_encoders(), ["seg"], _options(tmp_path, reference="nobody"))
-    with pytest.raises(ValueError, match="otherwise than the options' 'avg'"):
-        evaluate(MaskedTask(), pixels_encoders(), ["seg"], _options(tmp_path, global_pool="avg"))
+    with pytest.raises(ValueError, match="otherwise than the options' 'cls\\+avg'"):
+        evaluate(MaskedTask(), pixels_encoders(), ["seg"], _options(tmp_path, global_pool="cls+avg"))
     with pytest.raises(ValueError, match="split 'val'"):
         EvalOptions(split="val")
     assert not (tmp_path / "cache").exists()  # refused before anything was computed
