@@ -39,7 +39,10 @@ from baselines.pooling import GLOBAL_POOLS, pool_global
 #: the Kermany task, never on a test split (docs/evaluate.md#global-pooling). Here, not in baselines.pooling, because
 #: it is a choice, not extraction code: the pooling a feature was made with is in its cache key either way, and
 #: changing the default must not invalidate features made with an explicit --global-pool.
-DEFAULT_GLOBAL_POOL = "cls"
+#: `avg`: on the Kermany validation patients the mean-pooled patch tokens beat the CLS token, and the two
+#: concatenated, for every encoder probed there (the step-0 weights, the five sweep runs and the long run's
+#: checkpoints, and random-vit), with both probes (docs/pretraining.md, issue 19).
+DEFAULT_GLOBAL_POOL = "avg"
 from baselines.preprocess import Preprocess
 from harness.common.sources import closure, sources_digest
 from harness.registry import Entry, Registry, resolve

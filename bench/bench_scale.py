@@ -255,8 +255,8 @@ def stage_seg_prepare(n: int, work: Path, args: argparse.Namespace) -> dict:
 
 def stage_seg(n: int, work: Path, args: argparse.Namespace) -> dict:
     from harness import stats
-    from harness.features import FeatureCache
-    from harness.probes.segmentation import BUDGET, fit_and_score
+    from harness.features import FeatureCache, FeatureStore
+    from harness.probes.segmentation import BUDGET, fit_and_score, masked_rows
     from harness.protocols import TaskRun
 
     task, enc = _seg_task(n), _seg_encoder()
@@ -267,7 +267,7 @@ def stage_seg(n: int, work: Path, args: argparse.Namespace) -> dict:
     split = _split(n)
     test = np.flatnonzero(split == "test")
     weights = stats.bootstrap_weights([task.table.patient_ids[i] for i in test], 1000, 0)
-    tr = TaskRun(task, split, "bench", weights, {}, {}, extract=lambda sub, encs, dense: {enc.name: fs}, seed=0,
+    tr = TaskRun(task, split, weights, FeatureStore({}, [(masked_rows(task), {enc.name: fs})]), seed=0,
                  reference=enc.name)
     budget = dataclasses.replace(BUDGET, epochs=args.seg_epochs)
     t0, c0 = time.perf_counter(), time.process_time()

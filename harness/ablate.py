@@ -18,10 +18,12 @@ axis, the value and what it accepts.
 
 Layout of OUTPUT: ``plan.json`` (the variants and their trainer arguments), ``variants/<name>/`` (one trainer run
 each, ``--resume auto``: a finished variant is skipped and an interrupted one continues from its checkpoint),
-``eval/`` (``harness.run`` over every variant's teacher and the base's step-0 weights, reference = the base), then
+``eval/`` (`harness.evaluate` over every variant's teacher and the base's step-0 weights, reference = the base,
+written by `harness.outputs` as ``raddino-bench eval`` writes), then
 ``ablation.md`` (a leaderboard section), ``ablation.parquet``/``.csv`` (one row per variant and metric) and
 ``ablation.png`` (each metric with its CI per variant, grouped by axis; † = paired difference to the base
-significant after Holm). ``--slurm`` runs the training as a job array and the evaluation as a job that depends on it.
+significant after Holm; `harness.figures.ablation`). ``--slurm`` runs the training as a job array and the
+evaluation as a job that depends on it.
 """
 from __future__ import annotations
 
@@ -42,12 +44,15 @@ from harness.common.atomic import atomic_path, atomic_write_json, atomic_write_t
 from harness.common.errors import (AT_LEAST_0, AT_LEAST_1, EXIT_INTERRUPTED, UsageError, add_verbose_flag,
                                    check_flag, command)
 from harness.common.paths import check_writable_folder, safe_name
+from harness.figures.ablation import BASE, INIT
 from trainer.config import TrainConfig, load_config
+
+if typing.TYPE_CHECKING:
+    from harness.evaluate import EvalOptions
+    from harness.tasks.base import TaskContext
 
 SHORTCUTS = ("mim", "resolution", "data", "sources")
 PLAN = "plan.json"
-BASE = "base"
-INIT = "init"
 TABLE_COLUMNS = ("task", "axis", "value", "variant", "metric", "point", "lo", "hi", "delta", "delta_lo",
                  "delta_hi", "p_holm", "significant")
 
@@ -286,15 +291,6 @@ def write_plan(output: Path, variants: list[Variant], args: argparse.Namespace) 
         "variants": [{k: val for k, val in dataclasses.asdict(v).items() if k != "subsets"} for v in variants]})
 
 
-def trainer_argv(args: argparse.Namespace, output: Path, v: Variant) -> list[str]:
-    argv = ["--config", args.config, "--output", str(variant_dir(output, v))]
-    for s in v.sources:
-        argv += ["--data", s]
-    if args.steps is not None:
-        argv += ["--steps", str(args.steps)]
-    return argv + v.overrides
-
-
 def train_all(output: Path, variants: list[Variant], cfgs: list[TrainConfig]) -> int:
     """Train the unfinished variants one after the other: 0, or the exit status when a signal stopped one (130
     for Ctrl-C, else 1; rerun to resume)."""
@@ -315,7 +311,7 @@ def train_all(output: Path, variants: list[Variant], cfgs: list[TrainConfig]) ->
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Evaluation: harness.run, then the tidy table, the leaderboard section and the figure
+# Evaluation: harness.evaluate and harness.outputs, then the tidy table, the leaderboard section and the figure
 
 
 def model_names(output: Path, variants: list[Variant]) -> dict[str, tuple[str, str, str]]:
@@ -328,11 +324,6 @@ def model_names(output: Path, variants: list[Variant]) -> dict[str, tuple[str, s
     if latest_checkpoint(init) is not None:
         names[f"ckpt:{init}"] = (INIT, INIT, "step 0")
     return names
-
-
-def harness_argv(output: Path, models: list[str], eval_tasks: list[str], extra: list[str]) -> list[str]:
-    return ["--models", ",".join(models), "--tasks", ",".join(eval_tasks), "--reference", models[0],
-            "--out", str(output / "eval"), *extra]
 
 
 def summary_at(node: dict, metric: str) -> dict | None:
@@ -367,6 +358,8 @@ def node_at(node: Any, path: tuple[str, ...]) -> Any:
 
 def tidy_rows(eval_dir: Path, names: dict[str, tuple[str, str, str]]) -> list[dict]:
     """One row per (task, variant, metric) from the results JSON of the leaderboards made for exactly these models."""
+    from harness.tidy import ALPHA
+
     rows = []
     for manifest in sorted((eval_dir / "results").glob("*.leaderboard.json")):
         settings = json.loads(manifest.read_text())["settings"]
@@ -385,7 +378,7 @@ def tidy_rows(eval_dir: Path, names: dict[str, tuple[str, str, str]]) -> list[di
                              "metric": "/".join((*path, metric)), "point": s.get("point"), "lo": s.get("lo"),
                              "hi": s.get("hi"), "delta": d.get("delta"), "delta_lo": d.get("lo"),
                              "delta_hi": d.get("hi"), "p_holm": d.get("p_holm"),
-                             "significant": d.get("p_holm") is not None and d["p_holm"] < 0.05})
+                             "significant": d.get("p_holm") is not None and d["p_holm"] < ALPHA})
     return rows
 
 
@@ -434,70 +427,15 @@ def select_metrics(rows: list[dict], patterns: list[str]) -> list[dict]:
     return [r for r in rows if any(p in f"{r['task']}: {r['metric']}" for p in patterns)]
 
 
-def figure(rows: list[dict], base_settings: dict[str, str]):
-    """Per metric one panel: point and CI per variant, grouped by axis (the base, at its value, in every group of
-    one axis; the step-0 weights last); a dotted line at the base; † over a variant whose paired difference to the
-    base is significant after Holm. Each point's errorbar is labelled with its variant (what the tests read)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    metrics = list(dict.fromkeys((r["task"], r["metric"]) for r in rows))
-    others = dict.fromkeys(r["axis"] for r in rows if r["axis"] not in (*base_settings, BASE, INIT))
-    groups = [*base_settings, *others, INIT]
-    per_panel = len(rows) / max(len(metrics), 1) + len(groups)
-    # Two panels a row from three metrics on, so a dozen metrics stay a readable page rather than a long strip.
-    ncols = 1 if len(metrics) <= 2 else 2
-    nrows = math.ceil(len(metrics) / ncols)
-    fig = Figure(figsize=(ncols * max(6.0, 0.55 * per_panel + 2), 3.0 * nrows), layout="constrained")
-    FigureCanvasAgg(fig)
-    panels = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    for ax in panels[len(metrics):]:
-        ax.set_visible(False)
-    for ax, (task, metric) in zip(panels, metrics):
-        mine = [r for r in rows if (r["task"], r["metric"]) == (task, metric) and r["point"] is not None]
-        base = next((r for r in mine if r["variant"] == BASE), None)
-        x, ticks, labels = 0.0, [], []
-        for g in groups:
-            members = [r for r in mine if r["axis"] == g]
-            if g in base_settings and base is not None:
-                members.insert(0, {**base, "value": base_settings[g]})
-            if not members:
-                continue
-            start = x
-            for r in members:
-                is_base = r["variant"] == BASE
-                lo = r["lo"] if r["lo"] is not None else r["point"]
-                hi = r["hi"] if r["hi"] is not None else r["point"]
-                ax.errorbar([x], [r["point"]], yerr=[[r["point"] - lo], [hi - r["point"]]],
-                            fmt="s" if is_base else "o", capsize=3, label=r["variant"],
-                            color="black" if is_base else ("grey" if g == INIT else "tab:blue"))
-                if r["delta"] is not None:  # the paired difference to the base, † when significant after Holm
-                    ax.annotate(f"Δ {r['delta']:+.3f}{' †' if r['significant'] else ''}", (x, hi),
-                                xytext=(0, 3), textcoords="offset points", ha="center", va="bottom", fontsize=7)
-                ticks.append(x)
-                labels.append(r["value"])
-                x += 1
-            ax.text((start + x - 1) / 2, -0.16, g, transform=ax.get_xaxis_transform(), ha="center", va="top",
-                    fontsize=9, fontweight="bold")
-            x += 0.6
-        if base is not None:
-            ax.axhline(base["point"], color="black", linewidth=0.8, linestyle=":")
-        ax.set_xticks(ticks, labels, fontsize=8)
-        ax.set_xlim(-0.6, x - 1.0)  # x is past the last group here
-        ax.margins(y=0.15)  # room for the Δ labels above the intervals
-        ax.set_title(f"{task}: {metric}", fontsize=10)
-        ax.grid(axis="y", alpha=0.3)
-    fig.suptitle("Point and 95% CI per variant (square: base)\nΔ: paired difference to the base; † significant "
-                 "after Holm", fontsize=9)
-    return fig
-
-
 def draw(output: Path, rows: list[dict], variants: list[Variant], patterns: list[str]) -> Path:
     """ablation.png from the table's rows (only the metrics matching `patterns`, when given)."""
+    from harness.figures.ablation import FILE, figure
+    from harness.figures.common import png_bytes
+
     fig = figure(select_metrics(rows, patterns), next(v for v in variants if v.name == BASE).settings)
-    with atomic_path(output / "ablation.png") as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    return output / "ablation.png"
+    with atomic_path(output / FILE) as tmp:
+        tmp.write_bytes(png_bytes(fig))
+    return output / FILE
 
 
 def replot(output: Path, patterns: list[str]) -> int:
@@ -520,16 +458,49 @@ def replot(output: Path, patterns: list[str]) -> int:
     return 0
 
 
-def evaluate(output: Path, extra_harness: list[str]) -> int:
-    """harness.run over every variant of OUTPUT/plan.json, then the table, the section and the figure."""
-    from harness.run import main as harness_main
+def eval_options(args: argparse.Namespace) -> tuple[EvalOptions, TaskContext]:
+    """What the variants are evaluated with: the evaluation flags, the evaluation's defaults for those not given."""
+    from harness.common.paths import cache_dir
+    from harness.evaluate import EvalOptions
+    from harness.tasks.base import TaskContext
+    from harness.taskspec import parse_data_roots
 
+    defaults = EvalOptions()
+    options = EvalOptions(seed=args.seed, split=args.eval_split, global_pool=args.global_pool or defaults.global_pool,
+                          bootstrap=defaults.bootstrap if args.bootstrap is None else args.bootstrap,
+                          min_positive_patients=(defaults.min_positive_patients if args.min_positive_patients is None
+                                                 else args.min_positive_patients),
+                          cache_dir=Path(args.cache_dir) if args.cache_dir else cache_dir(),
+                          device=args.eval_device or defaults.device)
+    root, named = parse_data_roots(args.data_root)
+    return options, TaskContext(data_root=root, data_roots=named, seed=args.seed)
+
+
+def evaluate(output: Path, options: EvalOptions, ctx: TaskContext) -> int:
+    """Every variant of OUTPUT/plan.json evaluated on the plan's tasks (leaderboards in OUTPUT/eval/, the base the
+    reference), then the table, the section and the figure."""
+    import dataclasses
+
+    from baselines.registry import WeightsMissing
+    from harness.evaluate import load_encoders
+    from harness.listing import status_table
+    from harness.log import setup_logging
+    from harness.outputs import evaluate_and_write
+    from harness.taskspec import read_tasks
+
+    setup_logging()
     plan = json.loads((output / PLAN).read_text())
     variants = [Variant(**v) for v in plan["variants"]]
     names = model_names(output, variants)
-    code = harness_main(harness_argv(output, list(names), plan["eval_tasks"], extra_harness))
-    if code != 0:
-        return code
+    try:
+        encoders, _ = load_encoders(list(names), None, options, explicit=set(names))
+    except (WeightsMissing, KeyError, ValueError, FileNotFoundError) as e:  # a checkpoint that cannot be loaded
+        raise AblationError(str(e)) from e
+    print(status_table(encoders, [], None))
+    specs = [spec for text in plan["eval_tasks"] for spec in read_tasks(text)]
+    for path in evaluate_and_write(specs, encoders, dataclasses.replace(options, reference=encoders[0].name), ctx,
+                                   output / "eval"):
+        print(f"wrote {path}")
     rows = tidy_rows(output / "eval", names)
     if not rows:
         print("error: the evaluation wrote no paired comparison to tabulate", file=sys.stderr)
@@ -550,16 +521,21 @@ def evaluate(output: Path, extra_harness: list[str]) -> int:
 # SLURM: the training jobs as one array, the evaluation as a job that depends on it
 
 
-def evaluate_job(output: Path, extra_harness: list[str]) -> str:
-    """The dependent job: `evaluate`, failing the job (so SLURM and submitit report it) on a non-zero status."""
-    code = evaluate(output, extra_harness)
+def evaluate_job(output: Path, options: EvalOptions, ctx: TaskContext) -> str:
+    """The dependent job: `evaluate` (its linear probes on the job's own CPUs), failing the job (so SLURM and
+    submitit report it) on a non-zero status."""
+    import dataclasses
+
+    from harness.protocols import usable_cores
+
+    code = evaluate(output, dataclasses.replace(options, probe=dataclasses.replace(options.probe,
+                                                                                   n_jobs=usable_cores())), ctx)
     if code != 0:
         raise RuntimeError(f"the ablation's evaluation exited with {code} (see the log)")
     return str(output / "ablation.png")
 
 
-def submit_slurm(args: argparse.Namespace, variants: list[Variant], cfgs: list[TrainConfig],
-                 extra_harness: list[str]) -> int:
+def submit_slurm(args: argparse.Namespace, variants: list[Variant], cfgs: list[TrainConfig]) -> int:
     from slurm.cluster import executor_parameters, make_executor, resolve_options, sbatch_script
     from slurm.pretrain import PretrainJob
 
@@ -582,7 +558,7 @@ def submit_slurm(args: argparse.Namespace, variants: list[Variant], cfgs: list[T
         if pending:
             print(f"\n# training array ({len(pending)} variants: {', '.join(v.name for v in pending)})\n"
                   + sbatch_script(folder, train_params, array_size=len(pending)))
-        print("\n# evaluation (harness.run, table, figure)\n"
+        print("\n# evaluation (leaderboards, table, figure)\n"
               + sbatch_script(folder, eval_params("<array job id>" if pending else None)))
         return 0
     write_plan(args.output, variants, args)
@@ -590,12 +566,12 @@ def submit_slurm(args: argparse.Namespace, variants: list[Variant], cfgs: list[T
     if pending:
         executor = make_executor(folder, train_params, args.max_requeues)
         with executor.batch():  # one sbatch array for all of them
-            jobs = [executor.submit(PretrainJob(trainer_argv(args, args.output, v), variant_dir(args.output, v)))
-                    for v in pending]
+            jobs = [executor.submit(PretrainJob(args.config, variant_dir(args.output, v), v.sources, args.steps,
+                                                v.overrides)) for v in pending]
         array_id = jobs[0].job_id.split("_")[0]
         for v, job in zip(pending, jobs):
             print(f"submitted training of {v.name}: job {job.job_id}, log {job.paths.stdout}")
-    eval_job = make_executor(folder, eval_params(array_id)).submit(evaluate_job, args.output, extra_harness)
+    eval_job = make_executor(folder, eval_params(array_id)).submit(evaluate_job, args.output, *eval_options(args))
     print(f"submitted evaluation: job {eval_job.job_id}, log {eval_job.paths.stdout}", flush=True)
     if not args.wait:
         return 0
@@ -677,25 +653,6 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     return p
 
 
-def harness_options(args: argparse.Namespace) -> list[str]:
-    extra = ["--seed", str(args.seed)]
-    if args.eval_split != "test":
-        extra += ["--split", args.eval_split]
-    if args.global_pool:
-        extra += ["--global-pool", args.global_pool]
-    if args.bootstrap is not None:
-        extra += ["--bootstrap", str(args.bootstrap)]
-    if args.min_positive_patients is not None:
-        extra += ["--min-positive-patients", str(args.min_positive_patients)]
-    if args.cache_dir:
-        extra += ["--cache-dir", args.cache_dir]
-    if args.eval_device:
-        extra += ["--device", args.eval_device]
-    for root in args.data_root:
-        extra += ["--data-root", root]
-    return extra
-
-
 def check_flags(args: argparse.Namespace) -> None:
     """The numeric flags, --output, and the evaluation's --cache-dir and --eval-device (UsageError)."""
     from harness.checks import check_device
@@ -723,23 +680,21 @@ def check_inputs(args: argparse.Namespace, variants: list[Variant], cfgs: list[T
     """Every manifest is read as the trainer will read it (present, listing images that exist, its first sample
     decoded) and the evaluation tasks are built, so that neither fails after hours of training and a failed
     ablation leaves no plan.json behind. The data-fraction manifests (under --output) are cut from these."""
-    from harness.run import parse_data_roots, parse_task_spec, split_task_list
-    from harness.tasks.base import TaskContext, TaskError, build_task
+    from harness.tasks.base import TaskError, build_task
+    from harness.taskspec import read_tasks
     from trainer.train import open_data
 
     paths = []  # every image the manifests list, read once here for the test-overlap warning too
     for spec in dict.fromkeys(s for v in variants for s in v.sources if not s.startswith(str(args.output))):
         one = dataclasses.replace(cfgs[0], data=dataclasses.replace(cfgs[0].data, sources=[spec]))
         paths += open_data(one).paths
-    root, named = parse_data_roots(args.data_root)
-    ctx = TaskContext(data_root=root, data_roots=named, seed=args.seed)
+    _, ctx = eval_options(args)
     tasks = []
-    for raw in (t for task in args.eval_task for t in split_task_list(task)):
-        spec = parse_task_spec(raw)
+    for spec in (s for text in args.eval_task for s in read_tasks(text)):
         try:
             tasks.append(build_task(spec.name, spec.arg, ctx))
         except (TaskError, KeyError, ValueError, OSError) as e:
-            raise AblationError(f"--eval-task {raw!r}: {e}") from e
+            raise AblationError(f"--eval-task {spec.text!r}: {e}") from e
     warn_test_overlap(args, list(dict.fromkeys(paths)), tasks)
 
 
@@ -802,12 +757,12 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
             raise AblationError(str(e)) from e
     print_plan(args.output, variants, cfgs)
     if args.slurm:
-        return submit_slurm(args, variants, cfgs, harness_options(args))
+        return submit_slurm(args, variants, cfgs)
     if args.dry_run:
         return 0
     write_plan(args.output, variants, args)
     code = train_all(args.output, variants, cfgs)
-    return code or evaluate(args.output, harness_options(args))
+    return code or evaluate(args.output, *eval_options(args))
 
 
 if __name__ == "__main__":

@@ -11,39 +11,23 @@ checked when the task is built.
 from __future__ import annotations
 
 import argparse
-import re
-from dataclasses import replace
 from pathlib import Path
 
 from baselines.registry import ENCODERS, resolve_names, weights_status
 from harness.common.errors import AT_LEAST_0, POSITIVE, UsageError, check_flag
 from harness.common.paths import check_writable_folder
 from harness.probes import PROTOCOLS
-from harness.taskspec import TaskSpec, apply_task_args, is_word, parse_protocols, parse_task_list, suggest
+from harness.taskspec import ROOT_NAME, TaskSpec, is_word, parse_fractions, read_tasks, suggest
 from harness.tasks.base import TASKS
-
-#: ``--data-root NAME=DIR``: a NAME is spelt like this (as `harness.run.parse_data_roots` reads it).
-_ROOT_NAME = re.compile(r"[A-Za-z0-9_-]+")
-
-
-def default_protocols() -> tuple[str, ...]:
-    return tuple(p.name for p in PROTOCOLS.entries.values() if p.default)
 
 
 def task_specs(args: argparse.Namespace) -> list[TaskSpec]:
     """``--tasks`` with ``--protocols`` and every ``--task-arg`` applied (UsageError when malformed)."""
-    default = parse_protocols(args.protocols, PROTOCOLS) if args.protocols else default_protocols()
-    specs = parse_task_list(args.tasks, PROTOCOLS, default)
-    path_tasks = {n for n, e in TASKS.entries.items() if e.takes_arg}
-    # Each spec's protocols in run order, with those they run after (``demo:demographics`` runs linear first).
-    return [replace(s, protocols=PROTOCOLS.ordered(s.protocols))
-            for s in apply_task_args(specs, args.task_arg, path_tasks)]
+    return read_tasks(args.tasks, args.protocols, args.task_arg)
 
 
 def check_numbers(args: argparse.Namespace) -> None:
     """The numeric flags' ranges (argparse has checked their types)."""
-    from harness.run import parse_fractions
-
     if args.bootstrap < 1:
         raise UsageError("--bootstrap must be at least 1")
     if args.min_positive_patients < 1:
@@ -151,7 +135,7 @@ def check_data_roots(values: list[str]) -> None:
     tasks = TASKS.entries
     for v in values:
         key, sep, path = v.partition("=")
-        if sep and _ROOT_NAME.fullmatch(key):
+        if sep and ROOT_NAME.fullmatch(key):
             if key not in tasks:
                 raise UsageError(f"--data-root {v}: no task {key!r}{suggest(key, tasks)}; NAME=DIR names one of "
                                  f"{', '.join(sorted(tasks))}")
@@ -162,7 +146,7 @@ def check_data_roots(values: list[str]) -> None:
 
 
 def check_eval_args(args: argparse.Namespace) -> tuple[list[str], list[TaskSpec]]:
-    """Everything `harness.run.main` will need, checked in the order of its flags; returns the model names to load
+    """Everything the evaluation command will need, checked in the order of its flags; returns the model names to load
     and the task specs to evaluate. Raises UsageError on the first problem."""
     check_numbers(args)
     check_device(args.device)
@@ -178,7 +162,7 @@ def check_eval_args(args: argparse.Namespace) -> tuple[list[str], list[TaskSpec]
 def check_outputs(args: argparse.Namespace) -> None:
     """--out (or the default runs/), the folders it will hold, and --cache-dir: each a folder that can be written,
     or made, so that nothing fails to be written after the features and the probes have been computed."""
-    from harness.run import DEFAULT_RUNS
+    from harness.outputs import DEFAULT_RUNS
 
     if args.out is None:  # each task in its own runs/<name>/
         check_writable_folder(DEFAULT_RUNS, "--out (default runs/)")

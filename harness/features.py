@@ -42,6 +42,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Callable, Union
 
 import numpy as np
@@ -55,7 +56,7 @@ from harness.common.atomic import fsync_path, temp_dir
 from harness.common.hashing import array_digest, sha256_text
 from harness.common.sources import sources_digest
 from harness.log import progress
-from harness.tasks.base import Task, TaskError
+from harness.tasks.base import Subset, Task, TaskError
 
 _log = logging.getLogger(__name__)
 
@@ -310,6 +311,11 @@ class FeatureSet:
         """Digest of the global features' content (dtype, shape, bytes), computed once: what a results-cache
         entry is keyed by, so a result is found again only for the very features it was computed from."""
         return array_digest(self.global_)
+
+    def global_only(self) -> FeatureSet:
+        """These features without their dense grids: what the global protocols read (and are keyed by) when one
+        pass extracted the task's global and dense features together."""
+        return FeatureSet(self.global_, key=self.key, from_cache=self.from_cache)
 
 
 # ------------------------------------------------------------------------------------------------------- cache
@@ -629,3 +635,74 @@ def _compute(task: Task, pending: list[tuple[Encoder, str, bool]], cache: Featur
         for w in writers.values():
             w.discard()
     return out
+
+
+# ----------------------------------------------------------------------------- the features of a task's protocols
+
+def dense_view(task: Task, rows: np.ndarray) -> Task:
+    """The images `rows` as a task: the task itself when that is every image (so one cache entry holds its global
+    and dense features), else a Subset."""
+    return task if len(rows) == len(task) else Subset(task, rows, "dense")
+
+
+def _dense_views(task: Task, dense_rows: Sequence[np.ndarray]) -> list[tuple[np.ndarray, Task]]:
+    """Each distinct non-empty row set of `dense_rows` and its view, in the order given."""
+    views: dict[bytes, tuple[np.ndarray, Task]] = {}
+    for rows in dense_rows:
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size:
+            views.setdefault(rows.tobytes(), (rows, dense_view(task, rows)))
+    return list(views.values())
+
+
+def feature_passes(task: Task, dense_rows: Sequence[np.ndarray]) -> list[tuple[Task, bool]]:
+    """(task or subset, dense) of every extraction pass `extract_store` makes, dense ones first: one per distinct
+    dense row set, then the global features of every image unless a dense pass over every image gave them."""
+    views = [view for _, view in _dense_views(task, dense_rows)]
+    return [(view, True) for view in views] + ([] if any(view is task for view in views) else [(task, False)])
+
+
+class FeatureStore(Mapping[str, FeatureSet]):
+    """The features the protocols of one task read, extracted before any of them runs: as a mapping, each model's
+    global features of every image of the task (without dense grids); `dense(rows)`, each model's dense grids of the
+    rows a protocol declared (`harness.probes.ProtocolEntry.dense_rows`), in the order of `rows`. `dense` here:
+    (rows, model -> features) pairs."""
+
+    def __init__(self, global_: Mapping[str, FeatureSet],
+                 dense: Iterable[tuple[np.ndarray, Mapping[str, FeatureSet]]] = ()):
+        self._global = dict(global_)
+        self._dense = {np.asarray(rows, dtype=np.int64).tobytes(): dict(fs) for rows, fs in dense}
+
+    def __getitem__(self, model: str) -> FeatureSet:
+        return self._global[model]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._global)
+
+    def __len__(self) -> int:
+        return len(self._global)
+
+    def dense(self, rows: np.ndarray) -> dict[str, FeatureSet]:
+        """model -> the dense features of the task's images `rows`; KeyError when no protocol declared them."""
+        key = np.asarray(rows, dtype=np.int64).tobytes()
+        if key not in self._dense:
+            raise KeyError(f"no dense features of these {len(rows)} rows were extracted: a protocol that reads "
+                           "dense grids declares its rows (dense_rows= in harness/probes/__init__.py)")
+        return self._dense[key]
+
+    def keys_by_pass(self) -> list[str]:
+        """The feature-cache keys of every entry the store reads, dense passes first."""
+        sets = [*(fs for d in self._dense.values() for fs in d.values()), *self._global.values()]
+        return list(dict.fromkeys(fs.key for fs in sets))
+
+
+def extract_store(task: Task, encoders: list[Encoder], cache: FeatureCache, dense_rows: Sequence[np.ndarray] = (),
+                  **kwargs: object) -> FeatureStore:
+    """Every feature the protocols of `task` will read, in as few passes as possible (`feature_passes`), each
+    entry extracted once or read from the cache; `kwargs` are `extract`'s (batch size, workers, device, budget)."""
+    dense = [(rows, view, extract(view, encoders, cache, dense=True, **kwargs))
+             for rows, view in _dense_views(task, dense_rows)]
+    whole = next((fs for _, view, fs in dense if view is task), None)
+    global_ = ({name: fs.global_only() for name, fs in whole.items()} if whole is not None else
+               extract(task, encoders, cache, dense=False, **kwargs))
+    return FeatureStore(global_, [(rows, fs) for rows, _, fs in dense])

@@ -32,6 +32,8 @@ class Cell:
     #: resamples in which the metric was defined, out of how many; shown when fewer than all
     n_valid: int | None = None
     n_resamples: int | None = None
+    #: a rank cell (`harness.ranks`): integers, shown as ``2 [1, 4]``
+    rank: bool = False
 
     @classmethod
     def from_summary(cls, s: dict | None, significant: bool = False, note: str = "n/e") -> Cell:
@@ -40,6 +42,14 @@ class Cell:
             return cls(None, note=note)
         return cls(s["point"], s["lo"], s["hi"], significant, n_valid=s.get("n_valid"),
                    n_resamples=s.get("n_resamples"))
+
+    @classmethod
+    def from_rank(cls, s: dict) -> Cell:
+        """A rank cell from a `harness.ranks.rank_summary` entry (n/a when the model's point is undefined)."""
+        if s.get("rank") is None:
+            return cls(None, note="n/a")
+        return cls(float(s["rank"]), None if s["lo"] is None else float(s["lo"]),
+                   None if s["hi"] is None else float(s["hi"]), rank=True)
 
 
 @dataclass
@@ -65,6 +75,9 @@ def section_from_json(d: dict) -> Section:
 def fmt_cell(c: Cell, best: bool) -> str:
     if c.point is None:
         return c.note or "n/e"
+    if c.rank:
+        ci = f" [{c.lo:.0f}, {c.hi:.0f}]" if c.lo is not None and c.hi is not None else ""
+        return (f"**{c.point:.0f}**" if best else f"{c.point:.0f}") + ci
     point = f"{c.point:.3f}"
     if best:
         point = f"**{point}**"
@@ -97,7 +110,10 @@ def render(title: str, header: list[tuple[str, str]], sections: list[Section]) -
     lines += ["", f"Cells: point estimate [95% patient-clustered bootstrap CI]; **bold** = best in column; "
               f"{SIGNIFICANT} = paired difference to the reference model significant at 0.05 after Holm correction "
               "per column (across the models compared with the reference). (n=k): the interval is over the k "
-              "resamples in which the metric is defined, fewer than all. n/e = not evaluable, with counts.", ""]
+              "resamples in which the metric is defined, fewer than all. n/e = not evaluable, with counts. A rank "
+              "column: 1 = best by the point estimates [95% interval of the models' ranks over the same resamples]; "
+              "the probability of being best and the pairwise win probabilities are in the results JSON and the "
+              "tidy table.", ""]
     return "\n".join(lines) + "\n" + "\n".join(render_section(s) for s in sections)
 
 

@@ -2,44 +2,39 @@
 
 A protocol (linear probe, segmentation, demographics, ...) is a function registered in ``harness/probes/__init__.py``
 that takes the task's shared state (`TaskRun`: the task, its patient-level split, the test set's bootstrap weights,
-the cached features), the encoders and the results of the protocols it runs after, and returns a `ProtocolResult`:
-the leaderboard section, per-model records (``results/<out_name>/<model>.json``), per-image prediction rows (the
-linear probe's, which demographics scores per subgroup), the files it publishes (parquet, PNG) under
-``results/<out_name>/`` or ``<out_name>_<protocol>/``, or as one figure beside the leaderboard
-(``<out_name>_label_efficiency.png``), and the rows of the tidy results table (`harness.tidy`). Nothing is written
-until every protocol of the task has finished: `harness.run.write_outputs` writes it all, and a re-run of one
-protocol replaces exactly that protocol's files.
+the features extracted for it, the results cache), the encoders and the results of the protocols it runs after,
+and returns a `ProtocolResult`: the leaderboard section, per-model records (``results/<out_name>/<model>.json``),
+per-image prediction rows (the linear probe's, which demographics scores per subgroup), the files it publishes
+(parquet, PNG) under ``results/<out_name>/`` or ``<out_name>_<protocol>/``, or as one figure beside the
+leaderboard (``<out_name>_label_efficiency.png``), and the rows of the tidy results table (`harness.tidy`).
+`harness.evaluate` runs the protocols and returns their results; nothing is written until every protocol of the
+task has finished, by `harness.outputs`, and a re-run of one protocol replaces exactly that protocol's files.
 """
 from __future__ import annotations
 
 import copy
 import io
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import cached_property
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
 from joblib import cpu_count
 
 from harness import stats
-from harness.common.hashing import array_digest, sha256_text
-from harness.common.sources import closure, sources_digest
 from harness.common.paths import safe_name
 from harness.leaderboard import Section
 from harness.probes import PROTOCOLS
 from harness.registry import resolve
-from harness.results_cache import LIBRARIES, ResultsCache, store
+from harness.results_cache import ProtocolCache
 from harness.splits import pseudonym
-from harness.tasks.base import Subset, Task
+from harness.tasks.base import Task
 from harness.tidy import TidyRow
 
 if TYPE_CHECKING:
-    from baselines.registry import Encoder
-    from harness.features import FeatureSet
+    from harness.features import FeatureStore
 
 #: Default of --min-positive-patients: a label enters macro means only with this many positive (and negative)
 #: test patients; below it a percentile interval is dominated by whether its few patients are drawn.
@@ -53,9 +48,9 @@ def usable_cores() -> int:
 
 @dataclass(frozen=True)
 class ProbeOptions:
-    """Settings of the protocols that take flags (``harness.run --knn-k`` etc.). Each protocol records the ones it
-    used in its section notes and results, not in the shared header: a one-protocol run may change them and is
-    still merged with the sections computed before."""
+    """Settings of the protocols that take flags (``raddino-bench eval --knn-k`` etc.). Each protocol records the
+    ones it used in its section notes and results, not in the shared header: a one-protocol run may change them and
+    is still merged with the sections computed before."""
     knn_k: int = 20                      # neighbours of the k-NN probe (DINO's default)
     knn_temperature: float = 0.07        # vote weight exp(cos / T) of the k-NN probe (DINO's default)
     #: fractions of the training patients the label-efficiency protocol refits the linear probe on
@@ -66,17 +61,16 @@ class ProbeOptions:
     n_jobs: int = field(default_factory=usable_cores)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TaskRun:
+    """The state every protocol of one task reads and none changes."""
+
     task: Task
     split: np.ndarray                   # 'train' / 'test' per image
-    split_hash: str
     weights: np.ndarray                 # [B, n_test] patient-bootstrap weights of the test images, in row order
-    features: dict[str, FeatureSet]     # encoder name -> global features of every image of the task
-    summary: dict
-    #: extract(task, encoders, dense) -> {name: FeatureSet}: cached extraction with the run's device and batch
-    #: settings, for protocols that need other features (e.g. dense grids of the masked images only).
-    extract: Callable[[Task, list[Encoder], bool], dict[str, FeatureSet]]
+    #: model -> global features of every image of the task; ``features.dense(rows)``: the dense grids of the rows
+    #: a protocol declared (`harness.features.FeatureStore`)
+    features: FeatureStore
     seed: int = 0
     reference: str = ""
     min_positive_patients: int = MIN_POSITIVE_PATIENTS
@@ -84,70 +78,15 @@ class TaskRun:
     #: that change its numbers; defaults to the task name
     out_name: str = ""
     options: ProbeOptions = field(default_factory=ProbeOptions)
-    #: per-model protocol work saved on disk (`harness.results_cache`); None computes everything
-    results_cache: ResultsCache | None = None
+    #: per-model protocol work saved on disk (`harness.results_cache`); the default caches nothing
+    results: ProtocolCache = field(default_factory=ProtocolCache)
 
     def __post_init__(self) -> None:
-        self.out_name = self.out_name or safe_name(self.task.name)
-
-    @cached_property
-    def data_digest(self) -> str:
-        """What every protocol's result depends on besides the features: the labels, the patients, the split, the
-        bootstrap resamples, the seed and the evaluable-label rule."""
-        t = self.task.table
-        return sha256_text(json.dumps({
-            "labels": array_digest(np.asarray(t.labels)), "label_names": list(t.label_names),
-            "patients": sha256_text("\0".join(t.patient_ids)), "split": array_digest(self.split.astype(str)),
-            "weights": array_digest(self.weights), "seed": self.seed,
-            "min_positive_patients": self.min_positive_patients}, sort_keys=True))
-
-    def feature_key(self, model: str) -> str:
-        """What identifies a model's global features in a results-cache key."""
-        return feature_key(self.features[model])
-
-    def _parts(self, protocol: str, features: str, settings: dict) -> dict:
-        return {"protocol": protocol, "code": protocol_code(protocol), "features": features,
-                "data": self.data_digest, "settings": settings}
-
-    def cached(self, protocol: str, features: str, settings: dict) -> Any | None:
-        """One model's work in `protocol` from the results cache: computed before by the same code from the same
-        features (`features`: `feature_key`'s digest), data and `settings`; None when it was not."""
-        if self.results_cache is None:
-            return None
-        return self.results_cache.lookup(self._parts(protocol, features, settings))
-
-    def store(self, protocol: str, features: str, settings: dict, tree: Any) -> Any:
-        """`tree` (JSON values and arrays) stored as that work's result, and returned as a rerun will read it."""
-        return store(self.results_cache, self._parts(protocol, features, settings), tree)
-
-    def memo(self, protocol: str, features: str, settings: dict, compute: Callable[[], Any]) -> Any:
-        """`cached(...)`, or `compute()` stored."""
-        found = self.cached(protocol, features, settings)
-        return found if found is not None else self.store(protocol, features, settings, compute())
+        object.__setattr__(self, "out_name", self.out_name or safe_name(self.task.name))
 
     def patient_keys(self, rows: np.ndarray) -> list[str]:
         """Pseudonyms of the patients of `rows`: what outputs carry and what the bootstrap draws over."""
         return [pseudonym(self.task.table.patient_ids[r], self.task.name) for r in rows]
-
-
-def feature_key(fs: FeatureSet) -> str:
-    """What identifies features in a results-cache key: the digest of the global features' content (milliseconds;
-    computed once per feature set), so a result is reused only for the very features it was computed from, however
-    they were made. Dense grids (10 MB an image) are not hashed: they are identified by their feature-cache key
-    (encoder, weights and code, extraction code, precision, images) together with the content of the global
-    features written by the same pass."""
-    if fs.patch is None:
-        return fs.global_digest
-    dense = fs.key or array_digest(*(np.asarray(g) for g in (fs.patch, *fs.layers)))  # in memory: small, hashed
-    return sha256_text(f"{fs.global_digest}:{dense}")
-
-
-def protocol_code(protocol: str) -> str:
-    """Digest of the code a protocol's per-model work runs: the sources of its module and of the project modules
-    it imports (`harness.common.sources`: rendering, logging and the tasks excepted) and the numerical libraries'
-    versions. An edit to a figure or to another protocol leaves its entries valid."""
-    module = PROTOCOLS.get(protocol).target.partition(":")[0]
-    return sources_digest(closure([module])[0], LIBRARIES)
 
 
 @dataclass(frozen=True)
@@ -210,22 +149,11 @@ def label_status(task: Task, split: np.ndarray, min_patients: int) -> tuple[np.n
     return ok, reasons
 
 
-def dense_view(task: Task, rows: np.ndarray) -> Task:
-    """The images `rows` as a task: the task itself when that is every image (so one cache entry holds its global
-    and dense features), else a Subset."""
-    return task if len(rows) == len(task) else Subset(task, rows, "dense")
-
-
-def feature_sets(task: Task, protocols: tuple[str, ...]) -> list[tuple[Task, bool]]:
-    """(task or subset, dense) pairs whose features the given protocols will read, dense ones first: the global
-    features of every image always, plus each protocol's dense rows."""
-    dense: dict[bytes, Task] = {}
+def dense_rows(task: Task, protocols: tuple[str, ...]) -> list[np.ndarray]:
+    """The rows of `task` whose dense features (patch grids, layers) each of `protocols` declared it reads, in
+    protocol order (empty for a protocol that reads global features only)."""
+    out = []
     for name in protocols:
         target = PROTOCOLS.get(name).dense_rows
-        rows = np.asarray(resolve(target)(task), dtype=int) if target else np.array([], dtype=int)
-        if rows.size:
-            dense.setdefault(rows.tobytes(), dense_view(task, rows))
-    sets = [(view, True) for view in dense.values()]
-    if not any(view is task for view in dense.values()):
-        sets.append((task, False))
-    return sets
+        out.append(np.asarray(resolve(target)(task), dtype=int) if target else np.array([], dtype=int))
+    return out

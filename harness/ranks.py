@@ -100,3 +100,30 @@ def format_rank(summary: dict) -> str:
     if summary.get("lo") is None:
         return str(summary["rank"])
     return f"{summary['rank']} [{summary['lo']}, {summary['hi']}]"
+
+
+def ranked_rows(task: str, protocol: str, metric: str, label: str, resampled: Mapping[str, np.ndarray],
+                points: Mapping[str, float | None], higher_is_better: bool = True,
+                level: float = 0.95) -> tuple[dict[str, dict], list]:
+    """The ranks of one compared leaderboard number, as (`rank_summary` per model, its tidy rows). The rows are, per
+    model in the order of `resampled`: ``rank_<metric>`` (point = the point estimates' rank, lo/hi its interval,
+    n_valid), ``p_best_<metric>``, and ``win_<metric>`` for every other model, labelled ``<label> vs <other>``,
+    point = P(this model beats the other) over the resamples where both are finite."""
+    from harness.tidy import TidyRow  # the table's row type; ranks stay importable without polars
+
+    summary = rank_summary(resampled, points, higher_is_better, level)
+    wins = win_probabilities(resampled, higher_is_better)
+    rows = []
+    for model, s in summary.items():
+        if s["rank"] is None:
+            continue
+        n = s["n_valid"] or None
+        rows.append(TidyRow(task, model, protocol, f"rank_{metric}", label, float(s["rank"]),
+                            None if s["lo"] is None else float(s["lo"]), None if s["hi"] is None else float(s["hi"]),
+                            None, None, n))
+        if s["p_best"] is not None:
+            rows.append(TidyRow(task, model, protocol, f"p_best_{metric}", label, s["p_best"], None, None, None,
+                                None, n))
+        rows += [TidyRow(task, model, protocol, f"win_{metric}", f"{label} vs {other}", p, None, None, None, None,
+                         None) for other, p in wins[model].items() if p is not None]
+    return summary, rows

@@ -2,11 +2,12 @@
 bootstrap of the model's own metrics) saved on disk, so that a rerun with nothing changed recomputes none of it, and
 adding a model to a finished run computes only that model's work and the paired comparisons.
 
-An entry is keyed by the sha256 of everything the work depends on (`harness.protocols.TaskRun` assembles it): the
-protocol, the content digest of the model's features (for dense grids, with their feature-cache key), the task's
-labels and patient split, the bootstrap resamples, the protocol's settings, and the protocol's code: the sources
-it runs (`harness.common.sources`) and the versions of the numerical `LIBRARIES`. Change any of them and the entry
-is simply not found. What is stored is a tree of JSON values and numpy arrays with the entry's own key (one
+An entry is keyed by the sha256 of everything the work depends on, assembled here (`ProtocolCache`) from what the
+evaluation gives it: the protocol, the content digest of the model's features (`feature_key`; for dense grids,
+with their feature-cache key), the task's labels, patients and split, the bootstrap resamples, the seed and the
+evaluable-label rule (`data_digest`), the protocol's settings, and the protocol's code (`code_digest`): the sources
+its module runs (`harness.common.sources`) and the versions of the numerical `LIBRARIES`. Change any of them and
+the entry is simply not found. What is stored is a tree of JSON values and numpy arrays with the entry's own key (one
 ``.npz`` per entry, read with ``allow_pickle=False``: no pickled code ever runs), written atomically, so an
 interrupted write never leaves an entry that is read afterwards; an entry that cannot be read back, for any
 reason, or that holds another key, is recomputed with a warning.
@@ -17,16 +18,23 @@ import errno
 import io
 import json
 import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from functools import cache
 from importlib import metadata
 from pathlib import Path
 from shutil import disk_usage
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from harness.common.atomic import atomic_path
-from harness.common.hashing import sha256_chunks, sha256_text
+from harness.common.hashing import array_digest, sha256_chunks, sha256_text
+from harness.common.sources import closure, sources_digest
+
+if TYPE_CHECKING:
+    from harness.features import FeatureSet
+    from harness.tasks.base import Task
 
 log = logging.getLogger(__name__)
 
@@ -172,3 +180,68 @@ def store(cache: ResultsCache | None, parts: dict, tree: Any) -> Any:
     if cache is not None:
         cache.put(key, blob)
     return load(blob)["value"]
+
+
+# ---------------------------------------------------------------------------------------------- what a key holds
+
+def feature_key(fs: FeatureSet) -> str:
+    """What identifies features in a key: the digest of the global features' content (milliseconds; computed once
+    per feature set), so a result is reused only for the very features it was computed from, however they were
+    made. Dense grids (10 MB an image) are not hashed: they are identified by their feature-cache key (encoder,
+    weights and code, extraction code, precision, images) together with the content of the global features written
+    by the same pass."""
+    if fs.patch is None:
+        return fs.global_digest
+    dense = fs.key or array_digest(*(np.asarray(g) for g in (fs.patch, *fs.layers)))  # in memory: small, hashed
+    return sha256_text(f"{fs.global_digest}:{dense}")
+
+
+def data_digest(task: Task, split: np.ndarray, weights: np.ndarray, seed: int, min_positive_patients: int) -> str:
+    """What every protocol's result on `task` depends on besides the features: the labels, the patients, the split,
+    the bootstrap resamples (`weights`), the seed and the evaluable-label rule."""
+    t = task.table
+    return sha256_text(json.dumps({
+        "labels": array_digest(np.asarray(t.labels)), "label_names": list(t.label_names),
+        "patients": sha256_text("\0".join(t.patient_ids)), "split": array_digest(np.asarray(split).astype(str)),
+        "weights": array_digest(weights), "seed": seed, "min_positive_patients": min_positive_patients},
+        sort_keys=True))
+
+
+def code_digest(module: str) -> str:
+    """Digest of the code a protocol's per-model work runs, from the module its function lives in: the sources of
+    that module and of the project modules it imports (`harness.common.sources`: rendering, figures, logging and
+    the tasks excepted) and the numerical libraries' versions. An edit to a figure or to another protocol leaves
+    its entries valid."""
+    return sources_digest(closure([module])[0], LIBRARIES)
+
+
+@dataclass(frozen=True)
+class ProtocolCache:
+    """The results cache as the protocols of one evaluated task use it: `cache` (None: compute everything), the
+    task's `data` digest (`data_digest`) and each protocol's `code` digest (`code_digest`), as the evaluation
+    computed them. A protocol gives the rest of the key: its name, the features it read and its settings."""
+
+    cache: ResultsCache | None = None
+    data: str = ""
+    code: Mapping[str, str] = field(default_factory=dict)
+
+    def parts(self, protocol: str, features: FeatureSet, settings: dict) -> dict:
+        """Everything one model's work in `protocol` depends on (the key is their digest, `ResultsCache.key`)."""
+        return {"protocol": protocol, "code": self.code[protocol], "features": feature_key(features),
+                "data": self.data, "settings": settings}
+
+    def cached(self, protocol: str, features: FeatureSet, settings: dict) -> Any | None:
+        """One model's work in `protocol`, computed before by the same code from the same features, data and
+        `settings`; None when it was not (or when there is no cache)."""
+        if self.cache is None:
+            return None
+        return self.cache.lookup(self.parts(protocol, features, settings))
+
+    def store(self, protocol: str, features: FeatureSet, settings: dict, tree: Any) -> Any:
+        """`tree` (JSON values and arrays) stored as that work's result, and returned as a rerun will read it."""
+        return store(self.cache, self.parts(protocol, features, settings) if self.cache is not None else {}, tree)
+
+    def memo(self, protocol: str, features: FeatureSet, settings: dict, compute: Callable[[], Any]) -> Any:
+        """`cached(...)`, or `compute()` stored."""
+        found = self.cached(protocol, features, settings)
+        return found if found is not None else self.store(protocol, features, settings, compute())

@@ -13,13 +13,18 @@ NAME.KEY=VALUE`` adds one option to every task NAME of ``--tasks`` and takes the
 (``--task-arg csv.path=/data/a,b/labels.csv``: ``path`` is the argument of a task that takes one).
 ``--protocols linear,knn`` replaces the default protocols of every task whose spec names none.
 
-Everything here is pure (the registered names come in as arguments) and light to import: `suggest` serves the
-console script's own errors too; a malformed spec is a `harness.common.errors.UsageError` (exit 2).
+The parsers are pure (the registered names come in as arguments) and light to import: `suggest` serves the
+console script's own errors too; a malformed spec is a `harness.common.errors.UsageError` (exit 2). `read_tasks`
+and `read_task` bind them to the registered tasks and protocols, for every tool that takes a task spec (the
+evaluation, the ablation's ``--eval-task``, the trainer's ``eval.task``). The other values of the evaluation's
+command line that need reading, ``--data-root`` and ``--label-fractions``, are read here too.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
-from typing import Collection
+from pathlib import Path
+from typing import Collection, Sequence
 
 from harness.common.errors import UsageError
 from harness.registry import suggest  # noqa: F401  (re-exported: the console script's errors use it too)
@@ -177,3 +182,66 @@ def apply_task_args(specs: list[TaskSpec], task_args: list[str], path_tasks: Col
                 arg = f"{spec.arg},{key}={value}" if spec.arg else f"{key}={value}"
             out[i] = replace(spec, arg=arg, text=f"{spec.text} --task-arg {raw}")
     return out
+
+
+# ------------------------------------------------------------------------------------- bound to the registries
+
+def default_protocols() -> tuple[str, ...]:
+    """The protocols a task spec that names none runs: those registered as default (``raddino-bench ls``)."""
+    from harness.probes import PROTOCOLS
+
+    return tuple(p.name for p in PROTOCOLS.entries.values() if p.default)
+
+
+def read_tasks(text: str, protocols: str | None = None, task_args: Sequence[str] = ()) -> list[TaskSpec]:
+    """The registered task specs of a ``--tasks`` value, with ``--protocols`` (the protocols of every spec that
+    names none; None: the default ones) and every ``--task-arg`` applied, each spec's protocols in run order with
+    those they run after (``demo:demographics`` runs the linear probe first). UsageError when malformed."""
+    from harness.probes import PROTOCOLS
+    from harness.tasks.base import TASKS
+
+    default = parse_protocols(protocols, PROTOCOLS) if protocols else default_protocols()
+    specs = parse_task_list(text, PROTOCOLS, default)
+    path_tasks = {n for n, e in TASKS.entries.items() if e.takes_arg}
+    return [replace(s, protocols=PROTOCOLS.ordered(s.protocols))
+            for s in apply_task_args(specs, task_args, path_tasks)]
+
+
+def read_task(text: str) -> TaskSpec:
+    """One registered task spec, commas included in its argument (``csv:/data/a,b/labels.csv``), its protocols in
+    run order as in `read_tasks`."""
+    from harness.probes import PROTOCOLS
+
+    spec = parse_task_spec(text, PROTOCOLS, default_protocols())
+    return replace(spec, protocols=PROTOCOLS.ordered(spec.protocols))
+
+
+# ------------------------------------------------------------------------------- the other values worth reading
+
+#: ``--data-root NAME=DIR``: a NAME is spelt like this; anything else is one folder holding every dataset.
+ROOT_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def parse_data_roots(values: Sequence[str]) -> tuple[Path | None, dict[str, Path]]:
+    """``--data-root DIR`` and ``--data-root NAME=DIR`` values: (the folder of every dataset, the last one given;
+    {name: folder} of the datasets named)."""
+    root, named = None, {}
+    for v in values:
+        key, sep, path = v.partition("=")
+        if sep and ROOT_NAME.fullmatch(key):
+            named[key] = Path(path).expanduser()
+        else:
+            root = Path(v).expanduser()
+    return root, named
+
+
+def parse_fractions(text: str) -> tuple[float, ...]:
+    """``--label-fractions``: sorted distinct fractions, each in (0, 1]; ValueError otherwise."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--label-fractions must be a comma list of numbers, got {text!r}") from None
+    bad = [v for v in values if not 0.0 < v <= 1.0]  # NaN fails the comparison too
+    if not values or bad:
+        raise ValueError(f"--label-fractions must be in (0, 1], got {text!r}")
+    return tuple(sorted(set(values)))

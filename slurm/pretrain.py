@@ -20,6 +20,7 @@ import argparse
 import os
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import submitit
@@ -40,16 +41,31 @@ def run_finished(output: Path) -> bool:
 
 
 class PretrainJob:
-    """The callable submitit runs in every task. Picklable: it holds only the trainer's argument list.
+    """The callable submitit runs in every task of a pretraining job (``slurm.pretrain``, and each variant of
+    ``harness.ablate --slurm``). Picklable: it holds only the run's settings.
 
+    Every task runs ``trainer.train``'s command line (`argv`, the one place a SLURM pretraining job's command line
+    is built): its ``main`` joins the process group SLURM describes and leaves it, around the training itself.
     submitit calls ``checkpoint()`` from its USR2 handler; the trainer must write its checkpoint *before* that,
     at a step boundary, so ``__call__`` holds USR2 back: it turns it into the trainer's USR1 ("checkpoint and
     stop"), and hands it to submitit's handler (checkpoint + ``scontrol requeue``) once the trainer has stopped.
     """
 
-    def __init__(self, trainer_argv: list[str], output: Path):
-        self.trainer_argv = list(trainer_argv)
-        self.output = Path(output)
+    def __init__(self, config: str, output: Path, data: Sequence[str], steps: int | None = None,
+                 overrides: Sequence[str] = (), skip_bad: bool = False):
+        self.config, self.output, self.data = config, Path(output), list(data)
+        self.steps, self.overrides, self.skip_bad = steps, list(overrides), skip_bad
+
+    def argv(self) -> list[str]:
+        """``trainer.train``'s arguments for this run (every start resumes it: ``--resume auto``)."""
+        argv = ["--config", self.config, "--output", str(self.output)]
+        for d in self.data:
+            argv += ["--data", d]
+        if self.steps is not None:
+            argv += ["--steps", str(self.steps)]
+        if self.skip_bad:
+            argv.append("--skip-bad")
+        return [*argv, *self.overrides, "--resume", "auto"]
 
     def __call__(self) -> dict:
         # Rank, world size and master address from SLURM; the trainer picks its GPU by LOCAL_RANK itself.
@@ -68,7 +84,7 @@ class PretrainJob:
         signal.signal(signal.SIGUSR2, hold_usr2)
         # A USR1 that lands before the trainer installs its own handler must not kill the process.
         signal.signal(signal.SIGUSR1, lambda signum, frame: None)
-        code = train_main([*self.trainer_argv, "--resume", "auto"])
+        code = train_main(self.argv())
         if code != 0:  # the trainer said why on stderr (this job's log); fail the job so that SLURM shows it
             raise RuntimeError(f"the trainer exited with status {code}: see this job's stderr and "
                                f"{self.output / 'train.log'}")
@@ -81,7 +97,8 @@ class PretrainJob:
 
     def checkpoint(self, *args, **kwargs):
         """Requeue the same call: the trainer has written its checkpoint and resumes from it (--resume auto)."""
-        return submitit.helpers.DelayedSubmission(PretrainJob(self.trainer_argv, self.output))
+        return submitit.helpers.DelayedSubmission(PretrainJob(self.config, self.output, self.data, self.steps,
+                                                              self.overrides, self.skip_bad))
 
 
 PROG = "python -m slurm.pretrain"
@@ -112,17 +129,6 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     return p
 
 
-def trainer_argv(args: argparse.Namespace) -> list[str]:
-    argv = ["--config", args.config, "--output", str(args.output)]
-    for d in args.data:
-        argv += ["--data", d]
-    if args.steps is not None:
-        argv += ["--steps", str(args.steps)]
-    if args.skip_bad:
-        argv.append("--skip-bad")
-    return argv + list(args.overrides)
-
-
 def prepare(argv: list[str] | None = None, prog: str = PROG):
     """Parse and check everything (including the trainer config) before anything is submitted.
 
@@ -141,7 +147,8 @@ def prepare(argv: list[str] | None = None, prog: str = PROG):
           f"images per step, peak lr {cfg.optim.scaled_lr(world):.3g}, {cfg.optim.total_iters} iterations")
     params = executor_parameters(opts, job_name=args.job_name, nodes=args.nodes, tasks_per_node=tasks)
     folder = (args.folder or args.output / "slurm").resolve() / "%j"  # one sub-folder per job id
-    return args, params, folder, PretrainJob(trainer_argv(args), args.output)
+    return args, params, folder, PretrainJob(args.config, args.output, args.data, args.steps, args.overrides,
+                                             args.skip_bad)
 
 
 @command

@@ -3,14 +3,18 @@
     python -m slurm.sweep --models all --tasks vindr,candid,rsna --data-root /data/cxr --weights-dir /data/weights \\
         --cache-dir /shared/cache --out leaderboards --cluster slurm/clusters/mycluster.yaml --gpus-per-node 1
 
-Every flag that is not the sweep's or a cluster option goes to ``python -m harness.run`` unchanged.
+Every flag that is not the sweep's or a cluster option is an evaluation flag, read as ``python -m harness.run`` reads it
+(`harness.flags`).
 
-1. Plan: every (model, task) pair whose features are not in the cache yet (the keys ``harness.run`` reads).
+1. Plan: every (model, task) pair whose features are not in the cache yet (the keys the evaluation reads).
 2. One job array, one task per such pair: feature extraction into the shared cache.
-3. One job that depends on the array (afterok) and runs ``harness.run`` over every model and task: the probes
-   and statistics read the cached features and regenerate the leaderboards.
+3. One job that depends on the array (afterok) and evaluates every model on every task as ``harness.run`` does
+   (`harness.evaluate`, `harness.outputs`): the probes and statistics read the cached features and regenerate
+   the leaderboards.
 4. Wait, then list every failed job with its log files. ``--retry-failed`` replays the recorded sweep
    (``<folder>/sweep.json``): the pairs cached by now are skipped, so exactly the failed work is resubmitted.
+
+The jobs are given the flags as read and checked here (`Sweep`, typed), not a command line to parse again.
 
 Jobs start in the directory the sweep was submitted from, so relative paths mean the same in every job.
 """
@@ -21,20 +25,23 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 
 from baselines.registry import WeightsMissing, build_encoder
-from harness.checks import check_eval_args, task_specs
-from harness.features import FeatureCache, cache_key, extract
+from harness.checks import check_eval_args
 from harness.common.atomic import atomic_write_json
 from harness.common.devices import pick_device
 from harness.common.errors import AT_LEAST_0, AT_LEAST_1, POSITIVE, UsageError, check_flag, command
-from harness.protocols import feature_sets
-from harness.run import DEFAULT_RUNS, load_encoders, parse_data_roots
-from harness.run import build_parser as harness_parser
-from harness.run import main as harness_main
+from harness.evaluate import EvalOptions, load_encoders
+from harness.features import FeatureCache, cache_key, extract_store, feature_passes
+from harness.flags import build_parser as harness_parser
+from harness.flags import eval_options, explicit_models, task_context
+from harness.listing import status_table
+from harness.log import setup_logging
+from harness.outputs import DEFAULT_RUNS, evaluate_and_write
+from harness.protocols import dense_rows, usable_cores
 from harness.taskspec import TaskSpec
 from harness.tasks.base import TaskContext, build_task
 from slurm.cluster import (ClusterOptions, add_cluster_args, executor_parameters, make_executor, resolve_options,
@@ -48,13 +55,6 @@ DEFAULT_FOLDER = Path("slurm-logs") / "sweep"   # job scripts and logs; must be 
 class Pair:
     model: str
     task: str     # the task spec as given (demo, csv:PATH, vindr, ...; TaskSpec.text)
-
-
-@dataclass
-class Plan:
-    skipped: list[tuple[str, str]]    # (model, why) under --models all: weights not present
-    pending: list[Pair]               # features to extract
-    cached: list[Pair]
 
 
 PROG = "python -m slurm.sweep"
@@ -84,61 +84,86 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     return p
 
 
-def task_context(hargs: argparse.Namespace) -> TaskContext:
-    root, named = parse_data_roots(hargs.data_root)
-    return TaskContext(data_root=root, data_roots=named, skip_bad=hargs.skip_bad, seed=hargs.seed,
-                       on_duplicate=hargs.on_duplicate)
+@dataclass(frozen=True)
+class Sweep:
+    """What every job of a sweep runs with, read once from the harness flags by the sweep (typed and picklable: a
+    job parses nothing). `probe_jobs` None: --probe-jobs was not given, and the leaderboard job fits the linear
+    probes on every CPU it was given."""
+
+    models: tuple[str, ...]            # --models, 'all' expanded
+    explicit: frozenset[str]           # the models named one by one: missing weights are an error, not a skip
+    specs: tuple[TaskSpec, ...]
+    options: EvalOptions
+    ctx: TaskContext
+    weights_dir: Path | None
+    out: Path | None
+    verbosity: int
+    probe_jobs: int | None
 
 
-def make_plan(hargs: argparse.Namespace) -> Plan:
+def sweep_settings(hargs: argparse.Namespace, probe_jobs_given: bool = True) -> Sweep:
+    """The jobs' settings from the harness flags, every name checked before any encoder or task is built."""
+    names, specs = check_eval_args(hargs)
+    return Sweep(tuple(names), frozenset(explicit_models(hargs)), tuple(specs), eval_options(hargs),
+                 task_context(hargs), hargs.weights_dir, hargs.out, hargs.verbose - hargs.quiet,
+                 hargs.probe_jobs if probe_jobs_given else None)
+
+
+@dataclass
+class Plan:
+    skipped: list[tuple[str, str]]    # (model, why) under --models all: weights not present
+    pending: list[Pair]               # features to extract
+    cached: list[Pair]
+    sweep: Sweep                      # what the jobs run with
+
+
+def make_plan(hargs: argparse.Namespace, probe_jobs_given: bool = True) -> Plan:
     """Which (model, task) features are missing from the cache. Encoders and tasks are built here, so a missing
     weight file or dataset fails now rather than in a job."""
-    names, specs = check_eval_args(hargs)  # every name, before any encoder or task is built
-    explicit = {m.strip() for m in hargs.models.split(",")} - {"all"}
-    encoders, skipped = load_encoders(names, hargs.weights_dir, hargs.input_policy, explicit)
+    sweep = sweep_settings(hargs, probe_jobs_given)
+    encoders, skipped = load_encoders(sweep.models, sweep.weights_dir, sweep.options, set(sweep.explicit))
     if not encoders:
         raise ValueError(f"--models {hargs.models}: no encoder could be loaded ({skipped})")
-    cache, ctx, device = FeatureCache(hargs.cache_dir), task_context(hargs), pick_device(hargs.device)
+    cache, device = FeatureCache(sweep.options.cache_dir), pick_device(sweep.options.device)
     pending, cached = [], []
-    for spec in specs:
-        task = build_task(spec.name, spec.arg, ctx)
-        sets = [(dense, t.content_digest()) for t, dense in feature_sets(task, spec.protocols)]
+    for spec in sweep.specs:
+        task = build_task(spec.name, spec.arg, sweep.ctx)
+        sets = [(dense, t.content_digest()) for t, dense in feature_passes(task, dense_rows(task, spec.protocols))]
         for enc in encoders:
             hit = all(cache.has(cache_key(enc, digest, device), dense) for dense, digest in sets)
             (cached if hit else pending).append(Pair(enc.name, spec.text))
-    return Plan(skipped, pending, cached)
+    return Plan(skipped, pending, cached, sweep)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # What the jobs run
 
 
-def pair_spec(pair: Pair, hargs: argparse.Namespace) -> TaskSpec:
-    """The task spec a pair names, read from the harness arguments as the plan read it (--task-arg and
-    --protocols included)."""
-    return next(s for s in task_specs(hargs) if s.text == pair.task)
+def extract_features(pair: Pair, sweep: Sweep) -> list[str]:
+    """Array task: every feature of one (model, task) pair its protocols read, into the shared cache; returns the
+    cache keys."""
+    o = sweep.options
+    encoder = build_encoder(pair.model, sweep.weights_dir, o.input_policy, o.global_pool)
+    spec = next(s for s in sweep.specs if s.text == pair.task)
+    task = build_task(spec.name, spec.arg, sweep.ctx)
+    store = extract_store(task, [encoder], FeatureCache(o.cache_dir), dense_rows(task, spec.protocols),
+                          batch_size=o.batch_size, workers=o.workers, device=pick_device(o.device),
+                          dense_budget_gb=o.dense_cache_gb)
+    return store.keys_by_pass()
 
 
-def extract_features(pair: Pair, harness_argv: list[str]) -> list[str]:
-    """Array task: every feature set of one (model, task) pair, into the shared cache; returns the cache keys."""
-    hargs = harness_parser().parse_args(harness_argv)
-    encoder = build_encoder(pair.model, hargs.weights_dir, hargs.input_policy)
-    spec = pair_spec(pair, hargs)
-    task = build_task(spec.name, spec.arg, task_context(hargs))
-    cache, device = FeatureCache(hargs.cache_dir), pick_device(hargs.device)
-    keys = []
-    for part, dense in feature_sets(task, spec.protocols):
-        feats = extract(part, [encoder], cache, dense=dense, batch_size=hargs.batch_size, workers=hargs.workers,
-                        device=device, dense_budget_gb=hargs.dense_cache_gb)
-        keys.append(feats[encoder.name].key)
-    return keys
-
-
-def make_leaderboards(harness_argv: list[str]) -> None:
-    """The dependent job: ``harness.run`` over every model and task (probes, statistics, leaderboards)."""
-    code = harness_main(harness_argv)
-    if code != 0:
-        raise RuntimeError(f"python -m harness.run {' '.join(harness_argv)} exited with {code} (see the log)")
+def make_leaderboards(sweep: Sweep) -> list[str]:
+    """The dependent job: every task evaluated with every model and written (probes, statistics, leaderboards),
+    from the features the array put in the cache; returns the leaderboards written."""
+    setup_logging(sweep.verbosity)
+    n_jobs = usable_cores() if sweep.probe_jobs is None else sweep.probe_jobs
+    options = replace(sweep.options, probe=replace(sweep.options.probe, n_jobs=n_jobs))
+    encoders, skipped = load_encoders(sweep.models, sweep.weights_dir, options, set(sweep.explicit))
+    print(status_table(encoders, [n for n, _ in skipped], sweep.weights_dir))
+    written = [str(p) for p in evaluate_and_write(sweep.specs, encoders, options, sweep.ctx, sweep.out)]
+    for path in written:
+        print(f"wrote {path}")
+    return written
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -159,8 +184,7 @@ def probe_parameters(args: argparse.Namespace, opts: ClusterOptions, array_id: s
     return params
 
 
-def submit(args: argparse.Namespace, opts: ClusterOptions, harness_argv: list[str], plan: Plan, base: Path
-           ) -> list[tuple[str, dict, object]]:
+def submit(args: argparse.Namespace, opts: ClusterOptions, plan: Plan, base: Path) -> list[tuple[str, dict, object]]:
     """Submit the array (if anything is missing) and the probe job; record them in ``<base>/sweep.json``.
 
     Returns (label, record entry, submitit job) per job, the probe job last."""
@@ -169,13 +193,13 @@ def submit(args: argparse.Namespace, opts: ClusterOptions, harness_argv: list[st
     array_id = None
     if plan.pending:
         executor = make_executor(folder, array_parameters(args, opts))
-        array = executor.map_array(extract_features, plan.pending, [harness_argv] * len(plan.pending))
+        array = executor.map_array(extract_features, plan.pending, [plan.sweep] * len(plan.pending))
         array_id = array[0].job_id.split("_")[0]
         for pair, job in zip(plan.pending, array):
             entry = {"model": pair.model, "task": pair.task, "job_id": job.job_id, "stdout": str(job.paths.stdout),
                      "stderr": str(job.paths.stderr)}
             jobs.append((f"features {pair.model} x {pair.task}", entry, job))
-    probe = make_executor(folder, probe_parameters(args, opts, array_id)).submit(make_leaderboards, harness_argv)
+    probe = make_executor(folder, probe_parameters(args, opts, array_id)).submit(make_leaderboards, plan.sweep)
     entry = {"job_id": probe.job_id, "stdout": str(probe.paths.stdout), "stderr": str(probe.paths.stderr)}
     jobs.append(("probes and leaderboards", entry, probe))
     atomic_write_json(base / RECORD, {"argv": args.recorded_argv, "cwd": os.getcwd(),
@@ -220,7 +244,7 @@ def wait_and_report(jobs: list[tuple[str, dict, object]], base: Path, poll_secon
 
 
 def parse(argv: list[str], prog: str = PROG) -> tuple[argparse.Namespace, argparse.Namespace, list[str]]:
-    """(sweep arguments, harness.run arguments, the harness.run argv); --retry-failed expands to the recorded
+    """(sweep arguments, harness flags, the harness flags as given); --retry-failed expands to the recorded
     sweep's arguments followed by the ones given now."""
     parser = build_parser(prog)
     args, rest = parser.parse_known_args(argv)
@@ -240,6 +264,14 @@ def parse(argv: list[str], prog: str = PROG) -> tuple[argparse.Namespace, argpar
     return args, harness_parser().parse_args(rest), rest
 
 
+def probe_jobs_given(harness_argv: list[str]) -> bool:
+    """Whether the harness flags set --probe-jobs (else its default is the CPUs of the job that fits the probes,
+    not of the machine the sweep is submitted from)."""
+    parser = harness_parser()
+    parser.set_defaults(probe_jobs=None)
+    return parser.parse_args(harness_argv).probe_jobs is not None
+
+
 @command
 def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -254,7 +286,7 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
             # job must all look features up under the device the feature jobs compute them on.
             hargs.device = "cuda" if opts.gpus_per_node else "cpu"
             harness_argv = [*harness_argv, "--device", hargs.device]
-        plan = make_plan(hargs)
+        plan = make_plan(hargs, probe_jobs_given(harness_argv))
     except UsageError:
         raise
     except (ValueError, KeyError, FileNotFoundError, WeightsMissing) as e:  # a task's files, a weights file, ...
@@ -275,7 +307,7 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
         print(f"\n# probes and leaderboards: python -m harness.run {' '.join(harness_argv)}\n"
               + sbatch_script(base / "%j", params))
         return 0
-    jobs = submit(args, opts, harness_argv, plan, base)
+    jobs = submit(args, opts, plan, base)
     ids = ", ".join(entry["job_id"] for _, entry, _ in jobs[:-1]) or "none"
     print(f"submitted feature jobs: {ids}; probe job {jobs[-1][1]['job_id']}; record {base / RECORD}", flush=True)
     if args.no_wait:

@@ -83,14 +83,15 @@ def one_thread():
 
 @pytest.fixture
 def nothing_built(monkeypatch):
-    """Fail the test if harness.run builds an encoder or a task: what must be checked before any model loads."""
-    import harness.run
+    """Fail the test if the evaluation builds an encoder or a task: what must be checked before any model loads."""
+    import harness.evaluate
+    import harness.outputs
 
     def refuse(*args, **kwargs):
         raise AssertionError(f"built before the command line was checked: {args}")
 
-    monkeypatch.setattr(harness.run, "build_encoder", refuse)
-    monkeypatch.setattr(harness.run, "build_task", refuse)
+    monkeypatch.setattr(harness.evaluate, "build_encoder", refuse)
+    monkeypatch.setattr(harness.outputs, "build_task", refuse)
 
 
 @functools.lru_cache(maxsize=1)

@@ -1,8 +1,8 @@
 """The documentation holds: every relative link and #anchor in README.md and docs/*.md resolves, no section sign
 (pointers into private notes) is left in the tracked sources, README keeps the commands CI runs, and the Python
-examples of docs/extending.md and docs/python-api.md run as written (blocks after a `<!-- not-run: reason -->`
-comment are skipped, with the reason; a block after `<!-- file: PATH -->` is a new file of the repository, saved
-as PATH where its package finds it, not run)."""
+examples of docs/evaluate.md, docs/extending.md and docs/python-api.md run as written (blocks after a
+`<!-- not-run: reason -->` comment are skipped, with the reason; a block after `<!-- file: PATH -->` is a new file of
+the repository, saved as PATH where its package finds it, not run)."""
 from __future__ import annotations
 
 import functools
@@ -18,7 +18,7 @@ import pytest
 from tests.conftest import REPO
 
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-EXECUTED = [REPO / "docs" / "extending.md", REPO / "docs" / "python-api.md"]
+EXECUTED = [REPO / "docs" / "evaluate.md", REPO / "docs" / "extending.md", REPO / "docs" / "python-api.md"]
 SECTION_SIGN = "\u00a7"
 PRIVATE_NOTES = "shared/" + "reference"  # spelled in two parts so that this file does not match itself
 NOT_RUN = re.compile(r"^<!--\s*not-run:(.*)-->\s*$")

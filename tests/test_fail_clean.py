@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import harness.features
 import harness.run
 from harness.common.errors import DataError, UsageError, command
 from trainer.checkpoint import list_checkpoints, load_checkpoint
@@ -442,7 +443,7 @@ def test_a_task_folder_that_cannot_be_written_stops_before_any_feature(tmp_path,
     def never(*args, **kwargs):
         raise AssertionError("features were extracted before the task's output folders were checked")
 
-    monkeypatch.setattr(harness.run, "extract", never)
+    monkeypatch.setattr(harness.features, "extract", never)
     out = tmp_path / "lb"
     (out / "results").mkdir(parents=True)
     (out / "results" / "demo-n_patients_8").write_text("x")  # where this task's per-model results go

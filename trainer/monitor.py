@@ -63,11 +63,11 @@ def load_probe_data(spec: str, cfg_dict: dict, data_root: str | None, seed: int,
     from baselines.ckpt import checkpoint_preprocess
     from baselines.preprocess import preprocess_batch
     from harness.protocols import MIN_POSITIVE_PATIENTS, label_status
-    from harness.run import parse_data_roots, parse_task_spec
     from harness.splits import make_split, validation_split
     from harness.tasks.base import Subset, TaskContext, build_task
+    from harness.taskspec import parse_data_roots, read_task
 
-    task_spec = parse_task_spec(spec)
+    task_spec = read_task(spec)
     root, named = parse_data_roots([data_root] if data_root else [])
     task = build_task(task_spec.name, task_spec.arg, TaskContext(data_root=root, data_roots=named, seed=seed))
     t = task.table

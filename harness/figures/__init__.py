@@ -2,6 +2,8 @@
 ``<out>/figures/<name>/``,
 
 - ``forest.png``: every model's headline metrics, point and 95% CI, a panel per (protocol, metric);
+- ``wins.png``: pairwise win probabilities P(A > B) of the macro AUROC over the shared resamples, a panel per
+  protocol;
 - ``roc.png`` and ``pr.png``: the linear probe's ROC and precision-recall curves, a panel per label;
 - ``subgroups.png``: macro AUROC per subgroup and the gaps between subgroups;
 - ``age_calibration.png``: true against predicted age, a panel per model;
@@ -22,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import polars as pl
 
-from harness.figures import age, curves, forest, overlays, subgroups
+from harness.figures import age, curves, forest, overlays, subgroups, wins
 from harness.figures.common import FigureInputError, note, png_bytes, read_checked, read_tidy
 from harness.common.atomic import atomic_write_bytes, atomic_write_text
 from harness.common.hashing import sha256_chunks
@@ -34,12 +36,13 @@ if TYPE_CHECKING:
 __all__ = ["FigureInputError", "draw_task_figures", "figure_links", "task_figures"]
 
 FOLDER = "figures"
-#: The run's manifest beside the results folder, as harness.run names it (harness.run is not imported here: it
-#: imports torch and every encoder, and it is the one that calls draw_task_figures).
+#: The run's manifest beside the results folder, as harness.outputs names it (harness.outputs is not imported here:
+#: it imports torch and the evaluation, and it is the one that calls draw_task_figures).
 MANIFEST = ".leaderboard.json"
 CAPTIONS = {forest.FILE: "Headline metrics (forest plot)", curves.KINDS["roc"][0]: "ROC curves (linear probe)",
             curves.KINDS["pr"][0]: "Precision-recall curves (linear probe)",
-            subgroups.FILE: "Subgroup AUROC and gaps", age.FILE: "Age calibration"}
+            subgroups.FILE: "Subgroup AUROC and gaps", age.FILE: "Age calibration",
+            wins.FILE: "Pairwise win probabilities"}
 
 
 def _settings(out: Path, name: str) -> dict:
@@ -102,6 +105,7 @@ def task_figures(out: Path, name: str, failures: list[str] | None = None
             note(f"{name}: no reference model in {results / (name + MANIFEST)}: none is marked")
         keep(forest.FILE, lambda: forest.draw(table, reference, name),
              f"no headline metric with a value in {table_path}")
+        keep(wins.FILE, lambda: wins.draw(table, models, name), f"no two models ranked in {table_path}")
         predictions = _per_model(results / name, models, ".predictions.parquet", curves.PREDICTION_COLUMNS,
                                  "the linear probe's predictions")
         for kind, (file, *_) in curves.KINDS.items():

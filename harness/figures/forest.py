@@ -12,6 +12,8 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 FILE = "forest.png"
+#: the tidy metrics of `harness.ranks.ranked_rows`: not metrics on the forest's scales
+RANK_PREFIXES = ("rank_", "p_best_", "win_")
 
 
 def headline_rows(table: pl.DataFrame) -> pl.DataFrame:
@@ -19,7 +21,8 @@ def headline_rows(table: pl.DataFrame) -> pl.DataFrame:
     segmentation's per-structure Dice (its headline, one row per structure). Per-label, per-subgroup and
     per-fraction rows belong to the other figures."""
     dice = (pl.col("protocol") == "seg") & pl.col("metric").str.starts_with("dice")
-    return table.filter(pl.col("label").is_in(["", "macro"]) | dice)
+    ranked = pl.any_horizontal(pl.col("metric").str.starts_with(p) for p in RANK_PREFIXES)  # drawn by figures.wins
+    return table.filter((pl.col("label").is_in(["", "macro"]) | dice) & ~ranked)
 
 
 def panels(rows: pl.DataFrame) -> list[tuple[str, str]]:

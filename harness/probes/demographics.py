@@ -448,8 +448,8 @@ def fit_and_score(tr: TaskRun, encoders: list[Encoder], linear: ProtocolResult) 
     settings = {"alphas": list(DEFAULT_ALPHAS), "sex": array_digest(c.sex), "age": array_digest(c.age)}
     for enc in progress(encoders, "demographics: fits and bootstrap"):
         x = tr.features[enc.name].global_
-        work = tr.memo(NAME, tr.feature_key(enc.name), settings,
-                       lambda x=x: fitted_tree(fit_probes(tr, c, x), c, tr.weights, np.asarray(t.patient_ids)))
+        work = tr.results.memo(NAME, tr.features[enc.name], settings,
+                               lambda x=x: fitted_tree(fit_probes(tr, c, x), c, tr.weights, np.asarray(t.patient_ids)))
         fitted = Fitted(LabelResult(**work["sex"]) if work["sex"] else None, work["sex_scores"],
                         AgeProbe(**work["age"]) if work["age"] else None)
         scored[enc.name] = work["scored"]

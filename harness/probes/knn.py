@@ -26,7 +26,8 @@ from harness import stats
 from harness.common.paths import safe_name
 from harness.leaderboard import Section
 from harness.log import progress
-from harness.probes.linear import CLASSIFICATION_METRICS, classification_rows, classification_tidy, paired_record
+from harness.probes.linear import (CLASSIFICATION_HIGHER_IS_BETTER, classification_columns, classification_ranks,
+                                   classification_rows, classification_tidy, paired_record, ranks_record)
 from harness.protocols import ProtocolResult, TaskRun, label_status, parquet_bytes
 
 if TYPE_CHECKING:
@@ -100,7 +101,7 @@ def fit_and_score(tr: TaskRun, encoders: list[Encoder]) -> ProtocolResult:
                 for j, (n, why) in enumerate(zip(t.label_names, reasons)) if not evaluable[j]]
     if not_eval:
         notes.append("Not evaluable, left out of macro means: " + "; ".join(not_eval) + ".")
-    columns = [f"macro {title}" for _, title in CLASSIFICATION_METRICS] + [f"{n} AUPRC" for n in names]
+    columns = classification_columns(names)
     if not len(ok) or k < 1:
         records = {e.name: {**setting, "metrics": None, "paired_to_reference": None} for e in encoders}
         return ProtocolResult(NAME, Section(TITLE, [], {e.name: {} for e in encoders}, notes=notes), records)
@@ -117,14 +118,17 @@ def fit_and_score(tr: TaskRun, encoders: list[Encoder]) -> ProtocolResult:
     settings = {"k": k, "temperature": temperature, "labels": [int(j) for j in ok]}
     for enc in progress(encoders, "k-NN probe: scores and bootstrap"):
         x = tr.features[enc.name].global_
-        work = tr.memo(NAME, tr.feature_key(enc.name), settings, lambda x=x: score_and_bootstrap(x))
+        work = tr.results.memo(NAME, tr.features[enc.name], settings, lambda x=x: score_and_bootstrap(x))
         scores, summaries[enc.name], resampled[enc.name] = work["scores"], work["summary"], work["resampled"]
         files[f"results/{tr.out_name}/{safe_name(enc.name)}.knn.parquet"] = parquet_bytes([
             {"image_id": t.image_ids[i], "patient_key": key, "label": n, "target": int(y[i, j]), "score": float(s)}
             for jj, (j, n) in enumerate(zip(ok, names))
             for i, key, s in zip(test_rows, test_keys, scores[:, jj])])
     rows, paired = classification_rows(summaries, resampled, names, tr.reference)
+    ranked = classification_ranks(summaries, resampled)
     records = {e.name: {**setting, "metrics": summaries[e.name],
-                        "paired_to_reference": paired_record(paired, e.name, tr.reference)} for e in encoders}
-    return ProtocolResult(NAME, Section(TITLE, columns, rows, notes=notes), records, files=files,
-                          tidy=classification_tidy(tr.out_name, NAME, summaries, paired, names, tr.reference))
+                        "paired_to_reference": paired_record(paired, e.name, tr.reference),
+                        "ranks": ranks_record(ranked, e.name)} for e in encoders}
+    return ProtocolResult(NAME, Section(TITLE, columns, rows, CLASSIFICATION_HIGHER_IS_BETTER, notes), records,
+                          files=files, tidy=classification_tidy(tr.out_name, NAME, summaries, paired, resampled, names,
+                                                                tr.reference))

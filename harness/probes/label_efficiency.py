@@ -168,7 +168,7 @@ def fit_and_score(tr: TaskRun, encoders: list[Encoder]) -> ProtocolResult:
         settings = {"method": METHOD, "fraction": f, "draws": [array_digest(r) for r in rows_d], "labels": ok}
         for enc in progress(encoders, f"label efficiency {f:g}: fits and bootstrap"):
             x = tr.features[enc.name].global_
-            work = tr.memo(NAME, tr.feature_key(enc.name), settings, lambda x=x: draws_of(x))
+            work = tr.results.memo(NAME, tr.features[enc.name], settings, lambda x=x: draws_of(x))
             draw_points = work["points"]
             for d, labels in enumerate(work["fallback"]):
                 for j in labels:

@@ -15,7 +15,7 @@ from joblib import Parallel, delayed
 from sklearn.model_selection import StratifiedGroupKFold
 from sklearn.preprocessing import StandardScaler
 
-from harness import stats
+from harness import ranks, stats
 from harness.leaderboard import Cell, Section
 from harness.common.paths import safe_name
 from harness.log import progress
@@ -30,6 +30,8 @@ NAME = "linear"
 TITLE = "Linear probe (classification)"
 #: The classification sections' headline metrics: (results key, column title).
 CLASSIFICATION_METRICS = (("auroc", "AUROC"), ("auprc", "AUPRC"))
+#: the section's rank column: each model's rank by macro AUROC with its 95% interval over the shared resamples
+RANK_COLUMN = "rank (macro AUROC)"
 DEFAULT_CS = tuple(float(c) for c in np.logspace(-4, 1, 6))
 MAX_ITER = 2000
 
@@ -180,15 +182,15 @@ def fit_and_score(tr: TaskRun, encoders: list[Encoder]) -> ProtocolResult:
                 "resampled": resampled}
 
     settings = {"Cs": list(DEFAULT_CS), "max_iter": MAX_ITER, "skip": {str(j): why for j, why in skip.items()}}
-    work = {e.name: tr.memo(NAME, tr.feature_key(e.name), settings,
-                            lambda e=e: probe_and_bootstrap(tr.features[e.name].global_))
+    work = {e.name: tr.results.memo(NAME, tr.features[e.name], settings,
+                                    lambda e=e: probe_and_bootstrap(tr.features[e.name].global_))
             for e in progress(encoders, "linear probe: fits and bootstrap")}
     probes = {m: ProbeResult(w["scores"], [LabelResult(**lab) for lab in w["labels"]]) for m, w in work.items()}
     # Which labels are evaluable depends only on the labels and the split, so it is the same for every model.
     labels = probes[encoders[0].name].labels
     ok = [j for j, lab in enumerate(labels) if lab.evaluable]
     names = [t.label_names[j] for j in ok]
-    columns = [f"macro {title}" for _, title in CLASSIFICATION_METRICS] + [f"{n} AUPRC" for n in names]
+    columns = classification_columns(names)
     notes = [f"Per-label columns: AUPRC (the paper's headline classification metric). Reference for paired "
              f"differences: `{tr.reference}`."]
     not_eval = [lab for lab in labels if not lab.evaluable]
@@ -230,11 +232,39 @@ def fit_and_score(tr: TaskRun, encoders: list[Encoder]) -> ProtocolResult:
         files[f"results/{tr.out_name}/{safe_name(enc.name)}.predictions.parquet"] = parquet_bytes(
             list(predictions[enc.name]))
     rows, paired = classification_rows(summaries, resampled, names, tr.reference)
+    ranked = classification_ranks(summaries, resampled)
     records = {e.name: {"metrics": summaries[e.name],
                         "paired_to_reference": paired_record(paired, e.name, tr.reference),
+                        "ranks": ranks_record(ranked, e.name),
                         "labels": [vars(lab) for lab in probes[e.name].labels]} for e in encoders}
-    return ProtocolResult(NAME, Section(TITLE, columns, rows, notes=notes), records, predictions, files,
-                          classification_tidy(tr.out_name, NAME, summaries, paired, names, tr.reference))
+    return ProtocolResult(NAME, Section(TITLE, columns, rows, CLASSIFICATION_HIGHER_IS_BETTER, notes), records,
+                          predictions, files,
+                          classification_tidy(tr.out_name, NAME, summaries, paired, resampled, names, tr.reference))
+
+
+def classification_columns(names: list[str]) -> list[str]:
+    """A classification section's columns: the rank, the macro metrics, then per-label AUPRC."""
+    return [RANK_COLUMN] + [f"macro {title}" for _, title in CLASSIFICATION_METRICS] + [f"{n} AUPRC" for n in names]
+
+
+#: rank 1 is the best: the lowest rank is bold
+CLASSIFICATION_HIGHER_IS_BETTER = {RANK_COLUMN: False}
+
+
+def _macro_points(summaries: dict[str, dict], metric: str) -> dict[str, float | None]:
+    return {name: s[metric]["macro"]["point"] for name, s in summaries.items()}
+
+
+def classification_ranks(summaries: dict[str, dict], resampled: dict[str, dict]) -> dict[str, tuple[dict, dict]]:
+    """Per macro metric: (`ranks.rank_summary`, `ranks.win_probabilities`) of the models on the shared resamples."""
+    return {m: (ranks.rank_summary({n: r[m] for n, r in resampled.items()}, _macro_points(summaries, m)),
+                ranks.win_probabilities({n: r[m] for n, r in resampled.items()})) for m, _ in CLASSIFICATION_METRICS}
+
+
+def ranks_record(ranked: dict[str, tuple[dict, dict]], name: str) -> dict:
+    """A model's ranks for its results JSON: per macro metric its rank, interval, probability of being best, and
+    its probability of beating each other model."""
+    return {m: {**summary[name], "win_probability": wins[name]} for m, (summary, wins) in ranked.items()}
 
 
 def classification_rows(summaries: dict[str, dict], resampled: dict[str, dict], names: list[str], reference: str
@@ -245,9 +275,10 @@ def classification_rows(summaries: dict[str, dict], resampled: dict[str, dict], 
     paired = {m: stats.compare_to_reference({name: r[m] for name, r in resampled.items()},
                                             {name: s[m]["macro"]["point"] for name, s in summaries.items()},
                                             reference) for m, _ in CLASSIFICATION_METRICS}
+    by_auroc = ranks.rank_summary({name: r["auroc"] for name, r in resampled.items()}, _macro_points(summaries, "auroc"))
     rows: dict[str, dict[str, Cell]] = {}
     for name, s in summaries.items():
-        row = {}
+        row = {RANK_COLUMN: Cell.from_rank(by_auroc[name])}
         for m, title in CLASSIFICATION_METRICS:
             p_holm = paired[m][name]["p_holm"] if name != reference else None
             row[f"macro {title}"] = Cell.from_summary(s[m]["macro"], p_holm is not None and p_holm < 0.05)
@@ -263,9 +294,10 @@ def paired_record(paired: dict[str, dict], name: str, reference: str) -> dict | 
 
 
 def classification_tidy(task: str, protocol: str, summaries: dict[str, dict], paired: dict[str, dict],
-                        names: list[str], reference: str) -> list[TidyRow]:
+                        resampled: dict[str, dict], names: list[str], reference: str) -> list[TidyRow]:
     """Tidy rows of a classification section: per model, macro then per-label AUROC, then AUPRC; the macros carry
-    their paired difference to the reference (the per-label numbers are not compared)."""
+    their paired difference to the reference (the per-label numbers are not compared). Then, per macro metric, the
+    ranks (`harness.ranks.ranked_rows`: rank with interval, probability of being best, win probabilities)."""
     rows = []
     for model, s in summaries.items():
         for m, _ in CLASSIFICATION_METRICS:
@@ -273,4 +305,7 @@ def classification_tidy(task: str, protocol: str, summaries: dict[str, dict], pa
                             paired[m].get(model) if model != reference else None)
             for n in names:
                 rows += rows_of(task, protocol, model, m, n, s[m]["per_label"][n])
+    for m, _ in CLASSIFICATION_METRICS:
+        rows += ranks.ranked_rows(task, protocol, m, "macro", {n: r[m] for n, r in resampled.items()},
+                                  _macro_points(summaries, m))[1]
     return rows

@@ -54,14 +54,14 @@ from torch import nn
 
 from baselines.preprocess import Geometry, Preprocess, geometry, place, unplace
 from harness import stats
-from harness.features import FeatureSet, Grid, ShardWriter
+from harness.features import FeatureSet, Grid, ShardWriter, dense_view
 from harness.figures.overlays import SUFFIX as OVERLAY_SUFFIX
 from harness.figures.overlays import overlay_npz
 from harness.leaderboard import Cell, Section
 from harness.common.hashing import array_digest, sha256_chunks, sha256_text
 from harness.common.paths import safe_name
 from harness.log import progress
-from harness.protocols import ProtocolResult, TaskRun, dense_view, feature_key
+from harness.protocols import ProtocolResult, TaskRun
 from harness.tasks.base import Task, TaskError
 from harness.tidy import TidyRow, rows_of
 
@@ -434,12 +434,13 @@ def section_inputs(task: Task) -> dict:
 
 @dataclass
 class MaskedImages:
-    """The masked images of a task as segmentation sees them: rows `train` / `test` of `subset`, the structures
-    `names`, the test images' ids and pseudonymous patient keys, their own patient bootstrap (`weights`, over the
-    keys the per-image file publishes), every mask's size, which test truths are non-empty [n_test, K], and the
-    test rows (positions in `test`) shown as overlays. `mask_digest` covers every mask's content (a segmentation
-    result depends on it as well as on the features)."""
+    """The masked images of a task as segmentation sees them: the task's rows `rows` as a task, `subset`, whose
+    rows `train` / `test` split them; the structures `names`, the test images' ids and pseudonymous patient keys,
+    their own patient bootstrap (`weights`, over the keys the per-image file publishes), every mask's size, which
+    test truths are non-empty [n_test, K], and the test rows (positions in `test`) shown as overlays.
+    `mask_digest` covers every mask's content (a segmentation result depends on it as well as on the features)."""
 
+    rows: np.ndarray
     subset: Task
     train: np.ndarray
     test: np.ndarray
@@ -483,8 +484,8 @@ def masked_images(tr: TaskRun) -> MaskedImages | str:
             truth_any[test_row[i]] = m.reshape(len(names), -1).any(1)
     # The overlays show the same test images for every model: the first ones with something to segment.
     shown = [r for r in range(len(test)) if truth_any[r].any()][:N_OVERLAYS]
-    return MaskedImages(subset, train, test, names, [subset.table.image_ids[i] for i in test], test_keys, weights,
-                        shapes, truth_any, shown, sha256_chunks(mask_chunks))
+    return MaskedImages(rows, subset, train, test, names, [subset.table.image_ids[i] for i in test], test_keys,
+                        weights, shapes, truth_any, shown, sha256_chunks(mask_chunks))
 
 
 def fit_heads(tr: TaskRun, data: MaskedImages, encoders: list[Encoder], dense: dict[str, FeatureSet],
@@ -497,8 +498,7 @@ def fit_heads(tr: TaskRun, data: MaskedImages, encoders: list[Encoder], dense: d
                            "masks": data.mask_digest, "train": array_digest(data.train),
                            "test": array_digest(data.test), "shown": data.shown}
                 for enc in encoders}
-    keys = {enc.name: feature_key(dense[enc.name]) for enc in encoders}
-    found = {enc.name: tr.cached(NAME, keys[enc.name], settings[enc.name]) for enc in encoders}
+    found = {enc.name: tr.results.cached(NAME, dense[enc.name], settings[enc.name]) for enc in encoders}
     trained = [enc for enc in encoders if found[enc.name] is None]
     scores: dict[str, dict[str, HeadScores]] = {}
     with tempfile.TemporaryDirectory(prefix="raddino-seg-") as scratch:
@@ -511,8 +511,8 @@ def fit_heads(tr: TaskRun, data: MaskedImages, encoders: list[Encoder], dense: d
                 heads = evaluate_encoder(dense[enc.name], enc.preprocess, lambda i: _mask(data.subset, i),
                                          data.train, data.test, targets[placement[enc.name]], budget, tr.seed,
                                          set(data.shown))
-                tree = tr.store(NAME, keys[enc.name], settings[enc.name],
-                                {kind: vars(h) for kind, h in heads.items()})
+                tree = tr.results.store(NAME, dense[enc.name], settings[enc.name],
+                                        {kind: vars(h) for kind, h in heads.items()})
                 log.info(f"  {enc.name}: segmentation heads trained and scored in {time.perf_counter() - t0:.1f} s "
                          f"({time.process_time() - c0:.1f} s CPU; dense features "
                          f"{_MODES[dense[enc.name].dense_mode]})")
@@ -638,7 +638,7 @@ def fit_and_score(tr: TaskRun, encoders: list[Encoder], budget: SegBudget = BUDG
     data = masked_images(tr)
     if isinstance(data, str):
         return ProtocolResult(NAME, Section(TITLE, [], {}, notes=[f"Nothing evaluated: {data}."]))
-    dense = tr.extract(data.subset, encoders, True)
+    dense = tr.features.dense(data.rows)  # extracted before any protocol ran: the rows `masked_rows` declared
     for enc in encoders:  # before any training: fail in seconds, not after the other models' heads
         check_finite(dense[enc.name], enc.name, tr.task.name, data.subset.table.image_ids)
     scores = fit_heads(tr, data, encoders, dense, budget)

@@ -65,9 +65,9 @@ def test_pool_global_rejects_an_unknown_pooling():
 
 
 def test_an_unknown_pooling_exits_2_with_the_choices_before_any_model_is_built(monkeypatch, capsys, tmp_path):
-    import harness.run as run
+    import harness.evaluate
 
-    monkeypatch.setattr(run, "build_encoder", lambda *a, **k: pytest.fail("a model was built"))
+    monkeypatch.setattr(harness.evaluate, "build_encoder", lambda *a, **k: pytest.fail("a model was built"))
     with pytest.raises(SystemExit) as e:
         main(["--models", "random-vit", "--tasks", "demo", "--global-pool", "max", "--out", str(tmp_path)])
     assert e.value.code == 2

@@ -10,9 +10,10 @@ import pytest
 import yaml
 from PIL import Image
 
-from harness.ablate import figure, main, subset_sources
-from trainer.checkpoint import list_checkpoints
+from harness.ablate import main, subset_sources
+from harness.figures.ablation import figure
 from tests.conftest import slurm_unreachable
+from trainer.checkpoint import list_checkpoints
 from tests.trainer.tiny_run import TINY as TINY_RUN
 
 WHY_NOT = slurm_unreachable()
@@ -233,7 +234,7 @@ def test_slurm_training_jobs_get_the_trainer_arguments_of_the_validated_plan(blo
     """What an array task runs (trainer.train's command line) resolves to exactly the config validated here."""
     import pickle
 
-    from harness.ablate import build_parser, build_plan, trainer_argv, variant_dir
+    from harness.ablate import build_parser, build_plan, variant_dir
     from slurm.pretrain import PretrainJob
     from trainer.config import load_config
     from trainer.train import parse_args
@@ -242,12 +243,14 @@ def test_slurm_training_jobs_get_the_trainer_arguments_of_the_validated_plan(blo
                                           "data=1.0,0.5"))
     variants, cfgs = build_plan(args)
     for v, cfg in zip(variants, cfgs):
-        targs = parse_args(trainer_argv(args, tmp_path / "abl", v))
+        # As submit_slurm makes it; pickled, as submitit sends it to the array task.
+        job = pickle.loads(pickle.dumps(PretrainJob(args.config, variant_dir(tmp_path / "abl", v), v.sources,
+                                                    args.steps, v.overrides)))
+        targs = parse_args(job.argv())
         job_cfg = load_config(targs.config, targs.overrides, steps=targs.steps)
         job_cfg.data.sources = targs.data
         assert job_cfg.to_dict() == cfg.to_dict(), v.name
-        assert targs.output == str(variant_dir(tmp_path / "abl", v))
-        pickle.dumps(PretrainJob(trainer_argv(args, tmp_path / "abl", v), variant_dir(tmp_path / "abl", v)))
+        assert targs.output == str(variant_dir(tmp_path / "abl", v)) and targs.resume == "auto"
 
 
 def test_replot_redraws_only_the_chosen_metrics_from_the_saved_table_and_rejects_a_pattern_matching_none(

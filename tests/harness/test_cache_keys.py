@@ -165,6 +165,43 @@ def test_edited_encoder_or_preprocessing_code_recomputes_features(tmp_path, monk
 
 # ----------------------------------------------------------------------------------------- item 1: results keys
 
+def _code_digests_with(monkeypatch, tmp_path, files: list) -> dict[str, str]:
+    """Every protocol's code digest (`harness.results_cache.code_digest` of the module its table line names) as it
+    would be with a docstring edited in each of `files`: the edited copies are read in their place, from scratch
+    (the sources are read once per process, so the memos are cleared before and after)."""
+    from harness.probes import PROTOCOLS
+    from harness.results_cache import code_digest
+
+    real = sources.source_file
+    copies = {}
+    for f in files:
+        copies[f] = tmp_path / f"{len(copies)}_{f.name}"
+        copies[f].write_text(f.read_text().replace('"""', '"""Edited: ', 1))
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(sources, "source_file", lambda module: copies.get(real(module), real(module)))
+            sources.source_digest.cache_clear()
+            sources.imports.cache_clear()
+            return {p: code_digest(e.target.partition(":")[0]) for p, e in PROTOCOLS.entries.items()}
+    finally:
+        sources.source_digest.cache_clear()
+        sources.imports.cache_clear()
+
+
+def test_a_docstring_edit_in_the_figures_moves_no_results_key(monkeypatch, tmp_path):
+    """Issue 21: each protocol is keyed on the code it runs. A figure computes no cached number, so a docstring
+    edited in every file of harness/figures/ (the overlays module, which segmentation imports, included) leaves
+    every protocol's key as it was; the same edit in a protocol's own module moves that protocol's key alone."""
+    from tests.conftest import REPO
+
+    before = _code_digests_with(monkeypatch, tmp_path, [])
+    figures = sorted((REPO / "harness" / "figures").glob("*.py"))
+    assert REPO / "harness" / "figures" / "overlays.py" in figures
+    assert _code_digests_with(monkeypatch, tmp_path, figures) == before
+    after = _code_digests_with(monkeypatch, tmp_path, [REPO / "harness" / "probes" / "knn.py"])
+    assert {p for p in before if after[p] != before[p]} == {"knn"}
+
+
 def _csv_run(tmp_path, csv, out, *extra, protocols="linear,knn,demographics"):
     return main(["--models", "pixels", "--tasks", f"csv:{csv}", "--protocols", protocols, "--out",
                  str(tmp_path / out), "--cache-dir", str(tmp_path / "cache"), "--bootstrap", "100", "--workers", "0",

@@ -15,7 +15,7 @@ from sklearn.metrics import roc_auc_score
 
 import harness.figures as figures_module
 from harness.figures import STAMP, FigureInputError, draw_task_figures, figure_links, inputs_digest, task_figures
-from harness.figures import age, curves, forest, label_efficiency, overlays, subgroups
+from harness.figures import age, curves, forest, label_efficiency, overlays, subgroups, wins
 from harness.figures.common import HOLLOW_NOTE, TIDY_COLUMNS, error_bar, png_bytes, point_outside, read_tidy
 from harness.common.paths import safe_name
 from harness.plot import main
@@ -37,7 +37,8 @@ def tidy_table(seed: int = 0) -> pl.DataFrame:
              ("demographics", "age_r", ""), ("demographics", "subgroup_auroc", "men"),
              ("demographics", "subgroup_auroc", "women"), ("demographics", "subgroup_auroc", "age <50"),
              ("demographics", "subgroup_gap", "men-women"), ("label-efficiency", "auroc", "macro@0.1"),
-             ("label-efficiency", "auroc", "macro@1")]
+             ("label-efficiency", "auroc", "macro@1"),
+             ("linear", "rank_auroc", "macro"), ("linear", "p_best_auroc", "macro")]  # not the forest's: ranks
     rows = []
     for model in MODELS:
         for j, (protocol, metric, label) in enumerate(keys):
@@ -173,6 +174,31 @@ def test_forest_panels_follow_the_protocol_table_whatever_the_row_order(monkeypa
     # demographics runs after linear; label-efficiency's rows are per fraction, never headline rows
     assert list(dict.fromkeys(p for p, _ in pairs)) == ["seg", "linear", "demographics", "knn", "added", "unknown"]
     assert [m for p, m in pairs if p == "linear"] == ["auprc", "auroc"]
+
+
+def _win_rows(protocol: str, p: dict[tuple[str, str], float]) -> list[dict]:
+    return [{"task": "t", "model": a, "protocol": protocol, "metric": "win_auroc", "label": f"macro vs {b}",
+             "point": v, "lo": None, "hi": None, "delta": None, "p_holm": None, "n_valid": None, "global_pool": "cls"}
+            for (a, b), v in p.items()]
+
+
+def test_win_heatmap_cells_are_the_tables_win_probabilities_in_run_order():
+    p = {("a", "b"): 0.9, ("b", "a"): 0.1, ("a", "c"): 0.55, ("c", "a"): 0.45, ("b", "c"): 0.3, ("c", "b"): 0.7}
+    table = pl.concat([tidy_table(), pl.DataFrame(_win_rows("linear", p) + _win_rows("knn", {("a", "b"): 0.5,
+                                                                                                ("b", "a"): 0.5}),
+                                                   schema=tidy_table().schema)])
+    table = table.filter(~((pl.col("metric") == "win_auroc") & ~pl.col("model").is_in(["a", "b", "c"])))
+    fig, data = wins.draw(table, ["c", "a", "b"], "t")
+    cells = {(r["protocol"], r["model"], r["other"]): r["p"] for r in data.iter_rows(named=True)}
+    assert cells == {**{("linear", a, b): v for (a, b), v in p.items()}, ("knn", "a", "b"): 0.5, ("knn", "b", "a"): 0.5}
+    order, matrix = wins.matrices(table, ["c", "a", "b"])["linear"]
+    assert order == ["c", "a", "b"] and matrix[1][2] == 0.9 and matrix[0][0] is None
+    texts = sorted(t.get_text() for ax in fig.axes for t in ax.texts)
+    assert texts == sorted(f"{v:.2f}" for v in cells.values())
+
+
+def test_win_heatmap_needs_two_ranked_models():
+    assert wins.draw(tidy_table().filter(pl.col("metric") != "win_auroc"), [REF, OTHER], "t") is None
 
 
 def test_forest_without_headline_rows_is_not_drawn():

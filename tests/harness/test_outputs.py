@@ -10,7 +10,8 @@ import sys
 import polars as pl
 import pytest
 
-from harness.run import TaskSpec, main
+from harness.run import main
+from harness.taskspec import TaskSpec
 from tests.conftest import REPO
 from tests.harness.small_tasks import labelled_set
 
@@ -93,7 +94,7 @@ class _Named:
 
 
 def test_output_names_carry_the_options_that_change_the_numbers():
-    from harness.run import output_name
+    from harness.evaluate import output_name
 
     assert output_name(TaskSpec("demo", None, ()), _Named("demo")) == "demo"
     assert output_name(TaskSpec("csv", "/d/ieee8023-covid-cxr/labels.csv", ()), _Named("csv-ieee8023-covid-cxr")) \

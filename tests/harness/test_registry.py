@@ -9,7 +9,8 @@ import pytest
 from baselines.registry import ENCODERS, build_encoder
 from harness.probes import PROTOCOLS
 from harness.registry import Entry, Registry, RegistryError, UnknownName
-from harness.run import main, parse_task_spec
+from harness.run import main
+from harness.taskspec import read_task
 from harness.tasks.base import TaskContext, TaskError, build_task
 from tests.conftest import REPO
 
@@ -67,9 +68,9 @@ def test_bad_dependencies_are_clear_errors():
 
 def test_the_real_table_runs_demographics_after_the_linear_probe():
     assert PROTOCOLS.get("demographics").after == ("linear",)
-    assert parse_task_spec("demo:demographics").protocols == ("linear", "demographics")
-    assert parse_task_spec("demo").protocols == ("linear", "knn", "seg", "demographics")
-    assert parse_task_spec("demo:label-efficiency").protocols == ("label-efficiency",)
+    assert read_task("demo:demographics").protocols == ("linear", "demographics")
+    assert read_task("demo").protocols == ("linear", "knn", "seg", "demographics")
+    assert read_task("demo:label-efficiency").protocols == ("label-efficiency",)
 
 
 def test_entries_are_loaded_on_first_use_only(tmp_path, monkeypatch):
@@ -91,7 +92,7 @@ FAMILIES = ("baselines._hf", "baselines._common", "open_clip", "transformers", "
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("module", ["harness.stats", "harness.probes.linear", "harness.run"])
+@pytest.mark.parametrize("module", ["harness.stats", "harness.probes.linear", "harness.evaluate", "harness.run"])
 def test_importing_the_harness_loads_no_encoder_family(module):
     """In a fresh interpreter: the statistics, a protocol and the CLI module import no model family, no model
     library and no other protocol's or task's module (each is imported when it is used)."""

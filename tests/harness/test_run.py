@@ -6,24 +6,25 @@ import sys
 import polars as pl
 import pytest
 
-from harness.run import main, parse_task_spec
+from harness.run import main
+from harness.taskspec import read_task, read_tasks
 from tests.conftest import REPO
 from tests.harness.small_tasks import csv_set
 
 
 def test_task_list_keeps_key_value_arguments_together():
-    from harness.run import split_task_list
-
-    assert split_task_list("demo:n_patients=50,size=128,csv:/a.csv,vindr") == [
+    assert [s.text for s in read_tasks("demo:n_patients=50,size=128,csv:/a.csv,vindr")] == [
         "demo:n_patients=50,size=128", "csv:/a.csv", "vindr"]
-    assert split_task_list("demo:n_patients=8,size=64:linear,rsna") == ["demo:n_patients=8,size=64:linear", "rsna"]
+    assert [s.text for s in read_tasks("demo:n_patients=8,size=64:linear,rsna")] == [
+        "demo:n_patients=8,size=64:linear", "rsna"]
 
 
-def test_parse_task_spec():
-    assert parse_task_spec("demo") == parse_task_spec("demo")
-    s = parse_task_spec("csv:/a/b/labels.csv:linear")
+def test_read_task():
+    assert read_task("demo") == read_task("demo")
+    s = read_task("csv:/a/b/labels.csv:linear")
     assert (s.name, s.arg, s.protocols) == ("csv", "/a/b/labels.csv", ("linear",))
-    assert parse_task_spec("csv:/a/b.csv").arg == "/a/b.csv"
+    assert read_task("csv:/a/b.csv").arg == "/a/b.csv"
+    assert read_task("demo:demographics").protocols == ("linear", "demographics")  # with what it runs after
 
 
 @pytest.mark.slow
@@ -134,3 +135,24 @@ def test_cli_end_to_end_on_demo_runs_every_default_protocol(tmp_path):
     res = json.loads((out / f"results/{name}/pixels.json").read_text())
     assert set(res["protocols"]) == {"linear", "knn", "seg", "demographics"}
     assert (out / f"results/{name}/pixels.overlays.npz").stat().st_size > 0  # drawn by harness.figures
+
+
+def test_no_module_imports_the_command_lines():
+    """Issue 21: the command line is the top layer. The ablation, the sweep and the trainer's monitor call the
+    evaluation and the writer with typed options, never `harness.run` (nor the console script `harness.cli`, which
+    runs each command by its module's name)."""
+    import ast
+
+    commands = {"harness.run", "harness.cli"}
+    found = []
+    for package in ("baselines", "bench", "harness", "slurm", "trainer"):
+        for path in sorted((REPO / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module:
+                    names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+                else:
+                    continue
+                found += [f"{path.relative_to(REPO)}:{node.lineno} {n}" for n in names if n in commands]
+    assert found == []

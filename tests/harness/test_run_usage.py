@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-import harness.run
+from harness.flags import build_parser
 from harness.run import main
 from tests.harness.small_tasks import csv_set
 
@@ -107,7 +107,7 @@ def test_task_arg_path_with_a_comma_protocols_default_out_and_streams(tmp_path, 
 def test_protocols_apply_to_the_tasks_that_name_none():
     from harness.checks import task_specs
 
-    args = harness.run.build_parser().parse_args(
+    args = build_parser().parse_args(
         ["--tasks", "demo,demo:n_patients=8:seg", "--protocols", "knn,linear", "--task-arg", "demo.size=32"])
     assert [(s.arg, s.protocols) for s in task_specs(args)] == [("size=32", ("linear", "knn")),
                                                                  ("n_patients=8,size=32", ("seg",))]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from harness.features import FeatureCache
-from slurm.sweep import Pair, extract_features, main, make_plan, parse
+from slurm.sweep import Pair, extract_features, main, make_plan, parse, sweep_settings
 from tests.conftest import slurm_unreachable
 
 WHY_NOT = slurm_unreachable()
@@ -31,8 +31,8 @@ def test_dry_run_plans_from_the_cache_and_prints_both_scripts(tmp_path, capsys):
     assert f"python -m harness.run --models pixels --tasks {task}" in out
     assert not (tmp_path / "slurm").exists(), "a dry run submits nothing and writes nothing"
 
-    _, _, harness_argv = parse(argv)
-    keys = extract_features(Pair("pixels", task), harness_argv)  # what the array task runs, run here
+    _, hargs, _ = parse(argv)
+    keys = extract_features(Pair("pixels", task), sweep_settings(hargs))  # what the array task runs, run here
     assert len(keys) == 1 and (FeatureCache(tmp_path / "cache").entry(keys[0]) / "manifest.json").is_file()
     capsys.readouterr()
     assert main(argv) == 0

@@ -2,7 +2,7 @@
 from pathlib import Path
 
 from harness.common.paths import DEFAULT_CACHE, cache_dir, safe_name
-from harness.run import build_parser
+from harness.flags import build_parser
 from harness.tasks.dicom_meta import digest_cache_file
 
 

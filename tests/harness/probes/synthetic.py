@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from harness import stats
-from harness.features import FeatureSet
+from harness.features import FeatureSet, FeatureStore
 from harness.protocols import ProbeOptions, TaskRun
 from harness.tasks.base import Task, TaskTable
 
@@ -39,6 +39,5 @@ def synthetic_run(pid: np.ndarray, label_names: list[str], labels: np.ndarray, f
     test = np.flatnonzero(split == "test")
     weights = stats.bootstrap_weights([table.patient_ids[i] for i in test], n_resamples, seed)
     feats = {name: FeatureSet(x.astype(np.float32)) for name, x in features.items()}
-    tr = TaskRun(TableTask(table), split, "hash", weights, feats, {}, extract=None, seed=0, reference=reference,
-                 options=options)
+    tr = TaskRun(TableTask(table), split, weights, FeatureStore(feats), seed=0, reference=reference, options=options)
     return tr, [NamedEncoder(name) for name in features]

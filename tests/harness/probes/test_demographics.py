@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from harness import stats
-from harness.features import FeatureSet
+from harness.features import FeatureSet, FeatureStore
 from harness.leaderboard import Section
 from harness.probes import demographics, linear
 from harness.probes.demographics import age_bands, age_probe, choose_alpha
@@ -56,7 +56,7 @@ def _run(n_patients=90, seed=0, shuffle=False, gap=False, missing=0):
     test = np.flatnonzero(split == "test")
     weights = stats.bootstrap_weights([table.patient_ids[i] for i in test], 200, seed)
     feats = {"a": FeatureSet(x.astype(np.float32)), "b": FeatureSet(rng.normal(size=(n, 12)).astype(np.float32))}
-    tr = TaskRun(_Table(table), split, "hash", weights, feats, {}, extract=None, seed=0, reference="a")
+    tr = TaskRun(_Table(table), split, weights, FeatureStore(feats), seed=0, reference="a")
     return tr, [_Enc("a"), _Enc("b")]
 
 

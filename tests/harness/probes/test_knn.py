@@ -78,7 +78,7 @@ def test_protocol_scores_pairs_and_publishes_like_the_linear_probe():
     result = fit_and_score(tr, encs)
     section = result.to_section()
     assert section.title == TITLE
-    assert section.columns == ["macro AUROC", "macro AUPRC", "finding AUPRC"]
+    assert section.columns == ["rank (macro AUROC)", "macro AUROC", "macro AUPRC", "finding AUPRC"]
     a, b = result.to_record("a"), result.to_record("b")
     assert (a["k"], a["k_requested"], a["temperature"]) == (7, 7, 0.1)
     assert a["metrics"]["auroc"]["macro"]["point"] > 0.9 > 0.7 > b["metrics"]["auroc"]["macro"]["point"]
@@ -114,3 +114,43 @@ def test_knn_is_a_default_protocol_right_after_the_linear_probe():
     names = PROTOCOLS.ordered(PROTOCOLS)
     assert PROTOCOLS.get("knn").default
     assert names.index("knn") == names.index("linear") + 1
+
+
+def test_ranks_equal_a_brute_force_recount_from_the_published_scores():
+    """Rank cells, results-JSON ranks and tidy rank rows, recomputed from the per-image scores the run publishes: each
+    resample's macro AUROC per model, then ranks, P(best) and P(a beats b) counted one resample at a time."""
+    tr, encs = _run(k=7, temperature=0.1, n_patients=24, seed=3)
+    result = fit_and_score(tr, encs)
+    t = tr.task.table
+    test = tr.split == "test"
+    resampled = {}
+    for m in ("a", "b"):
+        df = pl.read_parquet(io.BytesIO(result.files[f"results/synthetic/{m}.knn.parquet"]))
+        _, boot = stats.classification_summary(df["score"].to_numpy()[:, None], t.labels[test][:, :1], ["finding"],
+                                               tr.weights)
+        resampled[m] = boot["auroc"]
+    wins_a = ties = 0
+    best = {"a": 0.0, "b": 0.0}
+    ranks_a = []
+    for va, vb in zip(resampled["a"], resampled["b"]):
+        if va > vb:
+            wins_a, best["a"] = wins_a + 1, best["a"] + 1
+            ranks_a.append(1)
+        elif va < vb:
+            best["b"] += 1
+            ranks_a.append(2)
+        else:
+            ties, best["a"], best["b"] = ties + 1, best["a"] + 0.5, best["b"] + 0.5
+            ranks_a.append(1)
+    n = len(resampled["a"])
+    record = result.to_record("a")["ranks"]["auroc"]
+    assert record["p_best"] == pytest.approx(best["a"] / n)
+    assert record["win_probability"]["b"] == pytest.approx((wins_a + 0.5 * ties) / n)
+    assert (record["lo"], record["hi"]) == (int(np.percentile(ranks_a, 2.5, method="lower")),
+                                            int(np.percentile(ranks_a, 97.5, method="higher")))
+    cell = result.to_section().rows["a"]["rank (macro AUROC)"]
+    assert (cell.point, cell.lo, cell.hi) == (record["rank"], record["lo"], record["hi"])
+    tidy = {(r.model, r.metric, r.label): r for r in result.tidy}
+    assert tidy[("a", "p_best_auroc", "macro")].point == pytest.approx(best["a"] / n)
+    assert tidy[("b", "win_auroc", "macro vs a")].point == pytest.approx(1 - (wins_a + 0.5 * ties) / n)
+    assert tidy[("a", "rank_auroc", "macro")].point == record["rank"]

@@ -1,9 +1,12 @@
 """Label efficiency: 100% is the linear probe exactly, a fraction without a positive training patient reports the
 label as not evaluable with its counts, the draws are seeded and nested, the figure plots the section's numbers,
 and a fraction outside (0, 1] is a usage error before any model is built."""
+import dataclasses
+
 import numpy as np
 import pytest
 
+import harness.evaluate
 import harness.run as run
 from harness.probes import PROTOCOLS
 from harness.probes import label_efficiency, linear
@@ -11,7 +14,7 @@ from harness.figures.common import png_bytes
 from harness.figures.label_efficiency import draw as draw_curves
 from harness.probes.label_efficiency import NAME, draw_patients
 from harness.protocols import ProbeOptions
-from harness.results_cache import ResultsCache
+from harness.results_cache import ProtocolCache, ResultsCache
 from tests.harness.probes.synthetic import synthetic_run
 
 
@@ -139,7 +142,7 @@ def test_figure_plots_the_sections_numbers(ran):
 
 def test_no_evaluable_label_gives_n_e_cells_and_a_figure_that_says_so():
     tr, encs = _run(fractions=(0.5, 1.0), draws=2)
-    tr.min_positive_patients = 50  # no label has that many test patients of each class
+    tr = dataclasses.replace(tr, min_positive_patients=50)  # no label has that many test patients of each class
     result = label_efficiency.fit_and_score(tr, encs)
     assert {c.note for row in result.section.rows.values() for c in row.values()} == {"n/e: no evaluable label"}
     assert result.files["synthetic_label_efficiency.png"].startswith(b"\x89PNG")
@@ -149,7 +152,9 @@ def test_no_evaluable_label_gives_n_e_cells_and_a_figure_that_says_so():
 
 def test_label_efficiency_is_not_a_default_protocol():
     assert not PROTOCOLS.get(NAME).default
-    assert NAME in run.parse_task_spec("demo:label-efficiency").protocols
+    from harness.taskspec import read_task
+
+    assert NAME in read_task("demo:label-efficiency").protocols
 
 
 @pytest.mark.parametrize("fractions", ["0", "0.1,1.5", "-0.2", "nan", "x", ""])
@@ -157,13 +162,15 @@ def test_a_fraction_outside_0_1_exits_2_before_any_model_is_built(fractions, mon
     def no_build(*a, **k):
         raise AssertionError("a model was built")
 
-    monkeypatch.setattr(run, "build_encoder", no_build)
+    monkeypatch.setattr(harness.evaluate, "build_encoder", no_build)
     assert run.main(["--models", "pixels", "--tasks", "demo:label-efficiency", "--label-fractions", fractions]) == 2
     assert "--label-fractions" in capsys.readouterr().err
 
 
 def test_fractions_are_parsed_sorted_and_distinct():
-    assert run.parse_fractions("1,0.01,0.1,0.1") == (0.01, 0.1, 1.0)
+    from harness.taskspec import parse_fractions
+
+    assert parse_fractions("1,0.01,0.1,0.1") == (0.01, 0.1, 1.0)
 
 
 def _draw_seed_run(draw_seed: int):
@@ -215,7 +222,8 @@ def test_one_draw_shows_no_dagger_where_the_test_cannot_hold_the_draw():
 @pytest.mark.slow
 def test_a_change_of_method_is_a_results_cache_miss(tmp_path, monkeypatch):
     tr, encs = _run(fractions=(0.3, 1.0), draws=2)
-    tr.results_cache = cache = ResultsCache(tmp_path)
+    cache = ResultsCache(tmp_path)
+    tr = dataclasses.replace(tr, results=ProtocolCache(cache, "data", {NAME: "code"}))
     first = label_efficiency.fit_and_score(tr, encs)
     assert (cache.hits, cache.misses) == (0, 4)  # 2 models x 2 fractions
     assert label_efficiency.fit_and_score(tr, encs).tidy == first.tidy and cache.hits == 4

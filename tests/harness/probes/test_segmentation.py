@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from baselines.floors import PixelsEncoder
 from baselines.preprocess import Preprocess, geometry
 from harness import stats
-from harness.features import FeatureCache, extract
+from harness.features import FeatureCache, extract_store
 from harness.figures.overlays import read_overlays
 from harness.probes.segmentation import (
     SegBudget,
@@ -21,6 +21,7 @@ from harness.probes.segmentation import (
     dice_iou,
     fit_head,
     mask_to_input,
+    masked_rows,
     prediction_to_mask,
     read_levels,
     read_targets,
@@ -98,23 +99,22 @@ def test_head_training_is_seeded():
         assert torch.equal(a, b)
 
 
-def _task_run(task, tmp_path, reference="pixels"):
+def _task_run(task, tmp_path, encoders, reference="pixels"):
+    """The protocol's shared state, with the features of `encoders` extracted as the evaluation extracts them (the
+    rows segmentation declares, dense)."""
     t = task.table
     pid = np.array([int(p[1:]) for p in t.patient_ids])
     split = np.where(pid % 3 == 0, "test", "train")
     test = np.flatnonzero(split == "test")
     weights = stats.bootstrap_weights([t.patient_ids[i] for i in test], 200, 0)
-    cache = FeatureCache(tmp_path)
-
-    def ex(sub, encs, dense):
-        return extract(sub, encs, cache, dense=dense, batch_size=8, workers=0, log=lambda *_: None)
-
-    return TaskRun(task, split, "h", weights, {}, {}, extract=ex, seed=0, reference=reference)
+    store = extract_store(task, encoders, FeatureCache(tmp_path), [masked_rows(task)], batch_size=8, workers=0,
+                          log=lambda *_: None)
+    return TaskRun(task, split, weights, store, seed=0, reference=reference)
 
 
 def test_protocol_end_to_end(tmp_path):
     task = MaskedTask()
-    tr = _task_run(task, tmp_path)
+    tr = _task_run(task, tmp_path, pixels_encoders())
     result = fit_and_score(tr, pixels_encoders(), SegBudget(epochs=15, batch_size=8, loss_size=32))
     section = result.to_section()
     assert section.columns == ["lungs Dice (linear)", "lungs IoU (linear)", "lungs Dice (multi-level)",
@@ -168,7 +168,7 @@ class _TwoStructures(MaskedTask):
 
 def test_several_structures_and_empty_truths(tmp_path):
     task = _TwoStructures()
-    tr = _task_run(task, tmp_path)
+    tr = _task_run(task, tmp_path, pixels_encoders()[:1])
     result = fit_and_score(tr, pixels_encoders()[:1], SegBudget(epochs=3, batch_size=8, loss_size=32))
     section = result.to_section()
     assert len(section.columns) == 10 and "tube Dice (multi-level)" in section.columns  # + tube FP rate per head
@@ -182,7 +182,7 @@ def test_several_structures_and_empty_truths(tmp_path):
 
 def test_task_without_masks_says_why(tmp_path):
     task = MaskedTask(n=12, with_masks=False)
-    result = fit_and_score(_task_run(task, tmp_path), pixels_encoders())
+    result = fit_and_score(_task_run(task, tmp_path, pixels_encoders()), pixels_encoders())
     assert result.section.rows == {} and "has no masks" in result.section.notes[0]
     assert not result.records and not result.files and not result.tidy
 
@@ -203,7 +203,7 @@ def test_a_models_scores_do_not_depend_on_the_other_models_in_the_run(tmp_path):
 
     def scores(*names):
         encoders = [_crop(n, resize=40 if n == "zoom" else None) for n in names]
-        tr = _task_run(MaskedTask(), tmp_path, reference=names[0])
+        tr = _task_run(MaskedTask(), tmp_path, encoders, reference=names[0])
         result = fit_and_score(tr, encoders, budget)
         return {m: {kind: {metric: result.to_record(m)["heads"][kind]["lungs"][metric]
                            for metric in ("dice", "iou")} for kind in ("linear", "multi-level")} for m in names}
@@ -229,7 +229,8 @@ def test_non_finite_dense_features_name_the_model_task_and_images(tmp_path):
     overflow = PixelsEncoder(Preprocess(size=32, policy="resize_stretch", interpolation="area", mean=(0.0,),
                                         std=(0.55 / 65504,), channels=1), block=4)
     with pytest.raises(TaskError) as err:
-        fit_and_score(_task_run(task, tmp_path), [overflow], SegBudget(epochs=1, batch_size=8, loss_size=32))
+        tr = _task_run(task, tmp_path, [overflow])
+        fit_and_score(tr, [overflow], SegBudget(epochs=1, batch_size=8, loss_size=32))
     msg = str(err.value)
     assert "pixels" in msg and "tiny-seg" in msg and "'im4'" in msg
     assert not any(f"'im{i}'" in msg for i in range(len(task)) if i != 4)
@@ -240,7 +241,7 @@ def test_empty_truth_false_positives_are_a_column_with_an_interval(tmp_path):
     """Dice over non-empty truths never sees a head painting a tube on a negative image: the fraction of
     empty-truth test images with any predicted pixel is its own column (lower is better), with a bootstrap CI."""
     task = _TwoStructures()
-    tr = _task_run(task, tmp_path)
+    tr = _task_run(task, tmp_path, pixels_encoders()[:1])
     result = fit_and_score(tr, pixels_encoders()[:1], SegBudget(epochs=3, batch_size=8, loss_size=32))
     section = result.to_section()
     for kind in ("linear", "multi-level"):
@@ -258,7 +259,7 @@ def test_per_image_scores_are_published_and_reproduce_the_intervals(tmp_path):
     """results/<task>/<model>.seg.parquet holds Dice, IoU and 'predicted anything' per test image, head and
     structure, keyed by the pseudonymous patient_key: enough to recompute every segmentation interval exactly."""
     task = _TwoStructures()
-    tr = _task_run(task, tmp_path)
+    tr = _task_run(task, tmp_path, pixels_encoders()[:1])
     result = fit_and_score(tr, pixels_encoders()[:1], SegBudget(epochs=3, batch_size=8, loss_size=32))
     df = pl.read_parquet(io.BytesIO(result.files["results/tiny-seg/pixels.seg.parquet"]))
     assert set(df.columns) == {"image_id", "patient_key", "head", "structure", "truth_empty", "predicted_any",

@@ -12,8 +12,9 @@ from safetensors.numpy import load_file
 from baselines.floors import PIXELS_PREPROCESS, PixelsEncoder
 from baselines.registry import build_encoder
 from harness import stats
-from harness.features import FeatureCache, FeatureSet, ShardedGrid, ShardWriter, extract
-from harness.probes.segmentation import SegBudget, mask_placement_key, fit_and_score, mask_to_input, placed_targets
+from harness.features import FeatureCache, FeatureSet, FeatureStore, ShardedGrid, ShardWriter, extract, extract_store
+from harness.probes.segmentation import (SegBudget, fit_and_score, mask_placement_key, mask_to_input, masked_rows,
+                                         placed_targets)
 from harness.protocols import TaskRun
 from harness.tasks.demo import DemoTask, PhantomConfig
 from tests.harness.small_tasks import MaskedTask, TinyTask, pixels_encoders
@@ -86,17 +87,15 @@ def _run(task, encoders, tmp_path, *, in_memory=False, **extract_kw):
     t = task.table
     split = np.array(["test" if int(p[1:]) % 3 == 0 else "train" for p in t.patient_ids])
     weights = stats.bootstrap_weights([t.patient_ids[i] for i in np.flatnonzero(split == "test")], 100, 0)
-    cache = FeatureCache(tmp_path)
     logs: list[str] = []
-
-    def ex(sub, encs, dense):
-        out = extract(sub, encs, cache, dense=dense, batch_size=8, workers=0, log=logs.append, **extract_kw)
-        if in_memory and dense:  # the path before streaming: every dense grid an array in RAM
-            out = {k: FeatureSet(fs.global_, np.asarray(fs.patch), tuple(np.asarray(lv) for lv in fs.layers))
-                   for k, fs in out.items()}
-        return out
-
-    tr = TaskRun(task, split, "h", weights, {}, {}, extract=ex, seed=0, reference=encoders[0].name)
+    rows = masked_rows(task)
+    store = extract_store(task, encoders, FeatureCache(tmp_path), [rows], batch_size=8, workers=0, log=logs.append,
+                          **extract_kw)
+    if in_memory:  # the path before streaming: every dense grid an array in RAM
+        dense = {k: FeatureSet(fs.global_, np.asarray(fs.patch), tuple(np.asarray(lv) for lv in fs.layers))
+                 for k, fs in store.dense(rows).items()}
+        store = FeatureStore({k: store[k] for k in store}, [(rows, dense)])
+    tr = TaskRun(task, split, weights, store, seed=0, reference=encoders[0].name)
     return fit_and_score(tr, encoders, BUDGET), logs
 
 
