@@ -107,24 +107,11 @@ def patient_strata(y: np.ndarray, keys: np.ndarray, labels: list[int]) -> np.nda
     return np.concatenate([pos, neg], axis=1)
 
 
-def fit_and_score(tr: TaskRun, encoders: list[Encoder]) -> ProtocolResult:
-    t = tr.task.table
-    y = np.asarray(t.labels).astype(int)
-    train_rows = np.flatnonzero(tr.split == "train")
-    test = tr.split == "test"
-    groups = np.asarray(t.patient_ids)
-    train_keys = np.array(tr.patient_keys(train_rows))
-    patients = np.unique(train_keys)
-    fractions, n_draws = tuple(sorted(set(tr.options.label_fractions))), tr.options.label_draws
-    evaluable, _ = label_status(tr.task, tr.split, tr.min_positive_patients)
-    ok = [int(j) for j in np.flatnonzero(evaluable)]
-    # Evaluable labels have both classes among the training images, so every stratum has a patient.
-    draws = draw_patients(patients, fractions, n_draws, tr.seed, patient_strata(y[train_rows], train_keys, ok))
-    names = [t.label_names[j] for j in ok]
-    skip = {j: "not evaluable" for j in range(len(t.label_names)) if j not in ok}
-    # Between-draw variability enters the intervals and tests only with two or more draws; the fraction 1 has none.
+def plan(tr: TaskRun, patients: np.ndarray, fractions: tuple[float, ...], n_draws: int, draws: dict,
+         train_rows: np.ndarray, train_keys: np.ndarray) -> tuple[list[str], list[str], list[tuple]]:
+    """The section's opening notes, its columns, and per fraction (fraction, column, per draw the training rows it
+    keeps)."""
     accounts = n_draws > 1
-
     notes = [f"Macro AUROC of the linear probe refitted on a fraction of the {len(patients)} training patients "
              f"(`--label-fractions`), {n_draws} seeded patient draws per fraction below 100% (`--label-draws`; "
              "stratified: every draw holds a positive and a negative training patient of every evaluable label; "
@@ -145,7 +132,52 @@ def fit_and_score(tr: TaskRun, encoders: list[Encoder]) -> ProtocolResult:
         if f < 1.0 and len(draws[f][0]) > nominal:
             notes.append(f"{fraction_label(f)} keeps {len(draws[f][0])} patients, not {nominal}: that many are "
                          "needed to hold a positive and a negative patient of every evaluable label in every draw.")
+    return notes, columns, per_fraction
 
+
+def closing_notes(curves: dict[str, list[dict]], fell_back: list[str]) -> list[str]:
+    """The notes after the fits: labels whose C fell back, and the spread of each fraction's draws."""
+    notes = []
+    if fell_back:
+        notes.append(fallback_note(fell_back))
+    spread = [f"`{m}` " + ", ".join(f"{fraction_label(r['fraction'])} {min(r['draw_points']):.3f}-"
+                                    f"{max(r['draw_points']):.3f}" for r in rows if len(r["draw_points"]) > 1)
+              for m, rows in curves.items()]
+    if any(len(r["draw_points"]) > 1 for rows in curves.values() for r in rows):
+        notes.append("Spread of the draws' macro AUROC (min-max): " + "; ".join(spread) + ".")
+    return notes
+
+
+def curve_figure(curves: dict[str, list[dict]], tr: TaskRun) -> tuple[dict[str, bytes], list[str]]:
+    """The label-efficiency figure as a file of the run, and the note linking it; neither, with a warning, when
+    drawing fails: a figure is never worth the section's numbers."""
+    png = figure_file(tr.out_name)
+    try:
+        return {png: png_bytes(draw_curves(curves, f"{tr.task.name}: label efficiency"))}, [f"Figure: [{png}]({png})."]
+    except Exception as e:  # matplotlib raises many types
+        log.warning(f"warning: {tr.out_name}: figure {png} not drawn: {type(e).__name__}: {e}")
+        return {}, []
+
+
+def fit_and_score(tr: TaskRun, encoders: list[Encoder]) -> ProtocolResult:
+    t = tr.task.table
+    y = np.asarray(t.labels).astype(int)
+    train_rows = np.flatnonzero(tr.split == "train")
+    test = tr.split == "test"
+    groups = np.asarray(t.patient_ids)
+    train_keys = np.array(tr.patient_keys(train_rows))
+    patients = np.unique(train_keys)
+    fractions, n_draws = tuple(sorted(set(tr.options.label_fractions))), tr.options.label_draws
+    evaluable, _ = label_status(tr.task, tr.split, tr.min_positive_patients)
+    ok = [int(j) for j in np.flatnonzero(evaluable)]
+    # Evaluable labels have both classes among the training images, so every stratum has a patient.
+    draws = draw_patients(patients, fractions, n_draws, tr.seed, patient_strata(y[train_rows], train_keys, ok))
+    names = [t.label_names[j] for j in ok]
+    skip = {j: "not evaluable" for j in range(len(t.label_names)) if j not in ok}
+    # Between-draw variability enters the intervals and tests only with two or more draws; the fraction 1 has none.
+    accounts = n_draws > 1
+
+    notes, columns, per_fraction = plan(tr, patients, fractions, n_draws, draws, train_rows, train_keys)
     curves: dict[str, list[dict]] = {e.name: [] for e in encoders}
     cells: dict[str, dict[str, Cell]] = {e.name: {} for e in encoders}
     fell_back: list[str] = []
@@ -192,19 +224,8 @@ def fit_and_score(tr: TaskRun, encoders: list[Encoder]) -> ProtocolResult:
             p_holm = (row["paired_to_reference"] or {}).get("p_holm")
             cells[enc.name][col] = Cell.from_summary(row["macro_auroc"], p_holm is not None and p_holm < 0.05,
                                                      note="n/e: no evaluable label")
-    if fell_back:
-        notes.append(fallback_note(fell_back))
-    spread = [f"`{m}` " + ", ".join(f"{fraction_label(r['fraction'])} {min(r['draw_points']):.3f}-"
-                                    f"{max(r['draw_points']):.3f}" for r in rows if len(r["draw_points"]) > 1)
-              for m, rows in curves.items()]
-    if any(len(r["draw_points"]) > 1 for rows in curves.values() for r in rows):
-        notes.append("Spread of the draws' macro AUROC (min-max): " + "; ".join(spread) + ".")
-    files, png = {}, figure_file(tr.out_name)
-    try:
-        files[png] = png_bytes(draw_curves(curves, f"{tr.task.name}: label efficiency"))
-        notes.append(f"Figure: [{png}]({png}).")
-    except Exception as e:  # matplotlib raises many types; a figure is never worth the section's numbers
-        log.warning(f"warning: {tr.out_name}: figure {png} not drawn: {type(e).__name__}: {e}")
+    files, figure_note = curve_figure(curves, tr)
+    notes += closing_notes(curves, fell_back) + figure_note
     records = {e.name: {"fractions": list(fractions), "draws": n_draws, "seed": tr.seed, "method": METHOD,
                         "curve": curves[e.name]} for e in encoders}
     # One row per fraction, the curve's macro AUROC over draws, labelled by the fraction itself (macro@0.1).
