@@ -6,7 +6,7 @@ import torch
 
 from baselines.floors import PIXELS_PREPROCESS, PixelsEncoder, ViTEncoder
 from baselines.preprocess import Preprocess
-from baselines.registry import GLOBAL_POOLS, build_encoder, pool_global
+from baselines.registry import DEFAULT_GLOBAL_POOL, GLOBAL_POOLS, build_encoder, pool_global
 from harness.features import cache_key, encode_batch
 from harness.run import main
 from trainer.vit import vit_tiny
@@ -87,12 +87,15 @@ def test_another_pooling_on_a_cached_run_recomputes_and_is_written_down(tmp_path
     name, and says which pooling it used in the header and the tidy table."""
     assert _run(tmp_path, "out", "cls") == 0
     assert _run(tmp_path, "out", "avg") == 0
-    cls = pl.read_csv(tmp_path / "out" / "results" / f"{STEM}.csv")
-    avg = pl.read_csv(tmp_path / "out" / "results" / f"{STEM}-pool_avg.csv")
+    def stem(pool: str) -> str:  # the default pooling's outputs carry no suffix
+        return STEM if pool == DEFAULT_GLOBAL_POOL else f"{STEM}-pool_{pool}"
+
+    cls = pl.read_csv(tmp_path / "out" / "results" / f"{stem('cls')}.csv")
+    avg = pl.read_csv(tmp_path / "out" / "results" / f"{stem('avg')}.csv")
     assert set(cls["global_pool"]) == {"cls"} and set(avg["global_pool"]) == {"avg"}
     joined = cls.join(avg, on=["model", "protocol", "metric", "label"], suffix="_avg")
     assert len(joined) == len(cls) and (joined["point"] != joined["point_avg"]).any()
     assert "- **Global pooling**: `avg`: the mean of each model's last-layer patch tokens" in (
-        tmp_path / "out" / f"{STEM}-pool_avg.md").read_text()
+        tmp_path / "out" / f"{stem('avg')}.md").read_text()
     # two feature entries in the one cache: the avg run did not read the cls features
     assert len([p for p in (tmp_path / "cache" / "features").rglob("manifest.json")]) == 2
