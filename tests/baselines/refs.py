@@ -109,3 +109,20 @@ def assert_preprocessing_matches(pre: Preprocess, processor, path: Path,
     assert ref8.shape == ours.shape
     half_level = (0.5 / 255 / std).min().item()
     assert (ours - ref8).abs().mean() < half_level, f"{path.name}: mean |ours - 8-bit processor| above half a level"
+
+
+def assert_matches_model_and_backbone(enc, model: torch.nn.Module, backbone: torch.nn.Module, shared_cxr: Path,
+                                      grid: tuple[int, int, int], what: str = "patch") -> None:
+    """Our encoder against transformers' reference on two real radiographs: the global feature against the model's
+    `pooler_output` (the final-normed CLS), the patch grid [C, h, w] and the four layers against the `*Backbone`'s
+    feature maps (which drop register tokens themselves)."""
+    x = preprocessed(radiographs(shared_cxr), enc.preprocess)
+    with torch.no_grad():
+        out = model.eval()(pixel_values=x)
+        maps = backbone.eval()(pixel_values=x).feature_maps
+    feats = enc.encode(x)
+    assert_close(feats.global_, out.pooler_output, "global (final-normed CLS)")
+    assert feats.patch.shape == (len(x), *grid)
+    assert_close(feats.patch, maps[-1], what)
+    for i, (got, want) in enumerate(zip(feats.layers, maps)):
+        assert_close(got, want, f"layer {i}")

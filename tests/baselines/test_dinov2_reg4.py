@@ -14,7 +14,7 @@ import baselines.dinov2_reg4 as dinov2_reg4
 from baselines._hf import ConfigMismatch, dinov2_features
 from baselines.registry import ENCODERS, build_encoder
 from harness.listing import licence_cell
-from tests.baselines.refs import assert_close, assert_preprocessing_matches, preprocessed, radiographs
+from tests.baselines.refs import assert_matches_model_and_backbone, assert_preprocessing_matches, radiographs
 from tests.baselines.tiny_weights import tiny_dinov2, tiny_dinov2_reg
 
 NAME = "dinov2-base-reg4"
@@ -29,16 +29,7 @@ def test_matches_the_model_and_its_backbone(tmp_path, shared_cxr, no_network):
     ref = Dinov2WithRegistersModel.from_pretrained(tmp_path / NAME).eval()
     backbone = Dinov2WithRegistersBackbone.from_pretrained(
         tmp_path / NAME, out_features=["stage1", "stage2", "stage3", "stage4"]).eval()
-    x = preprocessed(radiographs(shared_cxr), enc.preprocess)
-    with torch.no_grad():
-        out = ref(pixel_values=x)
-        maps = backbone(pixel_values=x).feature_maps
-    feats = enc.encode(x)
-    assert_close(feats.global_, out.pooler_output, "global (final-normed CLS)")
-    assert feats.patch.shape == (2, 64, 16, 16)
-    assert_close(feats.patch, maps[-1], "patch (registers dropped)")
-    for i, (got, want) in enumerate(zip(feats.layers, maps)):
-        assert_close(got, want, f"layer {i}")
+    assert_matches_model_and_backbone(enc, ref, backbone, shared_cxr, (64, 16, 16), 'patch (registers dropped)')
 
 
 def test_preprocessing_matches_the_hub_processor(shared_cxr):

@@ -13,7 +13,7 @@ import baselines.dinov3 as dinov3
 from baselines._hf import ConfigMismatch, dinov3_features
 from baselines.registry import ENCODERS, build_encoder
 from harness.listing import licence_cell
-from tests.baselines.refs import assert_close, assert_preprocessing_matches, preprocessed, radiographs
+from tests.baselines.refs import assert_matches_model_and_backbone, assert_preprocessing_matches, radiographs
 from tests.baselines.tiny_weights import tiny_dinov2_reg, tiny_dinov3
 
 NAME = "dinov3-vitb16"
@@ -28,16 +28,7 @@ def test_matches_the_model_and_its_backbone(tmp_path, shared_cxr, no_network):
     ref = DINOv3ViTModel.from_pretrained(tmp_path / NAME).eval()
     backbone = DINOv3ViTBackbone.from_pretrained(tmp_path / NAME, out_features=["stage1", "stage2", "stage3",
                                                                                  "stage4"]).eval()
-    x = preprocessed(radiographs(shared_cxr), enc.preprocess)
-    with torch.no_grad():
-        out = ref(pixel_values=x)
-        maps = backbone(pixel_values=x).feature_maps
-    feats = enc.encode(x)
-    assert_close(feats.global_, out.pooler_output, "global (final-normed CLS)")
-    assert feats.patch.shape == (2, 64, 14, 14)
-    assert_close(feats.patch, maps[-1], "patch (registers dropped)")
-    for i, (got, want) in enumerate(zip(feats.layers, maps)):
-        assert_close(got, want, f"layer {i}")
+    assert_matches_model_and_backbone(enc, ref, backbone, shared_cxr, (64, 14, 14), 'patch (registers dropped)')
 
 
 def test_preprocessing_matches_the_hub_processor(shared_cxr):

@@ -5,14 +5,13 @@ its own Dinov2Backbone (patch grid and layers); the preprocessing against a BitI
 from __future__ import annotations
 
 import pytest
-import torch
 from transformers import BitImageProcessor, Dinov2Backbone, Dinov2Model
 
 import baselines.rad_dino as rad_dino
 from baselines._hf import ConfigMismatch
 from baselines.registry import ENCODERS, WeightsMissing, build_encoder
 from harness.listing import licence_cell
-from tests.baselines.refs import assert_close, assert_preprocessing_matches, preprocessed, radiographs
+from tests.baselines.refs import assert_matches_model_and_backbone, assert_preprocessing_matches, radiographs
 from tests.baselines.tiny_weights import tiny_dinov2, tiny_dinov2_reg
 
 NAME = "rad-dino-maira-2"
@@ -27,16 +26,7 @@ def test_matches_the_model_and_its_backbone(tmp_path, shared_cxr, no_network):
     ref = Dinov2Model.from_pretrained(tmp_path / NAME).eval()
     backbone = Dinov2Backbone.from_pretrained(tmp_path / NAME,
                                               out_features=["stage1", "stage2", "stage3", "stage4"]).eval()
-    x = preprocessed(radiographs(shared_cxr), enc.preprocess)
-    with torch.no_grad():
-        out = ref(pixel_values=x)
-        maps = backbone(pixel_values=x).feature_maps
-    feats = enc.encode(x)
-    assert_close(feats.global_, out.pooler_output, "global (final-normed CLS)")
-    assert feats.patch.shape == (2, 64, 37, 37)
-    assert_close(feats.patch, maps[-1], "patch")
-    for i, (got, want) in enumerate(zip(feats.layers, maps)):
-        assert_close(got, want, f"layer {i}")
+    assert_matches_model_and_backbone(enc, ref, backbone, shared_cxr, (64, 37, 37), 'patch')
     assert enc.weights_folder == tmp_path / NAME
 
 
