@@ -14,8 +14,8 @@ CC-BY-NC-4.0 (non-commercial, research use).
 """
 from __future__ import annotations
 
-from baselines._common import IMAGENET_MEAN, IMAGENET_STD, ModuleEncoder
-from baselines._hf import checked_config, dinov2_features, from_folder
+from baselines._common import IMAGENET_MEAN, IMAGENET_STD
+from baselines.dinov2_reg4 import registers_vit
 from baselines.preprocess import Preprocess
 from baselines.registry import Encoder, EncoderSpec, HubRepo, WeightFiles
 
@@ -32,13 +32,9 @@ def _weights(size: str) -> WeightFiles:
 
 WEIGHTS_BASE = _weights("base")
 WEIGHTS_SMALL = _weights("small")
-#: What both folders' configs must say. The width (ViT-B 768, ViT-S 384) is read from the file, not checked.
-ARCHITECTURE = {"patch_size": 14, "num_register_tokens": 4}
 
 
 def cxformer(spec: EncoderSpec) -> Encoder:
-    """CXformer (transformers Dinov2WithRegistersModel folder), its size given by the table line's weights."""
-    folder, files = spec.locate()
-    config = checked_config(folder, spec.name, "Dinov2WithRegistersConfig", ("dinov2_with_registers",), ARCHITECTURE)
-    return ModuleEncoder(spec.name, from_folder("Dinov2WithRegistersModel", folder, config),
-                         spec.apply_policy(NATIVE), [folder / f for f in files], dinov2_features)
+    """CXformer (transformers Dinov2WithRegistersModel folder, the same architecture check as DINOv2-reg4's), its
+    size given by the table line's weights."""
+    return registers_vit(spec, NATIVE)

@@ -19,12 +19,19 @@ FILES = ("config.json", "model.safetensors")
 REPO = "facebook/dinov2-with-registers-base"
 DOWNLOAD = f"hf download {REPO} config.json model.safetensors --local-dir <weights-dir>/dinov2-base-reg4"
 WEIGHTS = WeightFiles((FILES,), DOWNLOAD, hub=(HubRepo(REPO, (FILES,)),))
+#: What a DINOv2-with-registers folder's config must say (CXformer's too). The width is read from the file.
 ARCHITECTURE = {"patch_size": 14, "num_register_tokens": 4}
+
+
+def registers_vit(spec: EncoderSpec, native: Preprocess) -> Encoder:
+    """A transformers Dinov2WithRegistersModel folder as an encoder read through `native` preprocessing: the
+    config checked against `ARCHITECTURE`, global = the final-normed CLS, the registers dropped from the grid."""
+    folder, files = spec.locate()
+    config = checked_config(folder, spec.name, "Dinov2WithRegistersConfig", ("dinov2_with_registers",), ARCHITECTURE)
+    return ModuleEncoder(spec.name, from_folder("Dinov2WithRegistersModel", folder, config),
+                         spec.apply_policy(native), [folder / f for f in files], dinov2_features)
 
 
 def dinov2_base_reg4(spec: EncoderSpec) -> Encoder:
     """DINOv2 ViT-B/14 with 4 registers (transformers Dinov2WithRegistersModel folder)."""
-    folder, files = spec.locate()
-    config = checked_config(folder, spec.name, "Dinov2WithRegistersConfig", ("dinov2_with_registers",), ARCHITECTURE)
-    return ModuleEncoder(spec.name, from_folder("Dinov2WithRegistersModel", folder, config),
-                         spec.apply_policy(NATIVE), [folder / f for f in files], dinov2_features)
+    return registers_vit(spec, NATIVE)
