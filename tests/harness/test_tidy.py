@@ -7,6 +7,7 @@ import shutil
 import polars as pl
 import pytest
 
+from baselines.registry import DEFAULT_GLOBAL_POOL
 from harness import tidy
 from harness.run import main
 
@@ -36,6 +37,15 @@ def _record(out, model):
 def _expected(protocols: dict, row: tidy.TidyRow) -> tuple[dict, dict | None]:
     """The summary and paired comparison the per-model JSON holds for one tidy row."""
     rec = protocols[row.protocol]
+    if row.protocol in ("linear", "knn") and row.metric.startswith(("rank_", "p_best_", "win_")):
+        kind, _, metric = row.metric.rpartition("_")
+        r = rec["ranks"][metric]
+        if kind == "rank":
+            return {"point": r["rank"], "lo": r["lo"], "hi": r["hi"], "n_valid": r["n_valid"]}, None
+        if kind == "p_best":
+            return {"point": r["p_best"], "lo": None, "hi": None, "n_valid": r["n_valid"]}, None
+        other = row.label.removeprefix("macro vs ")
+        return {"point": r["win_probability"][other], "lo": None, "hi": None, "n_valid": None}, None
     if row.protocol in ("linear", "knn"):
         m = rec["metrics"][row.metric]
         summary = m["macro"] if row.label == "macro" else m["per_label"][row.label]
@@ -65,7 +75,7 @@ def test_the_table_has_exactly_its_columns_in_both_formats(board):
                                                   "hi", "delta", "p_holm", "n_valid", "global_pool")
     rows = tidy.read(results / f"{NAME}.csv")
     assert rows == tidy.read(results / f"{NAME}.parquet") and len(rows) > 20
-    assert {r.task for r in rows} == {NAME} and {r.global_pool for r in rows} == {"cls"}
+    assert {r.task for r in rows} == {NAME} and {r.global_pool for r in rows} == {DEFAULT_GLOBAL_POOL}
     # Leaderboard order: the protocols' sections, each model, each column.
     assert list(dict.fromkeys(r.protocol for r in rows)) == ["linear", "knn", "seg", "demographics"]
     assert list(dict.fromkeys(r.model for r in rows if r.protocol == "linear")) == ["pixels", "random-vit"]
