@@ -292,6 +292,7 @@ def test_without_replot_the_training_flags_are_required_and_exit_2(tmp_path, cap
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow  # over 2 s alone on a quiet 2-core machine (measured 2026-12-07: 2.1-4.0 s)
 def test_the_plan_warns_when_the_pretraining_images_include_the_eval_tasks_test_images(tmp_path, capsys):
     """Copies of test-split images in --data are counted by content before anything trains; a manifest of the
     training patients' images gets no warning."""

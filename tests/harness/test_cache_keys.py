@@ -188,6 +188,7 @@ def _code_digests_with(monkeypatch, tmp_path, files: list) -> dict[str, str]:
         sources.imports.cache_clear()
 
 
+@pytest.mark.slow  # over 2 s alone on a quiet 2-core machine (measured 2026-12-07: 2.1-4.0 s)
 def test_a_docstring_edit_in_the_figures_moves_no_results_key(monkeypatch, tmp_path):
     """Issue 21: each protocol is keyed on the code it runs. A figure computes no cached number, so a docstring
     edited in every file of harness/figures/ (the overlays module, which segmentation imports, included) leaves

@@ -69,6 +69,7 @@ def test_series_equal_the_json_lines(tmp_path):
     assert series["ln_k"].dashed
 
 
+@pytest.mark.slow  # over 2 s alone on a quiet 2-core machine (measured 2026-12-07: 2.1-4.0 s)
 def test_writes_a_readable_png(tmp_path):
     from matplotlib.image import imread
 
@@ -81,6 +82,7 @@ def test_writes_a_readable_png(tmp_path):
     assert pixels.std() > 0  # something was drawn, not a blank canvas
 
 
+@pytest.mark.slow  # over 2 s alone on a quiet 2-core machine (measured 2026-12-07: 2.1-4.0 s)
 def test_the_png_is_the_same_bytes_for_the_same_run(tmp_path):
     """Drawn in the harness figures' style (harness.common.plotting): no date nor matplotlib version in the file,
     so drawing the same metrics twice gives the same bytes."""

@@ -123,6 +123,7 @@ def test_subgroup_view_finds_a_gap_that_exists():
     assert section.rows["a"]["gap men−women"].note.startswith("+")
 
 
+@pytest.mark.slow  # over 2 s alone on a quiet 2-core machine (measured 2026-12-07: 2.1-4.0 s)
 def test_subgroup_view_scores_the_linear_protocols_predictions():
     tr, encs = _run()
     t = tr.task.table
