@@ -16,6 +16,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 from harness import tidy
+from harness.ranks import format_rank
 from harness.common.errors import AT_LEAST_0, UsageError, add_verbose_flag, check_flag, command
 
 SIGNIFICANT = "†"
@@ -76,8 +77,8 @@ def fmt_cell(c: Cell, best: bool) -> str:
     if c.point is None:
         return c.note or "n/e"
     if c.rank:
-        ci = f" [{c.lo:.0f}, {c.hi:.0f}]" if c.lo is not None and c.hi is not None else ""
-        return (f"**{c.point:.0f}**" if best else f"{c.point:.0f}") + ci
+        return format_rank({"rank": round(c.point), "lo": None if c.lo is None else round(c.lo),
+                            "hi": None if c.hi is None else round(c.hi)}, bold=best)
     point = f"{c.point:.3f}"
     if best:
         point = f"**{point}**"

@@ -93,26 +93,24 @@ def win_probabilities(resampled: Mapping[str, np.ndarray], higher_is_better: boo
     return out
 
 
-def format_rank(summary: dict) -> str:
-    """The Markdown cell: ``2 [1, 4]``; ``n/a`` when the rank is undefined."""
+def format_rank(summary: dict, bold: bool = False) -> str:
+    """The Markdown cell: ``2 [1, 4]`` (the rank in bold when `bold`); ``n/a`` when the rank is undefined."""
     if summary.get("rank") is None:
         return "n/a"
+    rank = f"**{summary['rank']}**" if bold else str(summary["rank"])
     if summary.get("lo") is None:
-        return str(summary["rank"])
-    return f"{summary['rank']} [{summary['lo']}, {summary['hi']}]"
+        return rank
+    return f"{rank} [{summary['lo']}, {summary['hi']}]"
 
 
-def ranked_rows(task: str, protocol: str, metric: str, label: str, resampled: Mapping[str, np.ndarray],
-                points: Mapping[str, float | None], higher_is_better: bool = True,
-                level: float = 0.95) -> tuple[dict[str, dict], list]:
-    """The ranks of one compared leaderboard number, as (`rank_summary` per model, its tidy rows). The rows are, per
-    model in the order of `resampled`: ``rank_<metric>`` (point = the point estimates' rank, lo/hi its interval,
-    n_valid), ``p_best_<metric>``, and ``win_<metric>`` for every other model, labelled ``<label> vs <other>``,
-    point = P(this model beats the other) over the resamples where both are finite."""
+def ranked_rows(task: str, protocol: str, metric: str, label: str, summary: Mapping[str, dict],
+                wins: Mapping[str, dict]) -> list:
+    """The tidy rows of one compared leaderboard number's `rank_summary` and `win_probabilities`, per model in the
+    summary's order: ``rank_<metric>`` (point = the point estimates' rank, lo/hi its interval, n_valid),
+    ``p_best_<metric>``, and ``win_<metric>`` for every other model, labelled ``<label> vs <other>``, point =
+    P(this model beats the other) over the resamples where both are finite."""
     from harness.tidy import TidyRow  # the table's row type; ranks stay importable without polars
 
-    summary = rank_summary(resampled, points, higher_is_better, level)
-    wins = win_probabilities(resampled, higher_is_better)
     rows = []
     for model, s in summary.items():
         if s["rank"] is None:
@@ -126,4 +124,4 @@ def ranked_rows(task: str, protocol: str, metric: str, label: str, resampled: Ma
                                 None, n))
         rows += [TidyRow(task, model, protocol, f"win_{metric}", f"{label} vs {other}", p, None, None, None, None,
                          None) for other, p in wins[model].items() if p is not None]
-    return summary, rows
+    return rows

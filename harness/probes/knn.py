@@ -124,11 +124,11 @@ def fit_and_score(tr: TaskRun, encoders: list[Encoder]) -> ProtocolResult:
             {"image_id": t.image_ids[i], "patient_key": key, "label": n, "target": int(y[i, j]), "score": float(s)}
             for jj, (j, n) in enumerate(zip(ok, names))
             for i, key, s in zip(test_rows, test_keys, scores[:, jj])])
-    rows, paired = classification_rows(summaries, resampled, names, tr.reference)
     ranked = classification_ranks(summaries, resampled)
+    rows, paired = classification_rows(summaries, resampled, ranked, names, tr.reference)
     records = {e.name: {**setting, "metrics": summaries[e.name],
                         "paired_to_reference": paired_record(paired, e.name, tr.reference),
                         "ranks": ranks_record(ranked, e.name)} for e in encoders}
     return ProtocolResult(NAME, Section(TITLE, columns, rows, CLASSIFICATION_HIGHER_IS_BETTER, notes), records,
-                          files=files, tidy=classification_tidy(tr.out_name, NAME, summaries, paired, resampled, names,
+                          files=files, tidy=classification_tidy(tr.out_name, NAME, summaries, paired, ranked, names,
                                                                 tr.reference))

@@ -231,15 +231,15 @@ def fit_and_score(tr: TaskRun, encoders: list[Encoder]) -> ProtocolResult:
             for i, k, s in zip(test_rows, test_keys, scores[:, jj]))
         files[f"results/{tr.out_name}/{safe_name(enc.name)}.predictions.parquet"] = parquet_bytes(
             list(predictions[enc.name]))
-    rows, paired = classification_rows(summaries, resampled, names, tr.reference)
     ranked = classification_ranks(summaries, resampled)
+    rows, paired = classification_rows(summaries, resampled, ranked, names, tr.reference)
     records = {e.name: {"metrics": summaries[e.name],
                         "paired_to_reference": paired_record(paired, e.name, tr.reference),
                         "ranks": ranks_record(ranked, e.name),
                         "labels": [vars(lab) for lab in probes[e.name].labels]} for e in encoders}
     return ProtocolResult(NAME, Section(TITLE, columns, rows, CLASSIFICATION_HIGHER_IS_BETTER, notes), records,
                           predictions, files,
-                          classification_tidy(tr.out_name, NAME, summaries, paired, resampled, names, tr.reference))
+                          classification_tidy(tr.out_name, NAME, summaries, paired, ranked, names, tr.reference))
 
 
 def classification_columns(names: list[str]) -> list[str]:
@@ -267,18 +267,17 @@ def ranks_record(ranked: dict[str, tuple[dict, dict]], name: str) -> dict:
     return {m: {**summary[name], "win_probability": wins[name]} for m, (summary, wins) in ranked.items()}
 
 
-def classification_rows(summaries: dict[str, dict], resampled: dict[str, dict], names: list[str], reference: str
-                        ) -> tuple[dict[str, dict[str, Cell]], dict[str, dict]]:
+def classification_rows(summaries: dict[str, dict], resampled: dict[str, dict], ranked: dict[str, tuple[dict, dict]],
+                        names: list[str], reference: str) -> tuple[dict[str, dict[str, Cell]], dict[str, dict]]:
     """The cells of a classification section (macro AUROC and AUPRC, † where the paired difference to the reference
     is significant after Holm; per-label AUPRC) and the paired comparisons, from each model's bootstrap summary on
     the shared resamples. Models keep the order of `summaries`."""
     paired = {m: stats.compare_to_reference({name: r[m] for name, r in resampled.items()},
                                             {name: s[m]["macro"]["point"] for name, s in summaries.items()},
                                             reference) for m, _ in CLASSIFICATION_METRICS}
-    by_auroc = ranks.rank_summary({name: r["auroc"] for name, r in resampled.items()}, _macro_points(summaries, "auroc"))
     rows: dict[str, dict[str, Cell]] = {}
     for name, s in summaries.items():
-        row = {RANK_COLUMN: Cell.from_rank(by_auroc[name])}
+        row = {RANK_COLUMN: Cell.from_rank(ranked["auroc"][0][name])}
         for m, title in CLASSIFICATION_METRICS:
             p_holm = paired[m][name]["p_holm"] if name != reference else None
             row[f"macro {title}"] = Cell.from_summary(s[m]["macro"], p_holm is not None and p_holm < 0.05)
@@ -294,7 +293,7 @@ def paired_record(paired: dict[str, dict], name: str, reference: str) -> dict | 
 
 
 def classification_tidy(task: str, protocol: str, summaries: dict[str, dict], paired: dict[str, dict],
-                        resampled: dict[str, dict], names: list[str], reference: str) -> list[TidyRow]:
+                        ranked: dict[str, tuple[dict, dict]], names: list[str], reference: str) -> list[TidyRow]:
     """Tidy rows of a classification section: per model, macro then per-label AUROC, then AUPRC; the macros carry
     their paired difference to the reference (the per-label numbers are not compared). Then, per macro metric, the
     ranks (`harness.ranks.ranked_rows`: rank with interval, probability of being best, win probabilities)."""
@@ -306,6 +305,5 @@ def classification_tidy(task: str, protocol: str, summaries: dict[str, dict], pa
             for n in names:
                 rows += rows_of(task, protocol, model, m, n, s[m]["per_label"][n])
     for m, _ in CLASSIFICATION_METRICS:
-        rows += ranks.ranked_rows(task, protocol, m, "macro", {n: r[m] for n, r in resampled.items()},
-                                  _macro_points(summaries, m))[1]
+        rows += ranks.ranked_rows(task, protocol, m, "macro", *ranked[m])
     return rows
