@@ -93,6 +93,12 @@ def win_probabilities(resampled: Mapping[str, np.ndarray], higher_is_better: boo
     return out
 
 
+def rank_record(summary: Mapping[str, dict], wins: Mapping[str, dict] | None, model: str) -> dict:
+    """One model's entry of a ranked number for its results JSON: rank, interval, P(best), n_valid and, for a
+    headline metric, its probability of beating each other model."""
+    return {**summary[model], **({"win_probability": wins[model]} if wins is not None else {})}
+
+
 def format_rank(summary: dict, bold: bool = False) -> str:
     """The Markdown cell: ``2 [1, 4]`` (the rank in bold when `bold`); ``n/a`` when the rank is undefined."""
     if summary.get("rank") is None:
@@ -104,11 +110,12 @@ def format_rank(summary: dict, bold: bool = False) -> str:
 
 
 def ranked_rows(task: str, protocol: str, metric: str, label: str, summary: Mapping[str, dict],
-                wins: Mapping[str, dict]) -> list:
+                wins: Mapping[str, dict] | None = None) -> list:
     """The tidy rows of one compared leaderboard number's `rank_summary` and `win_probabilities`, per model in the
     summary's order: ``rank_<metric>`` (point = the point estimates' rank, lo/hi its interval, n_valid),
-    ``p_best_<metric>``, and ``win_<metric>`` for every other model, labelled ``<label> vs <other>``, point =
-    P(this model beats the other) over the resamples where both are finite."""
+    ``p_best_<metric>``, and, when `wins` is given (headline metrics only), ``win_<metric>`` for every other model,
+    labelled ``<label> vs <other>`` (``vs <other>`` for an unlabelled number), point = P(this model beats the other) over the resamples where both are
+    finite."""
     from harness.tidy import TidyRow  # the table's row type; ranks stay importable without polars
 
     rows = []
@@ -122,6 +129,6 @@ def ranked_rows(task: str, protocol: str, metric: str, label: str, summary: Mapp
         if s["p_best"] is not None:
             rows.append(TidyRow(task, model, protocol, f"p_best_{metric}", label, s["p_best"], None, None, None,
                                 None, n))
-        rows += [TidyRow(task, model, protocol, f"win_{metric}", f"{label} vs {other}", p, None, None, None, None,
-                         None) for other, p in wins[model].items() if p is not None]
+        rows += [TidyRow(task, model, protocol, f"win_{metric}", f"{label} vs {other}".lstrip(), p, None, None,
+                         None, None, None) for other, p in (wins or {}).get(model, {}).items() if p is not None]
     return rows

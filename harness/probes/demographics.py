@@ -30,7 +30,7 @@ from sklearn.linear_model import Ridge
 from sklearn.model_selection import GroupKFold
 from sklearn.preprocessing import StandardScaler
 
-from harness import stats
+from harness import ranks, stats
 from harness.leaderboard import Cell, Section
 from harness.common.hashing import array_digest
 from harness.common.paths import safe_name
@@ -131,12 +131,14 @@ def age_bands(age: np.ndarray) -> np.ndarray:
 
 
 def subgroup_auroc(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray, groups: dict[str, np.ndarray],
-                   label_names: list[str], patient_keys: list[str] | None = None, min_patients: int = 1) -> dict:
+                   label_names: list[str], patient_keys: list[str] | None = None, min_patients: int = 1
+                   ) -> tuple[dict, dict[str, tuple[float, np.ndarray]]]:
     """Macro AUROC per group over the labels evaluable in *every* group (finite scores; at least `min_patients`
     patients with a positive and with a negative image in the group, both classes without `patient_keys`),
     per-label AUROC per group, and the gap first group - last group. `groups` maps a name to a bool mask over
     test rows. A resample in which a group lacks a class of one of these labels leaves that group's macro
-    undefined (counted in n_valid), so every macro averages the same labels."""
+    undefined (counted in n_valid), so every macro averages the same labels. Also returns each group's macro AUROC
+    as (point, [B] on the resamples): what its rank is read from."""
     usable = np.isfinite(scores).all(axis=0)
     keys = None if patient_keys is None else np.asarray(patient_keys)
     for sel in groups.values():
@@ -148,7 +150,7 @@ def subgroup_auroc(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray, 
             usable &= stats.evaluable_labels(labels[sel], keys[sel], min_patients)
     out = {"labels": [n for n, u in zip(label_names, usable) if u], "groups": {}, "gap": None}
     if not usable.any():
-        return out
+        return out, {}
     resampled = {}
     for name, sel in groups.items():
         s, y, w = scores[sel][:, usable], labels[sel][:, usable], weights[:, sel]
@@ -166,7 +168,7 @@ def subgroup_auroc(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray, 
     first, last = order[0], order[-1]
     out["gap"] = stats.summarise(resampled[first][0] - resampled[last][0], resampled[first][1] - resampled[last][1])
     out["gap_between"] = [first, last]
-    return out
+    return out, resampled
 
 
 def linear_scores(linear: ProtocolResult, model: str, t: TaskTable, test_rows: np.ndarray) -> np.ndarray:
@@ -288,18 +290,23 @@ def score_probes(c: Cohort, fitted: Fitted, weights: np.ndarray) -> dict[str, tu
     return out
 
 
-def subgroups(tr: TaskRun, c: Cohort, scores: np.ndarray) -> dict:
+def subgroups(tr: TaskRun, c: Cohort, scores: np.ndarray) -> tuple[dict, dict[str, tuple[float, np.ndarray]]]:
     """The subgroup view of one model's linear-probe test scores: macro AUROC per sex and per age band, and the
-    gaps (None for a view the test split cannot form)."""
+    gaps (None for a view the test split cannot form); and each group's resampled macro AUROC, by its tidy label
+    (``men``, ``age <50``)."""
     t = tr.task.table
     y_test, keys = t.labels[c.test_rows].astype(int), tr.patient_keys(c.test_rows)
-    return {
-        "source": "linear protocol predictions",
-        "sex": subgroup_auroc(scores, y_test, tr.weights, c.sex_groups, t.label_names, keys, tr.min_positive_patients)
-        if all(g.any() for g in c.sex_groups.values()) else None,
-        "age": subgroup_auroc(scores, y_test, tr.weights, c.band_groups, t.label_names, keys, tr.min_positive_patients)
-        if len(c.band_groups) >= 2 else None,
-    }
+    view: dict = {"source": "linear protocol predictions", "sex": None, "age": None}
+    resampled: dict[str, tuple[float, np.ndarray]] = {}
+    if all(g.any() for g in c.sex_groups.values()):
+        view["sex"], by_group = subgroup_auroc(scores, y_test, tr.weights, c.sex_groups, t.label_names, keys,
+                                               tr.min_positive_patients)
+        resampled.update({subgroup_label(SEX_COLUMNS[g]): b for g, b in by_group.items()})
+    if len(c.band_groups) >= 2:
+        view["age"], by_group = subgroup_auroc(scores, y_test, tr.weights, c.band_groups, t.label_names, keys,
+                                               tr.min_positive_patients)
+        resampled.update({subgroup_label(f"AUROC age {b}"): v for b, v in by_group.items()})
+    return view, resampled
 
 
 def model_record(c: Cohort, fitted: Fitted, scored: dict[str, tuple[float, np.ndarray]], view: dict,
@@ -365,16 +372,22 @@ def view_cells(c: Cohort, record: dict) -> list[tuple[str, dict | None, bool]]:
     return cells
 
 
-def section_rows(c: Cohort, records: dict[str, dict]) -> tuple[list[str], dict[str, dict[str, Cell]]]:
+def section_rows(c: Cohort, records: dict[str, dict], ranked: Ranked) -> tuple[list[str], dict[str, dict[str, Cell]]]:
     """The section's columns and cells: the probes' metrics († where the paired difference to the reference is
-    significant after Holm), then the subgroup view (gaps as signed text, never ranked)."""
+    significant after Holm), the headline ones after their rank column, then the subgroup view (gaps as signed
+    text, never ranked)."""
     rows: dict[str, dict[str, Cell]] = {}
+    columns: list[str] = []
+    for col, m in PROBE_COLUMNS:
+        columns += [HEADLINE[m], col] if m in HEADLINE else [col]
     for model, record in records.items():
         paired = record["paired_to_reference"] or {}
         rows[model] = {col: _cell(_metric(record, m), paired.get(m)) for col, m in PROBE_COLUMNS}
+        rows[model].update({title: Cell.from_rank(ranked[(m, "")][0][model]) if (m, "") in ranked else
+                            Cell(None, note="n/e") for m, title in HEADLINE.items()})
         rows[model].update({col: _gap_cell(s) if gap else _cell(s) for col, s, gap in view_cells(c, record)})
     first = next(iter(records.values()))
-    return [col for col, _ in PROBE_COLUMNS] + [col for col, _, _ in view_cells(c, first)], rows
+    return columns + [col for col, _, _ in view_cells(c, first)], rows
 
 
 def section_notes(c: Cohort, records: dict[str, dict], reference: str) -> list[str]:
@@ -405,7 +418,11 @@ def section_notes(c: Cohort, records: dict[str, dict], reference: str) -> list[s
               for e, r in records.items() if r.get("age", {}).get("alpha_at_edge")]
     unconverged = sum(r.get("sex", {}).get("not_converged", 0) for r in records.values())
     notes = [probes, excluded, subgroup_text,
-             f"Reference model for paired differences: `{reference}` († on sex AUROC and the age metrics)."]
+             f"Reference model for paired differences: `{reference}` († on sex AUROC and the age metrics).",
+             "Rank columns: sex AUROC and age MAE (the lowest error first). The age R², Pearson r and every "
+             "subgroup's AUROC are ranked in the results JSON (`ranks`) and the tidy table, with pairwise win "
+             "probabilities for the two headline metrics; a high sex or age score means the features encode it, "
+             "which the ranks order, not endorse."]
     if edges:
         notes.append("Penalty chosen at the edge of its grid (the best value may lie beyond it): "
                      + "; ".join(edges) + ".")
@@ -415,18 +432,54 @@ def section_notes(c: Cohort, records: dict[str, dict], reference: str) -> list[s
     return notes
 
 
-def demographics_tidy(tr: TaskRun, c: Cohort, records: dict[str, dict]) -> list[TidyRow]:
+def subgroup_label(column: str, gap: bool = False) -> str:
+    """A subgroup column's tidy label: ``men``, ``age <50``, ``men-women``, ``<50 - 70+``."""
+    return column.removeprefix("gap ").replace("−", "-") if gap else column.removeprefix("AUROC ")
+
+
+def demographics_tidy(tr: TaskRun, c: Cohort, records: dict[str, dict], ranked: Ranked) -> list[TidyRow]:
     """Tidy rows of the section's cells: the probes' metrics (label ""), then ``subgroup_auroc`` per group and
-    ``subgroup_gap`` labelled as their columns name them (``men``, ``age <50``, ``men-women``, ``<50 - 70+``)."""
+    ``subgroup_gap`` labelled as their columns name them (``men``, ``age <50``, ``men-women``, ``<50 - 70+``);
+    then the ranks of every ranked column (`harness.ranks.ranked_rows`)."""
     rows = []
     for model, record in records.items():
         paired = record["paired_to_reference"] or {}
         for _, m in PROBE_COLUMNS:
             rows += rows_of(tr.out_name, NAME, model, m, "", _metric(record, m), paired.get(m))
         for col, s, gap in view_cells(c, record):
-            label = col.removeprefix("gap ").replace("−", "-") if gap else col.removeprefix("AUROC ")
-            rows += rows_of(tr.out_name, NAME, model, "subgroup_gap" if gap else "subgroup_auroc", label, s)
+            rows += rows_of(tr.out_name, NAME, model, "subgroup_gap" if gap else "subgroup_auroc",
+                            subgroup_label(col, gap), s)
+    for (metric, label), (summary, wins) in ranked.items():
+        rows += ranks.ranked_rows(tr.out_name, NAME, metric, label, summary, wins)
     return rows
+
+
+#: (metric, label) -> (`ranks.rank_summary`, `ranks.win_probabilities` or None); label "" for the probes' metrics
+Ranked = dict[tuple[str, str], tuple[dict, dict | None]]
+#: the probes' metrics with a rank column in the section and win probabilities: what each probe is read for
+HEADLINE = {"sex_auroc": "rank (sex AUROC)", "age_mae": "rank (age MAE)"}
+
+
+def rank_columns(scored: dict[str, dict[str, tuple[float, np.ndarray]]],
+                 group_resampled: dict[str, dict[str, tuple[float, np.ndarray]]]) -> Ranked:
+    """Ranks of the models on every ranked column, over the shared resamples: the probes' four metrics (the MAE
+    ranks the lowest first; win probabilities for the headline ones) and each subgroup's macro AUROC. The signed
+    gaps are not ranked: neither sign is better."""
+    out: Ranked = {}
+    models = list(scored)
+    for m in METRICS:
+        if not models or any(m not in scored[e] for e in models):  # the cohort decides: every model or none
+            continue
+        higher = m != "age_mae"
+        resampled = {e: scored[e][m][1] for e in models}
+        out[(m, "")] = (ranks.rank_summary(resampled, {e: scored[e][m][0] for e in models}, higher),
+                        ranks.win_probabilities(resampled, higher) if m in HEADLINE else None)
+    for label in (group_resampled[models[0]] if models else {}):
+        if any(label not in group_resampled[e] for e in models):
+            continue
+        out[("subgroup_auroc", label)] = (ranks.rank_summary({e: group_resampled[e][label][1] for e in models},
+                                                             {e: group_resampled[e][label][0] for e in models}), None)
+    return out
 
 
 def section_inputs(task: Task) -> dict:
@@ -443,6 +496,7 @@ def fit_and_score(tr: TaskRun, encoders: list[Encoder], linear: ProtocolResult) 
     t = tr.task.table
     records: dict[str, dict] = {}
     scored: dict[str, dict[str, tuple[float, np.ndarray]]] = {}
+    group_resampled: dict[str, dict[str, tuple[float, np.ndarray]]] = {}
     files = {}
     # Besides the features, labels and split (every entry's key has those): the sex and age the probes learn.
     settings = {"alphas": list(DEFAULT_ALPHAS), "sex": array_digest(c.sex), "age": array_digest(c.age)}
@@ -453,7 +507,7 @@ def fit_and_score(tr: TaskRun, encoders: list[Encoder], linear: ProtocolResult) 
         fitted = Fitted(LabelResult(**work["sex"]) if work["sex"] else None, work["sex_scores"],
                         AgeProbe(**work["age"]) if work["age"] else None)
         scored[enc.name] = work["scored"]
-        view = subgroups(tr, c, linear_scores(linear, enc.name, t, c.test_rows))
+        view, group_resampled[enc.name] = subgroups(tr, c, linear_scores(linear, enc.name, t, c.test_rows))
         records[enc.name] = model_record(c, fitted, scored[enc.name], view, work["calibration"])
         files[f"results/{tr.out_name}/{safe_name(enc.name)}.demographics.parquet"] = per_image_parquet(tr, c, fitted)
 
@@ -464,11 +518,26 @@ def fit_and_score(tr: TaskRun, encoders: list[Encoder], linear: ProtocolResult) 
             have = {e: v[m] for e, v in scored.items() if m in v}
             paired[m] = stats.compare_to_reference({e: b for e, (_, b) in have.items()},
                                                    {e: p for e, (p, _) in have.items()}, reference)
+    ranked = rank_columns(scored, group_resampled)
     for enc in encoders:
         records[enc.name]["paired_to_reference"] = None if enc.name == reference else {
             m: paired[m][enc.name] for m in paired}
+        records[enc.name]["ranks"] = ranks_record(ranked, enc.name)
 
-    columns, rows = section_rows(c, records)
-    section = Section(TITLE, columns, rows, higher_is_better={"age MAE (years)": False},
+    columns, rows = section_rows(c, records, ranked)
+    section = Section(TITLE, columns, rows,
+                      higher_is_better={"age MAE (years)": False, **{title: False for title in HEADLINE.values()}},
                       notes=section_notes(c, records, reference))
-    return ProtocolResult(NAME, section, records, files=files, tidy=demographics_tidy(tr, c, records))
+    return ProtocolResult(NAME, section, records, files=files, tidy=demographics_tidy(tr, c, records, ranked))
+
+
+def ranks_record(ranked: Ranked, model: str) -> dict:
+    """A model's ranks for its results JSON: ``{"sex_auroc": {...}, ..., "subgroup_auroc": {"men": {...}}}``."""
+    out: dict = {}
+    for (metric, label), (summary, wins) in ranked.items():
+        entry = ranks.rank_record(summary, wins, model)
+        if label:
+            out.setdefault(metric, {})[label] = entry
+        else:
+            out[metric] = entry
+    return out

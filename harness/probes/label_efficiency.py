@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from harness import stats
+from harness import ranks, stats
 from harness.figures.common import png_bytes
 from harness.figures.label_efficiency import draw as draw_curves, figure_file, fraction_label
 from harness.leaderboard import Cell, Section
@@ -181,6 +181,7 @@ def fit_and_score(tr: TaskRun, encoders: list[Encoder]) -> ProtocolResult:
     curves: dict[str, list[dict]] = {e.name: [] for e in encoders}
     cells: dict[str, dict[str, Cell]] = {e.name: {} for e in encoders}
     fell_back: list[str] = []
+    ranked: dict[float, tuple[dict, dict]] = {}  # fraction -> (`ranks.rank_summary`, `ranks.win_probabilities`)
     for f, col, rows_d in per_fraction:
         points, resampled, fallback_draws = {}, {}, {}
 
@@ -218,12 +219,20 @@ def fit_and_score(tr: TaskRun, encoders: list[Encoder]) -> ProtocolResult:
                       for j, ds in sorted(fallback_draws.items())]
         paired = stats.compare_to_reference(resampled, points, tr.reference) if ok else {}
         marks = accounts or f >= 1.0
+        if ok and marks:  # ranked where the intervals hold the draws' spread, as the paired tests
+            ranked[f] = (ranks.rank_summary(resampled, points), ranks.win_probabilities(resampled))
         for enc in encoders:
             row = curves[enc.name][-1]
             row["paired_to_reference"] = paired.get(enc.name) if marks else None
+            row["ranks"] = ranks.rank_record(*ranked[f], enc.name) if f in ranked else None
             p_holm = (row["paired_to_reference"] or {}).get("p_holm")
             cells[enc.name][col] = Cell.from_summary(row["macro_auroc"], p_holm is not None and p_holm < 0.05,
                                                      note="n/e: no evaluable label")
+    if ranked:
+        columns, cells = rank_column(ranked, columns, cells)
+        notes.append(f"{columns[0]}: the ranks at the smallest fraction ranked; every ranked fraction's ranks and "
+                     "pairwise win probabilities are in the results JSON (`curve[].ranks`) and the tidy table. A "
+                     "fraction below 100% is ranked only with two or more draws, as its † is.")
     files, figure_note = curve_figure(curves, tr)
     notes += closing_notes(curves, fell_back) + figure_note
     records = {e.name: {"fractions": list(fractions), "draws": n_draws, "seed": tr.seed, "method": METHOD,
@@ -232,4 +241,16 @@ def fit_and_score(tr: TaskRun, encoders: list[Encoder]) -> ProtocolResult:
     tidy = [row for e in encoders for r in curves[e.name]
             for row in rows_of(tr.out_name, NAME, e.name, "auroc", f"macro@{r['fraction']:g}", r["macro_auroc"],
                                r["paired_to_reference"])]
-    return ProtocolResult(NAME, Section(TITLE, columns, cells, notes=notes), records, files=files, tidy=tidy)
+    tidy += [row for f, r in ranked.items() for row in ranks.ranked_rows(tr.out_name, NAME, "auroc", f"macro@{f:g}", *r)]
+    higher_is_better = {columns[0]: False} if ranked else {}
+    return ProtocolResult(NAME, Section(TITLE, columns, cells, higher_is_better, notes), records, files=files,
+                          tidy=tidy)
+
+
+def rank_column(ranked: dict[float, tuple[dict, dict]], columns: list[str], cells: dict[str, dict[str, Cell]]
+                ) -> tuple[list[str], dict[str, dict[str, Cell]]]:
+    """The columns and cells with a rank column in front: the ranks at the smallest fraction that is ranked (the
+    fewest labels: what the section is about). Every ranked fraction's ranks are in the results and tidy table."""
+    f = min(ranked)
+    title = f"rank (macro AUROC at {fraction_label(f)})"
+    return [title] + columns, {m: {title: Cell.from_rank(ranked[f][0][m]), **row} for m, row in cells.items()}

@@ -264,7 +264,7 @@ def classification_ranks(summaries: dict[str, dict], resampled: dict[str, dict])
 def ranks_record(ranked: dict[str, tuple[dict, dict]], name: str) -> dict:
     """A model's ranks for its results JSON: per macro metric its rank, interval, probability of being best, and
     its probability of beating each other model."""
-    return {m: {**summary[name], "win_probability": wins[name]} for m, (summary, wins) in ranked.items()}
+    return {m: ranks.rank_record(summary, wins, name) for m, (summary, wins) in ranked.items()}
 
 
 def classification_rows(summaries: dict[str, dict], resampled: dict[str, dict], ranked: dict[str, tuple[dict, dict]],

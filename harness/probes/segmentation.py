@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from baselines.preprocess import Geometry, Preprocess, geometry, place, unplace
-from harness import stats
+from harness import ranks, stats
 from harness.features import FeatureSet, Grid, ShardWriter, dense_view
 from harness.figures.overlays import SUFFIX as OVERLAY_SUFFIX
 from harness.figures.overlays import overlay_npz
@@ -522,13 +522,25 @@ def fit_heads(tr: TaskRun, data: MaskedImages, encoders: list[Encoder], dense: d
 
 #: (head, structure, metric) -> model -> a `stats.summarise` dict, or a `stats.compare_to_reference` entry
 Scored = dict[tuple[str, str, str], dict[str, dict]]
+#: (head, structure, metric) -> model -> its [B] values on the shared resamples
+Resampled = dict[tuple[str, str, str], dict[str, np.ndarray]]
+#: (head, structure or MACRO, metric) -> (`ranks.rank_summary`, `ranks.win_probabilities` or None)
+Ranked = dict[tuple[str, str, str], tuple[dict, dict | None]]
+
+#: The section's rank column ranks the multi-level head's Dice (the better of the two heads for every model we have
+#: run, and the one the paper's segmentation numbers come from), averaged over the structures when there are several.
+RANKED_HEAD = "multi-level"
+MACRO = "macro"
 
 
-def score(data: MaskedImages, scores: dict[str, dict[str, HeadScores]], reference: str) -> tuple[Scored, Scored]:
+def score(data: MaskedImages, scores: dict[str, dict[str, HeadScores]], reference: str
+          ) -> tuple[Scored, Scored, Resampled]:
     """Per (head, structure, metric): every model's mean over the images the metric is defined on, with its
-    interval, and the paired differences to the reference. Nothing for a metric no test image is scored on."""
+    interval, the paired differences to the reference, and the resampled means they come from. Nothing for a
+    metric no test image is scored on."""
     summary: Scored = {}
     paired: Scored = {}
+    resampled_all: Resampled = {}
     for kind in HEADS:
         for k, name in enumerate(data.names):
             for metric, _ in METRICS:
@@ -545,7 +557,42 @@ def score(data: MaskedImages, scores: dict[str, dict[str, HeadScores]], referenc
                     summary[key][model] = stats.summarise(float(values.mean()), resampled[model])
                 paired[key] = stats.compare_to_reference(resampled, {m: s["point"] for m, s in summary[key].items()},
                                                          reference)
-    return summary, paired
+                resampled_all[key] = resampled
+    return summary, paired, resampled_all
+
+
+def rank_columns(data: MaskedImages, summary: Scored, resampled: Resampled) -> tuple[Ranked, tuple[str, str, str]
+                                                                                        | None]:
+    """Every column's ranks on the shared resamples (the FP rate ranks the lowest first), with win probabilities
+    for the Dice columns (the section's headline metric), and the key of the rank column: the multi-level Dice of
+    the one structure, or its mean over the structures (`MACRO`) when there are several; None when no test image
+    has a structure."""
+    ranked: Ranked = {}
+    for kind, name, metric, _ in shown_metrics(data):
+        key = (kind, name, metric)
+        if key not in resampled:
+            continue
+        points = {m: s["point"] for m, s in summary[key].items()}
+        higher = metric != FP_METRIC
+        ranked[key] = (ranks.rank_summary(resampled[key], points, higher),
+                       ranks.win_probabilities(resampled[key], higher) if metric == "dice" else None)
+    dice = [(RANKED_HEAD, name, "dice") for name in data.names if (RANKED_HEAD, name, "dice") in resampled]
+    if len(dice) <= 1:
+        return ranked, dice[0] if dice else None
+    # A resample that drew no image of one structure has no mean Dice for it, so none over the structures either.
+    models = list(resampled[dice[0]])
+    mean = {m: np.mean([resampled[k][m] for k in dice], axis=0) for m in models}
+    points = {m: float(np.mean([summary[k][m]["point"] for k in dice])) for m in models}
+    key = (RANKED_HEAD, MACRO, "dice")
+    ranked[key] = (ranks.rank_summary(mean, points), ranks.win_probabilities(mean))
+    return ranked, key
+
+
+def rank_column(headline: tuple[str, str, str] | None, n_structures: int) -> str:
+    """The rank column's title."""
+    if headline is None:
+        return "rank (Dice)"
+    return f"rank ({'mean ' if n_structures > 1 else ''}Dice, {RANKED_HEAD})"
 
 
 def shown_metrics(data: MaskedImages) -> list[tuple[str, str, str, str]]:
@@ -556,10 +603,15 @@ def shown_metrics(data: MaskedImages) -> list[tuple[str, str, str, str]]:
             for metric, title in METRICS if metric != FP_METRIC or n_empty[k]]
 
 
-def section_rows(data: MaskedImages, encoders: list[Encoder], summary: Scored, paired: Scored
-                 ) -> tuple[list[str], dict[str, dict[str, Cell]], dict[str, bool]]:
-    """Columns, cells (with † where the paired difference is significant after Holm) and which columns rank up."""
-    columns, rows, higher_is_better = [], {enc.name: {} for enc in encoders}, {}
+def section_rows(data: MaskedImages, encoders: list[Encoder], summary: Scored, paired: Scored, ranked: Ranked,
+                 headline: tuple[str, str, str] | None) -> tuple[list[str], dict[str, dict[str, Cell]], dict[str, bool]]:
+    """Columns (the rank column first), cells (with † where the paired difference is significant after Holm) and
+    which columns rank up."""
+    title = rank_column(headline, len(data.names))
+    columns, higher_is_better = [title], {title: False}
+    rows: dict[str, dict[str, Cell]] = {
+        enc.name: {title: Cell.from_rank(ranked[headline][0][enc.name]) if headline else
+                   Cell(None, note="n/e: no test image with a structure")} for enc in encoders}
     for kind, name, metric, col in shown_metrics(data):
         columns.append(col)
         higher_is_better[col] = metric != FP_METRIC
@@ -595,7 +647,10 @@ def section_notes(data: MaskedImages, encoders: list[Encoder], dense: dict[str, 
                "model's resize/crop/pad and thresholded at 0.5; pixels a centre crop removed count as predicted "
                f"background. Dice and IoU per image, averaged over test images whose truth is non-empty{empty}. "
                f"Per-image values: `results/{task_stem}/<model>.seg.parquet` (by pseudonymous patient_key).")
-    notes = [training, scoring, f"Reference model for paired differences: `{tr.reference}`."]
+    mean = " averaged over the structures" if len(data.names) > 1 else ""
+    notes = [training, scoring, f"Reference model for paired differences: `{tr.reference}`. Rank column: the "
+             f"{RANKED_HEAD} head's Dice{mean}; every column's ranks, and the Dice columns' pairwise win "
+             "probabilities, are in the results JSON (`ranks`) and the tidy table."]
     no_layers = [e.name for e in encoders if not dense[e.name].layers]
     if no_layers:
         notes.append("No intermediate layers (multi-level head over the patch grid alone): "
@@ -607,10 +662,14 @@ def section_notes(data: MaskedImages, encoders: list[Encoder], dense: dict[str, 
     return notes
 
 
-def model_record(data: MaskedImages, model: str, summary: Scored, paired: Scored, n_grids: int, budget: SegBudget,
-                 per_image_file: str, reference: str) -> dict:
+def model_record(data: MaskedImages, model: str, summary: Scored, paired: Scored, ranked: Ranked, n_grids: int,
+                 budget: SegBudget, per_image_file: str, reference: str) -> dict:
     """What the model's results file holds for segmentation: per head and structure, every metric with its
-    interval and paired difference."""
+    interval and paired difference; under ``ranks``, per ``<metric>_<head>`` and structure (or ``macro``), its
+    rank, interval, P(best) and, for Dice, its win probabilities."""
+    ranks_of: dict[str, dict] = {}
+    for (kind, name, metric), (summary_r, wins) in ranked.items():
+        ranks_of.setdefault(f"{metric}_{kind}", {})[name] = ranks.rank_record(summary_r, wins, model)
     heads = {}
     for kind in HEADS:
         heads[kind] = {name: {
@@ -621,17 +680,22 @@ def model_record(data: MaskedImages, model: str, summary: Scored, paired: Scored
             {m: paired.get((kind, name, m), {}).get(model) for m, _ in METRICS},
         } for k, name in enumerate(data.names)}
     return {"structures": data.names, "train_images": len(data.train), "test_images": len(data.test),
-            "multi_level_grids": n_grids, "budget": asdict(budget), "heads": heads, "per_image": per_image_file}
+            "multi_level_grids": n_grids, "budget": asdict(budget), "heads": heads, "ranks": ranks_of,
+            "per_image": per_image_file}
 
 
-def seg_tidy(data: MaskedImages, encoders: list[Encoder], summary: Scored, paired: Scored, tr: TaskRun
-             ) -> list[TidyRow]:
+def seg_tidy(data: MaskedImages, encoders: list[Encoder], summary: Scored, paired: Scored, ranked: Ranked,
+             tr: TaskRun) -> list[TidyRow]:
     """Tidy rows of the section's cells: metric ``<metric>_<head>`` (``dice_linear``, ``iou_multi-level``,
-    ``empty_truth_fp_rate_linear``), label the structure."""
-    return [row for enc in encoders for kind, name, metric, _ in shown_metrics(data)
+    ``empty_truth_fp_rate_linear``), label the structure; then every column's ranks (`harness.ranks.ranked_rows`,
+    win probabilities for Dice), and the mean Dice's (label ``macro``) when there are several structures."""
+    rows = [row for enc in encoders for kind, name, metric, _ in shown_metrics(data)
             for row in rows_of(tr.out_name, NAME, enc.name, f"{metric}_{kind}", name,
                                summary[(kind, name, metric)].get(enc.name),
                                paired.get((kind, name, metric), {}).get(enc.name))]
+    for (kind, name, metric), (summary_r, wins) in ranked.items():
+        rows += ranks.ranked_rows(tr.out_name, NAME, f"{metric}_{kind}", name, summary_r, wins)
+    return rows
 
 
 def fit_and_score(tr: TaskRun, encoders: list[Encoder], budget: SegBudget = BUDGET) -> ProtocolResult:
@@ -642,15 +706,16 @@ def fit_and_score(tr: TaskRun, encoders: list[Encoder], budget: SegBudget = BUDG
     for enc in encoders:  # before any training: fail in seconds, not after the other models' heads
         check_finite(dense[enc.name], enc.name, tr.task.name, data.subset.table.image_ids)
     scores = fit_heads(tr, data, encoders, dense, budget)
-    summary, paired = score(data, scores, tr.reference)
+    summary, paired, resampled = score(data, scores, tr.reference)
+    ranked, headline = rank_columns(data, summary, resampled)
 
-    columns, rows, higher_is_better = section_rows(data, encoders, summary, paired)
+    columns, rows, higher_is_better = section_rows(data, encoders, summary, paired, ranked, headline)
     section = Section(TITLE, columns, rows, higher_is_better, notes=section_notes(data, encoders, dense, budget, tr))
     records, files = {}, {}
     for enc in encoders:
         per_image_file = f"results/{tr.out_name}/{safe_name(enc.name)}.seg.parquet"
-        records[enc.name] = model_record(data, enc.name, summary, paired, len(levels_of(dense[enc.name])), budget,
-                                         per_image_file, tr.reference)
+        records[enc.name] = model_record(data, enc.name, summary, paired, ranked, len(levels_of(dense[enc.name])),
+                                         budget, per_image_file, tr.reference)
         files[per_image_file] = per_image_parquet(scores[enc.name], data.names, data.test_ids, data.test_keys,
                                                   data.truth_any)
         if data.shown:  # what the overlay figure needs (harness.figures draws it), named by pseudonym, never by id
@@ -659,4 +724,5 @@ def fit_and_score(tr: TaskRun, encoders: list[Encoder], budget: SegBudget = BUDG
                 enc.name, "multi-level", [data.subset.load_image(int(data.test[r])) for r in data.shown],
                 [_mask(data.subset, int(data.test[r])) for r in data.shown], ml.preds, ml.dice[data.shown],
                 data.names, [data.test_keys[r] for r in data.shown], data.shown)
-    return ProtocolResult(NAME, section, records, files=files, tidy=seg_tidy(data, encoders, summary, paired, tr))
+    return ProtocolResult(NAME, section, records, files=files,
+                          tidy=seg_tidy(data, encoders, summary, paired, ranked, tr))

@@ -34,17 +34,27 @@ def _record(out, model):
     return json.loads((out / "results" / NAME / f"{model}.json").read_text())["protocols"]
 
 
+def _ranks_entry(rec: dict, protocol: str, metric: str, label: str) -> dict:
+    """Where each protocol's results JSON keeps the ranks of one ranked number."""
+    if protocol in ("linear", "knn"):
+        return rec["ranks"][metric]
+    if protocol == "label-efficiency":
+        return next(r for r in rec["curve"] if f"macro@{r['fraction']:g}" == label)["ranks"]
+    return rec["ranks"][metric][label] if label else rec["ranks"][metric]
+
+
 def _expected(protocols: dict, row: tidy.TidyRow) -> tuple[dict, dict | None]:
     """The summary and paired comparison the per-model JSON holds for one tidy row."""
     rec = protocols[row.protocol]
-    if row.protocol in ("linear", "knn") and row.metric.startswith(("rank_", "p_best_", "win_")):
-        kind, _, metric = row.metric.rpartition("_")
-        r = rec["ranks"][metric]
+    kind = next((k for k in ("rank", "p_best", "win") if row.metric.startswith(f"{k}_")), None)
+    if kind:
+        metric = row.metric.removeprefix(f"{kind}_")
+        label, other = (row.label.rsplit("vs ", 1) if kind == "win" else (row.label, None))
+        r = _ranks_entry(rec, row.protocol, metric, label.strip())
         if kind == "rank":
             return {"point": r["rank"], "lo": r["lo"], "hi": r["hi"], "n_valid": r["n_valid"]}, None
         if kind == "p_best":
             return {"point": r["p_best"], "lo": None, "hi": None, "n_valid": r["n_valid"]}, None
-        other = row.label.removeprefix("macro vs ")
         return {"point": r["win_probability"][other], "lo": None, "hi": None, "n_valid": None}, None
     if row.protocol in ("linear", "knn"):
         m = rec["metrics"][row.metric]
@@ -119,7 +129,8 @@ def test_a_one_protocol_run_is_merged_into_the_table(board, tmp_path):
     added = [r for r in after if r.protocol == "label-efficiency"]
     curve = _record(out, "random-vit")["label-efficiency"]["curve"]
     shown = {f"macro@{r['fraction']:g}" for r in curve if r["macro_auroc"]["point"] is not None}
-    assert {r.label for r in added if r.model == "random-vit"} == shown and "macro@1" in shown
+    assert {r.label for r in added if r.model == "random-vit" and r.metric == "auroc"} == shown and "macro@1" in shown
+    assert {r.metric for r in added} == {"auroc", "rank_auroc", "p_best_auroc", "win_auroc"}
     for row in added:
         summary, paired = _expected(_record(out, row.model), row)
         assert (row.point, row.lo, row.hi, row.delta) == (summary["point"], summary["lo"], summary["hi"],

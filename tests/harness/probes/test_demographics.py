@@ -193,11 +193,65 @@ def test_subgroup_labels_need_enough_patients_in_every_group():
     scores = labels + rng.normal(size=labels.shape)
     weights = stats.bootstrap_weights(keys, 300, seed=0)
     groups = {"M": ~women, "F": women}
-    view = subgroup_auroc(scores, labels, weights, groups, ["common", "rare"], list(keys), min_patients=5)
+    view, _ = subgroup_auroc(scores, labels, weights, groups, ["common", "rare"], list(keys), min_patients=5)
     assert view["labels"] == ["common"]
-    assert subgroup_auroc(scores, labels, weights, groups, ["common", "rare"], list(keys), 2)["labels"] == [
+    assert subgroup_auroc(scores, labels, weights, groups, ["common", "rare"], list(keys), 2)[0]["labels"] == [
         "common", "rare"]
     # Without patient ids (the old rule, both classes present) the rare label would have been averaged in.
-    assert subgroup_auroc(scores, labels, weights, groups, ["common", "rare"])["labels"] == ["common", "rare"]
+    assert subgroup_auroc(scores, labels, weights, groups, ["common", "rare"])[0]["labels"] == ["common", "rare"]
     macro = view["groups"]["F"]["macro_auroc"]
     assert macro["n_valid"] <= macro["n_resamples"] == 300
+
+
+@pytest.mark.slow
+def test_ranks_equal_a_brute_force_recount_from_the_published_predictions():
+    """The rank columns, the results JSON's ranks and the tidy rank rows, recounted one resample at a time from the
+    per-image sex scores and age predictions the run publishes: per resample each model's sex AUROC (ties count
+    half) and age MAE, then ranks (the MAE: lowest first), P(best) and P(a beats b)."""
+    import io
+
+    import polars as pl
+    from sklearn.metrics import roc_auc_score
+
+    tr, encs = _run(n_patients=150)
+    result = _demographics(tr, encs)
+    published = {e.name: pl.read_parquet(io.BytesIO(result.files[f"results/synthetic/{e.name}.demographics.parquet"]))
+                 for e in encs}
+    w = tr.weights  # the shared resamples: a column per test image, in the order of the published rows
+    assert len(published["a"]) == w.shape[1]
+
+    def per_resample(model, metric):
+        df = published[model]
+        out = []
+        for r in range(w.shape[0]):
+            if metric == "sex_auroc":
+                y = (df["sex"] == "F").to_numpy()
+                out.append(roc_auc_score(y, df["sex_score"].to_numpy(), sample_weight=w[r]) if
+                           len(set(y[w[r] > 0])) == 2 else np.nan)
+            else:
+                err = np.abs(df["age_pred"].to_numpy() - df["age"].to_numpy())
+                out.append((w[r] * err).sum() / w[r].sum())
+        return np.array(out)
+
+    for metric, title, sign in (("sex_auroc", "rank (sex AUROC)", 1), ("age_mae", "rank (age MAE)", -1)):
+        x, y = sign * per_resample("a", metric), sign * per_resample("b", metric)
+        valid = np.isfinite(x) & np.isfinite(y)
+        x, y = x[valid], y[valid]
+        p_a = float(((x > y).sum() + 0.5 * (x == y).sum()) / valid.sum())
+        rank_a = np.where(x >= y, 1, 2)
+        record = result.to_record("a")["ranks"][metric]
+        assert record["n_valid"] == valid.sum()
+        assert record["win_probability"]["b"] == pytest.approx(p_a)
+        assert record["p_best"] == pytest.approx(p_a)  # two models: best = beats the other (ties share)
+        assert (record["lo"], record["hi"]) == (int(np.percentile(rank_a, 2.5, method="lower")),
+                                                int(np.percentile(rank_a, 97.5, method="higher")))
+        cell = result.section.rows["a"][title]
+        assert (cell.point, cell.lo, cell.hi) == (record["rank"], record["lo"], record["hi"])
+        tidy = {(r.model, r.metric, r.label): r.point for r in result.tidy}
+        assert tidy[("b", f"win_{metric}", "vs a")] == pytest.approx(1 - p_a)
+    # `a` carries the planted sex and age signals: it ranks first on both, and the MAE column ranks the lowest first.
+    assert result.to_record("a")["ranks"]["sex_auroc"]["rank"] == result.to_record("a")["ranks"]["age_mae"]["rank"] == 1
+    groups = {"men", "women", "age <50", "age 50-69", "age 70+"}
+    assert set(result.to_record("b")["ranks"]["subgroup_auroc"]) == groups
+    for g in groups:  # each subgroup ranked on its own resamples: the chances of being best share one
+        assert sum(result.to_record(m)["ranks"]["subgroup_auroc"][g]["p_best"] for m in "ab") == pytest.approx(1)

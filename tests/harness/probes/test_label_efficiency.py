@@ -53,9 +53,20 @@ def test_the_whole_training_split_is_the_linear_probe_exactly(ran):
     assert result.section.rows["b"]["100% (60 patients)"].point == \
         lin_result.to_record("b")["metrics"]["auroc"]["macro"]["point"]
     # The tidy rows of the curve: one per model and fraction, labelled macro@<fraction>.
-    rows = {(r.model, r.label): r for r in result.tidy}
+    rows = {(r.model, r.label): r for r in result.tidy if r.metric == "auroc"}
     assert {label for _, label in rows} == {"macro@0.1", "macro@0.3", "macro@1"}
-    assert {r.metric for r in result.tidy} == {"auroc"} and {r.protocol for r in result.tidy} == {NAME}
+    assert {r.protocol for r in result.tidy} == {NAME}
+    # Its ranks at 100% are the linear probe's, on the same resamples (whose own recount is tests/.../test_knn.py's).
+    assert full["ranks"] == lin_result.to_record("b")["ranks"]["auroc"]
+    ranked = {(r.model, r.metric, r.label): r.point for r in result.tidy if r.metric != "auroc"}
+    assert ranked[("b", "p_best_auroc", "macro@1")] == full["ranks"]["p_best"]
+    assert ranked[("a", "win_auroc", "macro@0.1 vs b")] == result.to_record("a")["curve"][0]["ranks"][
+        "win_probability"]["b"]
+    # The rank column shows the smallest fraction, rank 1 = best.
+    assert result.section.columns[0] == "rank (macro AUROC at 10%)"
+    cell = result.section.rows["a"]["rank (macro AUROC at 10%)"]
+    assert (cell.point, cell.lo, cell.hi) == tuple(result.to_record("a")["curve"][0]["ranks"][k]
+                                                   for k in ("rank", "lo", "hi"))
     full = result.to_record("b")["curve"][-1]
     assert (rows["b", "macro@1"].point, rows["b", "macro@1"].lo) == (full["macro_auroc"]["point"],
                                                                     full["macro_auroc"]["lo"])
@@ -130,11 +141,11 @@ def test_figure_plots_the_sections_numbers(ran):
     for line, enc in zip(ax.get_lines(), encs):
         assert line.get_label() == enc.name
         np.testing.assert_array_equal(line.get_xdata(), [0.1, 0.3, 1.0])
-        np.testing.assert_array_equal(line.get_ydata(), [section.rows[enc.name][c].point for c in section.columns])
+        np.testing.assert_array_equal(line.get_ydata(), [section.rows[enc.name][c].point for c in section.columns[1:]])
     for band, enc in zip(ax.collections, encs):
         # The band's outline holds the section's interval ends at each fraction.
         ys = band.get_paths()[0].vertices[:, 1]
-        for c in section.columns:
+        for c in section.columns[1:]:  # after the rank column
             cell = section.rows[enc.name][c]
             assert np.isclose(ys, cell.lo).any() and np.isclose(ys, cell.hi).any()
     assert any("(synthetic_label_efficiency.png)" in n for n in section.notes)
@@ -242,6 +253,6 @@ def test_a_figure_that_raises_costs_only_the_figure(monkeypatch, caplog):
     monkeypatch.setattr(label_efficiency, "draw_curves", broken)
     with caplog.at_level("WARNING", logger=label_efficiency.__name__):
         result = label_efficiency.fit_and_score(tr, encs)
-    assert dict(result.files) == {} and len(result.tidy) == 4
+    assert dict(result.files) == {} and len([r for r in result.tidy if r.metric == "auroc"]) == 4
     assert not any(n.startswith("Figure:") for n in result.section.notes)
     assert "figure synthetic_label_efficiency.png not drawn: ValueError" in caplog.text

@@ -117,8 +117,8 @@ def test_protocol_end_to_end(tmp_path):
     tr = _task_run(task, tmp_path, pixels_encoders())
     result = fit_and_score(tr, pixels_encoders(), SegBudget(epochs=15, batch_size=8, loss_size=32))
     section = result.to_section()
-    assert section.columns == ["lungs Dice (linear)", "lungs IoU (linear)", "lungs Dice (multi-level)",
-                               "lungs IoU (multi-level)"]
+    assert section.columns == ["rank (Dice, multi-level)", "lungs Dice (linear)", "lungs IoU (linear)",
+                               "lungs Dice (multi-level)", "lungs IoU (multi-level)"]
     res = result.to_record("pixels")
     n_masked_test = int((task.table.has_mask & (tr.split == "test")).sum())
     assert res["test_images"] == n_masked_test and res["heads"]["linear"]["lungs"]["n_scored"] == n_masked_test
@@ -131,7 +131,9 @@ def test_protocol_end_to_end(tmp_path):
     json.dumps(dict(result.records))  # JSON-ready
     # The tidy rows: one per cell, metric <metric>_<head>, label the structure, the paired delta of the crop model.
     rows = {(r.model, r.metric, r.label): r for r in result.tidy}
-    assert {m for _, m, _ in rows} == {"dice_linear", "iou_linear", "dice_multi-level", "iou_multi-level"}
+    cells = {"dice_linear", "iou_linear", "dice_multi-level", "iou_multi-level"}
+    assert {m for _, m, _ in rows} == cells | {f"{kind}_{c}" for kind in ("rank", "p_best") for c in cells} | {
+        "win_dice_linear", "win_dice_multi-level"}
     assert rows["pixels-crop", "dice_multi-level", "lungs"].point == crop["dice"]["point"]
     assert rows["pixels-crop", "dice_multi-level", "lungs"].delta == crop["paired_to_reference"]["dice"]["delta"]
     assert rows["pixels", "iou_linear", "lungs"].n_valid == res["heads"]["linear"]["lungs"]["iou"]["n_valid"]
@@ -171,8 +173,11 @@ def test_several_structures_and_empty_truths(tmp_path):
     tr = _task_run(task, tmp_path, pixels_encoders()[:1])
     result = fit_and_score(tr, pixels_encoders()[:1], SegBudget(epochs=3, batch_size=8, loss_size=32))
     section = result.to_section()
-    assert len(section.columns) == 10 and "tube Dice (multi-level)" in section.columns  # + tube FP rate per head
-    assert len(result.tidy) == 10  # a row per cell
+    # A rank column (mean Dice over the structures) + Dice, IoU per structure and head + the tube's FP rate per head
+    assert len(section.columns) == 11 and "tube Dice (multi-level)" in section.columns
+    assert section.columns[0] == "rank (mean Dice, multi-level)"
+    # A row per cell, then a rank and a P(best) row per column and for the mean Dice (one model: no win rows).
+    assert len(result.tidy) == 10 + 2 * 11
     tube = result.to_record("pixels")["heads"]["linear"]["tube"]
     test = np.flatnonzero(task.table.has_mask & (tr.split == "test"))
     assert tube["n_scored"] == sum(i % 4 == 0 for i in test) > 0
@@ -284,3 +289,52 @@ def test_per_image_scores_are_published_and_reproduce_the_intervals(tmp_path):
             fp = part["predicted_any"].to_numpy()[~scored].astype(float)
             again = stats.summarise(float(fp.mean()), stats.weighted_mean(fp, w[:, ~scored]))
             assert again == published["empty_truth_fp_rate"], (kind, structure)
+
+
+@pytest.mark.slow
+def test_ranks_equal_a_brute_force_recount_from_the_published_scores(tmp_path):
+    """The rank column, the results JSON's ranks and the tidy rank rows, recounted one resample at a time from the
+    per-image Dice the run publishes: each resample's mean Dice per model and structure, their mean over the
+    structures, then ranks, P(best) and P(a beats b)."""
+    task = _TwoStructures()
+    encoders = pixels_encoders()
+    tr = _task_run(task, tmp_path, encoders)
+    result = fit_and_score(tr, encoders, SegBudget(epochs=3, batch_size=8, loss_size=32))
+    names = [e.name for e in encoders]
+    a, b = names
+    resampled = {}
+    for model in names:
+        df = pl.read_parquet(io.BytesIO(result.files[f"results/tiny-seg/{model}.seg.parquet"]))
+        part = df.filter(pl.col("head") == "multi-level")
+        per_structure = []
+        for structure in ("lungs", "tube"):
+            one = part.filter(pl.col("structure") == structure)
+            w = stats.bootstrap_weights(one["patient_key"].to_list(), tr.weights.shape[0], tr.seed)
+            scored = ~one["truth_empty"].to_numpy()
+            dice = one["dice"].to_numpy()[scored]
+            per_structure.append([(w[r, scored] * dice).sum() / w[r, scored].sum() if w[r, scored].sum() else np.nan
+                                  for r in range(w.shape[0])])
+        resampled[model] = np.mean(per_structure, axis=0)
+    valid = np.isfinite(resampled[a]) & np.isfinite(resampled[b])
+    x, y = resampled[a][valid], resampled[b][valid]
+    p_a_wins = float(((x > y).sum() + 0.5 * (x == y).sum()) / valid.sum())
+    best_a = float(((x > y) + 0.5 * (x == y)).mean())  # a tie for first shares the win
+    rank_a = np.where(x >= y, 1, 2)
+    record = result.to_record(a)["ranks"]["dice_multi-level"]["macro"]
+    assert record["n_valid"] == valid.sum()
+    assert record["p_best"] == pytest.approx(best_a)
+    assert record["win_probability"][b] == pytest.approx(p_a_wins)
+    assert (record["lo"], record["hi"]) == (int(np.percentile(rank_a, 2.5, method="lower")),
+                                            int(np.percentile(rank_a, 97.5, method="higher")))
+    ml = {m: result.to_record(m)["heads"]["multi-level"] for m in names}
+    point = {m: np.mean([ml[m][s]["dice"]["point"] for s in ("lungs", "tube")]) for m in names}
+    assert record["rank"] == (1 if point[a] >= point[b] else 2)
+    cell = result.to_section().rows[a]["rank (mean Dice, multi-level)"]
+    assert (cell.point, cell.lo, cell.hi) == (record["rank"], record["lo"], record["hi"])
+    tidy = {(r.model, r.metric, r.label): r for r in result.tidy}
+    assert tidy[(b, "win_dice_multi-level", f"macro vs {a}")].point == pytest.approx(1 - p_a_wins)
+    assert tidy[(a, "p_best_dice_multi-level", "macro")].point == pytest.approx(best_a)
+    # The FP rate ranks the lowest first, and a per-column rank is in the JSON too.
+    fp = {m: result.to_record(m)["heads"]["linear"]["tube"]["empty_truth_fp_rate"]["point"] for m in names}
+    fp_rank = result.to_record(a)["ranks"]["empty_truth_fp_rate_linear"]["tube"]["rank"]
+    assert fp_rank == (1 if fp[a] <= fp[b] else 2)
