@@ -88,8 +88,30 @@ class CsvTask(Task):
         self.name = name or f"csv-{csv_path.parent.name}"
         self.skipped = []
         self._file_digests: list[str] | None = None
+        df, label_cols = self._read_csv()
+        keep, images, masks = self._usable_rows(df, skip_bad)
+        df = df[keep]
+        self._masks = masks
+        self.table = TaskTable(
+            image_ids=images,
+            patient_ids=[p.strip() for p in df["patient_id"].to_list()],
+            label_names=[c.removeprefix("label_") for c in label_cols],
+            labels=self._labels(df, label_cols, keep),
+            sex=[self._parse_sex(v, keep[k]) for k, v in enumerate(self._col(df, "sex"))],
+            age=np.array([self._parse_age(v, keep[k]) for k, v in enumerate(self._col(df, "age"))], dtype=np.float64),
+            split=self._split(df, keep),
+            has_mask=np.array([m is not None for m in masks]),
+        )
+        if not self.table.has_mask.any():
+            self.mask_names = ()
+        else:
+            self._check_masks(keep)
+
+    def _read_csv(self) -> tuple[pl.DataFrame, list[str]]:
+        """The CSV as strings (every column is validated here, not guessed by a reader), and its label columns."""
+        csv_path = self.csv_path
         try:
-            df = pl.read_csv(csv_path, infer_schema=False)  # all strings: we validate each column ourselves
+            df = pl.read_csv(csv_path, infer_schema=False)
         except Exception as e:
             raise TaskError(f"{csv_path}: cannot parse as CSV ({e})") from e
         missing = [c for c in REQUIRED if c not in df.columns]
@@ -100,7 +122,12 @@ class CsvTask(Task):
             raise TaskError(f"{csv_path}: no label_* columns (one 0/1 column per finding, e.g. label_effusion)")
         if df.height == 0:
             raise TaskError(f"{csv_path}: no rows")
+        return df, label_cols
 
+    def _usable_rows(self, df: pl.DataFrame, skip_bad: bool) -> tuple[list[int], list[str], list[str | None]]:
+        """The rows kept (with `skip_bad`, a missing or unreadable image is skipped and counted in `skipped`;
+        without it, an error naming the row), their image paths and mask paths (None: no mask)."""
+        csv_path = self.csv_path
         keep, images, masks = [], [], []
         for i, rec in enumerate(df.iter_rows(named=True)):
             rel = (rec["image"] or "").strip()
@@ -124,42 +151,30 @@ class CsvTask(Task):
             keep.append(i)
             images.append(rel)
             masks.append(mrel or None)
-        df = df[keep]
+        return keep, images, masks
 
+    def _labels(self, df: pl.DataFrame, label_cols: list[str], keep: list[int]) -> np.ndarray:
+        """int8 [N, L] of the kept rows; anything but 0 or 1 names its row."""
         labels = np.zeros((df.height, len(label_cols)), dtype=np.int8)
         for j, col in enumerate(label_cols):
             for k, v in enumerate(df[col].to_list()):
                 v = (v or "").strip()
                 if v not in ("0", "1", "0.0", "1.0"):
-                    raise TaskError(f"{csv_path} {_row(keep[k])}: {col} is {v!r}; labels must be 0 or 1")
+                    raise TaskError(f"{self.csv_path} {_row(keep[k])}: {col} is {v!r}; labels must be 0 or 1")
                 labels[k, j] = int(float(v))
-        sex = [self._parse_sex(v, keep[k]) for k, v in enumerate(self._col(df, "sex"))]
-        age = np.array([self._parse_age(v, keep[k]) for k, v in enumerate(self._col(df, "age"))], dtype=np.float64)
-        split = None
-        if "split" in df.columns:
-            split = []
-            for k, v in enumerate(df["split"].to_list()):
-                v = (v or "").strip().lower()
-                if v not in ("", "train", "test"):
-                    raise TaskError(f"{csv_path} {_row(keep[k])}: split is {v!r}; use train, test or blank")
-                split.append(v)
-            if not any(split):
-                split = None
-        self._masks = masks
-        self.table = TaskTable(
-            image_ids=images,
-            patient_ids=[p.strip() for p in df["patient_id"].to_list()],
-            label_names=[c.removeprefix("label_") for c in label_cols],
-            labels=labels,
-            sex=sex,
-            age=age,
-            split=split,
-            has_mask=np.array([m is not None for m in masks]),
-        )
-        if not self.table.has_mask.any():
-            self.mask_names = ()
-        else:
-            self._check_masks(keep)
+        return labels
+
+    def _split(self, df: pl.DataFrame, keep: list[int]) -> list[str] | None:
+        """The official split of the kept rows ('train', 'test' or '' per row), None when the CSV has none."""
+        if "split" not in df.columns:
+            return None
+        split = []
+        for k, v in enumerate(df["split"].to_list()):
+            v = (v or "").strip().lower()
+            if v not in ("", "train", "test"):
+                raise TaskError(f"{self.csv_path} {_row(keep[k])}: split is {v!r}; use train, test or blank")
+            split.append(v)
+        return split if any(split) else None
 
     def _check_masks(self, rows: list[int]) -> None:
         """Every mask at its image's size (header reads only), and at least one mask with foreground: a set of
