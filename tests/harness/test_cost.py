@@ -53,6 +53,7 @@ def tiny_encoders(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # builds and runs a small model of every family (BioViL-T's is a whole ResNet-50 at 448 px)
 @pytest.mark.parametrize("name", sorted(WRITERS))
 def test_counts_equal_independent_counts(tiny_encoders, name):
     enc, files = tiny_encoders[name]
@@ -172,3 +173,28 @@ def test_the_check_compares_the_counts_exactly_and_never_the_rate(tmp_path):
     # The tolerance still applies to the scores.
     score = TidyRow("t", "m", "linear", "auroc", "macro", 0.8, 0.7, 0.9, None, None, 100)
     assert check_dirs(_board(tmp_path / "e", [score]), _board(tmp_path / "f", [score._replace(point=0.801)])) == []
+
+
+@pytest.mark.slow  # two runs of the command
+def test_a_one_protocol_run_writes_its_own_cost_never_the_earlier_one(tmp_path, monkeypatch):
+    """The cost section is computed by every run for the models that ran: a merge keeps earlier sections, never an
+    earlier cost (here the parameter count changes under the same features, as an edit to the counting would)."""
+    from harness.run import main
+
+    def run(task):
+        return main(["--models", "pixels", "--tasks", task, "--out", str(tmp_path / "lb"), "--cache-dir",
+                     str(tmp_path / "cache"), "--bootstrap", "20", "--workers", "0", "--min-positive-patients", "2",
+                     "--probe-jobs", "1"])
+
+    stem = "demo-n_patients_16-size_64"
+    assert run("demo:n_patients=16,size=64:linear") == 0
+    monkeypatch.setattr(PixelsEncoder, "parameter_count", lambda self: 7)
+    assert run("demo:n_patients=16,size=64:knn") == 0
+    md = (tmp_path / "lb" / f"{stem}.md").read_text()
+    assert "kept from an earlier run" in md and md.count("## Cost") == 1
+    cost_row = next(line for line in md.split("## Cost")[1].splitlines() if line.startswith("| pixels"))
+    assert [c.strip() for c in cost_row.strip("|").split("|")][3] == "7"
+    rows = tidy.read(tmp_path / "lb" / "results" / f"{stem}.csv")
+    assert [r.point for r in rows if r.protocol == "cost" and r.metric == "parameters"] == [7.0]
+    record = json.loads((tmp_path / "lb" / "results" / stem / "pixels.json").read_text())
+    assert record["cost"]["parameters"] == 7 and record["cost"]["throughput"]["source"] == "feature cache"
