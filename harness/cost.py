@@ -40,7 +40,7 @@ from harness.tidy import COST, RATE_METRIC, TidyRow
 #: with its attention head instead of a CLS token.
 HF_CLS_TOKENS = {"dinov2": 1, "dinov2_with_registers": 1, "dinov3_vit": 1, "clip_vision_model": 1,
                  "siglip_vision_model": 0}
-#: The keys of a throughput record that say where it was measured: records of two machines are never pooled.
+#: The keys of a throughput record that say where it was measured.
 MACHINE = ("device", "name", "threads")
 
 _static: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -83,26 +83,26 @@ def static_cost(encoder: Encoder) -> dict:
 
 
 def _usable(record: object) -> bool:
-    """A throughput record that can be pooled: a positive image count over positive seconds."""
+    """A throughput record that gives a rate: a positive image count over positive seconds."""
     return (isinstance(record, dict) and isinstance(record.get("images"), int) and record["images"] > 0
             and isinstance(record.get("seconds"), (int, float)) and record["seconds"] > 0)
 
 
 def throughput(entries: Sequence[FeatureSet]) -> dict | None:
-    """The model's rate over the feature entries its task read (`harness.features.FeatureStore.entries`): over
-    those computed in this run when there are any, else over the cached ones; pooled (images over seconds) across
-    the entries measured on the machine of the largest, and dated by the latest. None when no entry has a rate."""
+    """The model's rate, from the feature entries its task read (`harness.features.FeatureStore.entries`): that of
+    the largest pass (most images; the first of equals) among those computed in this run when there are any, else
+    among the cached ones. One pass, not a pool of them: a later run reading only some of the entries (a
+    one-protocol run needs no dense grids) then reports the same rate, the one of the task's global features. None
+    when no entry has a rate."""
     fresh = [fs.throughput for fs in entries if not fs.from_cache and _usable(fs.throughput)]
     cached = [fs.throughput for fs in entries if fs.from_cache and _usable(fs.throughput)]
     chosen = fresh or cached
     if not chosen:
         return None
-    largest = max(chosen, key=lambda r: r["images"])
-    same = [r for r in chosen if all(r.get(k) == largest.get(k) for k in MACHINE)]
-    images, seconds = sum(r["images"] for r in same), sum(r["seconds"] for r in same)
-    return {"images_per_s": images / seconds, "images": images, "seconds": seconds, "timed": largest.get("timed"),
-            **{k: largest.get(k) for k in MACHINE}, "measured": max(str(r.get("measured", "")) for r in same),
-            "source": "this run" if fresh else "feature cache", "passes": len(same)}
+    r = max(chosen, key=lambda r: r["images"])
+    return {"images_per_s": r["images"] / r["seconds"], "images": r["images"], "seconds": r["seconds"],
+            "timed": r.get("timed"), **{k: r.get(k) for k in MACHINE}, "measured": str(r.get("measured", "")),
+            "source": "this run" if fresh else "feature cache"}
 
 
 def model_cost(encoder: Encoder, entries: Sequence[FeatureSet]) -> dict:

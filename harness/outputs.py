@@ -10,7 +10,8 @@ it was computed from the same content with the same settings (`run_settings`: im
 model's features and precision, the shared options) and the task data it depends on are unchanged
 (`section_inputs`: sex and age, masks). Any other section is dropped, with its files; the log and the
 leaderboard's header say which, why, and the command that computes it again. Either way, files of the old
-leaderboard that the new one does not list are deleted, so nothing stale stays beside the new files.
+leaderboard that the new one does not list are deleted, so nothing stale stays beside the new files. The cost
+section (`harness.cost`), its tidy rows and each model's ``cost`` record are always this run's, never kept.
 
 `evaluate_and_write` is the loop of a whole command: build each task, check its folders can be written, evaluate
 it, write it.
