@@ -41,7 +41,7 @@ from harness.tidy import COST, RATE_METRIC, TidyRow
 HF_CLS_TOKENS = {"dinov2": 1, "dinov2_with_registers": 1, "dinov3_vit": 1, "clip_vision_model": 1,
                  "siglip_vision_model": 0}
 #: The keys of a throughput record that say where it was measured.
-MACHINE = ("device", "name", "threads")
+MACHINE = ("device", "processor", "threads")
 
 _static: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -112,7 +112,7 @@ def model_cost(encoder: Encoder, entries: Sequence[FeatureSet]) -> dict:
 
 def machine_label(rate: Mapping) -> str:
     """``cpu: AMD EPYC 7B13, 2 threads``: where a rate was measured (the tidy row's label)."""
-    return f"{rate['device']}: {rate['name']}, {rate['threads']} threads"
+    return f"{rate['device']}: {rate['processor']}, {rate['threads']} threads"
 
 
 def cost_rows(task: str, costs: Mapping[str, dict]) -> list[TidyRow]:
@@ -148,7 +148,7 @@ def _tokens(c: dict) -> str:
 def _measured(rate: dict | None) -> str:
     if rate is None:
         return "not recorded (features cached before rates were stored)"
-    where = f"{rate['device']}, {rate['name']}, {rate['threads']} threads"
+    where = f"{rate['device']}, {rate['processor']}, {rate['threads']} threads"
     return where + ("" if rate["source"] == "this run" else f"; feature cache, {rate['measured'][:10]}")
 
 

@@ -62,4 +62,4 @@ def hardware(device: torch.device) -> dict:
         name = f"Apple MPS ({_cpu_name()})"
     else:
         name = _cpu_name()
-    return {"device": device.type, "name": name, "threads": torch.get_num_threads()}
+    return {"device": device.type, "processor": name, "threads": torch.get_num_threads()}

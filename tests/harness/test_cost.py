@@ -98,14 +98,14 @@ def test_the_rate_is_measured_stored_and_served_again_from_the_cache(tmp_path):
     rate = first.throughput
     assert not first.from_cache and rate["timed"] == TIMED and rate["images"] == len(TinyTask())
     assert rate["seconds"] > 0 and rate["images_per_s"] == rate["images"] / rate["seconds"]
-    assert rate["device"] == "cpu" and rate["threads"] == torch.get_num_threads() and rate["name"]
+    assert rate["device"] == "cpu" and rate["threads"] == torch.get_num_threads() and rate["processor"]
     manifest = json.loads((cache.entry(first.key) / "manifest.json").read_text())
     assert manifest["throughput"] == rate
     again = extract(TinyTask(), [enc], cache, batch_size=4, workers=0)["pixels"]
     assert again.from_cache and again.throughput == rate
     served = cost.model_cost(enc, [again])["throughput"]
     assert served["source"] == "feature cache" and served["images_per_s"] == rate["images_per_s"] > 0
-    assert served["measured"] == rate["measured"] and served["name"] == rate["name"]
+    assert served["measured"] == rate["measured"] and served["processor"] == rate["processor"]
     assert cost.model_cost(enc, [first])["throughput"]["source"] == "this run"
     # An entry cached before rates were stored has none: null and said so, never a zero.
     del manifest["throughput"]
@@ -119,7 +119,7 @@ def test_the_rate_is_measured_stored_and_served_again_from_the_cache(tmp_path):
 
 def _set(images, seconds, cached, name="AMD EPYC", measured="2026-12-01T10:00:00+0000"):
     record = {"timed": TIMED, "images": images, "seconds": seconds, "images_per_s": images / seconds,
-              "device": "cpu", "name": name, "threads": 2, "measured": measured}
+              "device": "cpu", "processor": name, "threads": 2, "measured": measured}
     return FeatureSet(np.zeros((images, 2), np.float32), key=f"{images}-{cached}-{name}", from_cache=cached,
                       throughput=record)
 
@@ -130,7 +130,7 @@ def test_the_rate_is_the_largest_pass_of_this_run_else_of_the_cache():
     cached = cost.throughput([_set(20, 1.0, True, name="other CPU"), _set(100, 5.0, True),
                               _set(100, 9.0, True, measured="2026-12-02T09:00:00+0000")])
     assert (cached["images"], cached["images_per_s"], cached["source"]) == (100, 20.0, "feature cache")
-    assert cached["name"] == "AMD EPYC" and cached["measured"] == "2026-12-01T10:00:00+0000"
+    assert cached["processor"] == "AMD EPYC" and cached["measured"] == "2026-12-01T10:00:00+0000"
     assert cost.throughput([FeatureSet(np.zeros((3, 2), np.float32))]) is None
 
 
@@ -138,7 +138,7 @@ def _costs(parameters=1234567, rate=(50.0, "this run")):
     return {"m": {"parameters": parameters, "input_size": 518, "input_channels": 3, "patch_grid": [37, 37],
                   "prefix_tokens": 5, "tokens": 1374, "feature_dim": 768,
                   "throughput": {"images_per_s": rate[0], "images": 100, "seconds": 100 / rate[0], "timed": TIMED,
-                                 "device": "cpu", "name": "AMD EPYC", "threads": 2,
+                                 "device": "cpu", "processor": "AMD EPYC", "threads": 2,
                                  "measured": "2026-12-01T10:00:00+0000", "source": rate[1]}}}
 
 

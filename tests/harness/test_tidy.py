@@ -39,7 +39,7 @@ def _cost(out, model, row: tidy.TidyRow) -> float | None:
     c = json.loads((out / "results" / NAME / f"{model}.json").read_text())["cost"]
     if row.metric == tidy.RATE_METRIC:
         rate = c["throughput"]
-        assert row.label == f"{rate['device']}: {rate['name']}, {rate['threads']} threads"
+        assert row.label == f"{rate['device']}: {rate['processor']}, {rate['threads']} threads"
         return rate["images_per_s"]
     return c[row.metric]
 
