@@ -55,7 +55,9 @@ def test_evaluate_writes_nothing_and_extracts_every_feature_once(tmp_path, monke
     assert calls == [(masked.content_digest(), True), (task.content_digest(), False)]
     assert [p.name for p in tmp_path.iterdir()] == ["cache"]
     assert list(results.protocols) == ["seg"] and results.name == "tiny-seg" and results.reference == "pixels"
-    assert {r.protocol for r in results.tidy} == {"seg"} and all(r.global_pool == DEFAULT_GLOBAL_POOL for r in results.tidy)
+    assert [r.protocol for r in results.tidy][-1] == "cost"  # every run says what each model cost, after its sections
+    assert {r.protocol for r in results.tidy} == {"seg", "cost"}
+    assert all(r.global_pool == DEFAULT_GLOBAL_POOL for r in results.tidy)
     assert set(results.feature_keys) == {"pixels", "pixels-crop"}
 
 
