@@ -99,6 +99,12 @@ class Encoder(ABC):
             model.to(self.device)
         return self
 
+    def parameter_count(self) -> int:
+        """Parameters of the model the features are computed with, as loaded (0 for a weight-free transform); like
+        `to`, read from ``self.model``, so a subclass holding its modules elsewhere overrides both."""
+        model = getattr(self, "model", None)
+        return sum(p.numel() for p in model.parameters()) if isinstance(model, torch.nn.Module) else 0
+
     def pooled(self, f: Features) -> Features:
         """`f` with its global feature replaced by the `global_pool` of its tokens (what the cache stores)."""
         return f._replace(global_=pool_global(f, self.global_pool))

@@ -26,6 +26,7 @@ from tabulate import tabulate
 
 from baselines.registry import DEFAULT_GLOBAL_POOL, Encoder, WeightsMissing, build_encoder
 from harness import stats, tidy
+from harness.cost import cost_rows, model_cost
 from harness.common.devices import pick_device
 from harness.common.paths import cache_dir, safe_name
 from harness.features import DEFAULT_DENSE_BUDGET_GB, FeatureCache, extract_store, precision
@@ -86,11 +87,14 @@ class TaskResults:
     precision: dict                      # where and how the features were computed (`harness.features.precision`)
     feature_keys: Mapping[str, str]      # model -> feature-cache key of its global features
     protocols: Mapping[str, ProtocolResult]  # in run order
+    #: model -> what it cost to run on this task (`harness.cost.model_cost`): computed on every run, never merged
+    cost: Mapping[str, dict] = field(default_factory=dict)
 
     @property
     def tidy(self) -> list[tidy.TidyRow]:
-        """Every protocol's rows of the tidy results table, with the run's global pooling."""
-        return [r for p in self.protocols.values() for r in tidy.with_pool(p.tidy, self.options.global_pool)]
+        """Every protocol's rows of the tidy results table, then the cost rows, with the run's global pooling."""
+        rows = [r for p in self.protocols.values() for r in p.tidy] + cost_rows(self.name, self.cost)
+        return tidy.with_pool(rows, self.options.global_pool)
 
 
 def output_name(spec: TaskSpec, task: Task) -> str:
@@ -229,5 +233,6 @@ def evaluate(task: Task, encoders: Sequence[Encoder], protocols: Sequence[str], 
         # A protocol gets the results of those it runs after, in the order it declares them.
         results[proto] = entry.load()(tr, list(encoders), *(results[dep] for dep in entry.after))
     log.info(f"results cache ({cache.root}): {cache.hits} model result(s) reused, {cache.misses} computed")
+    cost = {e.name: model_cost(e, store.entries(e.name)) for e in encoders}
     return TaskResults(name, task, split, split_hash(task.table.image_ids, list(split)), summary, encoders, reference,
-                       options, precision(device), {e.name: store[e.name].key for e in encoders}, results)
+                       options, precision(device), {e.name: store[e.name].key for e in encoders}, results, cost)

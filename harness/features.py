@@ -53,6 +53,7 @@ from torch.utils.data import DataLoader, Dataset
 from baselines.preprocess import Preprocess, preprocess_batch
 from baselines.registry import Encoder, Features
 from harness.common.atomic import fsync_path, temp_dir
+from harness.common.devices import hardware
 from harness.common.hashing import array_digest, sha256_text
 from harness.common.sources import sources_digest
 from harness.log import progress
@@ -305,6 +306,10 @@ class FeatureSet:
     from_cache: bool = False
     #: where the dense grids come from: "memory" (arrays), "cache" (shards streamed from disk), "re-encode"
     dense_mode: str = "memory"
+    #: the encoder's forward throughput over the pass that computed these features (`forward_throughput`), stored in
+    #: the entry's manifest: a cached entry carries the rate measured when it was made; None for features made
+    #: elsewhere or cached before rates were stored
+    throughput: dict | None = None
 
     @cached_property
     def global_digest(self) -> str:
@@ -315,7 +320,7 @@ class FeatureSet:
     def global_only(self) -> FeatureSet:
         """These features without their dense grids: what the global protocols read (and are keyed by) when one
         pass extracted the task's global and dense features together."""
-        return FeatureSet(self.global_, key=self.key, from_cache=self.from_cache)
+        return FeatureSet(self.global_, key=self.key, from_cache=self.from_cache, throughput=self.throughput)
 
 
 # ------------------------------------------------------------------------------------------------------- cache
@@ -363,8 +368,9 @@ class FeatureCache:
         n = manifest.get("n_images")
         if g.ndim != 2 or g.dtype != np.float32 or (n is not None and len(g) != n):
             raise ValueError(f"global features of shape {g.shape} and dtype {g.dtype}, expected {n} float32 rows")
+        throughput = manifest.get("throughput")
         if not dense:
-            return FeatureSet(g, key=key, from_cache=True)
+            return FeatureSet(g, key=key, from_cache=True, throughput=throughput)
         shards = manifest.get("shards")
         grids = open_shards([d / s["file"] for s in shards] if shards else [d / "dense.safetensors"])
         for name, grid in grids.items():
@@ -375,7 +381,8 @@ class FeatureCache:
                 if path.stat().st_size < offset + rows * row_bytes:
                     raise ValueError(f"{path.name} is shorter than the rows its header lists (truncated)")
         layers = tuple(grids[f"layer{i}"] for i in range(sum(k.startswith("layer") for k in grids)))
-        return FeatureSet(g, grids["patch"], layers, key=key, from_cache=True, dense_mode="cache")
+        return FeatureSet(g, grids["patch"], layers, key=key, from_cache=True, dense_mode="cache",
+                          throughput=throughput)
 
     @staticmethod
     def _discard(d: Path, why: str = "damaged") -> None:
@@ -572,6 +579,26 @@ def extract(
     return out
 
 
+#: What a throughput times, as its records name it.
+TIMED = "encoder forward passes"
+
+
+def _wait(device: torch.device) -> None:
+    """Block until the work queued on `device` is done (CUDA and MPS run asynchronously): the clock then stops
+    on the forward pass finished, not on its launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def forward_throughput(images: int, seconds: float, device: torch.device, measured: str) -> dict:
+    """The record of an encoder's throughput over one extraction pass: `images` over the wall `seconds` of its own
+    forward passes (`TIMED`), on `device` of this machine (`hardware`), at the time `measured`."""
+    return {"timed": TIMED, "images": images, "seconds": seconds,
+            "images_per_s": images / seconds if seconds > 0 else None, **hardware(device), "measured": measured}
+
+
 #: glibc's mallopt parameter number of M_MMAP_THRESHOLD (malloc.h).
 _M_MMAP_THRESHOLD = -3
 
@@ -603,6 +630,9 @@ def _compute(task: Task, pending: list[tuple[Encoder, str, bool]], cache: Featur
     _large_allocations_via_mmap()
     writers = {enc.name: cache.writer(key, store, shard_bytes) for enc, key, store in pending}
     out: dict[str, FeatureSet] = {}
+    # Each encoder's own forward time: the decoding and preprocessing run in the workers for every encoder of the
+    # pass at once, overlapped with the forward passes, so only these seconds belong to one model.
+    forward_seconds = {enc.name: 0.0 for enc, _, _ in pending}
     try:
         for enc, _, _ in pending:
             enc.to(device)
@@ -614,22 +644,30 @@ def _compute(task: Task, pending: list[tuple[Encoder, str, bool]], cache: Featur
                     raise TaskError(f"task {task.name}: image {task.table.image_ids[i]!r} could not be read: {message}")
                 on_device = [x.to(device, non_blocking=True) for x in inputs]
                 for enc, _, store in pending:
-                    f = encode_batch(enc, on_device[preprocesses.index(enc.preprocess)], device)
+                    x = on_device[preprocesses.index(enc.preprocess)]
+                    _wait(device)  # the input's copy to the device is not the encoder's time
+                    start = time.perf_counter()
+                    f = encode_batch(enc, x, device)
+                    _wait(device)
+                    forward_seconds[enc.name] += time.perf_counter() - start
                     writers[enc.name].add(f.global_.float().cpu().numpy(), dense_grids(f) if store else None)
                 bar.update(len(inputs[0]))
         seconds = time.perf_counter() - t0
         log(f"  computed features for {n} images in {seconds:.1f} s ({n / max(seconds, 1e-9):.1f} img/s, "
             f"{len(pending)} encoder(s))")
+        created = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         for enc, key, store in pending:
             w = writers[enc.name]
             g = w.global_features()
             if not np.isfinite(g).all():
                 raise FloatingPointError(f"{enc.name}: non-finite features on task {task.name}; nothing was cached")
+            rate = forward_throughput(n, forward_seconds[enc.name], device, created)
             w.publish({"encoder": enc.identity(), "task": task.name, "task_digest": digest,
                        "n_images": n, "global_shape": list(g.shape), "dense": store, "precision": precision(device),
-                       "format": FEATURE_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+                       "format": FEATURE_FORMAT, "created": created, "throughput": rate})
             fs = cache.load(key, store)  # ours, or an identical entry another run published first
-            fs.from_cache = False
+            # The rate this run measured, even when another run's identical entry (and its rate) won the rename.
+            fs.from_cache, fs.throughput = False, rate
             out[enc.name] = fs
     finally:
         for w in writers.values():
@@ -689,6 +727,14 @@ class FeatureStore(Mapping[str, FeatureSet]):
             raise KeyError(f"no dense features of these {len(rows)} rows were extracted: a protocol that reads "
                            "dense grids declares its rows (dense_rows= in harness/probes/__init__.py)")
         return self._dense[key]
+
+    def entries(self, model: str) -> list[FeatureSet]:
+        """Every feature set of `model` the store reads, dense passes first, one per feature-cache entry: the
+        passes its extraction throughput was measured on."""
+        out: dict[str, FeatureSet] = {}
+        for fs in (*(d[model] for d in self._dense.values()), self._global[model]):
+            out.setdefault(fs.key, fs)
+        return list(out.values())
 
     def keys_by_pass(self) -> list[str]:
         """The feature-cache keys of every entry the store reads, dense passes first."""

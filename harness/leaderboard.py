@@ -5,7 +5,8 @@ and hash, seeds, resamples, input policy, reference model, date), then one secti
 with models as rows and metrics as columns, cells ``0.873 [0.851, 0.894]``. The best point estimate per column
 is bold; ``†`` marks a paired difference to the reference model that is significant after Holm correction. Every
 number shown with an interval is also a row of the task's tidy table (``<out>/results/<task>.csv``, see
-`harness.tidy`), which is what the check compares.
+`harness.tidy`), which is what the check compares: the cost section's counts exactly, its measured extraction
+rates never (they measure the machine, `harness.tidy.MEASURED`).
 """
 from __future__ import annotations
 
@@ -169,7 +170,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("check", help="compare freshly generated leaderboards with the committed ones",
                        description="Compare freshly generated leaderboards with the committed ones (their tidy "
-                                   "results tables, results/<task>.csv): exit 1 listing every stale number.",
+                                   "results tables, results/<task>.csv): exit 1 listing every stale number. The "
+                                   "cost section's counts (parameters, input size, tokens, feature dim) must match "
+                                   "exactly; its measured images/s depend on the machine and are not compared.",
                        epilog=CHECK_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("committed", type=Path, help="folder of the committed leaderboards")
     c.add_argument("fresh", type=Path, help="folder of freshly generated ones")

@@ -10,7 +10,8 @@ it was computed from the same content with the same settings (`run_settings`: im
 model's features and precision, the shared options) and the task data it depends on are unchanged
 (`section_inputs`: sex and age, masks). Any other section is dropped, with its files; the log and the
 leaderboard's header say which, why, and the command that computes it again. Either way, files of the old
-leaderboard that the new one does not list are deleted, so nothing stale stays beside the new files.
+leaderboard that the new one does not list are deleted, so nothing stale stays beside the new files. The cost
+section (`harness.cost`), its tidy rows and each model's ``cost`` record are always this run's, never kept.
 
 `evaluate_and_write` is the loop of a whole command: build each task, check its folders can be written, evaluate
 it, write it.
@@ -30,6 +31,7 @@ import numpy as np
 
 from baselines.registry import Encoder
 from harness import stats, tidy
+from harness.cost import cost_rows, cost_section
 from harness.common.atomic import atomic_path, atomic_write_text
 from harness.common.errors import DataError, UsageError
 from harness.common.hashing import array_digest
@@ -301,6 +303,7 @@ def write_model_results(results: TaskResults, out: Path, merge: Merge, date: str
                           "min_positive_patients": o.min_positive_patients},
             "reference": results.reference, "dataset": results.summary,
             "protocols": {p: records[p] for p in merge.order if p in records},
+            "cost": results.cost.get(enc.name),
             "provenance": prov, "date": date,
         })
         paths.append(rel)
@@ -317,11 +320,12 @@ def write_protocol_files(results: TaskResults, out: Path) -> None:
 
 def write_tidy(results: TaskResults, out: Path, merge: Merge) -> None:
     """``results/<name>.parquet`` and ``.csv``: the new sections' rows and the kept sections' earlier ones, in
-    leaderboard order."""
+    leaderboard order, then this run's cost rows (never an earlier run's)."""
     pool = results.options.global_pool
     rows = [r for p in merge.order for r in (tidy.with_pool(results.protocols[p].tidy, pool)
                                              if p in results.protocols else
                                              [r for r in merge.old_tidy or [] if r.protocol == p])]
+    rows += tidy.with_pool(cost_rows(results.name, results.cost), pool)
     with atomic_path(out / "results" / f"{results.name}.parquet") as tmp:
         tmp.write_bytes(tidy.parquet_bytes(rows))
     atomic_write_text(out / "results" / f"{results.name}.csv", tidy.csv_text(rows))
@@ -437,6 +441,7 @@ def write(results: TaskResults, out: Path, spec: TaskSpec | None = None) -> Path
     sections = {p: results.protocols[p].to_section() if p in results.protocols else
                 section_from_json(merge.kept[p]["section"]) for p in merge.order}
     write_manifest(results, out, merge, settings, sections, date)
-    path = write_leaderboard(results, out, header(results, merge, date, dropped), [sections[p] for p in merge.order])
+    path = write_leaderboard(results, out, header(results, merge, date, dropped),
+                             [*(sections[p] for p in merge.order), cost_section(results.cost)])
     prune(out, name, merge, {f for p in merge.order for f in merge.files(results, p)} | set(model_files))
     return path

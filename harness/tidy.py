@@ -4,7 +4,8 @@
 leaderboard's) hold the same rows with exactly the columns of `COLUMNS`:
 
 - ``task``: the task's output name; ``model``; ``protocol``: the protocol's registry name (``linear``, ``knn``,
-  ``seg``, ``demographics``, ``label-efficiency``);
+  ``seg``, ``demographics``, ``label-efficiency``), or ``cost`` for the cost section (`harness.cost`), which every
+  run writes;
 - ``metric`` in snake_case (``auroc``, ``auprc``, ``dice_linear``, ``sex_auroc``, ``subgroup_gap``, ...) and
   ``label``: what the metric is of (a finding, a structure, a group, ``macro``), ``""`` when the metric is a single
   number per model;
@@ -15,8 +16,12 @@ leaderboard's) hold the same rows with exactly the columns of `COLUMNS`:
 - ``global_pool``: the run's ``--global-pool`` (``cls``, ``avg``, ``cls+avg``), the features the global protocols
   read; segmentation rows carry it too, though the heads read the patch tokens and do not depend on it.
 
-Rows are in leaderboard order (protocol sections, then models, then the section's columns), so the CSV is
-byte-identical from one run to the next and the committed copy is what ``harness.leaderboard check`` compares.
+The cost rows are counts (``parameters``, ``input_size``, ``tokens``, ``feature_dim``, label ``""``) and the
+measured extraction rate (``forward_images_per_s``, labelled with the machine it was measured on), with no interval.
+
+Rows are in leaderboard order (protocol sections, then models, then the section's columns; the cost rows last), so
+the CSV is the same from one run to the next but for the measured rates, and the committed copy is what
+``harness.leaderboard check`` compares: the counts exactly, the rates not at all (`MEASURED`).
 """
 from __future__ import annotations
 
@@ -36,6 +41,14 @@ SCHEMA = {"task": pl.String, "model": pl.String, "protocol": pl.String, "metric"
 KEY = ("task", "model", "protocol", "metric", "label")
 #: the numbers of a row, compared within a tolerance by `differences`
 NUMBERS = ("point", "lo", "hi", "delta", "p_holm", "n_valid")
+#: the protocol name of the cost section's rows (`harness.cost`), and the metric of its measured extraction rate
+COST = "cost"
+RATE_METRIC = "forward_images_per_s"
+#: (protocol, metric) of the rows that measure the machine, not the model: a rate depends on the hardware and its
+#: load, and is absent where it was not recorded, so `differences` compares neither its value nor its presence
+MEASURED = ((COST, RATE_METRIC),)
+#: protocols whose numbers are counts (parameters, input size, tokens, feature width): compared exactly, no tolerance
+EXACT = (COST,)
 
 
 class TidyRow(NamedTuple):
@@ -102,11 +115,12 @@ ALPHA = 0.05
 
 def differences(committed: list[TidyRow], fresh: list[TidyRow], tol: float) -> list[tuple[str, str, str, str]]:
     """(row, column, committed value, fresh value) for every row present in only one table and every number that
-    differs by more than `tol` (a null against a number always differs; n_valid must match exactly). The
-    significance decision must match exactly too: p_holm 0.049 against 0.051 is within any tolerance of 0.002 but
-    flips a †, so that is reported as column ``p_holm < 0.05``."""
-    a = {tuple(getattr(r, k) for k in KEY): r for r in committed}
-    b = {tuple(getattr(r, k) for k in KEY): r for r in fresh}
+    differs by more than `tol` (a null against a number always differs; n_valid and the numbers of the `EXACT`
+    protocols must match exactly). The significance decision must match exactly too: p_holm 0.049 against 0.051 is
+    within any tolerance of 0.002 but flips a †, so that is reported as column ``p_holm < 0.05``. The `MEASURED`
+    rows are left out of both tables."""
+    a = {tuple(getattr(r, k) for k in KEY): r for r in committed if (r.protocol, r.metric) not in MEASURED}
+    b = {tuple(getattr(r, k) for k in KEY): r for r in fresh if (r.protocol, r.metric) not in MEASURED}
     out = []
     for key in list(a) + [k for k in b if k not in a]:
         where = " ".join(f"{k}={v!r}" for k, v in zip(KEY, key))
@@ -120,7 +134,7 @@ def differences(committed: list[TidyRow], fresh: list[TidyRow], tol: float) -> l
             if x is None or y is None:
                 same = x is None and y is None
             else:
-                same = x == y if col == "n_valid" else abs(x - y) <= tol
+                same = x == y if col == "n_valid" or a[key].protocol in EXACT else abs(x - y) <= tol
             if not same:
                 out.append((where, col, str(x), str(y)))
         x, y = a[key].p_holm, b[key].p_holm

@@ -35,3 +35,31 @@ def check_here(device: torch.device, given: str) -> None:
                              f"cuda:{torch.cuda.device_count() - 1}")
     elif device.type == "mps" and not torch.backends.mps.is_available():
         raise UsageError(f"{given}: no Apple MPS device on this machine; use cpu or auto")
+
+
+def _cpu_name() -> str:
+    """The CPU's model name as Linux reports it (``/proc/cpuinfo``), else what the platform module knows: the
+    string that says which processor a throughput was measured on."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def hardware(device: torch.device) -> dict:
+    """What a throughput measured on `device` was measured on: the device type, the processor that ran the encoder
+    (the GPU's name on CUDA, the CPU's model otherwise) and the CPU threads torch used (they decode and, on the CPU,
+    compute too)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    elif device.type == "mps":
+        name = f"Apple MPS ({_cpu_name()})"
+    else:
+        name = _cpu_name()
+    return {"device": device.type, "processor": name, "threads": torch.get_num_threads()}

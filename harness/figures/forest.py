@@ -7,6 +7,7 @@ import polars as pl
 
 from harness.figures.common import HOLLOW_NOTE, SIGNIFICANT, TITLE_SIZE, grid_shape, interval_panel, new_figure
 from harness.probes import PROTOCOLS
+from harness.tidy import COST
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -19,10 +20,10 @@ RANK_PREFIXES = ("rank_", "p_best_", "win_")
 def headline_rows(table: pl.DataFrame) -> pl.DataFrame:
     """The rows a forest plot shows: macro means and label-less metrics (the leaderboard's headline columns), plus
     segmentation's per-structure Dice (its headline, one row per structure). Per-label, per-subgroup and
-    per-fraction rows belong to the other figures."""
+    per-fraction rows belong to the other figures, and the cost rows (counts and rates, no interval) to none."""
     dice = (pl.col("protocol") == "seg") & pl.col("metric").str.starts_with("dice")
     ranked = pl.any_horizontal(pl.col("metric").str.starts_with(p) for p in RANK_PREFIXES)  # drawn by figures.wins
-    return table.filter((pl.col("label").is_in(["", "macro"]) | dice) & ~ranked)
+    return table.filter((pl.col("label").is_in(["", "macro"]) | dice) & ~ranked & (pl.col("protocol") != COST))
 
 
 def panels(rows: pl.DataFrame) -> list[tuple[str, str]]:

@@ -38,7 +38,8 @@ def tidy_table(seed: int = 0) -> pl.DataFrame:
              ("demographics", "subgroup_auroc", "women"), ("demographics", "subgroup_auroc", "age <50"),
              ("demographics", "subgroup_gap", "men-women"), ("label-efficiency", "auroc", "macro@0.1"),
              ("label-efficiency", "auroc", "macro@1"),
-             ("linear", "rank_auroc", "macro"), ("linear", "p_best_auroc", "macro")]  # not the forest's: ranks
+             ("linear", "rank_auroc", "macro"), ("linear", "p_best_auroc", "macro"),  # not the forest's: ranks
+             ("cost", "parameters", ""), ("cost", "feature_dim", "")]  # nor counts
     rows = []
     for model in MODELS:
         for j, (protocol, metric, label) in enumerate(keys):

@@ -43,6 +43,16 @@ def _ranks_entry(rec: dict, protocol: str, metric: str, label: str) -> dict:
     return rec["ranks"][metric][label] if label else rec["ranks"][metric]
 
 
+def _cost(out, model, row: tidy.TidyRow) -> float | None:
+    """The number the per-model JSON's cost holds for one cost row."""
+    c = json.loads((out / "results" / NAME / f"{model}.json").read_text())["cost"]
+    if row.metric == tidy.RATE_METRIC:
+        rate = c["throughput"]
+        assert row.label == f"{rate['device']}: {rate['processor']}, {rate['threads']} threads"
+        return rate["images_per_s"]
+    return c[row.metric]
+
+
 def _expected(protocols: dict, row: tidy.TidyRow) -> tuple[dict, dict | None]:
     """The summary and paired comparison the per-model JSON holds for one tidy row."""
     rec = protocols[row.protocol]
@@ -86,14 +96,15 @@ def test_the_table_has_exactly_its_columns_in_both_formats(board):
     rows = tidy.read(results / f"{NAME}.csv")
     assert rows == tidy.read(results / f"{NAME}.parquet") and len(rows) > 20
     assert {r.task for r in rows} == {NAME} and {r.global_pool for r in rows} == {DEFAULT_GLOBAL_POOL}
-    # Leaderboard order: the protocols' sections, each model, each column.
-    assert list(dict.fromkeys(r.protocol for r in rows)) == ["linear", "knn", "seg", "demographics"]
+    # Leaderboard order: the protocols' sections, each model, each column; the cost section last.
+    assert list(dict.fromkeys(r.protocol for r in rows)) == ["linear", "knn", "seg", "demographics", "cost"]
     assert list(dict.fromkeys(r.model for r in rows if r.protocol == "linear")) == ["pixels", "random-vit"]
     assert len({tuple(r)[:5] for r in rows}) == len(rows)  # each (task, model, protocol, metric, label) once
     metrics = {(r.protocol, r.metric) for r in rows}
     # (The subgroup rows, which this small task has no label for, are checked in test_demographics.)
     assert {("linear", "auroc"), ("knn", "auprc"), ("seg", "dice_linear"), ("seg", "iou_multi-level"),
-            ("demographics", "sex_auroc"), ("demographics", "age_r2")} <= metrics
+            ("demographics", "sex_auroc"), ("demographics", "age_r2"), ("cost", "forward_images_per_s"),
+            ("cost", "parameters"), ("cost", "tokens")} <= metrics
 
 
 def test_every_number_is_the_per_model_json_value(board):
@@ -102,6 +113,10 @@ def test_every_number_is_the_per_model_json_value(board):
     for model in ("pixels", "random-vit"):
         protocols = _record(out, model)
         for row in (r for r in rows if r.model == model):
+            if row.protocol == "cost":
+                assert (row.point, row.lo, row.hi, row.delta, row.n_valid) == (_cost(out, model, row), None, None,
+                                                                               None, None), row
+                continue
             summary, paired = _expected(protocols, row)
             assert (row.point, row.lo, row.hi, row.n_valid) == (summary["point"], summary["lo"], summary["hi"],
                                                                 summary["n_valid"]), row
@@ -125,7 +140,8 @@ def test_a_one_protocol_run_is_merged_into_the_table(board, tmp_path):
     before = tidy.read(out / "results" / f"{NAME}.csv")
     assert _run(out, board / "cache", ":label-efficiency") == 0
     after = tidy.read(out / "results" / f"{NAME}.csv")
-    assert [r for r in after if r.protocol != "label-efficiency"] == before  # kept as they were
+    # Kept as they were; the cost rows are this run's, whose features (and their rates) the first run cached.
+    assert [r for r in after if r.protocol != "label-efficiency"] == before
     added = [r for r in after if r.protocol == "label-efficiency"]
     curve = _record(out, "random-vit")["label-efficiency"]["curve"]
     shown = {f"macro@{r['fraction']:g}" for r in curve if r["macro_auroc"]["point"] is not None}
@@ -136,7 +152,7 @@ def test_a_one_protocol_run_is_merged_into_the_table(board, tmp_path):
         assert (row.point, row.lo, row.hi, row.delta) == (summary["point"], summary["lo"], summary["hi"],
                                                           (paired or {}).get("delta"))
     assert list(dict.fromkeys(r.protocol for r in after)) == ["linear", "knn", "label-efficiency", "seg",
-                                                              "demographics"]
+                                                              "demographics", "cost"]
     assert tidy.read(out / "results" / f"{NAME}.parquet") == after
     # Demographics alone runs the linear probe it depends on; both are replaced by identical numbers.
     assert _run(out, board / "cache", ":demographics") == 0
