@@ -1,5 +1,5 @@
-"""Shared test fixtures: where ../shared lives, deterministic torch settings, private caches, and whether a SLURM
-controller answers."""
+"""Shared test fixtures: where ../shared lives, deterministic torch settings, private caches, whether a SLURM
+controller answers, and how tests are spread over pytest-xdist workers."""
 from __future__ import annotations
 
 import functools
@@ -18,6 +18,31 @@ REPO = Path(__file__).resolve().parents[1]
 # A git worktree checked out away from the main clone finds ../shared through $RADDINO_BENCH_SHARED.
 SHARED = Path(os.environ.get("RADDINO_BENCH_SHARED") or REPO.parent / "shared")
 SHARED_CXR = SHARED / "data" / "ieee8023-covid-cxr"
+
+
+# Under pytest-xdist (`-n 2`, README) every worker is a process of its own, and torch's default intra-op pool is one
+# thread per core in each: two workers on two cores would run four busy threads, and oversubscribed OpenMP threads
+# spin instead of working. One thread per worker keeps the workers from stealing each other's cores. A serial run
+# keeps torch's default.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
+# Tests that must not run beside each other on two workers, by the marker that says what they share: every `slurm`
+# test submits to the same one-node local cluster (two workers' jobs would queue behind each other past the tests'
+# waits), and every `gloo` test starts two ranks on loopback ports picked free a moment before they are bound.
+XDIST_GROUPS = ("slurm", "gloo")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Put each group's tests on one worker (`--dist loadgroup`); a no-op without pytest-xdist, whose marker would
+    not be registered."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        for group in XDIST_GROUPS:
+            if item.get_closest_marker(group):
+                item.add_marker(pytest.mark.xdist_group(group))
+                break
 
 
 @pytest.fixture(autouse=True)

@@ -129,8 +129,9 @@ def test_readme_keeps_the_commands_ci_runs():
     assert len(pins) == 2, pins
     for pin in pins:
         assert pin in readme, f"README's install line lost {pin}, which .ci/run installs"
-    assert re.search(r"^python -m pytest -q$", ci, re.M)
-    assert re.search(r"^\. \.venv/bin/activate && python -m pytest -q$", readme, re.M)
+    command = "python -m pytest -q -n 2 --dist loadgroup"
+    assert re.search(rf"^{re.escape(command)}$", ci, re.M), f".ci/run no longer runs {command}"
+    assert re.search(rf"^\. \.venv/bin/activate && {re.escape(command)}$", readme, re.M), "README's test command"
 
 
 def python_blocks(page: Path) -> list[tuple[int, str, str | None, str | None]]:

@@ -35,6 +35,7 @@ def table_rows(stdout: str) -> dict[str, list[str]]:
 
 
 @pytest.mark.slow
+@pytest.mark.gloo
 def test_cpu_dry_run_end_to_end(tmp_path):
     # CUDA hidden, so the dry run is what runs on any machine; one thread, as on the shared CI box.
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",

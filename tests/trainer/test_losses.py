@@ -131,6 +131,7 @@ def _sinkhorn_and_centre_worker(rank: int, world_size: int, port: int, cls_halve
 
 
 @pytest.mark.slow
+@pytest.mark.gloo
 def test_sinkhorn_and_centre_are_distributed_correct_on_two_gloo_ranks():
     cls = torch.randn(8, K) * 2
     patches = torch.randn(8, K) * 2

@@ -255,6 +255,7 @@ def ddp_worker(rank: int, port: int, images: str, out: str, logits: torch.Tensor
 
 
 @pytest.mark.slow
+@pytest.mark.gloo
 def test_ddp_two_ranks_stay_identical_and_sinkhorn_uses_the_global_batch(blob_images, tmp_path):
     logits = torch.randn(8, 64, generator=torch.Generator().manual_seed(0)) * 3
     mp.spawn(ddp_worker, args=(free_port(), str(blob_images), str(tmp_path), logits), nprocs=2, join=True)
@@ -272,6 +273,7 @@ def test_ddp_two_ranks_stay_identical_and_sinkhorn_uses_the_global_batch(blob_im
 
 
 @pytest.mark.slow
+@pytest.mark.gloo
 def test_torchrun_cli_trains_on_two_gloo_ranks(blob_images, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "GLOO_SOCKET_IFNAME": "lo"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
