@@ -41,6 +41,7 @@ from harness.common.paths import safe_name
 from harness.features import FeatureSet, Grid
 from harness.leaderboard import Section
 from harness.log import progress
+from harness.probes.knn import split_counts
 from harness.probes.linear import (CLASSIFICATION_HIGHER_IS_BETTER, classification_columns, classification_ranks,
                                    classification_rows, classification_tidy, paired_record, ranks_record)
 from harness.protocols import ProtocolResult, TaskRun, label_status, parquet_bytes
@@ -200,11 +201,6 @@ def all_rows(task: Task) -> np.ndarray:
     return np.arange(len(task))
 
 
-def _counts(y: np.ndarray, train: np.ndarray, test: np.ndarray, j: int) -> str:
-    return (f"train {int(y[train, j].sum())}+/{int((1 - y[train, j]).sum())}-, "
-            f"test {int(y[test, j].sum())}+/{int((1 - y[test, j]).sum())}-")
-
-
 def fit_and_score(tr: TaskRun, encoders: list[Encoder], budget: AttentiveBudget = BUDGET) -> ProtocolResult:
     """Train every applicable encoder's attention pool on the training split, score the test split, bootstrap on
     the shared resamples and pair with the reference, exactly as the linear probe does with its logistic scores."""
@@ -230,7 +226,7 @@ def fit_and_score(tr: TaskRun, encoders: list[Encoder], budget: AttentiveBudget 
     if skipped:
         notes.append("Does not apply (the patch grid holds raw pixels, not tokens), skipped: "
                      + ", ".join(f"`{e.name}`" for e in skipped) + ".")
-    not_eval = [f"{n} ({why}: {_counts(y, train, test, j)})"
+    not_eval = [f"{n} ({why}: {split_counts(y, train, test, j)})"
                 for j, (n, why) in enumerate(zip(t.label_names, reasons)) if not evaluable[j]]
     if not_eval:
         notes.append("Not evaluable, left out of macro means: " + "; ".join(not_eval) + ".")

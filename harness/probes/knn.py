@@ -73,7 +73,8 @@ def knn_scores(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, k: 
     return scores
 
 
-def _counts(y: np.ndarray, train: np.ndarray, test: np.ndarray, j: int) -> str:
+def split_counts(y: np.ndarray, train: np.ndarray, test: np.ndarray, j: int) -> str:
+    """Label `j`'s positive and negative images in the training and test splits, as a section note writes them."""
     return (f"train {int(y[train, j].sum())}+/{int((1 - y[train, j]).sum())}-, "
             f"test {int(y[test, j].sum())}+/{int((1 - y[test, j]).sum())}-")
 
@@ -97,7 +98,7 @@ def fit_and_score(tr: TaskRun, encoders: list[Encoder]) -> ProtocolResult:
              f"differences: `{tr.reference}`."]
     if k < k_asked:
         notes.append(f"--knn-k {k_asked} is more than the {k} training images: clamped to {k}.")
-    not_eval = [f"{n} ({why}: {_counts(y, train, test, j)})"
+    not_eval = [f"{n} ({why}: {split_counts(y, train, test, j)})"
                 for j, (n, why) in enumerate(zip(t.label_names, reasons)) if not evaluable[j]]
     if not_eval:
         notes.append("Not evaluable, left out of macro means: " + "; ".join(not_eval) + ".")
