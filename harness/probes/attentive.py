@@ -41,9 +41,9 @@ from harness.common.paths import safe_name
 from harness.features import FeatureSet, Grid
 from harness.leaderboard import Section
 from harness.log import progress
-from harness.probes.knn import split_counts
 from harness.probes.linear import (CLASSIFICATION_HIGHER_IS_BETTER, classification_columns, classification_ranks,
-                                   classification_rows, classification_tidy, paired_record, ranks_record)
+                                   classification_rows, classification_tidy, paired_record, ranks_record,
+                                   split_counts)
 from harness.protocols import ProtocolResult, TaskRun, label_status, parquet_bytes
 from harness.tasks.base import Task, TaskError
 

@@ -27,7 +27,8 @@ from harness.common.paths import safe_name
 from harness.leaderboard import Section
 from harness.log import progress
 from harness.probes.linear import (CLASSIFICATION_HIGHER_IS_BETTER, classification_columns, classification_ranks,
-                                   classification_rows, classification_tidy, paired_record, ranks_record)
+                                   classification_rows, classification_tidy, paired_record, ranks_record,
+                                   split_counts)
 from harness.protocols import ProtocolResult, TaskRun, label_status, parquet_bytes
 
 if TYPE_CHECKING:
@@ -71,12 +72,6 @@ def knn_scores(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, k: 
         # which AUROC would rank; clipping keeps such images tied at exactly 1.
         scores[start:start + _BLOCK] = np.clip(share, 0.0, 1.0)
     return scores
-
-
-def split_counts(y: np.ndarray, train: np.ndarray, test: np.ndarray, j: int) -> str:
-    """Label `j`'s positive and negative images in the training and test splits, as a section note writes them."""
-    return (f"train {int(y[train, j].sum())}+/{int((1 - y[train, j]).sum())}-, "
-            f"test {int(y[test, j].sum())}+/{int((1 - y[test, j]).sum())}-")
 
 
 def fit_and_score(tr: TaskRun, encoders: list[Encoder]) -> ProtocolResult:
