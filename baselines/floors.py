@@ -31,6 +31,7 @@ class PixelsEncoder(Encoder):
     thumbnail, and the leaderboard header says so."""
 
     pooling_note = "pixels has no tokens: its global feature is the 16x16 thumbnail under every pooling"
+    patch_tokens = False
 
     def __init__(self, preprocess: Preprocess, thumbnail: int = 16, block: int = 8):
         self.name = "pixels"

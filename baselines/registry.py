@@ -86,6 +86,9 @@ class Encoder(ABC):
     global_pool: str = DEFAULT_GLOBAL_POOL
     #: For an encoder whose tokens are not a ViT's, what each pooling reads (the leaderboard header shows it).
     pooling_note: str = ""
+    #: Whether the patch grid holds features the encoder computed (tokens, or a CNN's feature map). False for
+    #: `pixels`, whose "grid" is raw pixel blocks: the attentive probe does not apply to it.
+    patch_tokens: bool = True
 
     @abstractmethod
     def encode(self, pixels: torch.Tensor) -> Features:

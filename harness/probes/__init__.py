@@ -35,6 +35,10 @@ PROTOCOLS.register("linear", "harness.probes.linear:fit_and_score",
 PROTOCOLS.register("knn", "harness.probes.knn:fit_and_score",
                    description="k-NN probe (DINO): cosine neighbours, exp(cos/T)-weighted per-label votes; AUROC, "
                                "AUPRC")
+PROTOCOLS.register("attentive", "harness.probes.attentive:fit_and_score", default=False,
+                   dense_rows="harness.probes.attentive:all_rows",
+                   description="attention pool (one learned query, multi-head) trained on frozen patch tokens with "
+                               "one budget for all models; AUROC, AUPRC")
 PROTOCOLS.register("label-efficiency", "harness.probes.label_efficiency:fit_and_score", default=False,
                    description="linear probe refitted on fractions of the training patients (several seeded draws "
                                "each); macro AUROC curve with CIs and a figure")

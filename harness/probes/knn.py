@@ -27,7 +27,8 @@ from harness.common.paths import safe_name
 from harness.leaderboard import Section
 from harness.log import progress
 from harness.probes.linear import (CLASSIFICATION_HIGHER_IS_BETTER, classification_columns, classification_ranks,
-                                   classification_rows, classification_tidy, paired_record, ranks_record)
+                                   classification_rows, classification_tidy, paired_record, ranks_record,
+                                   split_counts)
 from harness.protocols import ProtocolResult, TaskRun, label_status, parquet_bytes
 
 if TYPE_CHECKING:
@@ -73,11 +74,6 @@ def knn_scores(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, k: 
     return scores
 
 
-def _counts(y: np.ndarray, train: np.ndarray, test: np.ndarray, j: int) -> str:
-    return (f"train {int(y[train, j].sum())}+/{int((1 - y[train, j]).sum())}-, "
-            f"test {int(y[test, j].sum())}+/{int((1 - y[test, j]).sum())}-")
-
-
 def fit_and_score(tr: TaskRun, encoders: list[Encoder]) -> ProtocolResult:
     """Score every model's k-NN votes on the test split, bootstrap on the shared resamples, pair with the
     reference, exactly as the linear probe does with its logistic scores."""
@@ -97,7 +93,7 @@ def fit_and_score(tr: TaskRun, encoders: list[Encoder]) -> ProtocolResult:
              f"differences: `{tr.reference}`."]
     if k < k_asked:
         notes.append(f"--knn-k {k_asked} is more than the {k} training images: clamped to {k}.")
-    not_eval = [f"{n} ({why}: {_counts(y, train, test, j)})"
+    not_eval = [f"{n} ({why}: {split_counts(y, train, test, j)})"
                 for j, (n, why) in enumerate(zip(t.label_names, reasons)) if not evaluable[j]]
     if not_eval:
         notes.append("Not evaluable, left out of macro means: " + "; ".join(not_eval) + ".")

@@ -242,6 +242,12 @@ def fit_and_score(tr: TaskRun, encoders: list[Encoder]) -> ProtocolResult:
                           classification_tidy(tr.out_name, NAME, summaries, paired, ranked, names, tr.reference))
 
 
+def split_counts(y: np.ndarray, train: np.ndarray, test: np.ndarray, j: int) -> str:
+    """Label `j`'s positive and negative images in the training and test splits, as a section note writes them."""
+    return (f"train {int(y[train, j].sum())}+/{int((1 - y[train, j]).sum())}-, "
+            f"test {int(y[test, j].sum())}+/{int((1 - y[test, j]).sum())}-")
+
+
 def classification_columns(names: list[str]) -> list[str]:
     """A classification section's columns: the rank, the macro metrics, then per-label AUPRC."""
     return [RANK_COLUMN] + [f"macro {title}" for _, title in CLASSIFICATION_METRICS] + [f"{n} AUPRC" for n in names]
