@@ -16,10 +16,13 @@ if [ -z "${RADDINO_BENCH_CACHE:-}" ]; then
 fi
 export RADDINO_BENCH_CACHE
 models="pixels,random-vit"
-python -m harness.run --models "$models" --tasks demo --out "$out"
+# The default protocols plus the attentive probe, which is not a default (it reads every image's patch tokens and
+# trains a pool per model) but costs about a minute per task at this size (docs/evaluate.md#attentive-probe).
+protocols="linear,knn,seg,demographics,attentive"
+python -m harness.run --models "$models" --tasks demo --protocols "$protocols" --out "$out"
 shared_csv="../shared/data/ieee8023-covid-cxr/labels.csv"
 if [ -f "$shared_csv" ]; then
-  python -m harness.run --models "$models" --tasks "csv:$shared_csv" --out "$out"
+  python -m harness.run --models "$models" --tasks "csv:$shared_csv" --protocols "$protocols" --out "$out"
 else
   echo "note: $shared_csv not found; the shared-data leaderboard was not regenerated"
 fi

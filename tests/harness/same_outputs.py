@@ -28,3 +28,8 @@ def assert_same_but_the_rate_source(first: Path, second: Path) -> None:
         assert x == y, second
     else:
         assert a == b, second
+
+
+def assert_same_leaderboard(first: str, second: str) -> None:
+    """Two runs' leaderboard texts are the same but for the second saying its rate came from the feature cache."""
+    assert _without_source(second) == _without_source(first)

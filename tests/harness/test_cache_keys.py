@@ -10,6 +10,7 @@ import shutil
 from collections import Counter
 
 import numpy as np
+import polars as pl
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,7 @@ from PIL import Image
 from baselines.floors import PIXELS_PREPROCESS, PixelsEncoder, random_vit
 from baselines.registry import EncoderSpec, build_encoder
 from harness import features as features_module
+from harness import tidy
 from harness.common import sources
 from harness.features import FeatureCache, cache_key, extract
 from harness.probes import demographics, knn, linear, segmentation
@@ -386,4 +388,8 @@ def test_a_damaged_entry_in_a_run_is_recomputed_not_a_crash(tmp_path, caplog):
             f.write_bytes(bytes(f.stat().st_size))
     assert _csv_run(tmp_path, csv, "b") == 0
     assert "cannot be read" in caplog.text and "unreadable" in caplog.text
-    assert (tmp_path / "a/results/csv-data.csv").read_text() == (tmp_path / "b/results/csv-data.csv").read_text()
+    # The same numbers; the rate is measured again with the features, so it may differ (and is not a number of the
+    # evaluation: harness.leaderboard check does not compare it either).
+    measured = pl.col("metric") != tidy.RATE_METRIC
+    first, second = (pl.read_csv(tmp_path / f"{run}/results/csv-data.csv").filter(measured) for run in "ab")
+    assert first.equals(second) and first.height > 10
