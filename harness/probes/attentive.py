@@ -42,8 +42,8 @@ from harness.features import FeatureSet, Grid
 from harness.leaderboard import Section
 from harness.log import progress
 from harness.probes.linear import (CLASSIFICATION_HIGHER_IS_BETTER, classification_columns, classification_ranks,
-                                   classification_rows, classification_tidy, paired_record, ranks_record,
-                                   split_counts)
+                                   classification_rows, classification_tidy, paired_record,
+                                   prediction_rows, ranks_record, split_counts)
 from harness.protocols import ProtocolResult, TaskRun, label_status, parquet_bytes
 from harness.tasks.base import Task, TaskError
 
@@ -254,10 +254,8 @@ def fit_and_score(tr: TaskRun, encoders: list[Encoder], budget: AttentiveBudget 
         work[enc.name] = tr.results.memo(NAME, fs, settings, lambda fs=fs, m=enc.name: train_and_bootstrap(fs, m))
         w = work[enc.name]
         summaries[enc.name], resampled[enc.name] = w["summary"], w["resampled"]
-        files[f"results/{tr.out_name}/{safe_name(enc.name)}.attentive.parquet"] = parquet_bytes([
-            {"image_id": t.image_ids[i], "patient_key": key, "label": n, "target": int(y[i, j]), "score": float(s)}
-            for jj, (j, n) in enumerate(zip(ok, names))
-            for i, key, s in zip(test_rows, test_keys, w["scores"][:, jj])])
+        files[f"results/{tr.out_name}/{safe_name(enc.name)}.attentive.parquet"] = parquet_bytes(list(
+            prediction_rows(t.image_ids, y, ok, names, test_rows, test_keys, w["scores"])))
     ranked = classification_ranks(summaries, resampled)
     rows, paired = classification_rows(summaries, resampled, ranked, names, reference)
     records = {e.name: {"applies": True, "budget": asdict(budget), "heads": work[e.name]["heads"],

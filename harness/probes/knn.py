@@ -27,8 +27,8 @@ from harness.common.paths import safe_name
 from harness.leaderboard import Section
 from harness.log import progress
 from harness.probes.linear import (CLASSIFICATION_HIGHER_IS_BETTER, classification_columns, classification_ranks,
-                                   classification_rows, classification_tidy, paired_record, ranks_record,
-                                   split_counts)
+                                   classification_rows, classification_tidy, paired_record,
+                                   prediction_rows, ranks_record, split_counts)
 from harness.protocols import ProtocolResult, TaskRun, label_status, parquet_bytes
 
 if TYPE_CHECKING:
@@ -116,10 +116,8 @@ def fit_and_score(tr: TaskRun, encoders: list[Encoder]) -> ProtocolResult:
         x = tr.features[enc.name].global_
         work = tr.results.memo(NAME, tr.features[enc.name], settings, lambda x=x: score_and_bootstrap(x))
         scores, summaries[enc.name], resampled[enc.name] = work["scores"], work["summary"], work["resampled"]
-        files[f"results/{tr.out_name}/{safe_name(enc.name)}.knn.parquet"] = parquet_bytes([
-            {"image_id": t.image_ids[i], "patient_key": key, "label": n, "target": int(y[i, j]), "score": float(s)}
-            for jj, (j, n) in enumerate(zip(ok, names))
-            for i, key, s in zip(test_rows, test_keys, scores[:, jj])])
+        files[f"results/{tr.out_name}/{safe_name(enc.name)}.knn.parquet"] = parquet_bytes(list(
+            prediction_rows(t.image_ids, y, ok, names, test_rows, test_keys, scores)))
     ranked = classification_ranks(summaries, resampled)
     rows, paired = classification_rows(summaries, resampled, ranked, names, tr.reference)
     records = {e.name: {**setting, "metrics": summaries[e.name],

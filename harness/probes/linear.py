@@ -225,10 +225,7 @@ def fit_and_score(tr: TaskRun, encoders: list[Encoder]) -> ProtocolResult:
     for enc in encoders:
         scores = probes[enc.name].scores[:, ok]
         summaries[enc.name], resampled[enc.name] = work[enc.name]["summary"], work[enc.name]["resampled"]
-        predictions[enc.name] = tuple(
-            {"image_id": t.image_ids[i], "patient_key": k, "label": n, "target": int(y[i, j]), "score": float(s)}
-            for jj, (j, n) in enumerate(zip(ok, names))
-            for i, k, s in zip(test_rows, test_keys, scores[:, jj]))
+        predictions[enc.name] = prediction_rows(t.image_ids, y, ok, names, test_rows, test_keys, scores)
         files[f"results/{tr.out_name}/{safe_name(enc.name)}.predictions.parquet"] = parquet_bytes(
             list(predictions[enc.name]))
     ranked = classification_ranks(summaries, resampled)
@@ -240,6 +237,16 @@ def fit_and_score(tr: TaskRun, encoders: list[Encoder]) -> ProtocolResult:
     return ProtocolResult(NAME, Section(TITLE, columns, rows, CLASSIFICATION_HIGHER_IS_BETTER, notes), records,
                           predictions, files,
                           classification_tidy(tr.out_name, NAME, summaries, paired, ranked, names, tr.reference))
+
+
+def prediction_rows(image_ids: list[str], y: np.ndarray, labels: list[int], names: list[str], test_rows: np.ndarray,
+                    test_keys: list[str], scores: np.ndarray) -> tuple[dict, ...]:
+    """A classification probe's per-image test predictions, label by label (image_id, pseudonymous patient_key,
+    label, target, score): what its parquet publishes and demographics scores per subgroup. `scores` [test, len(
+    labels)] holds the columns of `labels` (indices into `y`'s columns, named `names`)."""
+    return tuple({"image_id": image_ids[i], "patient_key": key, "label": n, "target": int(y[i, j]), "score": float(s)}
+                 for jj, (j, n) in enumerate(zip(labels, names))
+                 for i, key, s in zip(test_rows, test_keys, scores[:, jj]))
 
 
 def split_counts(y: np.ndarray, train: np.ndarray, test: np.ndarray, j: int) -> str:
